@@ -1,0 +1,218 @@
+"""fleet-agent: receives desired states, admits them, runs one deployment at a time.
+
+The message handler only verifies, decides (`client.decide.admit`) and journals;
+the deployment runs in its own task so the MQTT loop keeps serving answers and
+confirmations while a switch is in progress.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from client.backend import SystemBackend
+from client.decide import admit
+from client.journal import Journal, RecordedResult, encode_blob
+from client.report import Reporter
+from client.runner import DeploymentRunner, new_nonce
+from client.session import AgentSession, Retained
+from protocol.broker import BrokerAddress
+from protocol.codec import decode, encode
+from protocol.errors import BadSignature, ProtocolError
+from protocol.models import Answer, Confirm, Desired
+from protocol.signing import verify
+from protocol.topics import Topics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AgentConfig:
+    host: str
+    broker: BrokerAddress
+    state_dir: Path
+    trusted_keys: list[Ed25519PublicKey]
+    topics: Topics = field(default_factory=Topics)
+    client_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+class Agent:
+    def __init__(self, config: AgentConfig, backend: SystemBackend) -> None:
+        self.config = config
+        self.host = config.host
+        self.topics = config.topics
+        self.backend = backend
+        self.journal = Journal(config.state_dir)
+        state = self.journal.open()
+        self.journal.append("start", boot_id=backend.boot_id())
+        self.session = AgentSession(
+            config.broker,
+            client_id=f"flotilla-agent-{self.host}",
+            subscriptions=[self.topics.desired(self.host), self.topics.answer(self.host),
+                           self.topics.confirm(self.host)],
+            handler=self._handle,
+            will=Retained(self.topics.online(self.host), b"offline"),
+            on_connect=self._on_connect,
+            extra_client_kwargs=config.client_kwargs,
+        )
+        self.reporter = Reporter(self.host, self.topics, self.session.publish, state.starts)
+        last = state.last_result
+        self.reporter.state = self.reporter.state.model_copy(update={
+            "system": backend.current_system() or state.system,
+            "generation": state.generation,
+            "last_result": last.status if last else None,
+            "deployment_id": last.deployment_id if last else None,
+            "phase": "idle" if last is None else ("done" if last.status == "succeeded"
+                                                  else last.status),
+        })
+        self._pending: Desired | None = None
+        self._wake = asyncio.Event()
+        self._confirms: dict[str, asyncio.Future[Confirm]] = {}
+        self.runner: DeploymentRunner | None = None
+        self.finished: list[RecordedResult] = []
+
+    # -- lifecycle ---------------------------------------------------------------------
+    async def run(self) -> None:
+        """Serve until cancelled: the MQTT session and the deployment loop."""
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self.session.run(), name=f"session-{self.host}")
+            tg.create_task(self._deploy_loop(), name=f"deploy-{self.host}")
+
+    async def close(self) -> None:
+        await self.session.stop(graceful_payload=b"offline")
+        self.journal.close()
+
+    async def _on_connect(self) -> None:
+        await self.session.publish(self.topics.online(self.host), b"online", retain=True)
+        await self.reporter.host_state()
+
+    # -- incoming ----------------------------------------------------------------------
+    async def _handle(self, message: aiomqtt.Message) -> None:
+        topic = str(message.topic)
+        payload = message.payload if isinstance(message.payload, bytes) else b""
+        if topic == self.topics.desired(self.host):
+            await self._on_desired(payload)
+        elif topic == self.topics.confirm(self.host):
+            self._on_confirm(payload)
+        elif topic == self.topics.answer(self.host):
+            await self._on_answer(payload)
+
+    async def _on_desired(self, payload: bytes) -> None:
+        if not payload:
+            log.info("%s: desired state cleared", self.host)
+            self._pending = None
+            return
+        try:
+            desired: Desired = decode(payload, expect=(Desired,))
+            verify(desired, self.config.trusted_keys)
+        except ProtocolError as exc:
+            await self.reporter.rejected(None, 0, exc.reason, str(exc))
+            return
+        verdict = admit(desired, self.host, self.journal.state, time.time())
+        if verdict.verdict == "reject":
+            await self.reporter.rejected(desired.deployment_id, desired.generation,
+                                         verdict.reason, verdict.message)
+        elif verdict.verdict == "replay" and verdict.recorded is not None:
+            await self._replay(verdict.recorded)
+        elif verdict.verdict == "resume":
+            pass  # already running (resumed from the journal at start)
+        elif verdict.verdict == "queue":
+            self._pending = desired
+        else:
+            self._accept(desired)
+
+    def _accept(self, desired: Desired) -> None:
+        """Journal the desired state (fsync) before we ack it or act on it."""
+        self.journal.append(
+            "accept", deployment_id=desired.deployment_id, generation=desired.generation,
+            desired=encode_blob(encode(desired)), previous=self.backend.current_system(),
+        )
+        self._pending = None
+        self._wake.set()
+
+    async def _replay(self, rec: RecordedResult) -> None:
+        await self.reporter.result(rec.deployment_id, rec.generation, rec.status,
+                                   rec.message, rec.system, rec.needs_reboot, [])
+        await self.reporter.host_state()
+
+    def _on_confirm(self, payload: bytes) -> None:
+        try:
+            confirm: Confirm = decode(payload, expect=(Confirm,))
+            if confirm.source == "controller":
+                verify(confirm, self.config.trusted_keys)
+        except ProtocolError as exc:
+            log.warning("%s: ignoring confirmation: %s", self.host, exc)
+            return
+        key = confirm.nonce if confirm.source == "agent" else f"controller:{confirm.generation}"
+        fut = self._confirms.get(key)
+        if fut is not None and not fut.done():
+            fut.set_result(confirm)
+
+    async def _on_answer(self, payload: bytes) -> None:
+        try:
+            answer: Answer = decode(payload, expect=(Answer,))
+            verify(answer, self.config.trusted_keys)
+        except (ProtocolError, BadSignature) as exc:
+            await self.reporter.rejected(None, 0, exc.reason, f"answer refused: {exc}")
+            return
+        handler = getattr(self.runner, "on_answer", None)
+        if handler is not None:
+            await handler(answer, "remote")
+
+    # -- deployments -------------------------------------------------------------------
+    async def _deploy_loop(self) -> None:
+        while True:
+            active = self.journal.state.active
+            if active is None:
+                await self._wake.wait()
+                self._wake.clear()
+                if self._pending is not None:
+                    pending, self._pending = self._pending, None
+                    await self._on_desired(encode(pending))
+                continue
+            desired: Desired = decode(active.desired, expect=(Desired,))
+            self.runner = DeploymentRunner(self, desired)
+            self.install_hooks(self.runner)
+            if not active.started:
+                await self.reporter.ack(desired.deployment_id, desired.generation)
+            result = await self.runner.run()
+            self.runner = None
+            self.finished.append(result)
+            if self._pending is not None:
+                self._wake.set()
+
+    def install_hooks(self, runner: DeploymentRunner) -> None:
+        """Extension point: state steps, prompts and reboots plug in here."""
+
+    async def round_trip(self, generation: int, timeout: float, controller: bool) -> bool:
+        """Prove the broker still routes our messages (magic rollback confirmation)."""
+        nonce = new_nonce()
+        key = f"controller:{generation}" if controller else nonce
+        fut: asyncio.Future[Confirm] = asyncio.get_running_loop().create_future()
+        self._confirms[key] = fut
+        try:
+            probe = Confirm(host=self.host, generation=generation, nonce=nonce)
+            await asyncio.wait_for(
+                self.session.publish(self.topics.confirm(self.host), encode(probe)), timeout)
+            await asyncio.wait_for(fut, timeout)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            self._confirms.pop(key, None)
+
+
+async def run_until_cancelled(agent: Agent) -> None:
+    try:
+        await agent.run()
+    finally:
+        with contextlib.suppress(Exception):
+            await agent.close()

@@ -1,0 +1,131 @@
+"""`fleet-agent`: command line of the host agent. Errors map to one line + exit code."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from client.agent import Agent, AgentConfig
+from client.backend import SystemBackend
+from client.sim import SimSettings, SimulatedBackend
+from protocol.broker import BrokerAddress, parse_broker_url
+from protocol.errors import FlotillaError, InputError, UsageError
+from protocol.signing import load_public_keys
+from protocol.topics import DEFAULT_PREFIX, Topics, validate_host
+
+EXIT_USAGE, EXIT_BROKER = 2, 3
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--broker", default=os.environ.get("FLEET_BROKER", "mqtt://127.0.0.1:1883"),
+                   help="broker URL mqtt://[user@]host:port (mqtts://, ws://, wss://). A password"
+                        " in the URL shows in process listings: prefer --password-file")
+    p.add_argument("--username", help="broker username (default: the host name)")
+    p.add_argument("--password-file", type=Path, help="file holding the broker password")
+    p.add_argument("--trust-key", type=Path, required=True,
+                   help="controller public key(s) (PEM) that sign desired states and answers")
+    p.add_argument("--topic-prefix", default=DEFAULT_PREFIX)
+    p.add_argument("--backend", choices=["sim", "nixos"], default="sim")
+    p.add_argument("--root", type=Path, default=Path("/"),
+                   help="nixos backend: prefix for /run and /nix/var paths (tests)")
+    p.add_argument("--sim-fetch-delay", type=float, default=0.0)
+    p.add_argument("--sim-switch-delay", type=float, default=0.0)
+    p.add_argument("--sim-fail-rate", type=float, default=0.0)
+    p.add_argument("--sim-fail-stage", choices=["fetch", "switch"], default="switch")
+    p.add_argument("--sim-seed", default="")
+    p.add_argument("-v", "--verbose", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fleet-agent", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the agent for this host")
+    run.add_argument("--host", required=True)
+    run.add_argument("--state-dir", type=Path, default=Path("/var/lib/flotilla"))
+    _common(run)
+    sim = sub.add_parser("simulate", help="run many simulated agents in one process")
+    sim.add_argument("--hosts", required=True, help="comma-separated host names")
+    sim.add_argument("--state-dir", type=Path, required=True,
+                     help="parent dir; each host gets STATE_DIR/HOST")
+    _common(sim)
+    return parser
+
+
+def _broker(args: argparse.Namespace, host: str) -> BrokerAddress:
+    address = parse_broker_url(args.broker)
+    password = None
+    if args.password_file is not None:
+        try:
+            password = args.password_file.read_text().strip()
+        except OSError as exc:
+            raise InputError(f"cannot read password file {args.password_file}: "
+                             f"{exc.strerror}") from None
+    username = args.username or (host if password and not address.username else None)
+    return address.with_credentials(username, password)
+
+
+def make_backend(args: argparse.Namespace, host: str, state_dir: Path) -> SystemBackend:
+    if args.backend == "nixos":
+        from client.nixos import NixosBackend
+        return NixosBackend(root=args.root, state_dir=state_dir)
+    settings = SimSettings(args.sim_fetch_delay, args.sim_switch_delay, args.sim_fail_rate,
+                           args.sim_fail_stage, args.sim_seed)
+    return SimulatedBackend(state_dir, host, settings)
+
+
+def make_agent(args: argparse.Namespace, host: str, state_dir: Path) -> Agent:
+    validate_host(host)
+    config = AgentConfig(host=host, broker=_broker(args, host), state_dir=state_dir,
+                         trusted_keys=load_public_keys(args.trust_key),
+                         topics=Topics(args.topic_prefix))
+    return Agent(config, make_backend(args, host, state_dir))
+
+
+async def _serve(agents: list[Agent]) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    tasks = [asyncio.create_task(a.run(), name=f"agent-{a.host}") for a in agents]
+    stopper = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
+    for a in agents:
+        await a.close()
+    for t in tasks:
+        t.cancel()
+    for t in done:
+        if t is not stopper and t.exception() is not None:
+            raise t.exception()  # type: ignore[misc]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("aiomqtt").setLevel(logging.WARNING)
+    try:
+        if args.command == "run":
+            agents = [make_agent(args, args.host, args.state_dir)]
+        else:
+            hosts = [h for h in args.hosts.split(",") if h]
+            if not hosts:
+                raise UsageError("--hosts needs at least one host name")
+            agents = [make_agent(args, h, args.state_dir / h) for h in hosts]
+        asyncio.run(_serve(agents))
+    except FlotillaError as exc:
+        print(f"fleet-agent: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

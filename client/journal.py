@@ -1,0 +1,173 @@
+"""The agent's durable journal: append-only JSON lines, fsynced before acting.
+
+Every transition is written here *before* its side effect starts and marked done
+after, so a crash or reboot resumes at the first step not marked done. A torn last
+line (crash mid-write) is ignored; a record that does not parse is never trusted.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from protocol.errors import StateError
+
+log = logging.getLogger(__name__)
+JOURNAL_NAME = "journal.jsonl"
+
+
+@dataclass
+class RecordedResult:
+    deployment_id: str
+    generation: int
+    status: str
+    message: str = ""
+    system: str | None = None
+    needs_reboot: bool = False
+
+
+@dataclass
+class ActiveDeployment:
+    """What the journal knows of the deployment in flight."""
+
+    deployment_id: str
+    generation: int
+    desired: bytes
+    previous_system: str | None
+    started: set[str] = field(default_factory=set)
+    done: dict[str, Any] = field(default_factory=dict)
+    answers: dict[str, str] = field(default_factory=dict)
+    answer_sources: dict[str, str] = field(default_factory=dict)
+    prompts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    closed_prompts: set[str] = field(default_factory=set)
+    step_runs: dict[str, int] = field(default_factory=dict)
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class JournalState:
+    """The agent's view of its host, rebuilt by replaying the journal."""
+
+    starts: int = 0
+    generation: int = 0
+    system: str | None = None
+    highest_generation: int = 0
+    active: ActiveDeployment | None = None
+    results: dict[str, RecordedResult] = field(default_factory=dict)
+    last_result: RecordedResult | None = None
+    torn_lines: int = 0
+
+    def apply(self, rec: dict[str, Any]) -> None:
+        kind = rec["kind"]
+        a = self.active
+        if kind == "start":
+            self.starts += 1
+        elif kind == "accept":
+            self.active = ActiveDeployment(
+                deployment_id=rec["deployment_id"], generation=rec["generation"],
+                desired=base64.b64decode(rec["desired"]), previous_system=rec.get("previous"),
+            )
+            self.highest_generation = max(self.highest_generation, rec["generation"])
+        elif kind == "result":
+            r = RecordedResult(
+                deployment_id=rec["deployment_id"], generation=rec["generation"],
+                status=rec["status"], message=rec.get("message", ""),
+                system=rec.get("system"), needs_reboot=rec.get("needs_reboot", False),
+            )
+            self.results[r.deployment_id] = r
+            self.last_result = r
+            self.highest_generation = max(self.highest_generation, r.generation)
+            if r.status == "succeeded" and r.system is not None:
+                self.system, self.generation = r.system, r.generation
+            if a is not None and a.deployment_id == r.deployment_id:
+                self.active = None
+        elif a is None or rec.get("deployment_id") != a.deployment_id:
+            return
+        elif kind == "begin":
+            a.started.add(rec["stage"])
+            if rec["stage"].startswith("step:"):
+                a.step_runs[rec["stage"]] = a.step_runs.get(rec["stage"], 0) + 1
+        elif kind == "end":
+            a.done[rec["stage"]] = rec.get("data")
+        elif kind == "reset":
+            for stage in rec["stages"]:
+                a.started.discard(stage)
+                a.done.pop(stage, None)
+        elif kind == "prompt":
+            a.prompts[rec["prompt_id"]] = rec["prompt"]
+        elif kind == "answer":
+            a.answers.update(rec["choices"])
+            for key in rec["choices"]:
+                a.answer_sources[key] = rec.get("source", "")
+            a.closed_prompts.add(rec["prompt_id"])
+        elif kind == "note":
+            a.notes[rec["key"]] = rec["value"]
+
+
+class Journal:
+    """Append-only, fsynced journal file in the agent's state dir."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / JOURNAL_NAME
+        self.state = JournalState()
+        self._fh: Any = None
+
+    def open(self) -> JournalState:
+        """Replay the journal, drop a torn tail, and open it for appending."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            raw = self.path.read_bytes() if self.path.exists() else b""
+        except OSError as exc:
+            raise StateError(f"cannot read journal {self.path}: {exc.strerror}") from None
+        *complete, tail = raw.split(b"\n")
+        for i, line in enumerate(complete):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                if not isinstance(rec, dict) or "kind" not in rec:
+                    raise ValueError("not a record")
+                self.state.apply(rec)
+            except (ValueError, KeyError, TypeError) as exc:
+                self.state.torn_lines += 1
+                log.warning("journal %s: ignoring unreadable record %d: %s", self.path, i + 1, exc)
+        if tail:
+            self.state.torn_lines += 1
+            log.warning("journal %s: ignoring torn last record (%d bytes)", self.path, len(tail))
+        good = len(raw) - len(tail)
+        try:
+            if good < len(raw):
+                with open(self.path, "r+b") as fh:
+                    fh.truncate(good)
+                    os.fsync(fh.fileno())
+            self._fh = open(self.path, "ab")  # noqa: SIM115 - owned for the agent's lifetime
+        except OSError as exc:
+            raise StateError(f"cannot open journal {self.path}: {exc.strerror}") from None
+        return self.state
+
+    def append(self, kind: str, **fields: Any) -> None:
+        """Write one record durably (write + fsync), then apply it to the state."""
+        rec = {"kind": kind, "t": round(time.time(), 6), **fields}
+        line = json.dumps(rec, separators=(",", ":"), sort_keys=True).encode() + b"\n"
+        try:
+            self._fh.write(line)
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+        except OSError as exc:
+            raise StateError(f"cannot write journal {self.path}: {exc.strerror}") from None
+        self.state.apply(rec)
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+def encode_blob(data: bytes) -> str:
+    return base64.b64encode(data).decode()

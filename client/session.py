@@ -1,0 +1,162 @@
+"""The agent's MQTT session: persistent, self-healing, journal-first acking.
+
+- MQTT 5 with clean_start=False and a SessionExpiryInterval, so QoS1 messages sent
+  while the agent is away wait for it in the broker.
+- aiomqtt does not reconnect: `run()` loops on MqttError with capped, jittered backoff.
+- Manual acks: a QoS1 message is acknowledged only after its handler returned (the
+  handler journals with fsync first), so a crash in between means redelivery.
+- `publish()` waits for a connection and retries across reconnects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from protocol.broker import SESSION_EXPIRY_S, BrokerAddress
+
+log = logging.getLogger(__name__)
+Handler = Callable[[aiomqtt.Message], Awaitable[None]]
+
+
+@dataclass
+class Backoff:
+    """Capped exponential backoff with full jitter."""
+
+    base: float = 0.2
+    cap: float = 30.0
+    attempt: int = 0
+    rng: random.Random = field(default_factory=random.Random)
+
+    def next_delay(self) -> float:
+        delay = min(self.cap, self.base * (2 ** self.attempt))
+        self.attempt = min(self.attempt + 1, 30)
+        return self.rng.uniform(delay / 2, delay)
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+@dataclass(frozen=True)
+class Retained:
+    topic: str
+    payload: bytes
+
+
+class AgentSession:
+    """Owns one MQTT connection for one host; reconnects until stopped."""
+
+    def __init__(
+        self,
+        address: BrokerAddress,
+        client_id: str,
+        subscriptions: list[str],
+        handler: Handler,
+        will: Retained,
+        on_connect: Callable[[], Awaitable[None]] | None = None,
+        extra_client_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        self.address = address
+        self.client_id = client_id
+        self.subscriptions = subscriptions
+        self.handler = handler
+        self.will = will
+        self.on_connect = on_connect
+        self.extra = extra_client_kwargs or {}
+        self.backoff = Backoff()
+        self.connected = asyncio.Event()
+        self.connections = 0
+        self._client: aiomqtt.Client | None = None
+        self._stopping = False
+
+    def _make_client(self) -> aiomqtt.Client:
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = SESSION_EXPIRY_S
+        client = aiomqtt.Client(
+            **self.address.client_kwargs(),
+            **self.extra,
+            identifier=self.client_id,
+            protocol=aiomqtt.ProtocolVersion.V5,
+            clean_start=False,
+            properties=props,
+            keepalive=30,
+            will=aiomqtt.Will(self.will.topic, self.will.payload, qos=1, retain=True),
+        )
+        client._client.manual_ack_set(True)
+        return client
+
+    async def run(self) -> None:
+        """Connect, subscribe, dispatch; reconnect forever until `stop()`."""
+        while not self._stopping:
+            try:
+                client = self._make_client()
+                async with client:
+                    self._client = client
+                    self.connections += 1
+                    self.backoff.reset()
+                    for topic in self.subscriptions:
+                        await client.subscribe(topic, qos=1)
+                    self.connected.set()
+                    if self.on_connect is not None:
+                        await self.on_connect()
+                    async for message in client.messages:
+                        await self._dispatch(client, message)
+            except aiomqtt.MqttError as exc:
+                if self._stopping:
+                    break
+                delay = self.backoff.next_delay()
+                log.warning("%s: broker connection lost (%s); retry in %.1fs",
+                            self.client_id, exc, delay)
+                await asyncio.sleep(delay)
+            finally:
+                self.connected.clear()
+                self._client = None
+
+    async def _dispatch(self, client: aiomqtt.Client, message: aiomqtt.Message) -> None:
+        try:
+            await self.handler(message)
+        except aiomqtt.MqttError:
+            raise
+        except Exception:  # a handler bug must not kill the session; nothing is acked
+            log.exception("%s: handler failed for %s", self.client_id, message.topic)
+            return
+        if message.qos > 0:
+            client._client.ack(message.mid, message.qos)
+
+    async def publish(
+        self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False
+    ) -> None:
+        """Publish, waiting for a connection and retrying across reconnects."""
+        while True:
+            await self.connected.wait()
+            client = self._client
+            if client is None:
+                await asyncio.sleep(0.05)
+                continue
+            try:
+                await client.publish(topic, payload, qos=qos, retain=retain, timeout=30)
+                return
+            except aiomqtt.MqttError as exc:
+                if self._stopping:
+                    raise
+                log.debug("%s: publish to %s failed (%s); retrying", self.client_id, topic, exc)
+                await asyncio.sleep(0.1)
+
+    async def stop(self, graceful_payload: bytes | None = None) -> None:
+        """Publish the offline marker ourselves (a clean DISCONNECT suppresses the will)."""
+        client = self._client
+        if client is not None and graceful_payload is not None:
+            try:
+                await client.publish(self.will.topic, graceful_payload, qos=1, retain=True,
+                                     timeout=2)
+            except aiomqtt.MqttError:
+                pass
+        self._stopping = True

@@ -1,0 +1,97 @@
+"""Simulated backend: the real agent, a pretend host.
+
+Fetch and switch sleep for configurable delays and fail on demand, so tests, the
+demo and the benchmark exercise the real agent code. The "current system" and boot
+id live in files under the agent's state dir, so they survive agent restarts.
+State-step programs really run (as this user), so migration tests are real.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from client.backend import BackendError, ProgramResult, ProgressFn, SwitchOutcome, run_subprocess
+
+
+@dataclass(frozen=True)
+class SimSettings:
+    fetch_delay: float = 0.0
+    switch_delay: float = 0.0
+    fail_rate: float = 0.0
+    fail_stage: str = "switch"
+    seed: str = ""
+
+
+class SimulatedBackend:
+    name = "sim"
+
+    def __init__(self, state_dir: Path, host: str, settings: SimSettings | None = None) -> None:
+        self.dir = state_dir / "sim"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.host = host
+        self.settings = settings or SimSettings()
+        self.switches: list[tuple[str, str]] = []
+
+    def _fails(self, stage: str, system: str) -> bool:
+        s = self.settings
+        if stage != s.fail_stage or s.fail_rate <= 0:
+            return f"sim-fail-{stage}" in system
+        digest = hashlib.sha256(f"{s.seed}|{self.host}|{system}".encode()).digest()
+        return int.from_bytes(digest[:4], "big") / 2**32 < s.fail_rate
+
+    def current_system(self) -> str | None:
+        f = self.dir / "current-system"
+        return f.read_text() if f.exists() else None
+
+    def boot_id(self) -> str:
+        f = self.dir / "boot-id"
+        if not f.exists():
+            f.write_text(str(uuid.uuid4()))
+        return f.read_text().strip()
+
+    async def fetch(self, system: str, host: str, progress: ProgressFn) -> str:
+        await progress(f"fetching {system}")
+        if self.settings.fetch_delay:
+            await asyncio.sleep(self.settings.fetch_delay)
+        if self._fails("fetch", system):
+            raise BackendError(f"simulated fetch failure for {system}")
+        return system
+
+    async def switch(self, toplevel: str, action: str, progress: ProgressFn) -> SwitchOutcome:
+        await progress(f"switch-to-configuration {action}")
+        if self.settings.switch_delay:
+            await asyncio.sleep(self.settings.switch_delay)
+        if self._fails("switch", toplevel):
+            raise BackendError(f"simulated activation failure of {toplevel}")
+        self.switches.append((toplevel, action))
+        if action != "test":
+            (self.dir / "profile").write_text(toplevel)
+        if action != "boot":
+            (self.dir / "current-system").write_text(toplevel)
+        return SwitchOutcome()
+
+    async def rollback(self, previous: str | None, progress: ProgressFn) -> None:
+        await progress(f"rolling back to {previous or 'nothing'}")
+        for name in ("current-system", "profile"):
+            f = self.dir / name
+            if previous is None:
+                f.unlink(missing_ok=True)
+            else:
+                f.write_text(previous)
+
+    def needs_reboot(self, toplevel: str) -> bool:
+        return (Path(toplevel) / "sim-needs-reboot").exists()
+
+    async def reboot(self) -> None:
+        (self.dir / "boot-id").write_text(str(uuid.uuid4()))
+        raise BackendError("simulated reboot: restart the agent to continue")
+
+    async def run_program(
+        self, argv: Sequence[str], env: Mapping[str, str], user: str | None, timeout: float
+    ) -> ProgramResult:
+        return await run_subprocess(argv, env, timeout, user=None)

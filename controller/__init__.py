@@ -1,0 +1,1 @@
+"""fleetctl: the operator side of Flotilla."""

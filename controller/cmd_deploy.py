@@ -1,0 +1,163 @@
+"""`fleetctl deploy`: plan, publish, watch, summarise."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from typing import Any
+
+from rich.console import Console
+
+from controller import cliutil
+from controller.deploy import DeployRequest, Outcome, RolloutDriver
+from controller.monitor import print_summary, render
+from controller.planner import RolloutPolicy
+from protocol.errors import UsageError
+from protocol.models import DeployPolicy
+
+CHOICE_RE = re.compile(r"^([A-Za-z0-9_.-]+)\.([A-Za-z0-9_:-]+)=([A-Za-z0-9._:@-]+)$")
+ROLLOUT_FLAGS = ("canary", "batch", "max_parallel", "max_failures", "min_executed",
+                 "host_timeout", "retries", "pause_between_batches", "confirm_batches",
+                 "offline")
+
+
+def register(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("deploy", parents=[common], help="deploy a system to hosts")
+    p.add_argument("selector", help="host, @tag or group; comma = union")
+    p.add_argument("--system", required=True, help="store path or flake ref")
+    p.add_argument("--action", choices=["switch", "boot", "test"], default="switch")
+    p.add_argument("--timeout", type=float, default=600.0,
+                   help="seconds to wait for all hosts (default 600)")
+    p.add_argument("--no-wait", action="store_true", help="return after publishing")
+    p.add_argument("--check", action="store_true",
+                   help="only predict: fetch and run state checks, do not switch")
+    p.add_argument("--choose", action="append", default=[], metavar="STEP.ITEM=CHOICE",
+                   help="pre-answer a migration choice (repeatable)")
+    p.add_argument("--expires-in", type=float, help="agents ignore the deploy after S seconds")
+    g = p.add_argument_group("rollout (defaults from [rollout] in the inventory)")
+    g.add_argument("--canary", type=int)
+    g.add_argument("--batch", help="N hosts or P%% per batch")
+    g.add_argument("--max-parallel", type=int)
+    g.add_argument("--max-failures", help="N or P%%: abort beyond this")
+    g.add_argument("--min-executed", type=int, help="hosts finished before judging failures")
+    g.add_argument("--host-timeout", type=float, help="per-host in-progress timeout (s)")
+    g.add_argument("--retries", type=int, help="retries for failed or timed-out hosts")
+    g.add_argument("--pause-between-batches", type=float)
+    g.add_argument("--confirm-batches", action="store_true", default=None)
+    g.add_argument("--offline", choices=["wait", "skip"])
+    g.add_argument("--share-group", help="MQTT 5 shared subscription group for events")
+    a = p.add_argument_group("on the host")
+    a.add_argument("--approval", choices=["none", "ask"], default="none")
+    a.add_argument("--confirm", choices=["broker", "controller", "none"], default="broker",
+                   help="how the agent proves it still reaches the broker after switching")
+    a.add_argument("--confirm-timeout", type=float, default=60.0)
+    a.add_argument("--reboot", default="never", help="never, ask, now or 'window HH:MM-HH:MM'")
+    a.add_argument("--prompt-deadline", type=float, help="seconds before a prompt times out")
+    a.add_argument("--take-default", action="store_true",
+                   help="after the prompt deadline, take each item's default")
+    a.add_argument("--on-step-failure", choices=["ask", "retry", "skip", "rollback"],
+                   default="ask")
+    p.set_defaults(func=cmd_deploy)
+
+
+def parse_choices(items: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items:
+        m = CHOICE_RE.fullmatch(item)
+        if not m:
+            raise UsageError(f"--choose wants STEP.ITEM=CHOICE, not {item!r}")
+        out[f"{m.group(1)}.{m.group(2)}"] = m.group(3)
+    return out
+
+
+def rollout_policy(args: argparse.Namespace, defaults: dict[str, Any]) -> RolloutPolicy:
+    values = {k.replace("-", "_"): v for k, v in defaults.items()}
+    for name in ROLLOUT_FLAGS:
+        if getattr(args, name, None) is not None:
+            values[name] = getattr(args, name)
+    try:
+        return RolloutPolicy.from_dict(values)
+    except TypeError as exc:
+        raise UsageError(f"bad [rollout] option: {exc}") from None
+
+
+def agent_policy(args: argparse.Namespace) -> DeployPolicy:
+    from pydantic import ValidationError
+    try:
+        return DeployPolicy(
+            approval=args.approval, confirm=args.confirm, confirm_timeout_s=args.confirm_timeout,
+            reboot=args.reboot, prompt_deadline_s=args.prompt_deadline,
+            take_default_on_deadline=args.take_default, on_step_failure=args.on_step_failure)
+    except ValidationError as exc:
+        raise UsageError(f"invalid deploy option: {exc.errors()[0]['msg']}") from None
+
+
+def build_request(args: argparse.Namespace) -> DeployRequest:
+    inv = cliutil.inventory(args)
+    hosts = inv.resolve(args.selector)
+    if not hosts:
+        raise UsageError(f"selector {args.selector!r} matches no host")
+    if args.timeout <= 0:
+        raise UsageError("--timeout must be positive")
+    return DeployRequest(
+        selector=args.selector, hosts=hosts, system=args.system, action=args.action,
+        timeout=args.timeout, choices=parse_choices(args.choose),
+        agent_policy=agent_policy(args), rollout=rollout_policy(args, inv.rollout),
+        check_only=args.check, expires_in=args.expires_in)
+
+
+async def cmd_deploy(args: argparse.Namespace) -> int:
+    req = build_request(args)
+    ctx = cliutil.context(args, need_key=True)
+    driver = RolloutDriver(ctx, req)
+    driver.create()
+    outcome = await run_with_view(args, driver, wait=not args.no_wait)
+    return report(args, outcome, check=req.check_only)
+
+
+async def run_with_view(args: argparse.Namespace, driver: RolloutDriver, wait: bool) -> Outcome:
+    title = f"rollout {driver.rollout_id}: {driver.req.system}"
+    live = cliutil.live_view(args, lambda: render(driver.views.values(), title, driver.batches))
+    if live is None:
+        return await driver.run(wait=wait)
+    last = 0.0
+
+    def refresh(d: RolloutDriver) -> None:
+        nonlocal last
+        now = time.monotonic()
+        if now - last > 0.1:
+            last = now
+            live.update(render(d.views.values(), title, d.batches))
+
+    driver.on_change = refresh
+    with live:
+        outcome = await driver.run(wait=wait)
+        live.update(render(driver.views.values(), title, driver.batches))
+    return outcome
+
+
+def report(args: argparse.Namespace, outcome: Outcome, check: bool = False) -> int:
+    if check:
+        from controller.prediction import go_no_go, print_prediction
+        verdict = go_no_go(outcome.views.values())
+        if args.json:
+            cliutil.emit_json(verdict)
+        else:
+            print_prediction(Console(), verdict)
+        return cliutil.EXIT_OK if verdict["go"] else cliutil.EXIT_FAILED
+    if outcome.status == "published":
+        if args.json:
+            cliutil.emit_json({"rollout": outcome.rollout_id, "status": "published",
+                               "hosts": sorted(outcome.views)})
+        else:
+            print(f"rollout {outcome.rollout_id} published to {len(outcome.views)} host(s); "
+                  f"follow it with: fleetctl watch {outcome.rollout_id}")
+        return cliutil.EXIT_OK
+    if args.json:
+        cliutil.emit_json(outcome.summary())
+    else:
+        print_summary(Console(file=sys.stdout), outcome.views.values(), outcome.status,
+                      outcome.finished - outcome.started)
+    return cliutil.EXIT_OK if outcome.status == "succeeded" else cliutil.EXIT_FAILED

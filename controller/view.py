@@ -1,0 +1,109 @@
+"""The controller's live view of hosts in a rollout, folded from agent messages.
+
+Pure: `fold_event` and `fold_state` take a message model and update a HostView.
+Both the deploy driver and `fleetctl watch` use it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from protocol.models import (
+    Ack,
+    CheckReport,
+    Event,
+    HostState,
+    Progress,
+    Rejected,
+    ReportItem,
+    Result,
+)
+
+TERMINAL_RESULTS = {"succeeded", "failed", "rolled_back", "rejected", "cancelled", "blocked"}
+TERMINAL_PHASES = {"done": "succeeded", "failed": "failed", "rolled_back": "rolled_back",
+                   "rejected": "rejected", "cancelled": "cancelled", "blocked": "blocked"}
+
+
+@dataclass
+class HostView:
+    host: str
+    deployment_id: str | None = None
+    generation: int = 0
+    phase: str = "pending"
+    stage: str | None = None
+    step: str | None = None
+    percent: float | None = None
+    message: str = ""
+    started: float | None = None
+    finished: float | None = None
+    result: str | None = None
+    system: str | None = None
+    needs_reboot: bool = False
+    online: bool | None = None
+    last_seq: int = -1
+    log_tail: list[str] = field(default_factory=list)
+    check_items: list[ReportItem] = field(default_factory=list)
+    open_choices: list[str] = field(default_factory=list)
+    checked: bool = False
+
+    @property
+    def done(self) -> bool:
+        return self.result is not None
+
+    def elapsed(self, now: float | None = None) -> float:
+        if self.started is None:
+            return 0.0
+        return (self.finished or now or time.time()) - self.started
+
+
+def fold_event(view: HostView, ev: Event) -> bool:
+    """Apply one event for this host's current deployment; False if it is not ours."""
+    if ev.deployment_id != view.deployment_id or view.deployment_id is None:
+        return False
+    if ev.seq <= view.last_seq and not isinstance(ev, Result):
+        return True  # duplicate (QoS1 redelivery) or out of order
+    view.last_seq = max(view.last_seq, ev.seq)
+    if view.done:
+        return True
+    if isinstance(ev, Ack):
+        view.phase = "acked"
+    elif isinstance(ev, Progress):
+        view.phase = ev.stage
+        view.stage, view.step = ev.stage, ev.step
+        if ev.percent is not None:
+            view.percent = ev.percent
+        if ev.message:
+            view.message = ev.message
+            view.log_tail = [*view.log_tail[-9:], ev.message]
+    elif isinstance(ev, CheckReport):
+        view.check_items, view.open_choices = list(ev.items), list(ev.open_choices)
+        view.checked = True
+    elif isinstance(ev, Result):
+        view.result, view.message, view.system = ev.status, ev.message, ev.system
+        view.needs_reboot = ev.needs_reboot
+        view.phase, view.finished, view.percent = ev.status, ev.time, 100.0
+        if ev.log_tail:
+            view.log_tail = list(ev.log_tail[-10:])
+    elif isinstance(ev, Rejected):
+        view.result, view.message, view.phase = "rejected", f"{ev.reason}: {ev.message}", \
+            "rejected"
+        view.finished = ev.time
+    return True
+
+
+def fold_state(view: HostView, st: HostState) -> bool:
+    """Catch up from a retained HostState (we may have missed the events)."""
+    if view.deployment_id is None or st.deployment_id != view.deployment_id:
+        return False
+    if view.done:
+        return True
+    if st.phase in TERMINAL_PHASES and st.last_result is not None:
+        view.result = st.last_result
+        view.phase, view.message, view.system = st.last_result, st.message, st.system
+        view.needs_reboot, view.finished = st.needs_reboot, st.updated_at
+    elif st.phase not in ("idle",):
+        view.phase = st.phase
+        view.percent = st.percent if st.percent is not None else view.percent
+        view.step = st.step
+    return True

@@ -1,0 +1,1 @@
+"""Flotilla's wire contract: topics, message models, codec, signatures. Pure, no I/O."""

@@ -1,0 +1,68 @@
+"""msgpack envelope codec: `{v: version, type: name, body: model}`.
+
+Decoding never raises anything but a ProtocolError subclass, whatever the bytes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import msgpack
+from pydantic import ValidationError
+
+from protocol.errors import InvalidBody, PayloadTooLarge, UnknownType, UnknownVersion
+from protocol.models import ALL_TYPES, Model
+
+SCHEMA_VERSION = 1
+DEFAULT_MAX_PAYLOAD = 256 * 1024
+REGISTRY: dict[str, type[Model]] = {cls.TYPE: cls for cls in ALL_TYPES}
+M = TypeVar("M", bound=Model)
+
+
+def body_dict(model: Model) -> dict[str, Any]:
+    return model.model_dump(mode="python")
+
+
+def encode(model: Model, *, max_size: int = DEFAULT_MAX_PAYLOAD) -> bytes:
+    if model.TYPE not in REGISTRY:
+        raise UnknownType(f"cannot encode unregistered type {type(model).__name__}")
+    data: bytes = msgpack.packb(
+        {"v": SCHEMA_VERSION, "type": model.TYPE, "body": body_dict(model)}, use_bin_type=True
+    )
+    if len(data) > max_size:
+        raise PayloadTooLarge(f"{model.TYPE} payload is {len(data)} bytes (max {max_size})")
+    return data
+
+
+def decode(
+    data: bytes,
+    *,
+    expect: tuple[type[M], ...] | None = None,
+    max_size: int = DEFAULT_MAX_PAYLOAD,
+) -> M:
+    """Decode one envelope; `expect` limits which model types are acceptable."""
+    if len(data) > max_size:
+        raise PayloadTooLarge(f"payload is {len(data)} bytes (max {max_size})")
+    try:
+        env = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises many unrelated types on garbage
+        raise InvalidBody(f"not a msgpack envelope: {type(exc).__name__}") from None
+    if not isinstance(env, dict) or set(env) != {"v", "type", "body"}:
+        raise InvalidBody("envelope must be a map with exactly v, type and body")
+    if env["v"] != SCHEMA_VERSION or type(env["v"]) is not int:
+        raise UnknownVersion(f"unsupported schema version {env['v']!r} (want {SCHEMA_VERSION})")
+    type_name = env["type"]
+    cls = REGISTRY.get(type_name) if isinstance(type_name, str) else None
+    if cls is None or (expect is not None and cls not in expect):
+        raise UnknownType(f"unexpected message type {type_name!r}")
+    if not isinstance(env["body"], dict):
+        raise InvalidBody(f"{type_name} body must be a map")
+    try:
+        model = cls.model_validate(env["body"])
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "body"
+        raise InvalidBody(f"invalid {type_name}: {where}: {first['msg']}") from None
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise InvalidBody(f"invalid {type_name}: {exc}") from None
+    return model  # type: ignore[return-value]

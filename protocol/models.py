@@ -1,0 +1,205 @@
+"""The wire schema: every message on a Flotilla topic is one of these models.
+
+Each model names its envelope `type` in `TYPE`; the codec refuses anything else.
+Event models (sent by an agent on its `events` topic) carry the deployment id,
+generation and a per-host sequence number so the controller can order and dedupe.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from protocol.topics import HOST_NAME_RE
+
+Action = Literal["switch", "boot", "test"]
+Severity = Literal["error", "warning", "recommendation"]
+ResultStatus = Literal["succeeded", "failed", "rolled_back", "rejected", "cancelled", "blocked"]
+Stage = Literal[
+    "fetch", "check", "choose", "approve", "dump", "migrate", "switch", "reboot", "confirm",
+    "rollback",
+]
+HostPhase = Literal[
+    "idle", "received", "acked", "fetched", "checked", "awaiting_choice", "awaiting_approval",
+    "dumped", "switched", "migrated", "awaiting_reboot", "confirmed", "done", "failed",
+    "rolling_back", "rolled_back", "rejected", "cancelled", "blocked",
+]
+Host = Annotated[str, Field(pattern=HOST_NAME_RE.pattern)]
+Id = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:@-]+$")]
+REBOOT_POLICY_RE = re.compile(r"^(never|ask|now|window ([01]\d|2[0-3]):[0-5]\d-([01]\d|2[0-3]):[0-5]\d)$")
+
+
+class Model(BaseModel):
+    """Strict base: unknown keys are refused so typos never pass silently."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    TYPE: ClassVar[str] = ""
+
+
+class Choice(Model):
+    id: Id
+    label: str = ""
+    description: str = ""
+    destructive: bool = False
+
+
+class DeployPolicy(Model):
+    """How the agent decides on its own when nobody answers or something fails."""
+
+    prompt_deadline_s: float | None = Field(default=None, gt=0)
+    take_default_on_deadline: bool = False
+    on_step_failure: Literal["ask", "retry", "skip", "rollback"] = "ask"
+    reboot: str = "never"
+    confirm: Literal["broker", "controller", "none"] = "broker"
+    confirm_timeout_s: float = Field(default=60.0, gt=0)
+    approval: Literal["none", "ask"] = "none"
+    max_parallel_steps: int = Field(default=4, ge=1, le=64)
+
+    @field_validator("reboot")
+    @classmethod
+    def _reboot(cls, v: str) -> str:
+        if not REBOOT_POLICY_RE.fullmatch(v):
+            raise ValueError("reboot policy must be never, ask, now or 'window HH:MM-HH:MM'")
+        return v
+
+
+class Desired(Model):
+    """What the controller wants a host to run; signed, retained on `desired`."""
+
+    TYPE: ClassVar[str] = "desired"
+    host: Host
+    deployment_id: Id
+    rollout_id: Id | None = None
+    generation: int = Field(ge=1)
+    system: str = Field(min_length=1, max_length=4096)
+    action: Action = "switch"
+    issued_at: float
+    expires_at: float | None = None
+    check_only: bool = False
+    choices: dict[str, Id] = Field(default_factory=dict)
+    policy: DeployPolicy = Field(default_factory=DeployPolicy)
+    key_id: str = ""
+    signature: bytes = b""
+
+
+class Answer(Model):
+    """A person's (or policy's) choices for an open prompt; signed."""
+
+    TYPE: ClassVar[str] = "answer"
+    host: Host
+    prompt_id: Id
+    choices: dict[str, Id] = Field(default_factory=dict)
+    approve: bool = False
+    answered_by: str = Field(default="", max_length=256)
+    issued_at: float
+    key_id: str = ""
+    signature: bytes = b""
+
+
+class Event(Model):
+    host: Host
+    deployment_id: Id | None = None
+    generation: int = 0
+    seq: int = Field(default=0, ge=0)
+    time: float
+
+
+class Ack(Event):
+    TYPE: ClassVar[str] = "ack"
+
+
+class Rejected(Event):
+    TYPE: ClassVar[str] = "rejected"
+    reason: str
+    message: str
+
+
+class Progress(Event):
+    TYPE: ClassVar[str] = "progress"
+    stage: Stage
+    message: str = ""
+    percent: float | None = Field(default=None, ge=0, le=100)
+    step: str | None = None
+
+
+class ReportItem(Model):
+    step: str
+    id: str
+    severity: Severity
+    message: str
+    choices: list[Choice] = Field(default_factory=list)
+    default: str | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.step}.{self.id}"
+
+
+class CheckReport(Event):
+    TYPE: ClassVar[str] = "check_report"
+    items: list[ReportItem] = Field(default_factory=list)
+    open_choices: list[str] = Field(default_factory=list)
+    check_only: bool = False
+
+
+class Result(Event):
+    TYPE: ClassVar[str] = "result"
+    status: ResultStatus
+    message: str = ""
+    system: str | None = None
+    needs_reboot: bool = False
+    log_tail: list[str] = Field(default_factory=list)
+
+
+class Prompt(Model):
+    """Open question for a person; retained on `prompt` until answered."""
+
+    TYPE: ClassVar[str] = "prompt"
+    host: Host
+    prompt_id: Id
+    deployment_id: Id
+    generation: int
+    kind: Literal["choice", "step_failure", "approval", "reboot"] = "choice"
+    items: list[ReportItem] = Field(default_factory=list)
+    created_at: float
+    deadline: float | None = None
+
+
+class HostState(Model):
+    """What an agent reports about its host; retained on `state`."""
+
+    TYPE: ClassVar[str] = "host_state"
+    host: Host
+    system: str | None = None
+    generation: int = 0
+    phase: HostPhase = "idle"
+    deployment_id: Id | None = None
+    rollout_id: Id | None = None
+    desired_generation: int = 0
+    last_result: ResultStatus | None = None
+    message: str = ""
+    needs_reboot: bool = False
+    percent: float | None = None
+    step: str | None = None
+    open_prompt: str | None = None
+    updated_at: float
+
+
+class Confirm(Model):
+    """Round-trip token proving the agent still reaches the broker after a switch."""
+
+    TYPE: ClassVar[str] = "confirm"
+    host: Host
+    generation: int
+    nonce: str
+    source: Literal["agent", "controller"] = "agent"
+    key_id: str = ""
+    signature: bytes = b""
+
+
+EVENT_TYPES: tuple[type[Event], ...] = (Ack, Rejected, Progress, CheckReport, Result)
+ALL_TYPES: tuple[type[Model], ...] = (
+    Desired, Answer, Prompt, HostState, Confirm, *EVENT_TYPES,
+)

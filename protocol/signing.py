@@ -1,0 +1,117 @@
+"""ed25519 signatures over the canonical msgpack encoding of a message body.
+
+The signed bytes are a domain tag, the message type, and the body (without
+`signature`) packed with sorted keys, so a signature on one type can never be
+replayed as another and field order never matters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, TypeVar
+
+import msgpack
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from protocol.errors import BadSignature, InputError
+from protocol.models import Model
+
+DOMAIN = b"flotilla-sig-v1\x00"
+S = TypeVar("S", bound=Model)
+
+
+def _canonical(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _canonical(value[k]) for k in sorted(value)}
+    if isinstance(value, list | tuple):
+        return [_canonical(v) for v in value]
+    return value
+
+
+def signed_bytes(model: Model) -> bytes:
+    body = model.model_dump(mode="python", exclude={"signature"})
+    packed: bytes = msgpack.packb(_canonical(body), use_bin_type=True)
+    return DOMAIN + model.TYPE.encode() + b"\x00" + packed
+
+
+def key_id(public: Ed25519PublicKey) -> str:
+    raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def sign(model: S, key: Ed25519PrivateKey) -> S:
+    """Return a copy of `model` carrying key id and signature."""
+    unsigned = model.model_copy(update={"key_id": key_id(key.public_key()), "signature": b""})
+    return unsigned.model_copy(update={"signature": key.sign(signed_bytes(unsigned))})
+
+
+def verify(model: Model, trusted: list[Ed25519PublicKey]) -> None:
+    """Raise BadSignature unless one trusted key signed exactly this body."""
+    sig = getattr(model, "signature", b"")
+    if not sig:
+        raise BadSignature(f"{model.TYPE} is not signed")
+    if len(sig) != 64:
+        raise BadSignature(f"{model.TYPE} signature is malformed")
+    data = signed_bytes(model)
+    for pub in trusted:
+        try:
+            pub.verify(sig, data)
+            return
+        except InvalidSignature:
+            continue
+    raise BadSignature(f"{model.TYPE} signature does not verify against any trusted key")
+
+
+def generate_key() -> Ed25519PrivateKey:
+    return Ed25519PrivateKey.generate()
+
+
+def private_key_pem(key: Ed25519PrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def public_key_pem(key: Ed25519PublicKey) -> bytes:
+    return key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def load_private_key(path: Path) -> Ed25519PrivateKey:
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except FileNotFoundError:
+        raise InputError(f"signing key {path} not found: run 'fleetctl keys init'") from None
+    except (ValueError, TypeError, OSError) as exc:
+        raise InputError(f"cannot load signing key {path}: {exc}") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise InputError(f"{path} is not an ed25519 private key")
+    return key
+
+
+def load_public_keys(path: Path) -> list[Ed25519PublicKey]:
+    """Load one or more PEM public keys (concatenated) from a trust file."""
+    try:
+        text = path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"cannot read trusted key file {path}: {exc.strerror}") from None
+    keys: list[Ed25519PublicKey] = []
+    marker = b"-----END PUBLIC KEY-----"
+    for chunk in text.split(marker):
+        if b"-----BEGIN PUBLIC KEY-----" not in chunk:
+            continue
+        try:
+            key = serialization.load_pem_public_key(chunk + marker)
+        except ValueError as exc:
+            raise InputError(f"bad public key in {path}: {exc}") from None
+        if not isinstance(key, Ed25519PublicKey):
+            raise InputError(f"{path} holds a key that is not ed25519")
+        keys.append(key)
+    if not keys:
+        raise InputError(f"no ed25519 public key in {path}")
+    return keys

@@ -1,0 +1,130 @@
+"""Codec, signatures and topics: round trips and every class of malformed input."""
+
+from __future__ import annotations
+
+import time
+
+import msgpack
+import pytest
+
+from protocol import codec
+from protocol.errors import (
+    BadSignature, InputError, InvalidBody, PayloadTooLarge, UnknownType, UnknownVersion,
+)
+from protocol.models import (
+    Ack, Answer, CheckReport, Desired, HostState, Progress, Prompt, Rejected, ReportItem, Result,
+)
+from protocol.signing import generate_key, sign, verify
+from protocol.topics import Topics, validate_host
+
+NOW = 1_700_000_000.0
+SAMPLES = [
+    Desired(host="web1", deployment_id="r1", generation=3, system="/nix/store/abc-system",
+            issued_at=NOW, choices={"pg.major": "pg_upgrade"}),
+    Answer(host="web1", prompt_id="p1", choices={"pg.major": "dump"}, issued_at=NOW),
+    Ack(host="web1", deployment_id="r1", generation=3, seq=1, time=NOW),
+    Progress(host="web1", deployment_id="r1", generation=3, seq=2, time=NOW, stage="fetch",
+             percent=10.0, message="copying"),
+    CheckReport(host="web1", deployment_id="r1", generation=3, seq=3, time=NOW,
+                items=[ReportItem(step="pg", id="major", severity="warning", message="m")]),
+    Result(host="web1", deployment_id="r1", generation=3, seq=4, time=NOW, status="succeeded"),
+    Rejected(host="web1", time=NOW, reason="bad_signature", message="nope"),
+    HostState(host="web1", generation=3, phase="done", updated_at=NOW),
+    Prompt(host="web1", prompt_id="p1", deployment_id="r1", generation=3, created_at=NOW),
+]
+
+
+@pytest.mark.parametrize("model", SAMPLES, ids=lambda m: m.TYPE)
+def test_round_trip(model) -> None:  # type: ignore[no-untyped-def]
+    assert codec.decode(codec.encode(model)) == model
+
+
+def env(**over) -> bytes:  # type: ignore[no-untyped-def]
+    base = {"v": 1, "type": "ack", "body": {"host": "web1", "time": NOW}}
+    base.update(over)
+    return msgpack.packb(base)
+
+
+@pytest.mark.parametrize("payload,error", [
+    (b"", InvalidBody),
+    (b"\xc1garbage", InvalidBody),
+    (msgpack.packb([1, 2, 3]), InvalidBody),
+    (msgpack.packb({"v": 1, "type": "ack"}), InvalidBody),
+    (env(v=2), UnknownVersion),
+    (env(v="1"), UnknownVersion),
+    (env(type="launch_missiles"), UnknownType),
+    (env(type=7), UnknownType),
+    (env(body=[1]), InvalidBody),
+    (env(body={"host": "WEB/1", "time": NOW}), InvalidBody),
+    (env(body={"host": "web1", "time": NOW, "extra": 1}), InvalidBody),
+    (env(body={"host": "web1"}), InvalidBody),
+])
+def test_malformed_payloads_are_typed_rejections(payload: bytes, error: type) -> None:
+    with pytest.raises(error):
+        codec.decode(payload)
+
+
+def test_oversized_payload_rejected_both_ways() -> None:
+    big = Progress(host="web1", time=NOW, stage="fetch", message="x" * 300_000)
+    with pytest.raises(PayloadTooLarge):
+        codec.encode(big)
+    with pytest.raises(PayloadTooLarge):
+        codec.decode(b"\x00" * (codec.DEFAULT_MAX_PAYLOAD + 1))
+    assert codec.decode(codec.encode(big, max_size=10**6), max_size=10**6) == big
+
+
+def test_expect_restricts_types() -> None:
+    with pytest.raises(UnknownType):
+        codec.decode(codec.encode(SAMPLES[2]), expect=(Desired,))
+
+
+def test_signature_verifies_and_detects_tampering() -> None:
+    key, other = generate_key(), generate_key()
+    signed = sign(SAMPLES[0], key)
+    verify(codec.decode(codec.encode(signed)), [other.public_key(), key.public_key()])
+    for change in ({"generation": 4}, {"host": "web2"}, {"system": "/nix/store/evil"},
+                   {"choices": {}}):
+        with pytest.raises(BadSignature):
+            verify(signed.model_copy(update=change), [key.public_key()])
+    with pytest.raises(BadSignature):
+        verify(signed, [other.public_key()])
+    with pytest.raises(BadSignature):
+        verify(SAMPLES[0], [key.public_key()])  # unsigned
+    with pytest.raises(BadSignature):
+        verify(signed.model_copy(update={"signature": b"short"}), [key.public_key()])
+
+
+def test_signature_cannot_move_between_types() -> None:
+    key = generate_key()
+    answer = sign(Answer(host="web1", prompt_id="p", issued_at=NOW), key)
+    assert answer.signature
+    desired = SAMPLES[0].model_copy(update={"signature": answer.signature})
+    with pytest.raises(BadSignature):
+        verify(desired, [key.public_key()])
+
+
+def test_topics_and_host_validation() -> None:
+    t = Topics("fleet/v1")
+    assert t.desired("web-1") == "fleet/v1/host/web-1/desired"
+    assert t.all_hosts("events") == "fleet/v1/host/+/events"
+    assert t.parse("fleet/v1/host/web-1/state") == ("web-1", "state")
+    assert t.shared("ctl", t.all_hosts("events")) == "$share/ctl/fleet/v1/host/+/events"
+    assert t.ha_discovery("update", "web-1", "system") == \
+        "homeassistant/update/flotilla_web-1/system/config"
+    for bad in ("", "Web1", "-web", "a/b", "a+", "#", "a" * 64, "web_1"):
+        with pytest.raises(InputError):
+            validate_host(bad)
+    for bad_topic in ("fleet/v1/host/web1", "other/host/web1/state", "fleet/v1/host/web1/x",
+                      "fleet/v1/host/BAD/state"):
+        with pytest.raises(InputError):
+            t.parse(bad_topic)
+    with pytest.raises(InputError):
+        Topics("fleet/#")
+
+
+def test_desired_generation_must_be_positive() -> None:
+    with pytest.raises(InvalidBody):
+        body = SAMPLES[0].model_dump() | {"generation": 0}
+        codec.decode(msgpack.packb({"v": 1, "type": "desired", "body": body}))
+
+
