@@ -76,12 +76,12 @@ async def run_subprocess(
     stdin: bytes | None = None,
 ) -> ProgramResult:
     """Run a program, kill its process group on timeout; never raises on exit codes."""
-    preexec_user = _user_switch(user)
+    uid, gid = _user_switch(user)
     try:
         proc = await asyncio.create_subprocess_exec(
             *argv, env={**os.environ, **env}, stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            start_new_session=True, **preexec_user,
+            start_new_session=True, user=uid, group=gid,
         )
     except OSError as exc:
         return ProgramResult(127, b"", f"cannot run {argv[0]}: {exc.strerror}".encode())
@@ -97,17 +97,17 @@ async def run_subprocess(
     return ProgramResult(proc.returncode if proc.returncode is not None else -1, out, err)
 
 
-def _user_switch(user: str | None) -> dict[str, int]:
-    """Arguments to drop to `user` when we are root and it differs from us."""
+def _user_switch(user: str | None) -> tuple[int | None, int | None]:
+    """(uid, gid) to drop to `user` when we are root and it differs from us."""
     if user is None or os.geteuid() != 0:
-        return {}
+        return None, None
     try:
         pw = pwd.getpwnam(user)
     except KeyError:
         raise BackendError(f"step user {user!r} does not exist on this host") from None
     if pw.pw_uid == os.geteuid():
-        return {}
-    return {"user": pw.pw_uid, "group": pw.pw_gid}
+        return None, None
+    return pw.pw_uid, pw.pw_gid
 
 
 def read_boot_id(path: Path = Path("/proc/sys/kernel/random/boot_id")) -> str:

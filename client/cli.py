@@ -95,13 +95,13 @@ async def _serve(agents: list[Agent]) -> None:
             loop.add_signal_handler(sig, stop.set)
     tasks = [asyncio.create_task(a.run(), name=f"agent-{a.host}") for a in agents]
     stopper = asyncio.create_task(stop.wait())
-    done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
+    await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
     for a in agents:
         await a.close()
     for t in tasks:
         t.cancel()
-    for t in done:
-        if t is not stopper and t.exception() is not None:
+    for t in tasks:
+        if t.done() and not t.cancelled() and t.exception() is not None:
             raise t.exception()  # type: ignore[misc]
 
 

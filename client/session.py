@@ -78,7 +78,7 @@ class AgentSession:
         self._stopping = False
 
     def _make_client(self) -> aiomqtt.Client:
-        props = Properties(PacketTypes.CONNECT)
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = SESSION_EXPIRY_S
         client = aiomqtt.Client(
             **self.address.client_kwargs(),

@@ -31,7 +31,7 @@ class Parser(argparse.ArgumentParser):
         sys.exit(EXIT_USAGE)
 
 
-def _common() -> argparse.ArgumentParser:
+def _common() -> Parser:
     p = Parser(add_help=False)
     p.add_argument("--broker", default=os.environ.get("FLEET_BROKER", "mqtt://127.0.0.1:1883"),
                    help="broker URL (env FLEET_BROKER); mqtt://, mqtts://, ws://, wss://. "

@@ -112,7 +112,6 @@ async def cmd_deploy(args: argparse.Namespace) -> int:
     req = build_request(args)
     ctx = cliutil.context(args, need_key=True)
     driver = RolloutDriver(ctx, req)
-    driver.create()
     outcome = await run_with_view(args, driver, wait=not args.no_wait)
     return report(args, outcome, check=req.check_only)
 

@@ -84,7 +84,6 @@ async def cmd_demo(args: argparse.Namespace) -> int:
                 req = DeployRequest(selector="@demo", hosts=names,
                                     system="/nix/store/demo-nixos-system-25.11", timeout=120)
                 driver = RolloutDriver(ctx, req)
-                driver.create()
                 from controller.cmd_deploy import run_with_view
                 started = time.monotonic()
                 outcome = await run_with_view(ns, driver, wait=True)

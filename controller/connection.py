@@ -24,7 +24,7 @@ def make_client(address: BrokerAddress, client_id: str | None = None, persistent
                 timeout: float = 5.0, **extra: Any) -> aiomqtt.Client:
     kwargs: dict[str, Any] = {}
     if persistent:
-        props = Properties(PacketTypes.CONNECT)
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = SESSION_EXPIRY_S
         kwargs = {"clean_start": False, "properties": props}
     client = aiomqtt.Client(

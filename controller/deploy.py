@@ -251,7 +251,7 @@ class RolloutDriver:
                         self._on_message(message)
             except aiomqtt.MqttError as exc:
                 self._client = None
-                if not ready.is_set() and delay > 2:
+                if not ready.is_set():
                     raise BrokerUnavailable(
                         f"cannot reach the MQTT broker at {self.ctx.broker}: {exc}") from None
                 log.warning("broker connection lost (%s); reconnecting", exc)
@@ -270,6 +270,8 @@ class RolloutDriver:
             if session.done():
                 session.result()  # raises BrokerUnavailable
             waiter.cancel()
+            if not self.batches:
+                self.create()
             deadline = self.started + self.req.timeout
             status = await self._drive(deadline, wait)
         finally:

@@ -28,7 +28,8 @@ HostPhase = Literal[
 ]
 Host = Annotated[str, Field(pattern=HOST_NAME_RE.pattern)]
 Id = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:@-]+$")]
-REBOOT_POLICY_RE = re.compile(r"^(never|ask|now|window ([01]\d|2[0-3]):[0-5]\d-([01]\d|2[0-3]):[0-5]\d)$")
+HHMM = r"([01]\d|2[0-3]):[0-5]\d"
+REBOOT_POLICY_RE = re.compile(rf"^(never|ask|now|window {HHMM}-{HHMM})$")
 
 
 class Model(BaseModel):

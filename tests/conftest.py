@@ -44,8 +44,9 @@ class ContainerBroker:
         self.workdir = workdir
         conf = (REPO / "mosquitto.conf").read_text()
         from controller.broker import render_config
-        (workdir / "mosquitto.conf").write_text(render_config(conf, 1883, Path("/mosquitto/data"))
-                                                .replace("listener 1883 127.0.0.1", "listener 1883"))
+        rendered = render_config(conf, 1883, Path("/mosquitto/data"))
+        (workdir / "mosquitto.conf").write_text(
+            rendered.replace("listener 1883 127.0.0.1", "listener 1883"))
         self.container = DockerContainer("eclipse-mosquitto:2.0.11").with_exposed_ports(1883)
         self.container.with_volume_mapping(str(workdir / "mosquitto.conf"),
                                            "/mosquitto/config/mosquitto.conf")
@@ -172,3 +173,22 @@ async def running_agents(agent_list: list) -> AsyncIterator[list]:  # type: igno
         for t in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
+
+
+@pytest.fixture
+def make_fleet(tmp_path: Path, broker: Mosquitto, controller_dir: Path, prefix: str):  # type: ignore[no-untyped-def]
+    """Factory: make_fleet({"web1": ["web"], ...}) -> Fleet with an inventory written."""
+    from tests.helpers import Fleet
+
+    fleets: list[Fleet] = []
+
+    def make(hosts: dict[str, list[str]], groups: dict[str, list[str]] | None = None,
+             extra: str = "") -> Fleet:
+        fleet = Fleet(tmp_path, broker.url, prefix, controller_dir, hosts)
+        write_inventory(fleet.inventory, hosts, groups, extra)
+        fleets.append(fleet)
+        return fleet
+
+    yield make
+    for f in fleets:
+        f.stop()

@@ -2,17 +2,29 @@
 
 from __future__ import annotations
 
-import time
-
 import msgpack
 import pytest
 
 from protocol import codec
 from protocol.errors import (
-    BadSignature, InputError, InvalidBody, PayloadTooLarge, UnknownType, UnknownVersion,
+    BadSignature,
+    InputError,
+    InvalidBody,
+    PayloadTooLarge,
+    UnknownType,
+    UnknownVersion,
 )
 from protocol.models import (
-    Ack, Answer, CheckReport, Desired, HostState, Progress, Prompt, Rejected, ReportItem, Result,
+    Ack,
+    Answer,
+    CheckReport,
+    Desired,
+    HostState,
+    Progress,
+    Prompt,
+    Rejected,
+    ReportItem,
+    Result,
 )
 from protocol.signing import generate_key, sign, verify
 from protocol.topics import Topics, validate_host

@@ -1,0 +1,157 @@
+"""Test helpers: an MQTT listener client, polling, and a Fleet of real processes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+
+from protocol.broker import parse_broker_url
+from protocol.codec import decode
+from protocol.models import EVENT_TYPES, Event
+
+
+@dataclass
+class Fleet:
+    """A test fleet: broker, controller state dir, inventory, agents as real processes."""
+
+    root: Path
+    broker_url: str
+    prefix: str
+    controller_dir: Path
+    hosts: dict[str, list[str]]
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    @property
+    def inventory(self) -> Path:
+        return self.root / "fleet.toml"
+
+    @property
+    def trust(self) -> Path:
+        return self.controller_dir / "controller.pub"
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "FLEET_BROKER": self.broker_url,
+                "FLEET_INVENTORY": str(self.inventory),
+                "FLEET_STATE_DIR": str(self.controller_dir), "FLEET_TOPIC_PREFIX": self.prefix}
+
+    def fleetctl(self, *args: str, timeout: float = 90, input: str | None = None
+                 ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "controller", *args], capture_output=True,
+                              text=True, timeout=timeout, env=self.env(), input=input)
+
+    def fleetctl_json(self, *args: str, timeout: float = 90) -> tuple[int, Any]:
+        r = self.fleetctl(*args, "--json", timeout=timeout)
+        lines = [ln for ln in r.stdout.splitlines() if ln.strip()]
+        assert lines, f"no JSON output (rc={r.returncode}): {r.stderr}"
+        return r.returncode, json.loads(lines[-1])
+
+    def agent_argv(self, host: str, *extra: str) -> list[str]:
+        return [sys.executable, "-m", "client", "run", "--host", host,
+                "--broker", self.broker_url, "--state-dir", str(self.state_dir(host)),
+                "--trust-key", str(self.trust), "--topic-prefix", self.prefix, *extra]
+
+    def state_dir(self, host: str) -> Path:
+        return self.root / "agents" / host
+
+    def start_agent(self, host: str, *extra: str) -> subprocess.Popen[bytes]:
+        self.state_dir(host).mkdir(parents=True, exist_ok=True)
+        log = open(self.root / "agents" / f"{host}.log", "ab")  # noqa: SIM115
+        proc = subprocess.Popen(self.agent_argv(host, *extra), stdout=log, stderr=log)
+        self.procs.append(proc)
+        return proc
+
+    def start_simulated(self, hosts: list[str], *extra: str) -> subprocess.Popen[bytes]:
+        (self.root / "agents").mkdir(parents=True, exist_ok=True)
+        log = open(self.root / "agents" / "simulate.log", "ab")  # noqa: SIM115
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "client", "simulate", "--hosts", ",".join(hosts),
+             "--broker", self.broker_url, "--state-dir", str(self.root / "agents"),
+             "--trust-key", str(self.trust), "--topic-prefix", self.prefix, *extra],
+            stdout=log, stderr=log)
+        self.procs.append(proc)
+        return proc
+
+    def journal(self, host: str) -> list[dict[str, Any]]:
+        path = self.state_dir(host) / "journal.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 30, interval: float = 0.2,
+             what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+class Listener:
+    """A plain MQTT client collecting decoded events from a topic filter."""
+
+    def __init__(self, broker_url: str, topic: str) -> None:
+        self.address = parse_broker_url(broker_url)
+        self.topic = topic
+        self.events: list[Event] = []
+        self.raw: list[tuple[str, bytes]] = []
+        self._task: asyncio.Task[None] | None = None
+        self._ready = asyncio.Event()
+
+    async def __aenter__(self) -> Listener:
+        self._task = asyncio.create_task(self._run())
+        await asyncio.wait_for(self._ready.wait(), 10)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+
+    async def _run(self) -> None:
+        async with aiomqtt.Client(**self.address.client_kwargs(),
+                                  protocol=aiomqtt.ProtocolVersion.V5) as client:
+            await client.subscribe(self.topic, qos=1)
+            self._ready.set()
+            async for m in client.messages:
+                payload = m.payload if isinstance(m.payload, bytes) else b""
+                self.raw.append((str(m.topic), payload))
+                try:
+                    self.events.append(decode(payload, expect=EVENT_TYPES))
+                except Exception:
+                    pass
+
+    async def wait(self, predicate: Callable[[Event], bool], timeout: float = 20) -> Event:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for ev in self.events:
+                if predicate(ev):
+                    return ev
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"no matching event in {timeout}s; saw {self.events[-5:]}")
+
+
+async def publish(broker_url: str, topic: str, payload: bytes, retain: bool = False) -> None:
+    address = parse_broker_url(broker_url)
+    async with aiomqtt.Client(**address.client_kwargs(),
+                              protocol=aiomqtt.ProtocolVersion.V5) as client:
+        await client.publish(topic, payload, qos=1, retain=retain)
