@@ -20,13 +20,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from client.backend import SystemBackend
 from client.decide import admit
+from client.dumps import DumpStore
 from client.journal import Journal, RecordedResult, encode_blob
 from client.report import Reporter
 from client.runner import DeploymentRunner, new_nonce
 from client.session import AgentSession, Retained
 from protocol.broker import BrokerAddress
 from protocol.codec import decode, encode
-from protocol.errors import BadSignature, ProtocolError
+from protocol.errors import ProtocolError
 from protocol.models import Answer, Confirm, Desired
 from protocol.signing import verify
 from protocol.topics import Topics
@@ -42,6 +43,8 @@ class AgentConfig:
     trusted_keys: list[Ed25519PublicKey]
     topics: Topics = field(default_factory=Topics)
     client_kwargs: dict[str, Any] = field(default_factory=dict)
+    dump_retention: int = 3
+    age_recipient: str | None = None
 
 
 class Agent:
@@ -51,6 +54,7 @@ class Agent:
         self.topics = config.topics
         self.backend = backend
         self.journal = Journal(config.state_dir)
+        self.dumps = DumpStore(config.state_dir, config.dump_retention, config.age_recipient)
         state = self.journal.open()
         self.journal.append("start", boot_id=backend.boot_id())
         self.session = AgentSession(
@@ -160,12 +164,26 @@ class Agent:
         try:
             answer: Answer = decode(payload, expect=(Answer,))
             verify(answer, self.config.trusted_keys)
-        except (ProtocolError, BadSignature) as exc:
+        except ProtocolError as exc:
             await self.reporter.rejected(None, 0, exc.reason, f"answer refused: {exc}")
             return
-        handler = getattr(self.runner, "on_answer", None)
-        if handler is not None:
-            await handler(answer, "remote")
+        await self.answer(answer, "remote")
+
+    async def answer(self, answer: Answer, source: str) -> tuple[bool, str]:
+        """Route an answer (remote, Home Assistant, local socket) to the open prompt."""
+        runner = self.runner
+        if answer.host != self.host:
+            ok, message = False, f"answer is for host {answer.host}"
+        elif runner is None:
+            ok, message = False, "no deployment is waiting for an answer"
+        else:
+            ok, message = await runner.on_answer(answer, source)
+        if not ok:
+            deployment = runner.d.deployment_id if runner else None
+            generation = runner.d.generation if runner else 0
+            await self.reporter.rejected(deployment, generation, "answer_refused",
+                                         f"answer to {answer.prompt_id}: {message}")
+        return ok, message
 
     # -- deployments -------------------------------------------------------------------
     async def _deploy_loop(self) -> None:

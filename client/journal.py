@@ -61,6 +61,7 @@ class JournalState:
     active: ActiveDeployment | None = None
     results: dict[str, RecordedResult] = field(default_factory=dict)
     last_result: RecordedResult | None = None
+    last_deployment: ActiveDeployment | None = None
     torn_lines: int = 0
 
     def apply(self, rec: dict[str, Any]) -> None:
@@ -86,6 +87,7 @@ class JournalState:
             if r.status == "succeeded" and r.system is not None:
                 self.system, self.generation = r.system, r.generation
             if a is not None and a.deployment_id == r.deployment_id:
+                self.last_deployment = a
                 self.active = None
         elif a is None or rec.get("deployment_id") != a.deployment_id:
             return
@@ -96,9 +98,11 @@ class JournalState:
         elif kind == "end":
             a.done[rec["stage"]] = rec.get("data")
         elif kind == "reset":
-            for stage in rec["stages"]:
+            for stage in rec.get("stages", []):
                 a.started.discard(stage)
                 a.done.pop(stage, None)
+            for note in rec.get("notes", []):
+                a.notes.pop(note, None)
         elif kind == "prompt":
             a.prompts[rec["prompt_id"]] = rec["prompt"]
         elif kind == "answer":

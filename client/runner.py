@@ -3,8 +3,8 @@
 fetch → check → choose → approve → dump → migrate(before) → switch → reboot →
 migrate(after) → confirm. Each stage is journaled before it starts and after it ends;
 on restart the runner skips what is done and resumes at the first unfinished stage.
-Host side effects go through the SystemBackend; decisions are in `client.decide` and
-`client.plan`; state steps are run by `client.steps_exec`.
+Host side effects go through the SystemBackend; pure decisions live in
+`client.decide` and `client.plan`; programs are run by `client.statesteps`.
 """
 
 from __future__ import annotations
@@ -16,18 +16,39 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
+from client import plan
 from client.backend import BackendError, SystemBackend
+from client.dumps import DumpStore
 from client.journal import ActiveDeployment, Journal, RecordedResult
 from client.report import Reporter
+from client.statesteps import (
+    StepEnv,
+    decode_items,
+    dump_step,
+    encode_items,
+    load_steps,
+    restore_step,
+    run_check,
+    run_graph,
+    run_migration,
+)
 from protocol.errors import FlotillaError, StateError
-from protocol.models import Desired
+from protocol.models import Answer, Choice, Desired, Prompt, ReportItem
+from protocol.steps import StepDecl, StepsFile
 
 log = logging.getLogger(__name__)
 
 STAGE_PERCENT = {
-    "fetch": 5, "check": 30, "choose": 35, "approve": 38, "dump": 40, "migrate:before-switch": 50,
-    "switch": 60, "reboot": 75, "migrate:after-switch": 80, "confirm": 90,
+    "fetch": 5, "check": 25, "choose": 30, "approve": 32, "dump": 35,
+    "migrate:before-switch": 45, "switch": 60, "reboot": 70, "migrate:after-switch": 80,
+    "confirm": 92, "rollback": 95,
 }
+FAILURE_CHOICES = [
+    Choice(id="retry", label="Retry", description="run the step again"),
+    Choice(id="skip", label="Skip", description="mark the step done and go on"),
+    Choice(id="rollback", label="Roll back", description="restore dumps and the previous "
+                                                            "generation", destructive=True),
+]
 
 
 class DeployFailed(FlotillaError):
@@ -44,6 +65,7 @@ class AgentContext(Protocol):
     journal: Journal
     backend: SystemBackend
     reporter: Reporter
+    dumps: DumpStore
 
     async def round_trip(self, generation: int, timeout: float, controller: bool) -> bool: ...
 
@@ -53,7 +75,10 @@ class DeploymentRunner:
         self.ctx = ctx
         self.d = desired
         self.log_tail: list[str] = []
-        self.hooks: dict[str, Callable[[], Awaitable[None]]] = {}
+        self.steps = StepsFile()
+        self.prompt: Prompt | None = None
+        self._answered: asyncio.Future[dict[str, str]] | None = None
+        self.on_prompt: list[Callable[[Prompt | None], Awaitable[None]]] = []
 
     @property
     def active(self) -> ActiveDeployment:
@@ -61,14 +86,14 @@ class DeploymentRunner:
         assert a is not None and a.deployment_id == self.d.deployment_id
         return a
 
-    # -- reporting helpers -------------------------------------------------------
+    # -- reporting and journaling helpers -------------------------------------------
     async def progress(self, stage: str, message: str = "", step: str | None = None,
                        percent: float | None = None) -> None:
-        self.log_tail = [*self.log_tail[-19:], message] if message else self.log_tail
+        if message:
+            self.log_tail = [*self.log_tail[-19:], message]
         pct = percent if percent is not None else STAGE_PERCENT.get(stage)
-        base = stage.split(":")[0]
-        await self.ctx.reporter.progress(self.d.deployment_id, self.d.generation, base, message,
-                                         pct, step)
+        await self.ctx.reporter.progress(self.d.deployment_id, self.d.generation,
+                                         stage.split(":")[0], message, pct, step)
 
     async def phase(self, phase: str, **extra: Any) -> None:
         await self.ctx.reporter.host_state(
@@ -87,7 +112,19 @@ class DeploymentRunner:
         self.journal("end", stage=name, data=data)
         return data
 
-    # -- the pipeline --------------------------------------------------------------
+    @property
+    def env(self) -> StepEnv:
+        return StepEnv(self.ctx.host, self.active.previous_system, self.d)
+
+    @property
+    def items(self) -> list[ReportItem]:
+        return decode_items((self.active.done.get("check") or {}).get("items"))
+
+    @property
+    def answers(self) -> dict[str, str]:
+        return {**self.d.choices, **self.active.answers}
+
+    # -- the pipeline ------------------------------------------------------------------
     async def run(self) -> RecordedResult:
         d = self.d
         try:
@@ -98,15 +135,16 @@ class DeploymentRunner:
                     return await self.roll_back(str(exc))
                 return await self.finish(exc.status, str(exc))
             except BackendError as exc:
-                return await self.fail_after_error(str(exc))
+                if "switch" in self.active.started or self.active.done.get("dump"):
+                    return await self.roll_back(str(exc))
+                return await self.finish("failed", str(exc))
             if d.check_only:
-                return await self.finish("succeeded", "checks ran; nothing switched",
-                                         system=self.ctx.backend.current_system())
+                return await self.finish("succeeded", "checks ran; nothing was switched")
             needs_reboot = bool(self.active.notes.get("needs_reboot", False))
             return await self.finish("succeeded", f"{d.action} to generation {d.generation}",
                                      system=d.system, needs_reboot=needs_reboot)
         except StateError as exc:
-            # The journal cannot record what we do: stop, report, trust nothing unwritten.
+            # The journal cannot record what we do: stop and say so; trust nothing unwritten.
             log.error("%s: %s", self.ctx.host, exc)
             await self.ctx.reporter.result(d.deployment_id, d.generation, "failed",
                                            f"agent state unusable: {exc}", None, False,
@@ -115,23 +153,25 @@ class DeploymentRunner:
             raise
 
     async def _pipeline(self) -> None:
-        d = self.d
         toplevel = await self.stage("fetch", self.fetch)
-        await self.phase("fetched")
-        await self.stage("check", lambda: self.check(toplevel))
+        self.steps = load_steps(toplevel)
+        cycle = plan.cycle_error(self.steps.steps)
+        if cycle:
+            raise DeployFailed(cycle, status="blocked")
+        await self.stage("check", self.check)
         await self.phase("checked")
-        if d.check_only:
+        if self.d.check_only:
             return
-        for hook in ("choose", "approve", "dump", "migrate:before-switch"):
-            if hook in self.hooks:
-                await self.stage(hook, self.hooks[hook])
+        await self.stage("choose", self.choose)
+        if self.d.policy.approval == "ask":
+            await self.stage("approve", self.approve)
+        await self.stage("dump", self.dump)
+        await self.stage("migrate:before-switch", lambda: self.migrate("before-switch"))
         await self.stage("switch", lambda: self.switch(toplevel))
         await self.phase("switched")
-        if "reboot" in self.hooks:
-            await self.stage("reboot", self.hooks["reboot"])
-        if "migrate:after-switch" in self.hooks:
-            await self.stage("migrate:after-switch", self.hooks["migrate:after-switch"])
-            await self.phase("migrated")
+        await self.stage("reboot", self.reboot)
+        await self.stage("migrate:after-switch", lambda: self.migrate("after-switch"))
+        await self.phase("migrated")
         await self.stage("confirm", self.confirm)
         await self.phase("confirmed")
 
@@ -142,16 +182,127 @@ class DeploymentRunner:
         async def line(msg: str) -> None:
             await self.progress("fetch", msg)
 
-        return await self.ctx.backend.fetch(self.d.system, self.ctx.host, line)
+        toplevel = await self.ctx.backend.fetch(self.d.system, self.ctx.host, line)
+        await self.phase("fetched")
+        return toplevel
 
-    async def check(self, toplevel: str) -> Any:
-        await self.progress("check", "running state checks of the new system")
-        checker = self.hooks.get("check")
-        if checker is not None:
-            return await checker()
-        await self.ctx.reporter.check_report(self.d.deployment_id, self.d.generation, [], [],
-                                             self.d.check_only)
-        return {"items": []}
+    async def check(self) -> dict[str, Any]:
+        """Run the NEW system's checks against this host, in parallel, and report."""
+        checks = [s for s in self.steps.steps if s.check]
+        await self.progress("check", f"running {len(checks)} state check(s) of the new system")
+        results = await asyncio.gather(*(run_check(self.ctx.backend, s, self.env)
+                                         for s in checks))
+        items = [i for r in results for i in r]
+        bad = plan.invalid_answers(items, self.d.choices)
+        if bad:
+            items.append(ReportItem(step="-", id="bad-pre-answer", severity="error",
+                                    message=f"pre-answers do not fit: {', '.join(bad)}"))
+        open_keys = [i.key for i in plan.open_items(items, self.d.choices)]
+        await self.ctx.reporter.check_report(self.d.deployment_id, self.d.generation, items,
+                                             open_keys, self.d.check_only)
+        return {"items": encode_items(items)}
+
+    async def choose(self) -> dict[str, Any]:
+        items = self.items
+        blocking = plan.blocking_errors(items)
+        if blocking:
+            raise DeployFailed("blocked by check errors: " + "; ".join(
+                f"{i.key}: {i.message}" for i in blocking), status="blocked")
+        pending = plan.open_items(items, self.d.choices)
+        if pending:
+            await self.ask(f"{self.d.deployment_id}.choose", "choice", pending)
+        return {"answers": self.answers}
+
+    async def approve(self) -> None:
+        item = ReportItem(step="deploy", id="approve", severity="recommendation",
+                          message=f"approve {self.d.action} to {self.d.system}",
+                          choices=[Choice(id="approve", label="Approve")], default=None)
+        await self.ask(f"{self.d.deployment_id}.approve", "approval", [item])
+
+    async def dump(self) -> dict[str, Any]:
+        affected = plan.affected_steps(self.steps.steps, self.items, self.answers)
+        dumps: dict[str, str] = {}
+        for step in affected:
+            await self.progress("dump", f"dumping state of {step.name}", step=step.name)
+            dumps[step.name] = await dump_step(self.ctx.backend, self.ctx.dumps, step,
+                                               step.revision, self.env)
+        self.journal("note", key="dumps", value=dumps)
+        return {"dumps": dumps}
+
+    async def migrate(self, phase: str) -> dict[str, Any]:
+        """Run this phase's migrations in dependency order, some in parallel."""
+        by_name = self.steps.by_name()
+        graph = plan.phase_graph(self.steps.steps, phase)
+        todo = {n for n in graph if plan.migrations_for(by_name[n], self.items, self.answers)}
+        if not todo:
+            return {"steps": 0}
+        rounds = 0
+        while True:
+            rounds += 1
+            failed: dict[str, str] = {}
+            await self._interrupted(todo, failed)
+
+            async def run(name: str, failed: dict[str, str] = failed) -> bool:
+                if name not in todo or f"step:{name}" in self.active.done or name in failed:
+                    return name not in failed
+                return await self._run_step(by_name[name], failed)
+
+            def skip(name: str, because: str) -> None:
+                if name in todo and f"step:{name}" not in self.active.done:
+                    self.log_tail.append(f"{name} skipped: {because} failed")
+
+            await run_graph(graph, self.d.policy.max_parallel_steps, run, skip)
+            if not failed:
+                return {"steps": len(todo)}
+            await self._resolve_failures(failed, rounds)
+
+    async def _interrupted(self, todo: set[str], failed: dict[str, str]) -> None:
+        """Steps begun but never ended: killed mid-run, or failed earlier."""
+        for name in sorted(todo):
+            key = f"step:{name}"
+            if key in self.active.started and key not in self.active.done:
+                note = self.active.notes.get(f"failed:{name}")
+                step = self.steps.by_name()[name]
+                if note is None and step.idempotent:
+                    continue  # safe to run again
+                failed[name] = note or "interrupted while running (the step is not idempotent)"
+
+    async def _run_step(self, step: StepDecl, failed: dict[str, str]) -> bool:
+        key = f"step:{step.name}"
+        self.journal("begin", stage=key)
+        await self.phase("migrating", step=step.name)
+        await self.progress("migrate", f"migrating {step.name}", step=step.name)
+        for m in plan.migrations_for(step, self.items, self.answers):
+            error = await run_migration(self.ctx.backend, step, m, self.env)
+            if error is not None:
+                self.journal("note", key=f"failed:{step.name}", value=error)
+                await self.progress("migrate", f"{step.name} failed: {error}", step=step.name)
+                failed[step.name] = error
+                return False
+        self.journal("end", stage=key, data={"status": "ok"})
+        await self.progress("migrate", f"{step.name} done", step=step.name)
+        return True
+
+    async def _resolve_failures(self, failed: dict[str, str], rounds: int) -> None:
+        policy = self.d.policy.on_step_failure
+        if policy == "ask" or (policy == "retry" and rounds > 2):
+            items = [ReportItem(step=name, id="failed", severity="error", message=msg,
+                                choices=FAILURE_CHOICES, default="rollback")
+                     for name, msg in sorted(failed.items())]
+            n = sum(1 for p in self.active.prompts if ".failure" in p) + 1
+            answers = await self.ask(f"{self.d.deployment_id}.failure{n}", "step_failure", items)
+            decisions = {name: answers.get(f"{name}.failed", "rollback") for name in failed}
+        else:
+            decisions = {name: policy for name in failed}
+        if "rollback" in decisions.values():
+            raise DeployFailed("migration failed: " + "; ".join(
+                f"{n}: {m}" for n, m in failed.items()), rollback=True)
+        for name, decision in decisions.items():
+            key = f"step:{name}"
+            if decision == "skip":
+                self.journal("end", stage=key, data={"status": "skipped"})
+            else:  # retry: forget the failure, run it again
+                self.journal("reset", stages=[key], notes=[f"failed:{name}"])
 
     async def switch(self, toplevel: str) -> dict[str, Any]:
         await self.progress("switch", f"switch-to-configuration {self.d.action}")
@@ -160,7 +311,8 @@ class DeploymentRunner:
             await self.progress("switch", msg)
 
         outcome = await self.ctx.backend.switch(toplevel, self.d.action, line)
-        needs_reboot = outcome.reboot_required or self.ctx.backend.needs_reboot(toplevel)
+        needs_reboot = (outcome.reboot_required or self.d.action == "boot"
+                        or self.ctx.backend.needs_reboot(toplevel))
         self.journal("note", key="needs_reboot", value=needs_reboot)
         if outcome.units_failed:
             await self.progress("switch", "switch-to-configuration: some units failed (exit 4)")
@@ -168,9 +320,45 @@ class DeploymentRunner:
                                rollback=True)
         return {"exit_code": outcome.exit_code, "needs_reboot": needs_reboot}
 
+    async def reboot(self) -> dict[str, Any]:
+        """Reboot when needed and the policy says so; resumes after boot from the journal."""
+        a = self.active
+        booted_from = a.notes.get("reboot_boot_id")
+        if booted_from is not None:
+            if self.ctx.backend.boot_id() != booted_from:
+                self.journal("note", key="needs_reboot", value=False)
+                await self.progress("reboot", "host rebooted; finishing the deploy")
+                return {"rebooted": True}
+            raise DeployFailed("reboot was requested but the host did not reboot")
+        if not a.notes.get("needs_reboot"):
+            return {"rebooted": False}
+        policy = self.d.policy.reboot
+        if policy == "ask":
+            item = ReportItem(step="deploy", id="reboot", severity="recommendation",
+                              message="the new system needs a reboot",
+                              choices=[Choice(id="now", label="Reboot now", destructive=True),
+                                       Choice(id="later", label="Later")], default="later")
+            answers = await self.ask(f"{self.d.deployment_id}.reboot", "reboot", [item])
+            if answers.get("deploy.reboot") != "now":
+                return {"rebooted": False}
+        elif policy.startswith("window "):
+            from client.reboot_window import seconds_until_window
+            wait = seconds_until_window(policy.removeprefix("window "), time.localtime())
+            if wait > 0:
+                await self.phase("awaiting_reboot", message=f"reboot window in {wait:.0f}s")
+                await asyncio.sleep(wait)
+        elif policy != "now":
+            return {"rebooted": False}
+        self.journal("note", key="reboot_boot_id", value=self.ctx.backend.boot_id())
+        await self.progress("reboot", "rebooting")
+        await self.phase("awaiting_reboot", message="rebooting")
+        await self.ctx.backend.reboot()
+        raise DeployFailed("reboot did not happen")
+
     async def confirm(self) -> None:
         policy = self.d.policy
-        if policy.confirm == "none" or self.d.action == "boot":
+        if policy.confirm == "none" or (self.d.action == "boot"
+                                        and self.active.notes.get("needs_reboot")):
             return
         deadline = self.active.notes.get("confirm_deadline")
         if deadline is None:
@@ -185,32 +373,109 @@ class DeploymentRunner:
                 f"no confirmation through the broker within {policy.confirm_timeout_s:.0f}s",
                 rollback=True)
 
-    # -- endings ---------------------------------------------------------------------
-    async def fail_after_error(self, message: str) -> RecordedResult:
-        switched = "switch" in self.active.started
-        if switched:
-            return await self.roll_back(message)
-        return await self.finish("failed", message)
+    # -- prompts ---------------------------------------------------------------------
+    async def ask(self, prompt_id: str, kind: str, items: list[ReportItem]) -> dict[str, str]:
+        """Publish a retained prompt and wait (across restarts) for its answer."""
+        a = self.active
+        if prompt_id in a.closed_prompts:
+            return self.answers
+        if prompt_id not in a.prompts:
+            deadline = (time.time() + self.d.policy.prompt_deadline_s
+                        if self.d.policy.prompt_deadline_s else None)
+            prompt = Prompt(host=self.ctx.host, prompt_id=prompt_id,
+                            deployment_id=self.d.deployment_id, generation=self.d.generation,
+                            kind=kind, items=items, created_at=time.time(),  # type: ignore[arg-type]
+                            deadline=deadline)
+            self.journal("prompt", prompt_id=prompt_id, prompt=prompt.model_dump(mode="json"))
+        self.prompt = Prompt.model_validate(a.prompts[prompt_id])
+        self._answered = asyncio.get_running_loop().create_future()
+        try:
+            await self.ctx.reporter.prompt(self.prompt)
+            phase = "awaiting_approval" if kind == "approval" else "awaiting_choice"
+            await self.phase(phase, open_prompt=prompt_id,
+                             message=f"waiting for an answer to {prompt_id}")
+            for cb in self.on_prompt:
+                await cb(self.prompt)
+            await self._wait_for_answer(self.prompt)
+        finally:
+            self.prompt, self._answered = None, None
+        await self.ctx.reporter.prompt(None)
+        for cb in self.on_prompt:
+            await cb(None)
+        await self.phase("acked", open_prompt=None, message="")
+        return self.answers
 
+    async def _wait_for_answer(self, prompt: Prompt) -> None:
+        assert self._answered is not None
+        timeout = None if prompt.deadline is None else max(0.0, prompt.deadline - time.time())
+        try:
+            await asyncio.wait_for(asyncio.shield(self._answered), timeout)
+            return
+        except TimeoutError:
+            pass
+        defaults = {i.key: i.default for i in prompt.items if i.default is not None}
+        if (self.d.policy.take_default_on_deadline and prompt.kind != "approval"
+                and len(defaults) == len(prompt.items)):
+            self.journal("answer", prompt_id=prompt.prompt_id, choices=defaults,
+                         source="deadline", by="policy default after the deadline")
+            await self.progress("choose", f"deadline passed: took defaults {defaults}")
+            return
+        await self.progress("choose", "prompt deadline passed; still waiting for an answer")
+        await self._answered
+
+    async def on_answer(self, answer: Answer, source: str) -> tuple[bool, str]:
+        """Apply an answer (remote, Home Assistant or local); the first one wins."""
+        prompt = self.prompt
+        a = self.active
+        if answer.prompt_id in a.closed_prompts:
+            return False, f"prompt {answer.prompt_id} was already answered"
+        if prompt is None or prompt.prompt_id != answer.prompt_id:
+            return False, f"no open prompt {answer.prompt_id}"
+        if prompt.kind == "approval":
+            if not answer.approve and answer.choices.get("deploy.approve") != "approve":
+                return False, "an approval prompt needs approve"
+            choices = {"deploy.approve": "approve"}
+        else:
+            choices = dict(answer.choices)
+            bad = plan.invalid_answers(prompt.items, choices)
+            missing = [i.key for i in prompt.items if i.key not in choices]
+            if bad or missing:
+                return False, "invalid answer: " + "; ".join(
+                    [*bad, *(f"{k} not answered" for k in missing)])
+        self.journal("answer", prompt_id=answer.prompt_id, choices=choices, source=source,
+                     by=answer.answered_by)
+        await self.progress("choose", f"answered by {answer.answered_by or source}: {choices}")
+        if self._answered is not None and not self._answered.done():
+            self._answered.set_result(choices)
+        return True, "accepted"
+
+    # -- endings ---------------------------------------------------------------------
     async def roll_back(self, reason: str) -> RecordedResult:
+        """Restore dumps (reverse dependency order), then switch back to the previous
+        generation: code and data return together."""
         a = self.active
         await self.phase("rolling_back", message=reason)
         self.journal("begin", stage="rollback")
-        restore = self.hooks.get("restore")
+        await self.progress("rollback", f"rolling back: {reason}")
+
+        async def line(msg: str) -> None:
+            await self.progress("rollback", msg)
+
         try:
-            if restore is not None:
-                await restore()
+            dumps: dict[str, str] = a.notes.get("dumps") or {}
+            by_name = self.steps.by_name()
+            touched = {n for n in dumps if f"step:{n}" in a.started}
+            for name in plan.reverse_order([s for s in self.steps.steps if s.name in dumps]):
+                if name in touched:
+                    await self.progress("rollback", f"restoring {name}", step=name)
+                    await restore_step(self.ctx.backend, self.ctx.dumps, by_name[name],
+                                       dumps[name], self.env)
             if "switch" in a.started:
-
-                async def line(msg: str) -> None:
-                    await self.progress("rollback", msg)
-
-                await self.progress("rollback", f"rolling back: {reason}")
                 await self.ctx.backend.rollback(a.previous_system, line)
-        except (BackendError, DeployFailed) as exc:
+        except BackendError as exc:
             return await self.finish("failed", f"{reason}; rollback failed: {exc}")
         self.journal("end", stage="rollback")
-        return await self.finish("rolled_back", reason, system=a.previous_system)
+        return await self.finish("rolled_back", reason, system=None)
 
     async def finish(self, status: str, message: str, system: str | None = None,
                      needs_reboot: bool = False) -> RecordedResult:
@@ -218,19 +483,17 @@ class DeploymentRunner:
         self.journal("result", generation=d.generation, status=status, message=message,
                      system=system, needs_reboot=needs_reboot)
         st = self.ctx.journal.state
-        await self.ctx.reporter.result(d.deployment_id, d.generation, status, message, system,
+        await self.ctx.reporter.result(d.deployment_id, d.generation, status, message,
+                                       system or self.ctx.backend.current_system(),
                                        needs_reboot, self.log_tail)
+        await self.ctx.reporter.prompt(None)
         phase = "done" if status == "succeeded" else status
-        await self.phase(phase, last_result=status, message=message, system=st.system,
+        await self.phase(phase, last_result=status, message=message,
+                         system=self.ctx.backend.current_system() or st.system,
                          generation=st.generation, needs_reboot=needs_reboot, percent=None,
                          step=None, open_prompt=None)
-        rec = st.results[d.deployment_id]
-        return rec
+        return st.results[d.deployment_id]
 
 
 def new_nonce() -> str:
     return uuid.uuid4().hex
-
-
-async def sleep_until(deadline: float) -> None:
-    await asyncio.sleep(max(0.0, deadline - time.time()))

@@ -1,0 +1,146 @@
+"""Rollback points for state: `dumps/<step>/<revision>-<generation>/dump.tar.zst[.age]`.
+
+A dump is either what the step's dump program wrote into FLOTILLA_DUMP_DIR, or an
+archive of the step's declared paths. Archives are zstandard-compressed tarballs,
+optionally encrypted to an age recipient (pyrage), written atomically (tmp, fsync,
+rename) so a half-written dump is never trusted. Only `retention` dumps per step stay.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import tarfile
+from pathlib import Path
+
+import zstandard
+
+from client.backend import BackendError
+
+ARCHIVE = "dump.tar.zst"
+
+
+class DumpStore:
+    def __init__(self, state_dir: Path, retention: int = 3, age_recipient: str | None = None
+                 ) -> None:
+        self.root = state_dir / "dumps"
+        self.retention = max(1, retention)
+        self.age_recipient = age_recipient
+
+    def slot(self, step: str, revision: str, generation: int) -> Path:
+        return self.root / step / f"{revision}-{generation}"
+
+    def archive_path(self, slot: Path) -> Path:
+        return slot / (ARCHIVE + (".age" if self.age_recipient else ""))
+
+    def scratch(self, slot: Path) -> Path:
+        """Empty directory a dump program writes into (FLOTILLA_DUMP_DIR)."""
+        d = slot / "scratch"
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir(parents=True)
+        return d
+
+    def seal_dir(self, slot: Path, source: Path) -> Path:
+        """Archive a dump program's output directory."""
+        return self._write(slot, lambda tar: tar.add(source, arcname="."))
+
+    def seal_paths(self, slot: Path, paths: list[str]) -> Path:
+        """Archive declared paths (absent ones are recorded as absent)."""
+        def add(tar: tarfile.TarFile) -> None:
+            for p in paths:
+                if os.path.lexists(p):
+                    tar.add(p, arcname=_arcname(p))
+        archive = self._write(slot, add)
+        (slot / "paths").write_text("\n".join(paths) + "\n")
+        return archive
+
+    def _write(self, slot: Path, fill: object) -> Path:
+        slot.mkdir(parents=True, exist_ok=True)
+        raw = io.BytesIO()
+        with tarfile.open(fileobj=raw, mode="w") as tar:
+            fill(tar)  # type: ignore[operator]
+        data = zstandard.ZstdCompressor(level=6).compress(raw.getvalue())
+        if self.age_recipient:
+            data = _age_encrypt(data, self.age_recipient)
+        target = self.archive_path(slot)
+        tmp = target.with_suffix(target.suffix + ".tmp")
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, target)
+        except OSError as exc:
+            raise BackendError(f"cannot write dump {target}: {exc.strerror}") from None
+        shutil.rmtree(slot / "scratch", ignore_errors=True)
+        self._prune(slot.parent, keep=slot)
+        return target
+
+    def _prune(self, step_dir: Path, keep: Path) -> None:
+        slots = sorted((p for p in step_dir.iterdir() if p.is_dir()),
+                       key=lambda p: p.stat().st_mtime)
+        for old in slots[: max(0, len(slots) - self.retention)]:
+            if old != keep:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def unpack(self, archive: Path, into: Path, identity: str | None = None) -> None:
+        try:
+            data = archive.read_bytes()
+        except OSError as exc:
+            raise BackendError(f"dump {archive} is unreadable: {exc.strerror}") from None
+        if archive.suffix == ".age":
+            data = _age_decrypt(data, identity)
+        try:
+            raw = zstandard.ZstdDecompressor().decompress(data)
+            with tarfile.open(fileobj=io.BytesIO(raw), mode="r") as tar:
+                tar.extractall(into, filter="tar")
+        except (zstandard.ZstdError, tarfile.TarError, OSError) as exc:
+            raise BackendError(f"dump {archive} is corrupt: {exc}") from None
+
+    def restore_paths(self, archive: Path, paths: list[str], identity: str | None = None) -> None:
+        """Put declared paths back exactly as dumped (absent ones are removed)."""
+        staging = archive.parent / "restore"
+        shutil.rmtree(staging, ignore_errors=True)
+        self.unpack(archive, staging, identity)
+        for p in paths:
+            src = staging / _arcname(p)
+            _remove(Path(p))
+            if os.path.lexists(src):
+                Path(p).parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(str(src), p)
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _arcname(path: str) -> str:
+    return path.lstrip("/") or "root"
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p)
+    elif os.path.lexists(p):
+        p.unlink()
+
+
+def _age_encrypt(data: bytes, recipient: str) -> bytes:
+    try:
+        import pyrage
+    except ImportError:
+        raise BackendError("age encryption needs the 'pyrage' package (pip install "
+                           "flotilla[age])") from None
+    try:
+        return bytes(pyrage.encrypt(data, [pyrage.x25519.Recipient.from_str(recipient)]))
+    except Exception as exc:
+        raise BackendError(f"cannot encrypt dump to {recipient}: {exc}") from None
+
+
+def _age_decrypt(data: bytes, identity: str | None) -> bytes:
+    if identity is None:
+        raise BackendError("dump is age-encrypted: restore needs --age-identity")
+    try:
+        import pyrage
+        key = pyrage.x25519.Identity.from_str(Path(identity).read_text().strip())
+        return bytes(pyrage.decrypt(data, [key]))
+    except Exception as exc:
+        raise BackendError(f"cannot decrypt dump: {exc}") from None
