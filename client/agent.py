@@ -178,10 +178,8 @@ class Agent:
             ok, message = False, "no deployment is waiting for an answer"
         else:
             ok, message = await runner.on_answer(answer, source)
-        if not ok:
-            deployment = runner.d.deployment_id if runner else None
-            generation = runner.d.generation if runner else 0
-            await self.reporter.rejected(deployment, generation, "answer_refused",
+        if not ok:  # not tied to the deployment: a refused answer does not end it
+            await self.reporter.rejected(None, 0, "answer_refused",
                                          f"answer to {answer.prompt_id}: {message}")
         return ok, message
 

@@ -23,7 +23,7 @@ Stage = Literal[
 ]
 HostPhase = Literal[
     "idle", "received", "acked", "fetched", "checked", "awaiting_choice", "awaiting_approval",
-    "dumped", "switched", "migrated", "awaiting_reboot", "confirmed", "done", "failed",
+    "dumped", "migrating", "switched", "migrated", "awaiting_reboot", "confirmed", "done", "failed",
     "rolling_back", "rolled_back", "rejected", "cancelled", "blocked",
 ]
 Host = Annotated[str, Field(pattern=HOST_NAME_RE.pattern)]
@@ -79,6 +79,7 @@ class Desired(Model):
     issued_at: float
     expires_at: float | None = None
     check_only: bool = False
+    rollback: bool = False
     choices: dict[str, Id] = Field(default_factory=dict)
     policy: DeployPolicy = Field(default_factory=DeployPolicy)
     key_id: str = ""

@@ -1,0 +1,176 @@
+"""`fleetctl prompts`, `fleetctl answer`, `fleetctl rollback`: the state-step commands."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import socket
+import time
+from typing import Any
+
+import aiomqtt
+from rich.console import Console
+
+from controller import cliutil
+from controller.cmd_deploy import CHOICE_RE
+from controller.connection import connect, read_retained
+from protocol.codec import decode, encode
+from protocol.errors import InputError, ProtocolError, UsageError
+from protocol.models import Answer, Prompt, Rejected
+from protocol.signing import sign
+from protocol.topics import validate_host
+
+ANSWER_WAIT_S = 10.0
+
+
+def register(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("prompts", parents=[common], help="list open prompts")
+    p.add_argument("selector", nargs="?")
+    p.set_defaults(func=cmd_prompts)
+    a = sub.add_parser("answer", parents=[common], help="answer a host's prompt (signed)")
+    a.add_argument("host")
+    a.add_argument("prompt_id")
+    a.add_argument("choices", nargs="*", metavar="STEP.ITEM=CHOICE")
+    a.add_argument("--approve", action="store_true", help="approve a deploy waiting for it")
+    a.set_defaults(func=cmd_answer)
+    r = sub.add_parser("approve", parents=[common], help="approve deploys waiting for approval")
+    r.add_argument("selector")
+    r.set_defaults(func=cmd_approve)
+
+
+async def open_prompts(args: argparse.Namespace, hosts: list[str]) -> dict[str, Prompt]:
+    ctx = cliutil.context(args)
+    t = ctx.topics
+    async with connect(ctx.broker, **ctx.client_kwargs) as client:
+        messages = await read_retained(client, t, [t.all_hosts("prompt")])
+    wanted = set(hosts)
+    prompts: dict[str, Prompt] = {}
+    for m in messages:
+        payload = m.payload if isinstance(m.payload, bytes) else b""
+        try:
+            host, _ = t.parse(str(m.topic))
+            if host in wanted and payload:
+                prompts[host] = decode(payload, expect=(Prompt,))
+        except (ProtocolError, InputError):
+            continue
+    return prompts
+
+
+async def cmd_prompts(args: argparse.Namespace) -> int:
+    inv = cliutil.inventory(args)
+    hosts = inv.resolve(args.selector) if args.selector else list(inv.hosts)
+    prompts = await open_prompts(args, hosts)
+    rows: list[dict[str, Any]] = [
+            {"host": h, "prompt_id": p.prompt_id, "kind": p.kind, "deadline": p.deadline,
+             "items": [{"step": i.step, "id": i.id, "message": i.message,
+                        "severity": i.severity,
+                        "choices": [c.model_dump() for c in i.choices], "default": i.default}
+                       for i in p.items]}
+            for h, p in sorted(prompts.items())]
+    if args.json:
+        cliutil.emit_json(rows)
+        return cliutil.EXIT_OK
+    console = Console()
+    if not rows:
+        console.print("no open prompts")
+    for row in rows:
+        console.print(f"[bold]{row['host']}[/] prompt [cyan]{row['prompt_id']}[/] ({row['kind']})")
+        for item in row["items"]:
+            console.print(f"  {item['step']}.{item['id']}: {item['message']}")
+            for c in item["choices"]:
+                mark = " [red](destructive)[/]" if c["destructive"] else ""
+                default = " [green](default)[/]" if c["id"] == item["default"] else ""
+                console.print(f"    - {c['id']}: {c['label']} {c['description']}{mark}{default}")
+        console.print(f"  answer: fleetctl answer {row['host']} {row['prompt_id']} "
+                      "STEP.ITEM=CHOICE ...")
+    return cliutil.EXIT_OK
+
+
+def parse_answer_choices(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        m = CHOICE_RE.fullmatch(item)
+        if not m:
+            raise UsageError(f"answers are STEP.ITEM=CHOICE, not {item!r}")
+        out[f"{m.group(1)}.{m.group(2)}"] = m.group(3)
+    return out
+
+
+async def send_answer(args: argparse.Namespace, host: str, prompt_id: str,
+                      choices: dict[str, str], approve: bool) -> tuple[bool, str]:
+    """Publish a signed answer and wait briefly to learn whether the agent took it."""
+    ctx = cliutil.context(args, need_key=True)
+    assert ctx.key is not None
+    t = ctx.topics
+    answer = sign(Answer(host=host, prompt_id=prompt_id, choices=choices, approve=approve,
+                         answered_by=f"fleetctl:{getpass.getuser()}@{socket.gethostname()}",
+                         issued_at=time.time()), ctx.key)
+    async with connect(ctx.broker, **ctx.client_kwargs) as client:
+        await client.subscribe(t.events(host), qos=1)
+        await client.subscribe(t.prompt(host), qos=1)
+        await client.publish(t.answer(host), encode(answer), qos=1)
+        try:
+            return await asyncio.wait_for(_outcome(client, t.prompt(host), prompt_id),
+                                          ANSWER_WAIT_S)
+        except TimeoutError:
+            return True, "sent; the host has not confirmed yet (offline?)"
+
+
+async def _outcome(client: aiomqtt.Client, prompt_topic: str, prompt_id: str
+                   ) -> tuple[bool, str]:
+    async for m in client.messages:
+        payload = m.payload if isinstance(m.payload, bytes) else b""
+        if str(m.topic) == prompt_topic:
+            if m.retain:
+                continue  # the state before our answer
+            if not payload:
+                return True, "accepted"
+            try:
+                p: Prompt = decode(payload, expect=(Prompt,))
+            except ProtocolError:
+                continue
+            if p.prompt_id != prompt_id:
+                return True, "accepted"
+            continue
+        try:
+            ev: Any = decode(payload)
+        except ProtocolError:
+            continue
+        if isinstance(ev, Rejected) and ev.reason == "answer_refused" \
+                and prompt_id in ev.message:
+            return False, ev.message
+    return False, "connection closed"
+
+
+async def cmd_answer(args: argparse.Namespace) -> int:
+    validate_host(args.host)
+    if args.host not in cliutil.inventory(args).hosts:
+        raise InputError(f"unknown host {args.host!r} (not in the inventory)")
+    choices = parse_answer_choices(args.choices)
+    if not choices and not args.approve:
+        raise UsageError("give at least one STEP.ITEM=CHOICE (or --approve)")
+    ok, message = await send_answer(args, args.host, args.prompt_id, choices, args.approve)
+    if args.json:
+        cliutil.emit_json({"host": args.host, "prompt_id": args.prompt_id, "accepted": ok,
+                           "message": message})
+    else:
+        print(f"{args.host}: {message}")
+    return cliutil.EXIT_OK if ok else cliutil.EXIT_FAILED
+
+
+async def cmd_approve(args: argparse.Namespace) -> int:
+    hosts = cliutil.inventory(args).resolve(args.selector)
+    prompts = {h: p for h, p in (await open_prompts(args, hosts)).items()
+               if p.kind == "approval"}
+    results = {}
+    for host, prompt in sorted(prompts.items()):
+        results[host] = await send_answer(args, host, prompt.prompt_id, {}, True)
+    if args.json:
+        cliutil.emit_json({h: {"accepted": ok, "message": m} for h, (ok, m) in results.items()})
+    else:
+        if not results:
+            print("no host is waiting for approval")
+        for h, (_ok, m) in results.items():
+            print(f"{h}: {m}")
+    return cliutil.EXIT_OK if all(ok for ok, _ in results.values()) else cliutil.EXIT_FAILED
