@@ -140,6 +140,10 @@ class DeploymentRunner:
                 return await self.finish("failed", str(exc))
             if d.check_only:
                 return await self.finish("succeeded", "checks ran; nothing was switched")
+            if d.rollback:
+                prev = self.active.done.get("rollback-previous") or {}
+                return await self.finish("succeeded", prev.get("message", "rolled back"),
+                                         system=prev.get("system"))
             needs_reboot = bool(self.active.notes.get("needs_reboot", False))
             return await self.finish("succeeded", f"{d.action} to generation {d.generation}",
                                      system=d.system, needs_reboot=needs_reboot)
@@ -153,6 +157,9 @@ class DeploymentRunner:
             raise
 
     async def _pipeline(self) -> None:
+        if self.d.rollback:
+            await self.stage("rollback-previous", self.rollback_previous)
+            return
         toplevel = await self.stage("fetch", self.fetch)
         self.steps = load_steps(toplevel)
         cycle = plan.cycle_error(self.steps.steps)
@@ -372,6 +379,28 @@ class DeploymentRunner:
             raise DeployFailed(
                 f"no confirmation through the broker within {policy.confirm_timeout_s:.0f}s",
                 rollback=True)
+
+    async def rollback_previous(self) -> dict[str, Any]:
+        """`fleetctl rollback`: undo the last deployment, data (dumps) and code."""
+        last = self.ctx.journal.state.last_deployment
+        if last is None or "switch" not in last.started:
+            raise DeployFailed("nothing to roll back: no earlier deployment switched here")
+        await self.phase("rolling_back", message=f"rolling back {last.deployment_id}")
+        steps = load_steps(str(last.done.get("fetch") or ""))
+        by_name = steps.by_name()
+        dumps: dict[str, str] = last.notes.get("dumps") or {}
+        env = StepEnv(self.ctx.host, last.previous_system, self.d)
+        for name in plan.reverse_order([s for s in steps.steps if s.name in dumps]):
+            await self.progress("rollback", f"restoring {name}", step=name)
+            await restore_step(self.ctx.backend, self.ctx.dumps, by_name[name], dumps[name], env)
+
+        async def line(msg: str) -> None:
+            await self.progress("rollback", msg)
+
+        await self.ctx.backend.rollback(last.previous_system, line)
+        return {"system": last.previous_system,
+                "message": f"rolled back deployment {last.deployment_id} "
+                           f"(generation {last.generation})"}
 
     # -- prompts ---------------------------------------------------------------------
     async def ask(self, prompt_id: str, kind: str, items: list[ReportItem]) -> dict[str, str]:
