@@ -122,6 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     except FlotillaError as exc:
         print(f"fleet-agent: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"fleet-agent: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
     return 0

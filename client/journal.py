@@ -20,6 +20,8 @@ from protocol.errors import StateError
 
 log = logging.getLogger(__name__)
 JOURNAL_NAME = "journal.jsonl"
+RESERVE_NAME = "journal.reserve"
+RESERVE_BYTES = 64 * 1024
 
 
 @dataclass
@@ -119,6 +121,7 @@ class Journal:
 
     def __init__(self, state_dir: Path) -> None:
         self.path = state_dir / JOURNAL_NAME
+        self.reserve = state_dir / RESERVE_NAME
         self.state = JournalState()
         self._fh: Any = None
 
@@ -151,6 +154,11 @@ class Journal:
                     fh.truncate(good)
                     os.fsync(fh.fileno())
             self._fh = open(self.path, "ab")  # noqa: SIM115 - owned for the agent's lifetime
+            if not self.reserve.exists():
+                # Space held back so that a full disk still lets us record why we stopped.
+                with open(self.reserve, "wb") as fh:
+                    fh.write(b"\0" * RESERVE_BYTES)
+                    os.fsync(fh.fileno())
         except OSError as exc:
             raise StateError(f"cannot open journal {self.path}: {exc.strerror}") from None
         return self.state
@@ -159,13 +167,31 @@ class Journal:
         """Write one record durably (write + fsync), then apply it to the state."""
         rec = {"kind": kind, "t": round(time.time(), 6), **fields}
         line = json.dumps(rec, separators=(",", ":"), sort_keys=True).encode() + b"\n"
+        size: int | None = None
         try:
+            size = os.fstat(self._fh.fileno()).st_size
             self._fh.write(line)
             self._fh.flush()
             os.fsync(self._fh.fileno())
         except OSError as exc:
+            self._undo_partial(size)
             raise StateError(f"cannot write journal {self.path}: {exc.strerror}") from None
         self.state.apply(rec)
+
+    def _undo_partial(self, size: int | None) -> None:
+        """Cut a half-written record and give back the reserve, so the next append (the
+        record of why we stop) can still land on a full disk."""
+        try:
+            self._fh.close()
+        except OSError:
+            pass
+        try:
+            if size is not None:
+                os.truncate(self.path, size)
+            self.reserve.unlink(missing_ok=True)
+            self._fh = open(self.path, "ab")  # noqa: SIM115
+        except OSError as exc:
+            log.error("journal %s: cannot recover from a failed write: %s", self.path, exc)
 
     def close(self) -> None:
         if self._fh is not None:

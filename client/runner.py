@@ -134,10 +134,12 @@ class DeploymentRunner:
                 if exc.rollback:
                     return await self.roll_back(str(exc))
                 return await self.finish(exc.status, str(exc))
-            except BackendError as exc:
+            except (BackendError, OSError) as exc:
+                message = str(exc) if isinstance(exc, BackendError) else \
+                    f"host error: {exc.strerror}: {exc.filename or ''}".rstrip(": ")
                 if "switch" in self.active.started or self.active.done.get("dump"):
-                    return await self.roll_back(str(exc))
-                return await self.finish("failed", str(exc))
+                    return await self.roll_back(message)
+                return await self.finish("failed", message)
             if d.check_only:
                 return await self.finish("succeeded", "checks ran; nothing was switched")
             if d.rollback:
@@ -148,13 +150,18 @@ class DeploymentRunner:
             return await self.finish("succeeded", f"{d.action} to generation {d.generation}",
                                      system=d.system, needs_reboot=needs_reboot)
         except StateError as exc:
-            # The journal cannot record what we do: stop and say so; trust nothing unwritten.
+            # The journal cannot record what we do: stop. If the failure itself can be
+            # recorded (the reserve freed a little space) the deploy ends cleanly as failed;
+            # otherwise we report and stop the agent, trusting nothing unwritten.
             log.error("%s: %s", self.ctx.host, exc)
-            await self.ctx.reporter.result(d.deployment_id, d.generation, "failed",
-                                           f"agent state unusable: {exc}", None, False,
-                                           self.log_tail)
-            await self.phase("failed", last_result="failed", message=str(exc))
-            raise
+            message = f"agent state unusable, deploy stopped: {exc}"
+            try:
+                return await self.finish("failed", message)
+            except StateError:
+                await self.ctx.reporter.result(d.deployment_id, d.generation, "failed",
+                                               message, None, False, self.log_tail)
+                await self.phase("failed", last_result="failed", message=message)
+                raise
 
     async def _pipeline(self) -> None:
         if self.d.rollback:
@@ -501,7 +508,7 @@ class DeploymentRunner:
                                        dumps[name], self.env)
             if "switch" in a.started:
                 await self.ctx.backend.rollback(a.previous_system, line)
-        except BackendError as exc:
+        except (BackendError, OSError) as exc:
             return await self.finish("failed", f"{reason}; rollback failed: {exc}")
         self.journal("end", stage="rollback")
         return await self.finish("rolled_back", reason, system=None)

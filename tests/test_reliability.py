@@ -1,0 +1,179 @@
+"""Issue 7 reliability: broker crash mid-rollout, stuck agents, event floods, full disks."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from protocol.codec import encode
+from protocol.models import Progress
+from protocol.topics import Topics
+from tests.helpers import publish, wait_for
+
+
+def run_deploy(fleet, *args: str) -> subprocess.Popen[str]:  # type: ignore[no-untyped-def]
+    return subprocess.Popen([sys.executable, "-m", "controller", "deploy", *args, "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=fleet.env())
+
+
+def result_of(proc: subprocess.Popen[str], timeout: float = 120) -> tuple[int, dict]:  # type: ignore[type-arg]
+    out, err = proc.communicate(timeout=timeout)
+    lines = [ln for ln in out.splitlines() if ln.strip()]
+    assert lines, err
+    return proc.returncode, json.loads(lines[-1])
+
+
+def test_broker_sigkill_mid_rollout_loses_no_result(make_fleet, broker) -> None:  # type: ignore[no-untyped-def]
+    hosts = [f"h{i:02d}" for i in range(50)]
+    fleet = make_fleet({h: ["all"] for h in hosts})
+    fleet.start_simulated(hosts, "--sim-fetch-delay", "1.0", "--sim-switch-delay", "1.5")
+    time.sleep(1.5)  # agents connected
+    proc = run_deploy(fleet, "@all", "--system", "/nix/store/x-sys", "--timeout", "90")
+    time.sleep(2.0)  # desired states delivered and persisted, hosts mid-deploy
+    broker.kill()    # SIGKILL: no clean shutdown
+    time.sleep(1.0)
+    broker.start()   # same port, same persistence directory
+    rc, out = result_of(proc)
+    assert rc == 0, out
+    assert out["succeeded"] == 50 and out["failed"] == 0
+    assert set(out["hosts"].values()) == {"succeeded"}
+    # every host applied exactly one generation
+    for h in hosts:
+        accepts = [r for r in fleet.journal(h) if r["kind"] == "accept"]
+        assert len(accepts) == 1
+
+
+def test_stuck_agent_does_not_hold_up_the_others(make_fleet) -> None:  # type: ignore[no-untyped-def]
+    fleet = make_fleet({"slow": ["all"], **{f"fast{i}": ["all"] for i in range(5)}})
+    fleet.start_simulated([f"fast{i}" for i in range(5)])
+    fleet.start_agent("slow", "--sim-fetch-delay", "120")
+    time.sleep(1.0)
+    started = time.monotonic()
+    rc, out = fleet.fleetctl_json("deploy", "@all", "--system", "/nix/store/y",
+                                  "--host-timeout", "4", "--timeout", "60")
+    elapsed = time.monotonic() - started
+    assert rc == 1
+    assert out["hosts"]["slow"] == "timed_out"
+    assert all(out["hosts"][f"fast{i}"] == "succeeded" for i in range(5))
+    assert out["succeeded"] == 5 and out["timed_out"] == 1
+    assert elapsed < 30  # bounded by the host timeout, not by the stuck agent
+
+
+async def test_event_flood_does_not_stall_the_controller(make_fleet) -> None:  # type: ignore[no-untyped-def]
+    fleet = make_fleet({**{f"n{i}": ["all"] for i in range(5)}, "noisy": ["other"]})
+    fleet.start_simulated([f"n{i}" for i in range(5)], "--sim-fetch-delay", "1.0")
+    await asyncio.sleep(1.0)
+    proc = run_deploy(fleet, "@all", "--system", "/nix/store/z", "--timeout", "60")
+    topic = Topics(fleet.prefix).events("noisy")
+    import aiomqtt
+
+    from protocol.broker import parse_broker_url
+    addr = parse_broker_url(fleet.broker_url)
+    async with aiomqtt.Client(**addr.client_kwargs(), protocol=aiomqtt.ProtocolVersion.V5,
+                              max_inflight_messages=1000) as client:
+        for i in range(10_000):
+            ev = Progress(host="noisy", deployment_id="flood", generation=1, seq=i,
+                          time=time.time(), stage="fetch", message="x" * 50)
+            await client.publish(topic, encode(ev), qos=0)
+    rc, out = await asyncio.to_thread(result_of, proc)
+    assert rc == 0, out
+    assert out["succeeded"] == 5
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path):  # type: ignore[no-untyped-def]
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mnt)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.fail(f"cannot mount a tmpfs for the disk-full test: {r.stderr.strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_disk_full_stops_the_deploy_with_a_clear_result(make_fleet, tiny_disk: Path) -> None:  # type: ignore[no-untyped-def]
+    fleet = make_fleet({"full": ["x"]})
+    state = tiny_disk / "full"
+    state.mkdir()
+    argv = fleet.agent_argv("full")
+    argv[argv.index("--state-dir") + 1] = str(state)
+    log = open(fleet.root / "full.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(argv, stdout=log, stderr=log)
+    fleet.procs.append(proc)
+    wait_for(lambda: (state / "journal.reserve").exists(), what="agent start")
+    # fill the disk: what is left is less than one journal record
+    filler = tiny_disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:
+        while True:
+            os.write(fd, b"\0" * 512)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    rc, out = fleet.fleetctl_json("deploy", "full", "--system", "/nix/store/d", "--timeout",
+                                  "30")
+    assert rc == 1 and out["hosts"]["full"] in ("failed", "rolled_back")
+    _, rows = fleet.fleetctl_json("status", "full")
+    assert "No space left on device" in rows[0]["message"], rows[0]
+    assert rows[0]["system"] is None  # nothing was switched
+    assert proc.poll() is None  # the agent keeps serving
+    # nothing half-written is trusted: after restart with space, the failure is the record
+    filler.unlink()
+    proc.terminate()
+    proc.wait(10)
+    records = [json.loads(x) for x in (state / "journal.jsonl").read_text().splitlines() if x]
+    results = [r for r in records if r["kind"] == "result"]
+    assert [r["status"] for r in results] == [out["hosts"]["full"]]
+    before = len(records)
+    proc2 = subprocess.Popen(argv, stdout=log, stderr=log)
+    fleet.procs.append(proc2)
+    time.sleep(2.0)
+    records = [json.loads(x) for x in (state / "journal.jsonl").read_text().splitlines() if x]
+    assert [r["kind"] for r in records[before:]] == ["start"]  # the deploy is not re-run
+
+
+def test_read_only_state_dir_is_a_clear_error(tmp_path: Path) -> None:
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,ro", "tmpfs", str(ro)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.fail(f"cannot mount a read-only tmpfs: {r.stderr.strip()}")
+    try:
+        from controller.keys import init_keys
+        _, pub = init_keys(tmp_path / "keys")
+        r = subprocess.run([sys.executable, "-m", "client", "run", "--host", "ro1",
+                            "--state-dir", str(ro / "state"), "--trust-key", str(pub)],
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode == 2
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in r.stderr
+        assert "Read-only file system" in lines[0]
+    finally:
+        subprocess.run(["umount", "-l", str(ro)], check=False)
+
+
+async def test_malformed_payloads_on_agent_topics_never_crash_it(make_fleet) -> None:  # type: ignore[no-untyped-def]
+    fleet = make_fleet({"tough": ["x"]})
+    agent = fleet.start_agent("tough")
+    await asyncio.sleep(1.0)
+    t = Topics(fleet.prefix)
+    for topic in (t.desired("tough"), t.answer("tough"), t.confirm("tough")):
+        for payload in (b"\x00", b"\xff" * 1000, b"{}", b"\x93\x01\x02\x03", b"x" * 300_000):
+            await publish(fleet.broker_url, topic, payload)
+    await publish(fleet.broker_url, t.desired("tough"), b"", retain=True)
+    await asyncio.sleep(1.0)
+    assert agent.poll() is None  # still running
+    rc, out = await asyncio.to_thread(fleet.fleetctl_json, "deploy", "tough", "--system",
+                                      "/nix/store/ok")
+    assert rc == 0, out
