@@ -11,6 +11,7 @@ import signal
 import sys
 from pathlib import Path
 
+from client import prompt_tui
 from client.agent import Agent, AgentConfig
 from client.backend import SystemBackend
 from client.sim import SimSettings, SimulatedBackend
@@ -54,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--state-dir", type=Path, required=True,
                      help="parent dir; each host gets STATE_DIR/HOST")
     _common(sim)
+    prompt = sub.add_parser("prompt", help="answer this host's open prompts (local socket)",
+                            description=prompt_tui.__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    prompt_tui.add_arguments(prompt)
     return parser
 
 
@@ -107,6 +112,8 @@ async def _serve(agents: list[Agent]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "prompt":
+        return prompt_tui.run(args)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("aiomqtt").setLevel(logging.WARNING)
