@@ -18,17 +18,20 @@ from typing import Any
 import aiomqtt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from client import homeassistant as ha
 from client.backend import SystemBackend
+from client.control import ControlServer, socket_path
 from client.decide import admit
 from client.dumps import DumpStore
 from client.journal import Journal, RecordedResult, encode_blob
+from client.notify import NotifyConfig, PromptNotifier
 from client.report import Reporter
 from client.runner import DeploymentRunner, new_nonce
 from client.session import AgentSession, Retained
 from protocol.broker import BrokerAddress
 from protocol.codec import decode, encode
 from protocol.errors import ProtocolError
-from protocol.models import Answer, Confirm, Desired
+from protocol.models import Answer, Confirm, Desired, HostState, Prompt
 from protocol.signing import verify
 from protocol.topics import Topics
 
@@ -45,6 +48,11 @@ class AgentConfig:
     client_kwargs: dict[str, Any] = field(default_factory=dict)
     dump_retention: int = 3
     age_recipient: str | None = None
+    home_assistant: bool = False
+    ha_reboot: bool = False
+    control_socket: bool = True
+    control_group: str | None = "wheel"
+    notify: NotifyConfig = field(default_factory=NotifyConfig)
 
 
 class Agent:
@@ -57,17 +65,26 @@ class Agent:
         self.dumps = DumpStore(config.state_dir, config.dump_retention, config.age_recipient)
         state = self.journal.open()
         self.journal.append("start", boot_id=backend.boot_id())
+        subscriptions = [self.topics.desired(self.host), self.topics.answer(self.host),
+                         self.topics.confirm(self.host)]
+        self.ha: ha.HomeAssistantBridge | None = None
+        if config.home_assistant:
+            self.ha = ha.HomeAssistantBridge(self.topics, self.host, self._publish_retained,
+                                             reboot_allowed=config.ha_reboot)
+            subscriptions += self.ha.subscriptions()
+        self.notifier = PromptNotifier(config.notify) if config.notify.enabled else None
         self.session = AgentSession(
             config.broker,
             client_id=f"flotilla-agent-{self.host}",
-            subscriptions=[self.topics.desired(self.host), self.topics.answer(self.host),
-                           self.topics.confirm(self.host)],
+            subscriptions=subscriptions,
             handler=self._handle,
             will=Retained(self.topics.online(self.host), b"offline"),
             on_connect=self._on_connect,
             extra_client_kwargs=config.client_kwargs,
         )
         self.reporter = Reporter(self.host, self.topics, self.session.publish, state.starts)
+        if self.ha is not None:
+            self.reporter.listeners.append(self.ha.submit_state)
         last = state.last_result
         self.reporter.state = self.reporter.state.model_copy(update={
             "system": backend.current_system() or state.system,
@@ -86,9 +103,16 @@ class Agent:
     # -- lifecycle ---------------------------------------------------------------------
     async def run(self) -> None:
         """Serve until cancelled: the MQTT session and the deployment loop."""
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(self.session.run(), name=f"session-{self.host}")
-            tg.create_task(self._deploy_loop(), name=f"deploy-{self.host}")
+        async with contextlib.AsyncExitStack() as stack:
+            if self.config.control_socket:
+                await stack.enter_async_context(ControlServer(
+                    socket_path(self.config.state_dir), LocalControl(self),
+                    group=self.config.control_group))
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self.session.run(), name=f"session-{self.host}")
+                tg.create_task(self._deploy_loop(), name=f"deploy-{self.host}")
+                if self.ha is not None:
+                    tg.create_task(self.ha.run(), name=f"homeassistant-{self.host}")
 
     async def close(self) -> None:
         await self.session.stop(graceful_payload=b"offline")
@@ -97,6 +121,11 @@ class Agent:
     async def _on_connect(self) -> None:
         await self.session.publish(self.topics.online(self.host), b"online", retain=True)
         await self.reporter.host_state()
+        if self.ha is not None:
+            await self.ha.announce()
+
+    async def _publish_retained(self, topic: str, payload: bytes, retain: bool) -> None:
+        await self.session.publish(topic, payload, retain=retain)
 
     # -- incoming ----------------------------------------------------------------------
     async def _handle(self, message: aiomqtt.Message) -> None:
@@ -108,6 +137,27 @@ class Agent:
             self._on_confirm(payload)
         elif topic == self.topics.answer(self.host):
             await self._on_answer(payload)
+        elif self.ha is not None:
+            await self._on_home_assistant(topic, payload)
+
+    async def _on_home_assistant(self, topic: str, payload: bytes) -> None:
+        """Commands from Home Assistant arrive unsigned: the broker ACL vouches for them."""
+        assert self.ha is not None
+        cmd = await self.ha.on_message(topic, payload)
+        if isinstance(cmd, ha.Approve):
+            await self.approve("homeassistant")
+        elif isinstance(cmd, ha.Answer):
+            await self.submit_answer(ha.answer_model(cmd, self.host, time.time()), "homeassistant")
+        elif isinstance(cmd, ha.Reboot):
+            prompt = self.runner.prompt if self.runner else None
+            if prompt is not None and prompt.kind == "reboot":
+                await self.submit_answer(Answer(host=self.host, prompt_id=prompt.prompt_id,
+                                         choices={"deploy.reboot": "now"},
+                                         answered_by="homeassistant", issued_at=time.time()),
+                                  "homeassistant")
+            else:
+                log.warning("%s: reboot pressed in Home Assistant, but no reboot is pending",
+                            self.host)
 
     async def _on_desired(self, payload: bytes) -> None:
         if not payload:
@@ -167,9 +217,9 @@ class Agent:
         except ProtocolError as exc:
             await self.reporter.rejected(None, 0, exc.reason, f"answer refused: {exc}")
             return
-        await self.answer(answer, "remote")
+        await self.submit_answer(answer, "remote")
 
-    async def answer(self, answer: Answer, source: str) -> tuple[bool, str]:
+    async def submit_answer(self, answer: Answer, source: str) -> tuple[bool, str]:
         """Route an answer (remote, Home Assistant, local socket) to the open prompt."""
         runner = self.runner
         if answer.host != self.host:
@@ -196,7 +246,9 @@ class Agent:
                 continue
             desired: Desired = decode(active.desired, expect=(Desired,))
             self.runner = DeploymentRunner(self, desired)
-            self.install_hooks(self.runner)
+            self.runner.on_prompt.append(self._prompt_changed)
+            if self.ha is not None:
+                self.ha.submit_desired(desired)
             if not active.started:
                 await self.reporter.ack(desired.deployment_id, desired.generation)
             result = await self.runner.run()
@@ -205,8 +257,21 @@ class Agent:
             if self._pending is not None:
                 self._wake.set()
 
-    def install_hooks(self, runner: DeploymentRunner) -> None:
-        """Extension point: state steps, prompts and reboots plug in here."""
+    async def _prompt_changed(self, prompt: Prompt | None) -> None:
+        if self.ha is not None:
+            answered = self.runner.active.answers if self.runner and prompt else None
+            self.ha.submit_prompt(prompt, answered)
+        if prompt is not None and self.notifier is not None:
+            await self.notifier.prompt_opened(prompt)
+
+    async def approve(self, source: str) -> tuple[bool, str]:
+        prompt = self.runner.prompt if self.runner else None
+        if prompt is None or prompt.kind != "approval":
+            return False, "no deployment is waiting for approval"
+        return await self.submit_answer(Answer(host=self.host, prompt_id=prompt.prompt_id,
+                                        approve=True, answered_by=source,
+                                        issued_at=time.time()), source)
+
 
     async def round_trip(self, generation: int, timeout: float, controller: bool) -> bool:
         """Prove the broker still routes our messages (magic rollback confirmation)."""
@@ -226,9 +291,25 @@ class Agent:
             self._confirms.pop(key, None)
 
 
-async def run_until_cancelled(agent: Agent) -> None:
-    try:
-        await agent.run()
-    finally:
-        with contextlib.suppress(Exception):
-            await agent.close()
+class LocalControl:
+    """The agent as seen from the local control socket (client.control.AgentControl)."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    async def list_prompts(self) -> list[Prompt]:
+        runner = self.agent.runner
+        prompt = runner.prompt if runner else None
+        return [prompt] if prompt is not None else []
+
+    async def answer(self, prompt_id: str, choices: dict[str, str], source: str
+                     ) -> tuple[bool, str]:
+        return await self.agent.submit_answer(
+            Answer(host=self.agent.host, prompt_id=prompt_id, choices=choices,
+                   answered_by=source, issued_at=time.time()), source)
+
+    async def approve(self, source: str) -> tuple[bool, str]:
+        return await self.agent.approve(source)
+
+    async def status(self) -> HostState:
+        return self.agent.reporter.state

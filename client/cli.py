@@ -14,6 +14,7 @@ from pathlib import Path
 from client import prompt_tui
 from client.agent import Agent, AgentConfig
 from client.backend import SystemBackend
+from client.notify import NotifyConfig
 from client.sim import SimSettings, SimulatedBackend
 from protocol.broker import BrokerAddress, parse_broker_url
 from protocol.errors import FlotillaError, InputError, UsageError
@@ -40,6 +41,19 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sim-fail-rate", type=float, default=0.0)
     p.add_argument("--sim-fail-stage", choices=["fetch", "switch"], default="switch")
     p.add_argument("--sim-seed", default="")
+    p.add_argument("--home-assistant", action="store_true",
+                   help="announce this host to Home Assistant (MQTT discovery)")
+    p.add_argument("--ha-prefix", default="homeassistant", help="discovery prefix")
+    p.add_argument("--ha-reboot", action="store_true",
+                   help="offer a reboot button in Home Assistant when a reboot is pending")
+    p.add_argument("--control-group", default="wheel",
+                   help="group allowed to use the local control socket (fleet-agent prompt)")
+    p.add_argument("--notify-desktop", action="store_true",
+                   help="desktop notification to logged-in users when a prompt opens")
+    p.add_argument("--notify-wall", action="store_true",
+                   help="wall message to terminal users when a prompt opens")
+    p.add_argument("--dump-retention", type=int, default=3, help="dumps kept per step")
+    p.add_argument("--age-recipient", help="encrypt dumps to this age recipient (pyrage)")
     p.add_argument("-v", "--verbose", action="store_true")
 
 
@@ -86,9 +100,16 @@ def make_backend(args: argparse.Namespace, host: str, state_dir: Path) -> System
 
 def make_agent(args: argparse.Namespace, host: str, state_dir: Path) -> Agent:
     validate_host(host)
-    config = AgentConfig(host=host, broker=_broker(args, host), state_dir=state_dir,
-                         trusted_keys=load_public_keys(args.trust_key),
-                         topics=Topics(args.topic_prefix))
+    config = AgentConfig(
+        host=host, broker=_broker(args, host), state_dir=state_dir,
+        trusted_keys=load_public_keys(args.trust_key),
+        topics=Topics(args.topic_prefix, ha_prefix=args.ha_prefix),
+        dump_retention=args.dump_retention, age_recipient=args.age_recipient,
+        home_assistant=args.home_assistant, ha_reboot=args.ha_reboot,
+        control_socket=args.command == "run", control_group=args.control_group,
+        notify=NotifyConfig(desktop=args.notify_desktop, wall=args.notify_wall,
+                            command=f"fleet-agent prompt --state-dir {state_dir}"),
+    )
     return Agent(config, make_backend(args, host, state_dir))
 
 

@@ -111,7 +111,8 @@ class JournalState:
             a.answers.update(rec["choices"])
             for key in rec["choices"]:
                 a.answer_sources[key] = rec.get("source", "")
-            a.closed_prompts.add(rec["prompt_id"])
+            if rec.get("complete", True):
+                a.closed_prompts.add(rec["prompt_id"])
         elif kind == "note":
             a.notes[rec["key"]] = rec["value"]
 

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from client import plan
 from client.backend import BackendError, SystemBackend
+from client.deadline import DEADLINE_SOURCE, deadline_answer, seconds_left
 from client.dumps import DumpStore
 from client.journal import ActiveDeployment, Journal, RecordedResult
 from client.report import Reporter
@@ -442,20 +443,22 @@ class DeploymentRunner:
         return self.answers
 
     async def _wait_for_answer(self, prompt: Prompt) -> None:
+        """Wait for answers; once the deadline passes (also while the host was down) the
+        policy may take each item's default, recorded as taken by "deadline"."""
         assert self._answered is not None
-        timeout = None if prompt.deadline is None else max(0.0, prompt.deadline - time.time())
+        timeout = seconds_left(prompt, self.d.policy, time.time())
         try:
             await asyncio.wait_for(asyncio.shield(self._answered), timeout)
             return
         except TimeoutError:
             pass
-        defaults = {i.key: i.default for i in prompt.items if i.default is not None}
-        if (self.d.policy.take_default_on_deadline and prompt.kind != "approval"
-                and len(defaults) == len(prompt.items)):
-            self.journal("answer", prompt_id=prompt.prompt_id, choices=defaults,
-                         source="deadline", by="policy default after the deadline")
-            await self.progress("choose", f"deadline passed: took defaults {defaults}")
-            return
+        defaults = deadline_answer(prompt, self.d.policy, time.time())
+        if defaults is not None and prompt.kind != "approval":
+            _, message = await self.on_answer(defaults, DEADLINE_SOURCE)
+            await self.progress("choose", f"deadline passed: took defaults {defaults.choices}"
+                                          f" ({message})")
+            if self._answered.done():
+                return
         await self.progress("choose", "prompt deadline passed; still waiting for an answer")
         await self._answered
 
@@ -473,16 +476,25 @@ class DeploymentRunner:
             choices = {"deploy.approve": "approve"}
         else:
             choices = dict(answer.choices)
+            keys = {i.key for i in prompt.items}
+            unknown = [k for k in choices if k not in keys]
             bad = plan.invalid_answers(prompt.items, choices)
-            missing = [i.key for i in prompt.items if i.key not in choices]
-            if bad or missing:
+            if bad or unknown or not choices:
                 return False, "invalid answer: " + "; ".join(
-                    [*bad, *(f"{k} not answered" for k in missing)])
+                    [*bad, *(f"{k} is not asked here" for k in unknown)] or ["no choices"])
+        have = {**{k: v for k, v in a.answers.items() if k in {i.key for i in prompt.items}},
+                **choices}
+        missing = [i.key for i in prompt.items if i.key not in have]
         self.journal("answer", prompt_id=answer.prompt_id, choices=choices, source=source,
-                     by=answer.answered_by)
-        await self.progress("choose", f"answered by {answer.answered_by or source}: {choices}")
+                     by=answer.answered_by, complete=not missing)
+        who = answer.answered_by or source
+        await self.progress("choose", f"answered by {who}: {choices}")
+        if missing:
+            for cb in self.on_prompt:
+                await cb(prompt)
+            return True, f"accepted; still open: {', '.join(missing)}"
         if self._answered is not None and not self._answered.done():
-            self._answered.set_result(choices)
+            self._answered.set_result(have)
         return True, "accepted"
 
     # -- endings ---------------------------------------------------------------------
