@@ -36,6 +36,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=["sim", "nixos"], default="sim")
     p.add_argument("--root", type=Path, default=Path("/"),
                    help="nixos backend: prefix for /run and /nix/var paths (tests)")
+    p.add_argument("--from-cache", metavar="URL",
+                   help="nixos backend: binary cache to 'nix copy --from' before realising")
     p.add_argument("--sim-fetch-delay", type=float, default=0.0)
     p.add_argument("--sim-switch-delay", type=float, default=0.0)
     p.add_argument("--sim-fail-rate", type=float, default=0.0)
@@ -92,7 +94,7 @@ def _broker(args: argparse.Namespace, host: str) -> BrokerAddress:
 def make_backend(args: argparse.Namespace, host: str, state_dir: Path) -> SystemBackend:
     if args.backend == "nixos":
         from client.nixos import NixosBackend
-        return NixosBackend(root=args.root, state_dir=state_dir)
+        return NixosBackend(root=args.root, state_dir=state_dir, from_cache=args.from_cache)
     settings = SimSettings(args.sim_fetch_delay, args.sim_switch_delay, args.sim_fail_rate,
                            args.sim_fail_stage, args.sim_seed)
     return SimulatedBackend(state_dir, host, settings)

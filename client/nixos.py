@@ -1,14 +1,420 @@
-"""NixOS backend: does what nixos-rebuild does. (Filled in by issue 4.)"""
+"""NixOS backend: does exactly what nixos-rebuild does, with every path under a root.
+
+`--root DIR` prefixes the host's fixed paths (`/run/booted-system`,
+`/run/current-system`, `/nix/var/nix/profiles/system`, `/proc/.../boot_id`) so tests
+run against a fake root; the commands (`nix`, `nix-store`, `nix-env`, `systemd-run`,
+`systemctl`) are looked up on PATH. Symlink targets are resolved on the real file
+system: the Nix store is never under the root.
+
+What `Desired.system` means (decided here, used by `classify_system`):
+
+- a *store path* is `$NIX_STORE_DIR/<32 base32 chars>-<name>` (store dir default
+  `/nix/store`): fetched with `nix-store --realise PATH`, after
+  `nix copy --from URL PATH` when a cache URL is configured;
+- anything else is a *flake ref* `REF` or `REF#NAME` (like `nixos-rebuild --flake`):
+  built with `nix build --no-link --print-out-paths
+  REF#nixosConfigurations.NAME.config.system.build.toplevel`, NAME defaulting to the
+  agent's host name. Like nixos-rebuild, every `nix` call passes
+  `--extra-experimental-features 'nix-command flakes'`, so hosts need not enable them.
+
+Switch = `nix-env -p PROFILE --set PATH` (switch and boot only), then
+switch-to-configuration in a transient unit (`systemd-run ... --wait`), so the
+activation survives a restart of the agent itself.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import json
+import logging
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-from client.backend import BackendError
+from client.backend import (
+    BackendError,
+    ProgramResult,
+    ProgressFn,
+    SwitchOutcome,
+    read_boot_id,
+    run_subprocess,
+)
 
+log = logging.getLogger(__name__)
+
+NIX_FLAGS = ("--extra-experimental-features", "nix-command flakes")
+SWITCH_UNIT = "flotilla-switch-to-configuration"
+BOOT_FILES = ("kernel", "initrd", "kernel-modules")
+ACTIONS = ("switch", "boot", "test")
+EXIT_UNITS_FAILED, EXIT_REBOOT_REQUIRED = 4, 100
+STORE_NAME_RE = re.compile(r"^[0-9a-z]{32}-[A-Za-z0-9+._?=-]+$")
+FLAKE_NAME_RE = re.compile(r"^[A-Za-z0-9_.'-]+$")
+NIX_IDENT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_'-]*$")
+ANSI_RE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+RECORD_NAME = "nixos-switch.json"
+TAIL_LINES = 8
+MAX_LINE = 1000
+
+
+def default_store_dir() -> str:
+    """The Nix store dir; Nix itself honours NIX_STORE_DIR, so do we."""
+    return os.environ.get("NIX_STORE_DIR", "/nix/store").rstrip("/") or "/nix/store"
+
+
+# -- pure decisions ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StorePath:
+    path: str
+
+
+@dataclass(frozen=True)
+class FlakeRef:
+    ref: str
+    name: str
+
+    @property
+    def installable(self) -> str:
+        attr = self.name if NIX_IDENT_RE.fullmatch(self.name) else f'"{self.name}"'
+        return f"{self.ref}#nixosConfigurations.{attr}.config.system.build.toplevel"
+
+
+def classify_system(system: str, store_dir: str, host: str) -> StorePath | FlakeRef:
+    """Store path or flake ref (see the module docstring); bad input → BackendError."""
+    if not system or any(c.isspace() or ord(c) < 32 for c in system):
+        raise BackendError(f"invalid system {system!r}: empty or contains whitespace")
+    prefix = store_dir.rstrip("/") + "/"
+    if system.startswith(prefix):
+        name = system[len(prefix):].rstrip("/")
+        if not STORE_NAME_RE.fullmatch(name):
+            raise BackendError(f"invalid store path {system!r}: want {prefix}<hash>-<name>")
+        return StorePath(prefix + name)
+    if system.startswith("-"):
+        raise BackendError(f"invalid flake ref {system!r}: must not start with '-'")
+    ref, sep, name = system.partition("#")
+    if sep and (not name or not FLAKE_NAME_RE.fullmatch(name)):
+        raise BackendError(f"invalid flake ref {system!r}: want REF or REF#HOSTNAME")
+    if not ref:
+        raise BackendError(f"invalid flake ref {system!r}: nothing before '#'")
+    return FlakeRef(ref, name or host)
+
+
+def fetch_commands(target: StorePath | FlakeRef, from_cache: str | None) -> list[list[str]]:
+    """The commands that make `target` present, in order (the last one prints the path)."""
+    if isinstance(target, FlakeRef):
+        return [["nix", *NIX_FLAGS, "build", "--no-link", "--print-out-paths",
+                 target.installable]]
+    cmds = []
+    if from_cache:
+        cmds.append(["nix", *NIX_FLAGS, "copy", "--from", from_cache, target.path])
+    cmds.append(["nix-store", "--realise", target.path])
+    return cmds
+
+
+def activation_command(toplevel: str, action: str) -> list[str]:
+    """switch-to-configuration in a transient unit, exactly as nixos-rebuild runs it."""
+    return ["systemd-run", "-E", "LOCALE_ARCHIVE", "-E", "NIXOS_INSTALL_BOOTLOADER",
+            "--collect", "--no-ask-password", "--pipe", "--quiet", "--service-type=exec",
+            f"--unit={SWITCH_UNIT}", "--wait", f"{toplevel}/bin/switch-to-configuration",
+            action]
+
+
+def switch_commands(profile: str, toplevel: str, action: str) -> list[list[str]]:
+    """The profile is set only for switch and boot; test leaves the boot menu alone."""
+    if action not in ACTIONS:
+        raise BackendError(f"unknown action {action!r}: want switch, boot or test")
+    cmds = [["nix-env", "-p", profile, "--set", toplevel]] if action in ("switch", "boot") else []
+    return [*cmds, activation_command(toplevel, action)]
+
+
+def interpret_switch_exit(code: int, action: str, tail: Sequence[str]) -> SwitchOutcome:
+    """Exit 4 and 100 are results with meaning; any other failure is an error."""
+    if code == 0:
+        return SwitchOutcome()
+    if code == EXIT_UNITS_FAILED:
+        return SwitchOutcome(exit_code=code, units_failed=True)
+    if code == EXIT_REBOOT_REQUIRED:
+        return SwitchOutcome(exit_code=code, reboot_required=True)
+    raise BackendError(f"switch-to-configuration {action} failed (exit {code})"
+                       + summarize(tail))
+
+
+@dataclass(frozen=True)
+class SwitchRecord:
+    """What the last switch did to the profile, so a rollback undoes exactly that."""
+
+    toplevel: str
+    action: str
+    profile_before: str | None
+
+    @property
+    def profile_set(self) -> bool:
+        return self.action in ("switch", "boot")
+
+
+def profile_rollback_command(profile: str, record: SwitchRecord | None,
+                             profile_target: str | None, previous: str,
+                             generations: Mapping[int, str]) -> list[str] | None:
+    """How to point the profile back at `previous`; None when it needs no change.
+
+    A `test` deploy never touched the profile, so it is left alone. Otherwise the
+    newest generation that links to `previous` is selected; when none does (the
+    previous system was never in the profile), `--rollback` undoes our `--set`.
+    """
+    if profile_target == previous:
+        return None
+    if record is not None and not record.profile_set:
+        return None
+    matching = [n for n, target in generations.items() if target == previous]
+    if matching:
+        return ["nix-env", "-p", profile, "--switch-generation", str(max(matching))]
+    return ["nix-env", "-p", profile, "--rollback"]
+
+
+def boot_files_differ(booted: Mapping[str, str | None], new: Mapping[str, str | None]) -> bool:
+    """A reboot is needed when kernel, initrd or modules resolve to different paths."""
+    return any(booted.get(name) != new.get(name) for name in BOOT_FILES)
+
+
+def summarize(tail: Sequence[str]) -> str:
+    """': last | output | lines' on one line, or '' when there was no output."""
+    lines = [ln.strip() for ln in tail if ln.strip()]
+    if not lines:
+        return ""
+    text = " | ".join(lines[-4:])
+    return ": " + (text if len(text) <= 400 else "…" + text[-399:])
+
+
+def clean_line(raw: bytes) -> str:
+    text = ANSI_RE.sub("", raw.decode(errors="replace")).rstrip("\r\n").replace("\r", " ")
+    return text if len(text) <= MAX_LINE else text[:MAX_LINE] + "…"
+
+
+# -- running commands -----------------------------------------------------------------
+
+@dataclass
+class Completed:
+    code: int
+    stdout: list[str]
+    tail: list[str]
+
+
+async def stream_command(argv: Sequence[str], progress: ProgressFn) -> Completed:
+    """Run argv, send each stdout/stderr line to `progress`; keep stdout and a tail."""
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, limit=1 << 20)
+    except FileNotFoundError:
+        raise BackendError(f"{argv[0]} not found on PATH (is this a NixOS host?)") from None
+    except OSError as exc:
+        raise BackendError(f"cannot run {argv[0]}: {exc.strerror}") from None
+    stdout: list[str] = []
+    tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+
+    async def pump(stream: asyncio.StreamReader | None, keep: list[str] | None) -> None:
+        assert stream is not None
+        while True:
+            try:
+                raw = await stream.readline()
+            except ValueError:  # a line over the limit was dropped by the reader
+                raw = b"(overlong output line dropped)\n"
+            if not raw:
+                return
+            line = clean_line(raw)
+            if keep is not None:
+                keep.append(line)
+            if line.strip():
+                tail.append(line)
+                await progress(line)
+
+    try:
+        await asyncio.gather(pump(proc.stdout, stdout), pump(proc.stderr, None))
+        code = await proc.wait()
+    except asyncio.CancelledError:
+        if proc.returncode is None:
+            proc.terminate()
+        raise
+    return Completed(code, stdout, list(tail))
+
+
+# -- the backend ------------------------------------------------------------------------
 
 class NixosBackend:
     name = "nixos"
 
-    def __init__(self, root: Path, state_dir: Path) -> None:
-        raise BackendError("the nixos backend is not implemented yet")
+    def __init__(self, root: Path, state_dir: Path, from_cache: str | None = None,
+                 store_dir: str | None = None,
+                 reboot_command: Sequence[str] = ("systemctl", "reboot"),
+                 reboot_grace_s: float = 600.0) -> None:
+        self.root = Path(root)
+        self.state_dir = Path(state_dir)
+        self.from_cache = from_cache or None
+        self.store_dir = store_dir or default_store_dir()
+        self.reboot_command = list(reboot_command)
+        self.reboot_grace_s = reboot_grace_s
+        self.booted = self.root / "run/booted-system"
+        self.current = self.root / "run/current-system"
+        self.profile = self.root / "nix/var/nix/profiles/system"
+        self.boot_id_file = self.root / "proc/sys/kernel/random/boot_id"
+
+    # -- host facts ------------------------------------------------------------------
+    def current_system(self) -> str | None:
+        return _resolve(self.current)
+
+    def boot_id(self) -> str:
+        if self.root != Path("/") and self.boot_id_file.exists():
+            return read_boot_id(self.boot_id_file)
+        return read_boot_id()
+
+    def needs_reboot(self, toplevel: str) -> bool:
+        if not os.path.lexists(self.booted):
+            log.warning("%s does not exist: cannot tell whether a reboot is needed", self.booted)
+            return False
+        return boot_files_differ({n: _resolve(self.booted / n) for n in BOOT_FILES},
+                                 {n: _resolve(Path(toplevel) / n) for n in BOOT_FILES})
+
+    def generations(self) -> dict[int, str]:
+        """Profile generations (`system-N-link`) and the system each links to."""
+        pattern = re.compile(rf"^{re.escape(self.profile.name)}-(\d+)-link$")
+        out: dict[int, str] = {}
+        try:
+            entries = list(self.profile.parent.iterdir())
+        except OSError:
+            return out
+        for entry in entries:
+            m = pattern.fullmatch(entry.name)
+            target = _resolve(entry) if m else None
+            if m and target is not None:
+                out[int(m.group(1))] = target
+        return out
+
+    # -- fetch -----------------------------------------------------------------------
+    async def fetch(self, system: str, host: str, progress: ProgressFn) -> str:
+        target = classify_system(system, self.store_dir, host)
+        done: Completed | None = None
+        for argv in fetch_commands(target, self.from_cache):
+            done = await stream_command(argv, progress)
+            if done.code != 0:
+                raise BackendError(f"{_what(argv)} failed (exit {done.code})"
+                                   + summarize(done.tail))
+        if isinstance(target, StorePath):
+            return target.path
+        assert done is not None
+        out = [ln.strip() for ln in done.stdout if ln.strip()]
+        path = out[-1] if out else ""
+        if not isinstance(_store_or_none(path, self.store_dir), StorePath):
+            raise BackendError(f"nix build of {target.installable} printed no store path"
+                               + summarize(done.tail))
+        return path
+
+    # -- switch ----------------------------------------------------------------------
+    async def switch(self, toplevel: str, action: str, progress: ProgressFn) -> SwitchOutcome:
+        cmds = switch_commands(str(self.profile), toplevel, action)
+        stc = Path(toplevel) / "bin/switch-to-configuration"
+        if not os.access(stc, os.X_OK):
+            raise BackendError(f"{toplevel} is not a NixOS system: no executable "
+                               "bin/switch-to-configuration")
+        self._write_record(SwitchRecord(toplevel, action, _resolve(self.profile)))
+        *profile_cmds, activate = cmds
+        for argv in profile_cmds:
+            await self._run_ok(argv, progress)
+        done = await stream_command(activate, progress)
+        return interpret_switch_exit(done.code, action, done.tail)
+
+    async def rollback(self, previous: str | None, progress: ProgressFn) -> None:
+        if previous is None:
+            raise BackendError("no previous system is known: cannot roll back")
+        stc = Path(previous) / "bin/switch-to-configuration"
+        if not os.access(stc, os.X_OK):
+            raise BackendError(f"previous system {previous} is gone (garbage collected?): "
+                               "cannot roll back")
+        cmd = profile_rollback_command(str(self.profile), self._read_record(),
+                                       _resolve(self.profile), previous, self.generations())
+        if cmd is not None:
+            await self._run_ok(cmd, progress)
+        done = await stream_command(activation_command(previous, "switch"), progress)
+        outcome = interpret_switch_exit(done.code, "switch", done.tail)
+        if outcome.units_failed:
+            await progress("rollback activated, but some units failed (exit 4)")
+        if outcome.reboot_required:
+            await progress("rollback activated; a reboot is required to complete it (exit 100)")
+        self._clear_record()
+
+    # -- reboot and programs ---------------------------------------------------------------
+    async def reboot(self) -> None:
+        """Ask for the reboot, then wait to be killed by it; still up later = failure."""
+        result = await run_subprocess(self.reboot_command, {}, timeout=120)
+        if result.exit_code != 0:
+            tail = (result.stderr or result.stdout).decode(errors="replace").splitlines()
+            raise BackendError(f"{' '.join(self.reboot_command)} failed "
+                               f"(exit {result.exit_code})" + summarize(tail))
+        await asyncio.sleep(self.reboot_grace_s)
+        raise BackendError(f"asked for a reboot ({' '.join(self.reboot_command)}) but the "
+                           f"host is still up after {self.reboot_grace_s:.0f}s")
+
+    async def run_program(
+        self, argv: Sequence[str], env: Mapping[str, str], user: str | None, timeout: float
+    ) -> ProgramResult:
+        return await run_subprocess(argv, env, timeout, user=user)
+
+    # -- helpers ---------------------------------------------------------------------------
+    async def _run_ok(self, argv: Sequence[str], progress: ProgressFn) -> None:
+        done = await stream_command(argv, progress)
+        if done.code != 0:
+            raise BackendError(f"{_what(argv)} failed (exit {done.code})" + summarize(done.tail))
+
+    @property
+    def _record_path(self) -> Path:
+        return self.state_dir / RECORD_NAME
+
+    def _write_record(self, record: SwitchRecord) -> None:
+        data = json.dumps({"toplevel": record.toplevel, "action": record.action,
+                           "profile_before": record.profile_before}).encode()
+        tmp = self._record_path.with_suffix(".tmp")
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self._record_path)
+        except OSError as exc:
+            raise BackendError(f"cannot write {self._record_path}: {exc.strerror}") from None
+
+    def _read_record(self) -> SwitchRecord | None:
+        try:
+            raw = json.loads(self._record_path.read_text())
+            return SwitchRecord(str(raw["toplevel"]), str(raw["action"]),
+                                raw.get("profile_before"))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def _clear_record(self) -> None:
+        try:
+            self._record_path.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
+def _resolve(path: Path) -> str | None:
+    """The final target of a symlink chain, or None when nothing is there."""
+    return os.path.realpath(path) if os.path.lexists(path) else None
+
+
+def _store_or_none(path: str, store_dir: str) -> StorePath | None:
+    try:
+        target = classify_system(path, store_dir, "x")
+    except BackendError:
+        return None
+    return target if isinstance(target, StorePath) else None
+
+
+def _what(argv: Sequence[str]) -> str:
+    """A short name of a command for error messages: `nix build`, `nix-env --set`."""
+    if argv[0] == "nix":
+        return " ".join(["nix", *(a for a in argv[1:] if a in ("build", "copy"))][:2])
+    return " ".join([argv[0], *(a for a in argv[1:] if a.startswith("--"))][:2])

@@ -1,0 +1,290 @@
+"""Issue 4: the NixOS module, flake and examples, checked with nix-instantiate.
+
+No nixpkgs on the test machines: every .nix file is parsed, and nixos/module.nix is
+*evaluated* with the minimal lib and fake pkgs in tests/nix/ (no store, no daemon:
+`--store dummy://`). The example steps' check programs are then run for real.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from protocol.steps import CheckOutput, StepsFile
+
+REPO = Path(__file__).resolve().parents[1]
+NIX_TESTS = REPO / "tests" / "nix"
+SKIP_DIRS = {".venv", ".git", "node_modules", "build", "dist"}
+EXPECTED_NIX = {"flake.nix", "nixos/module.nix", "nixos/package.nix",
+                "nixos/examples/postgresql-upgrade.nix", "nixos/examples/uid-gid-check.nix"}
+
+
+def nix_instantiate() -> str:
+    path = shutil.which("nix-instantiate")
+    if path is None:
+        pytest.fail("nix-instantiate is missing: install it with 'sudo apt-get install nix-bin'"
+                    " (make test does this)")
+    return path
+
+
+def run_nix(*args: str) -> subprocess.CompletedProcess[str]:
+    """nix-instantiate without a daemon or a real store (works as any user)."""
+    return subprocess.run([nix_instantiate(), "--store", "dummy://", *args],
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "NIX_REMOTE": ""}, cwd=REPO)
+
+
+def nix_files() -> list[str]:
+    return sorted(str(p.relative_to(REPO)) for p in REPO.rglob("*.nix")
+                  if not SKIP_DIRS.intersection(p.relative_to(REPO).parts))
+
+
+def test_the_nix_files_we_ship_exist() -> None:
+    assert set(nix_files()) >= EXPECTED_NIX
+
+
+@pytest.mark.parametrize("path", nix_files())
+def test_nix_file_parses(path: str) -> None:
+    r = run_nix("--parse", path)
+    assert r.returncode == 0, f"{path} does not parse: {r.stderr.strip()}"
+
+
+def evaluate(expr: str, **args: str) -> Any:
+    argv = ["--eval", "--strict", "--json", str(NIX_TESTS / expr)]
+    for name, value in args.items():
+        argv += ["--arg", name, value]
+    r = run_nix(*argv)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def eval_module(settings: str, host_name: str = "web1") -> Any:
+    return evaluate("eval-module.nix", settings=settings, hostName=json.dumps(host_name))
+
+
+TWO_STEPS = """{
+  enable = true;
+  broker = "mqtts://mqtt.example.org:8883";
+  trustedKeys = [ "/etc/flotilla/controller.pub" ];
+  steps.postgresql = {
+    phase = "before-switch";
+    revision = "16";
+    check = "/nix/store/11111111111111111111111111111111-pg-check";
+    migrations = {
+      pg_upgrade = "/nix/store/22222222222222222222222222222222-pg-upgrade";
+      keep-old = "/nix/store/33333333333333333333333333333333-keep";
+    };
+    dump = "/nix/store/44444444444444444444444444444444-pg-dump";
+    restore = "/nix/store/55555555555555555555555555555555-pg-restore";
+  };
+  steps.app = {
+    after = [ "postgresql" ];
+    user = "app";
+    idempotent = true;
+    migrations."*" = "/nix/store/66666666666666666666666666666666-app-migrate";
+    paths = [ "/var/lib/app" ];
+  };
+}"""
+
+
+def test_module_renders_steps_json_into_the_toplevel() -> None:
+    out = eval_module(TWO_STEPS)
+    assert out["failedAssertions"] == []
+    steps = json.loads(out["stepsText"])
+    assert steps == {"steps": [
+        {"name": "app", "after": ["postgresql"], "user": "app", "phase": "after-switch",
+         "revision": "0", "idempotent": True, "check": None,
+         "migrations": {"*": "/nix/store/66666666666666666666666666666666-app-migrate"},
+         "dump": None, "restore": None, "paths": ["/var/lib/app"]},
+        {"name": "postgresql", "after": [], "user": None, "phase": "before-switch",
+         "revision": "16", "idempotent": False,
+         "check": "/nix/store/11111111111111111111111111111111-pg-check",
+         "migrations": {"keep-old": "/nix/store/33333333333333333333333333333333-keep",
+                        "pg_upgrade": "/nix/store/22222222222222222222222222222222-pg-upgrade"},
+         "dump": "/nix/store/44444444444444444444444444444444-pg-dump",
+         "restore": "/nix/store/55555555555555555555555555555555-pg-restore", "paths": []},
+    ]}
+    parsed = StepsFile.model_validate(steps)  # exactly what the agent will accept
+    assert parsed.by_name()["postgresql"].stateful and parsed.by_name()["app"].stateful
+    assert out["stepsFile"].endswith("-flotilla-steps.json")
+    assert out["systemBuilderCommands"].splitlines() == [
+        "mkdir -p $out/flotilla", f"cp {out['stepsFile']} $out/flotilla/steps.json"]
+
+
+def test_module_defines_a_service_a_switch_never_restarts() -> None:
+    out = eval_module(TWO_STEPS)
+    svc = out["service"]
+    assert svc["restartIfChanged"] is False
+    assert svc["unitConfig"] == {"X-StopOnRemoval": False}
+    assert svc["wantedBy"] == ["multi-user.target"]
+    assert "network-online.target" in svc["after"] and "network-online.target" in svc["wants"]
+    assert any(p.endswith("-nix-2.24.10") for p in svc["path"])
+    assert any(p.endswith("-systemd-256.8") for p in svc["path"])
+    assert shlex.split(svc["serviceConfig"]["ExecStart"]) == [
+        f"{out['package']}/bin/fleet-agent", "run", "--backend", "nixos", "--host", "web1",
+        "--broker", "mqtts://mqtt.example.org:8883", "--state-dir", "/var/lib/flotilla",
+        "--trust-key", "/run/flotilla-agent/trusted-keys.pem"]
+    assert svc["serviceConfig"]["LoadCredential"] == []
+    assert svc["serviceConfig"]["RuntimeDirectory"] == "flotilla-agent"
+    assert "cat /etc/flotilla/controller.pub > /run/flotilla-agent/trusted-keys.pem.tmp" \
+        in svc["preStart"]
+    assert out["tmpfiles"] == ["d /var/lib/flotilla 0700 root root - -"]
+    assert out["options"]["host"] == "web1" and out["options"]["stateDir"] == "/var/lib/flotilla"
+
+
+def test_module_credentials_keys_and_extra_args() -> None:
+    out = eval_module("""{
+      enable = true; host = "db-1"; broker = "mqtt://10.0.0.1:1883"; username = "db-1";
+      credentialsFile = "/run/secrets/mqtt-password";
+      stateDir = "/srv/flotilla";
+      trustedKeys = [ "-----BEGIN PUBLIC KEY-----\\nMCowBQYDK2VwAyEA\\n-----END PUBLIC KEY-----\\n"
+                      "/etc/second.pub" ];
+      extraArgs = [ "--from-cache" "https://cache.example.org/?priority=10%" ];
+    }""", host_name="ignored")
+    svc = out["service"]
+    argv = shlex.split(svc["serviceConfig"]["ExecStart"])
+    assert argv[1:] == ["run", "--backend", "nixos", "--host", "db-1",
+                        "--broker", "mqtt://10.0.0.1:1883", "--state-dir", "/srv/flotilla",
+                        "--trust-key", "/run/flotilla-agent/trusted-keys.pem",
+                        "--username", "db-1", "--password-file", "%d/broker-password",
+                        "--from-cache", "https://cache.example.org/?priority=10%%"]
+    assert svc["serviceConfig"]["LoadCredential"] == [
+        "broker-password:/run/secrets/mqtt-password"]
+    cat = shlex.split(svc["preStart"].splitlines()[0])
+    assert cat[0] == "cat" and cat[2:] == ["/etc/second.pub", ">",
+                                           "/run/flotilla-agent/trusted-keys.pem.tmp"]
+    assert cat[1].startswith("/nix/store/") and cat[1].endswith("-flotilla-trusted-key.pem")
+    assert out["tmpfiles"] == ["d /srv/flotilla 0700 root root - -"]
+
+
+def test_steps_are_rendered_without_the_service_and_nothing_without_steps() -> None:
+    out = eval_module('{ steps.a.migrations."*" = "/bin/true"; }')
+    assert out["service"] is None and out["tmpfiles"] is None
+    assert out["systemBuilderCommands"] is not None
+    assert [s["name"] for s in json.loads(out["stepsText"])["steps"]] == ["a"]
+    out = eval_module("{ }")
+    assert out["systemBuilderCommands"] is None and out["service"] is None
+    assert out["options"]["enable"] is False
+
+
+BASE = 'enable = true; broker = "mqtt://b"; trustedKeys = [ "/k.pem" ];'
+
+
+@pytest.mark.parametrize(("settings", "host_name", "message"), [
+    (f'{{ {BASE} steps.a.dump = "/bin/d"; }}', "web1",
+     "services.flotilla-agent.steps.a: dump and restore go together"),
+    (f'{{ {BASE} steps.a = {{ dump = "/d"; restore = "/r"; paths = [ "/x" ]; }}; }}', "web1",
+     "services.flotilla-agent.steps.a: use either dump/restore or paths, not both"),
+    (f'{{ {BASE} steps.a.after = [ "b" ]; }}', "web1",
+     "services.flotilla-agent.steps.a.after: there is no step b"),
+    (f'{{ {BASE} steps.a.revision = "1 2"; }}', "web1",
+     "services.flotilla-agent.steps.a.revision: use 1-64 of A-Z a-z 0-9 _ . + -"),
+    (f'{{ {BASE} steps."-a" = {{ }}; }}', "web1",
+     "services.flotilla-agent.steps.-a: a step name is 1-64 of A-Z a-z 0-9 _ . - and starts"
+     " with a letter, digit or _"),
+    (f"{{ {BASE} }}", "Web_1",
+     'services.flotilla-agent.host = "Web_1" is not a valid fleet host name (1-63 of a-z 0-9'
+     " -): set it explicitly"),
+    ('{ enable = true; broker = "mqtt://b"; }', "web1",
+     "services.flotilla-agent.trustedKeys: give at least one controller public key"),
+    (f'{{ {BASE} credentialsFile = "secrets/pw"; }}', "web1",
+     "services.flotilla-agent.credentialsFile must be an absolute path"),
+])
+def test_module_assertions(settings: str, host_name: str, message: str) -> None:
+    assert eval_module(settings, host_name)["failedAssertions"] == [message]
+
+
+@pytest.mark.parametrize(("settings", "fragment"), [
+    ('{ steps.a.phase = "sideways"; }', "steps.a.phase' is not of type"),
+    ("{ steps.a.idempotent = 1; }", "steps.a.idempotent' is not of type `boolean'"),
+    ('{ steps.a.check = "relative/check"; }', "steps.a.check' is not of type"),
+    ('{ steps.a.colour = "red"; }', "steps.a.colour' does not exist"),
+])
+def test_module_option_types_refuse_bad_values(settings: str, fragment: str) -> None:
+    r = run_nix("--eval", "--strict", "--json", str(NIX_TESTS / "eval-module.nix"),
+                "--arg", "settings", settings)
+    assert r.returncode != 0 and fragment in r.stderr, r.stderr
+
+
+# -- the examples: rendered through the module, check programs run for real -------------------
+
+def eval_example(name: str, host: str) -> Any:
+    return evaluate("eval-example.nix", example=f"./nixos/examples/{name}", host=host)
+
+
+def run_check(script: str, tmp_path: Path, replace: dict[str, str] | None = None
+              ) -> CheckOutput:
+    for old, new in (replace or {}).items():
+        assert old in script
+        script = script.replace(old, new)
+    f = tmp_path / "check.sh"
+    f.write_text(script)
+    r = subprocess.run(["bash", str(f)], capture_output=True, text=True, timeout=10)
+    assert r.returncode == 0, r.stderr
+    return CheckOutput.model_validate_json(r.stdout)
+
+
+@pytest.mark.parametrize(("pg_version", "item", "choices", "default"), [
+    (None, None, [], None),
+    ("16", None, [], None),
+    ("15", "major-upgrade", ["pg_upgrade", "dump-restore", "keep-old"], "pg_upgrade"),
+    ("14", "major-upgrade", ["dump-restore", "keep-old"], "dump-restore"),
+    ("17", "downgrade", [], None),
+])
+def test_postgresql_example_check(tmp_path: Path, pg_version: str | None, item: str | None,
+                                  choices: list[str], default: str | None) -> None:
+    data = tmp_path / "data"
+    out = eval_example("postgresql-upgrade.nix", "pkgs: { services.postgresql = { enable = true;"
+                       f' package = pkgs.postgresql_16; dataDir = "{data}"; initdbArgs = [ ];'
+                       " }; }")
+    assert out["failedAssertions"] == []
+    [step] = StepsFile.model_validate({"steps": out["steps"]}).steps
+    assert (step.name, step.phase, step.revision) == ("postgresql", "before-switch", "16")
+    assert set(step.migrations) == {"pg_upgrade", "dump-restore", "keep-old"}
+    assert step.dump and step.restore and step.check
+    assert "pg_dumpall" in out["programs"][step.dump]
+    assert "psql" in out["programs"][step.restore]
+    if pg_version is not None:
+        data.mkdir()
+        (data / "PG_VERSION").write_text(pg_version + "\n")
+    checked = run_check(out["programs"][step.check], tmp_path,
+                        {"/var/lib/postgresql/15": str(tmp_path / "default-15")})
+    if item is None:
+        assert checked.items == []
+        return
+    [found] = checked.items
+    assert (found.id, found.severity) == (item, "error")
+    assert [c.id for c in found.choices] == choices and found.default == default
+    assert f"version {pg_version}" in found.message
+
+
+def test_uid_gid_example_check(tmp_path: Path) -> None:
+    out = eval_example("uid-gid-check.nix", "pkgs: { users.users = {"
+                       ' alice = { name = "alice"; uid = 1001; };'
+                       ' bob = { name = "bob"; uid = null; }; };'
+                       ' users.groups.staff = { name = "staff"; gid = 50; }; }')
+    [step] = StepsFile.model_validate({"steps": out["steps"]}).steps
+    assert set(step.migrations) == {"renumber", "keep"} and step.phase == "before-switch"
+    passwd, group = tmp_path / "passwd", tmp_path / "group"
+    paths = {"passwd=/etc/passwd": f"passwd={passwd}", "group=/etc/group": f"group={group}"}
+    script = out["programs"][step.check]
+
+    passwd.write_text("root:x:0:0::/root:/bin/sh\nalice:x:1001:100::/home/alice:/bin/sh\n"
+                      "bob:x:1002:100::/home/bob:/bin/sh\n")
+    group.write_text("root:x:0:\nstaff:x:50:alice\n")
+    assert run_check(script, tmp_path, paths).items == []
+
+    passwd.write_text("alice:x:1005:100::/home/alice:/bin/sh\nbob:x:1009:100::/:/bin/sh\n")
+    group.write_text("staff:x:51:alice\n")
+    [item] = run_check(script, tmp_path, paths).items
+    assert (item.id, item.severity, item.default) == ("id-mismatch", "error", None)
+    assert item.message == ("user alice has id 1005 here, 1001 in the configuration; "
+                            "group staff has id 51 here, 50 in the configuration")
+    assert [(c.id, c.destructive) for c in item.choices] == [("renumber", True), ("keep", False)]
