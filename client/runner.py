@@ -14,6 +14,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from typing import Any, Protocol
 
 from client import plan
@@ -21,6 +22,7 @@ from client.backend import BackendError, SystemBackend
 from client.deadline import DEADLINE_SOURCE, deadline_answer, seconds_left
 from client.dumps import DumpStore
 from client.journal import ActiveDeployment, Journal, RecordedResult
+from client.reboot import activation_needs_reboot, reboot_decision
 from client.report import Reporter
 from client.statesteps import (
     StepEnv,
@@ -184,7 +186,7 @@ class DeploymentRunner:
         await self.stage("migrate:before-switch", lambda: self.migrate("before-switch"))
         await self.stage("switch", lambda: self.switch(toplevel))
         await self.phase("switched")
-        await self.stage("reboot", self.reboot)
+        await self.stage("reboot", lambda: self.reboot(toplevel))
         await self.stage("migrate:after-switch", lambda: self.migrate("after-switch"))
         await self.phase("migrated")
         await self.stage("confirm", self.confirm)
@@ -325,9 +327,11 @@ class DeploymentRunner:
         async def line(msg: str) -> None:
             await self.progress("switch", msg)
 
-        outcome = await self.ctx.backend.switch(toplevel, self.d.action, line)
-        needs_reboot = (outcome.reboot_required or self.d.action == "boot"
-                        or self.ctx.backend.needs_reboot(toplevel))
+        backend = self.ctx.backend
+        outcome = await backend.switch(toplevel, self.d.action, line)
+        needs_reboot = activation_needs_reboot(self.d.action, outcome.reboot_required,
+                                               backend.needs_reboot(toplevel),
+                                               backend.current_system(), toplevel)
         self.journal("note", key="needs_reboot", value=needs_reboot)
         if outcome.units_failed:
             await self.progress("switch", "switch-to-configuration: some units failed (exit 4)")
@@ -335,46 +339,53 @@ class DeploymentRunner:
                                rollback=True)
         return {"exit_code": outcome.exit_code, "needs_reboot": needs_reboot}
 
-    async def reboot(self) -> dict[str, Any]:
-        """Reboot when needed and the policy says so; resumes after boot from the journal."""
-        a = self.active
-        booted_from = a.notes.get("reboot_boot_id")
-        if booted_from is not None:
-            if self.ctx.backend.boot_id() != booted_from:
-                self.journal("note", key="needs_reboot", value=False)
-                await self.progress("reboot", "host rebooted; finishing the deploy")
-                return {"rebooted": True}
-            raise DeployFailed("reboot was requested but the host did not reboot")
-        if not a.notes.get("needs_reboot"):
-            return {"rebooted": False}
-        policy = self.d.policy.reboot
-        if policy == "ask":
-            item = ReportItem(step="deploy", id="reboot", severity="recommendation",
-                              message="the new system needs a reboot",
-                              choices=[Choice(id="now", label="Reboot now", destructive=True),
-                                       Choice(id="later", label="Later")], default="later")
-            answers = await self.ask(f"{self.d.deployment_id}.reboot", "reboot", [item])
-            if answers.get("deploy.reboot") != "now":
+    async def reboot(self, toplevel: str) -> dict[str, Any]:
+        """Reboot when needed and the policy says so. The boot id is journaled first, so
+        after the boot the agent sees the new id and finishes the deploy."""
+        backend, notes = self.ctx.backend, self.active.notes
+        before = notes.get("reboot_boot_id")
+        if before is not None:
+            if before == backend.boot_id():
+                raise DeployFailed("a reboot was requested but the host did not reboot",
+                                   rollback=True)
+            self.journal("note", key="needs_reboot", value=backend.needs_reboot(toplevel))
+            await self.progress("reboot", "host rebooted; finishing the deploy")
+            return {"rebooted": True}
+        while True:
+            decision = reboot_decision(self.d.policy.reboot, bool(notes.get("needs_reboot")),
+                                       datetime.now().astimezone(), self.d.action)
+            if decision.action in ("none", "report"):
                 return {"rebooted": False}
-        elif policy.startswith("window "):
-            from client.reboot_window import seconds_until_window
-            wait = seconds_until_window(policy.removeprefix("window "), time.localtime())
-            if wait > 0:
-                await self.phase("awaiting_reboot", message=f"reboot window in {wait:.0f}s")
-                await asyncio.sleep(wait)
-        elif policy != "now":
-            return {"rebooted": False}
-        self.journal("note", key="reboot_boot_id", value=self.ctx.backend.boot_id())
-        await self.progress("reboot", "rebooting")
+            if decision.action == "ask":
+                item = ReportItem(
+                    step="deploy", id="reboot", severity="recommendation",
+                    message="the new system needs a reboot",
+                    choices=[Choice(id="now", label="Reboot now", destructive=True),
+                             Choice(id="later", label="Later (report needs_reboot)")],
+                    default="later")
+                answers = await self.ask(f"{self.d.deployment_id}.reboot", "reboot", [item])
+                if answers.get("deploy.reboot") != "now":
+                    return {"rebooted": False}
+                break
+            if decision.action == "now":
+                break
+            assert decision.wait_until is not None
+            await self.phase("awaiting_reboot",
+                             message=f"reboot window opens at {decision.wait_until:%H:%M}")
+            await self.progress("reboot", f"reboot window opens at {decision.wait_until:%H:%M}")
+            await asyncio.sleep(max(0.0, decision.wait_until.timestamp() - time.time()))
+        self.journal("note", key="reboot_boot_id", value=backend.boot_id())
         await self.phase("awaiting_reboot", message="rebooting")
-        await self.ctx.backend.reboot()
-        raise DeployFailed("reboot did not happen")
+        await self.progress("reboot", "rebooting")
+        await backend.reboot()  # returns only if the host failed to go down (then it raises)
+        return {"rebooted": False}
 
     async def confirm(self) -> None:
         policy = self.d.policy
-        if policy.confirm == "none" or (self.d.action == "boot"
-                                        and self.active.notes.get("needs_reboot")):
+        if policy.confirm == "none":
             return
+        if self.d.action == "boot" and not (self.active.done.get("reboot") or {}).get("rebooted"):
+            return  # nothing new runs yet: the new system is confirmed after its boot
         deadline = self.active.notes.get("confirm_deadline")
         if deadline is None:
             deadline = time.time() + policy.confirm_timeout_s

@@ -88,8 +88,11 @@ class SimulatedBackend:
         return (Path(toplevel) / "sim-needs-reboot").exists()
 
     async def reboot(self) -> None:
+        """Like a real reboot: the next boot has a new id, and this process waits to be
+        killed (restart the agent to simulate the boot)."""
         (self.dir / "boot-id").write_text(str(uuid.uuid4()))
-        raise BackendError("simulated reboot: restart the agent to continue")
+        await asyncio.sleep(3600)
+        raise BackendError("simulated reboot: the agent was not restarted")
 
     async def run_program(
         self, argv: Sequence[str], env: Mapping[str, str], user: str | None, timeout: float

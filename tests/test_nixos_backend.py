@@ -463,7 +463,6 @@ def test_e2e_confirm_deadline_survives_a_reboot(make_fleet, fake: FakeRoot) -> N
     assert sum(1 for r in journal if r.get("stage") == "switch" and r["kind"] == "begin") == 1
 
 
-@pytest.mark.xfail(strict=True, reason="needs the runner's journaled reboot stage (lead)")
 def test_e2e_boot_reboots_then_confirms_or_rolls_back(make_fleet, fake: FakeRoot) -> None:  # type: ignore[no-untyped-def]
     """`--action boot --reboot now`: set profile, stc boot, journal, reboot; after boot
     (new boot id) the agent confirms within the journaled deadline or rolls back."""
