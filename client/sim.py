@@ -36,6 +36,17 @@ class SimulatedBackend:
         self.host = host
         self.settings = settings or SimSettings()
         self.switches: list[tuple[str, str]] = []
+        self._note_boot()
+
+    def _note_boot(self) -> None:
+        """On the first start after a (simulated) reboot, the profile is what booted."""
+        boot = self.boot_id()
+        marker = self.dir / "booted-for"
+        if not marker.exists() or marker.read_text() != boot:
+            profile = self.dir / "profile"
+            (self.dir / "booted-system").write_text(
+                profile.read_text() if profile.exists() else "")
+            marker.write_text(boot)
 
     def _fails(self, stage: str, system: str) -> bool:
         s = self.settings
@@ -85,7 +96,11 @@ class SimulatedBackend:
                 f.write_text(previous)
 
     def needs_reboot(self, toplevel: str) -> bool:
-        return (Path(toplevel) / "sim-needs-reboot").exists()
+        """A toplevel with a `sim-needs-reboot` file has a new kernel: it needs a reboot
+        until it is the system that booted."""
+        booted = self.dir / "booted-system"
+        return (Path(toplevel) / "sim-needs-reboot").exists() and (
+            not booted.exists() or booted.read_text() != toplevel)
 
     async def reboot(self) -> None:
         """Like a real reboot: the next boot has a new id, and this process waits to be
