@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import re
 import sys
 import time
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, Group
+from rich.live import Live
 
 from controller import cliutil
-from controller.deploy import DeployRequest, Outcome, RolloutDriver
-from controller.monitor import print_summary, render
+from controller.deploy import AskContinue, DeployRequest, Outcome, RolloutDriver
+from controller.monitor import print_summary, refresh_interval, render
 from controller.planner import RolloutPolicy
 from protocol.errors import UsageError
 from protocol.models import DeployPolicy
@@ -113,31 +115,100 @@ async def cmd_deploy(args: argparse.Namespace) -> int:
     ctx = cliutil.context(args, need_key=True)
     driver = RolloutDriver(ctx, req)
     outcome = await run_with_view(args, driver, wait=not args.no_wait)
-    return report(args, outcome, check=req.check_only)
+    return report(args, outcome, check=req.check_only, batches=len(driver.batches))
+
+
+def driver_notes(d: RolloutDriver, now: float | None = None) -> list[str]:
+    """One-line status notes under the live view: aborting, waiting, pausing."""
+    now = now or time.time()
+    notes = []
+    if d.progress.aborted:
+        notes.append(f"aborting: {d.progress.aborted}; running hosts finish, no new ones start")
+    elif d.waiting_for is not None:
+        notes.append(f"waiting before batch {d.waiting_for + 1}/{len(d.batches)}: run "
+                     f"`fleetctl rollout continue {d.rollout_id}` (or abort)")
+    elif d.pause_until is not None and d.req.rollout.pause_between_batches and not any(
+            v.deployment_id is not None and v.result is None for v in d.views.values()):
+        notes.append(f"pausing between batches: next one in {max(0, d.pause_until - now):.0f}s")
+    return notes
+
+
+async def read_stdin_line() -> str | None:
+    """One line from stdin without blocking the event loop (None at end of input)."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[str] = loop.create_future()
+    fd = sys.stdin.fileno()
+
+    def ready() -> None:
+        if not fut.done():
+            fut.set_result(sys.stdin.readline())
+
+    loop.add_reader(fd, ready)
+    try:
+        line = await fut
+    finally:
+        loop.remove_reader(fd)
+    return line or None
+
+
+def tty_asker(live: Live | None) -> AskContinue:
+    """--confirm-batches on a terminal: ask y/n; `fleetctl rollout continue` also works."""
+
+    async def ask(d: RolloutDriver, batch: int) -> bool | None:
+        size = len(d.batches[batch]) if batch < len(d.batches) else 0
+        if live is not None:
+            live.stop()
+        try:
+            while True:
+                print(f"\nstart batch {batch + 1}/{len(d.batches)} ({size} hosts)? [y/n] "
+                      f"(or from any terminal: fleetctl rollout continue {d.rollout_id}) ",
+                      end="", flush=True)
+                line = await read_stdin_line()
+                if line is None:
+                    return None
+                answer = line.strip().lower()
+                if answer in ("y", "yes"):
+                    return True
+                if answer in ("n", "no"):
+                    return False
+        finally:
+            if live is not None:
+                live.start()
+
+    return ask
 
 
 async def run_with_view(args: argparse.Namespace, driver: RolloutDriver, wait: bool) -> Outcome:
     title = f"rollout {driver.rollout_id}: {driver.req.system}"
-    live = cliutil.live_view(args, lambda: render(driver.views.values(), title, driver.batches))
+
+    def view() -> Group:
+        return render(driver.views.values(), title, driver.batches, notes=driver_notes(driver))
+
+    live = cliutil.live_view(args, view)
+    interactive = not args.json and sys.stdin.isatty() and sys.stdout.isatty()
+    if interactive and driver.req.rollout.confirm_batches:
+        driver.ask_continue = tty_asker(live)
     if live is None:
         return await driver.run(wait=wait)
     last = 0.0
+    interval = refresh_interval(len(driver.views))
 
     def refresh(d: RolloutDriver) -> None:
         nonlocal last
         now = time.monotonic()
-        if now - last > 0.1:
+        if now - last > interval:
             last = now
-            live.update(render(d.views.values(), title, d.batches))
+            live.update(view())
 
     driver.on_change = refresh
     with live:
         outcome = await driver.run(wait=wait)
-        live.update(render(driver.views.values(), title, driver.batches))
+        live.update(view())
     return outcome
 
 
-def report(args: argparse.Namespace, outcome: Outcome, check: bool = False) -> int:
+def report(args: argparse.Namespace, outcome: Outcome, check: bool = False,
+           batches: int = 1) -> int:
     if check:
         from controller.prediction import go_no_go, print_prediction
         verdict = go_no_go(outcome.views.values())
@@ -147,11 +218,14 @@ def report(args: argparse.Namespace, outcome: Outcome, check: bool = False) -> i
             print_prediction(Console(), verdict)
         return cliutil.EXIT_OK if verdict["go"] else cliutil.EXIT_FAILED
     if outcome.status == "published":
+        sent = sorted(h for h, v in outcome.views.items() if v.deployment_id is not None)
         if args.json:
             cliutil.emit_json({"rollout": outcome.rollout_id, "status": "published",
-                               "hosts": sorted(outcome.views)})
+                               "hosts": sent, "batches": batches})
         else:
-            print(f"rollout {outcome.rollout_id} published to {len(outcome.views)} host(s); "
+            more = (f"; batches 2-{batches} start with: fleetctl rollout resume "
+                    f"{outcome.rollout_id}") if batches > 1 else ""
+            print(f"rollout {outcome.rollout_id} published to {len(sent)} host(s){more}; "
                   f"follow it with: fleetctl watch {outcome.rollout_id}")
         return cliutil.EXIT_OK
     if args.json:

@@ -2,15 +2,27 @@
 
 It publishes signed retained Desired states, folds agent events and retained host
 states into HostViews, asks the pure planner (`controller.planner`) what to do next,
-records every change in the event log (group commits), and survives broker restarts
+records every change in the event log (group commits: one fsync per planning round,
+plus one write-ahead fsync per group of hosts it starts), and survives broker restarts
 with a persistent session plus a catch-up read of retained host states.
+
+A driver also resumes a rollout whose controller died (`RolloutDriver.from_log`): the
+event log says which hosts were given which generation; retained host states and the
+persistent session's queued events say what happened meanwhile. Hosts that were given
+a generation keep it: their desired state is re-published (same deployment id, same
+generation, which an agent treats as the same deployment) only if the broker lost it.
+
+While it runs, the driver holds `STATE_DIR/locks/ROLLOUT.lock`, so two processes never
+drive one rollout, and polls the event log for `fleetctl rollout abort|continue`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -21,11 +33,13 @@ import aiomqtt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from controller import store
-from controller.connection import make_client, sync_marker
+from controller.connection import connect, make_client, read_retained, sync_marker
 from controller.eventlog import EventLog, Patch
 from controller.planner import (
     Abort,
     AwaitContinue,
+    BatchDone,
+    Cancel,
     Finish,
     Plan,
     RolloutPolicy,
@@ -38,7 +52,7 @@ from controller.planner import (
 from controller.view import HostView, fold_event, fold_state
 from protocol.broker import BrokerAddress
 from protocol.codec import decode, encode
-from protocol.errors import BrokerUnavailable, ProtocolError
+from protocol.errors import BrokerUnavailable, InputError, ProtocolError, UsageError
 from protocol.models import EVENT_TYPES, DeployPolicy, Desired, Event, HostState
 from protocol.signing import sign
 from protocol.topics import Topics
@@ -46,6 +60,7 @@ from protocol.topics import Topics
 log = logging.getLogger(__name__)
 PUBLISH_CONCURRENCY = 256
 PLAN_INTERVAL = 0.05
+LOG_POLL_INTERVAL = 0.5
 
 
 @dataclass
@@ -61,6 +76,10 @@ class ControllerContext:
     def eventlog(self) -> EventLog:
         return EventLog(self.state_dir)
 
+    def events_filter(self) -> str:
+        events = self.topics.all_hosts("events")
+        return self.topics.shared(self.share_group, events) if self.share_group else events
+
 
 @dataclass
 class DeployRequest:
@@ -75,6 +94,11 @@ class DeployRequest:
     check_only: bool = False
     expires_in: float | None = None
 
+    def policy_record(self) -> dict[str, Any]:
+        return {"rollout": self.rollout.as_dict(), "agent": self.agent_policy.model_dump(),
+                "check_only": self.check_only, "timeout": self.timeout,
+                "choices": dict(self.choices), "expires_in": self.expires_in}
+
 
 @dataclass
 class Outcome:
@@ -85,21 +109,67 @@ class Outcome:
     finished: float
 
     def counts(self) -> dict[str, int]:
-        c = {"succeeded": 0, "failed": 0, "timed_out": 0, "not_started": 0}
+        c = dict.fromkeys(store.COUNT_KEYS, 0)
         for v in self.views.values():
-            if v.result == "succeeded":
-                c["succeeded"] += 1
-            elif v.result == "timed_out":
-                c["timed_out"] += 1
-            elif (v.result is None and v.deployment_id is None) or v.result == "skipped":
-                c["not_started"] += 1
-            else:
-                c["failed"] += 1
+            cat = store.outcome_category(v.result, v.deployment_id is not None)
+            # A host still running when the controller stopped waiting did not finish in time.
+            c["timed_out" if cat == "running" else cat] += 1
         return c
 
     def summary(self) -> dict[str, Any]:
         return {"rollout": self.rollout_id, "status": self.status, **self.counts(),
                 "hosts": {h: v.result for h, v in self.views.items()}}
+
+
+class DriverLock:
+    """flock on STATE_DIR/locks/ROLLOUT.lock while a process drives that rollout."""
+
+    def __init__(self, state_dir: Path, rollout_id: str) -> None:
+        self.path = state_dir / "locks" / f"{rollout_id}.lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise InputError(f"cannot open {self.path}: {exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise UsageError(f"rollout {self.path.stem} is being driven by another fleetctl "
+                             f"process (pid {holder})") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._fd = fd
+
+    def release(self, remove: bool = False) -> None:
+        if self._fd is None:
+            return
+        if remove:
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+        os.close(self._fd)
+        self._fd = None
+
+    def held_elsewhere(self) -> bool:
+        """True if some process holds the lock now (used by abort/watch)."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
+
+AskContinue = Callable[["RolloutDriver", int], Awaitable[bool | None]]
 
 
 class RolloutDriver:
@@ -112,28 +182,77 @@ class RolloutDriver:
         self.views: dict[str, HostView] = {h: HostView(h) for h in req.hosts}
         self.on_change = on_change
         self.started = time.time()
+        self.status = "running"
         self._dirty: list[tuple[str, Patch]] = []
         self._client: aiomqtt.Client | None = None
         self._publish_sem = asyncio.Semaphore(PUBLISH_CONCURRENCY)
         self._changed = asyncio.Event()
+        self._marker: str | None = None
+        self._synced = asyncio.Event()
         self.batches: list[list[str]] = []
         self.progress = RolloutProgress()
-        self.confirm_batch: Callable[[RolloutDriver, int], Awaitable[bool]] | None = None
+        self.resumed = False
+        self.created = False
+        self.waiting_for: int | None = None
+        self.pause_until: float | None = None
+        self.ask_continue: AskContinue | None = None
+        self._ask_task: asyncio.Task[None] | None = None
+        self._to_clear: list[str] = []
+        self._cleared: set[str] = set()
+        self.lock = DriverLock(ctx.state_dir, self.rollout_id)
+
+    # -- construction from the event log (resume) ------------------------------------
+    @classmethod
+    def from_log(cls, ctx: ControllerContext, ident: str, timeout: float | None = None
+                 ) -> RolloutDriver:
+        doc = ctx.eventlog.load()
+        r = store.find_rollout(doc, ident)
+        if r.get("status") != "running":
+            raise UsageError(f"rollout {r['id']} already finished ({r.get('status')}); "
+                             "nothing to resume")
+        pol = r.get("policy", {})
+        try:
+            req = DeployRequest(
+                selector=r["selector"], hosts=list(r["hosts"]), system=r["system"],
+                action=r["action"], timeout=timeout or float(pol.get("timeout", 600.0)),
+                choices=dict(pol.get("choices", {})),
+                agent_policy=DeployPolicy(**pol.get("agent", {})),
+                rollout=RolloutPolicy.from_dict(pol.get("rollout", {})),
+                check_only=bool(pol.get("check_only", False)), expires_in=pol.get("expires_in"))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InputError(f"rollout {r['id']} in {ctx.eventlog.path} cannot be resumed: "
+                             f"{exc}") from None
+        d = cls(ctx, req, r["id"])
+        d.batches = store.host_batches(r)
+        for h, hr in r["hosts"].items():
+            v = d.views[h]
+            v.deployment_id, v.generation = hr.get("deployment_id"), int(hr.get("generation") or 0)
+            v.started = hr.get("started")
+            if hr.get("result") is not None:
+                v.result = v.phase = hr["result"]
+                v.message, v.finished = hr.get("message", ""), hr.get("finished")
+            elif v.deployment_id is not None:
+                v.phase = "published"
+            if hr.get("attempts"):
+                d.progress.attempts[h] = int(hr["attempts"])
+        d.progress.continued = {int(i) for i in r.get("continued", [])}
+        d.progress.batch_done_at = {int(k): float(t) for k, t in r.get("batch_done", {}).items()}
+        if r.get("abort_reason"):
+            d.progress.aborted = r["abort_reason"]
+        elif r.get("abort_requested"):
+            d.progress.aborted = "aborted by the operator"
+        d.resumed = d.created = True
+        d.log.load()
+        return d
 
     # -- event-log bookkeeping ---------------------------------------------------------
     def create(self) -> None:
-        if self.ctx.key is None:
-            raise BrokerUnavailable("no signing key")  # guarded by the CLI
         self.batches = self.req.rollout.batches(self.req.hosts)
-        with self.log.transaction() as doc:
-            patch = store.create_rollout(doc, self.rollout_id, self.req.selector,
-                                         self.req.system, self.req.action,
-                                         {"rollout": self.req.rollout.as_dict(),
-                                          "agent": self.req.agent_policy.model_dump(),
-                                          "check_only": self.req.check_only,
-                                          "timeout": self.req.timeout},
-                                         self.batches)
-        self.log.append("rollout-created", patch)
+        with self.log.transaction() as txn:
+            txn.add("rollout-created", store.create_rollout(
+                txn.doc, self.rollout_id, self.req.selector, self.req.system, self.req.action,
+                self.req.policy_record(), self.batches))
+        self.created = True
 
     def _record(self, event: str, patch: Patch) -> None:
         if patch:
@@ -146,18 +265,23 @@ class RolloutDriver:
 
     def _host_status(self, host: str, status: str, message: str = "",
                      system: str | None = None) -> None:
-        doc = self.log.doc
-        patch = store.host_update(doc, self.rollout_id, host, status, message, system)
-        # apply immediately to our in-memory copy via a write (group-committed below)
+        patch = store.host_update(self.log.doc, self.rollout_id, host, status, message, system)
         self._record(f"host-{status}", patch)
 
+    def _poll_log(self) -> None:
+        """Notice `fleetctl rollout abort|continue` (other processes append to the log)."""
+        r = self.log.refresh().get("rollouts", {}).get(self.rollout_id)
+        if r is None:
+            return
+        self.progress.continued |= {int(i) for i in r.get("continued", [])}
+        if r.get("abort_requested") and self.progress.aborted is None:
+            by = r["abort_requested"].get("by", "an operator") \
+                if isinstance(r["abort_requested"], dict) else "an operator"
+            self._begin_abort(f"aborted by {by}")
+
     # -- MQTT ----------------------------------------------------------------------------
-    async def _publish_desired(self, host: str, attempt: int) -> None:
+    def _desired(self, host: str, deployment_id: str, generation: int) -> bytes:
         assert self.ctx.key is not None
-        deployment_id = self.rollout_id if attempt == 1 else f"{self.rollout_id}.{attempt}"
-        with self.log.transaction() as doc:
-            generation, patch = store.start_host(doc, self.rollout_id, host, deployment_id)
-        self.log.append("host-started", patch)
         now = time.time()
         desired = Desired(
             host=host, deployment_id=deployment_id, rollout_id=self.rollout_id,
@@ -166,11 +290,27 @@ class RolloutDriver:
             check_only=self.req.check_only, choices=self.req.choices,
             policy=self.req.agent_policy,
         )
-        payload = encode(sign(desired, self.ctx.key))
-        v = self.views[host]
-        v.deployment_id, v.generation, v.started = deployment_id, generation, now
-        v.phase, v.result, v.finished, v.last_seq = "published", None, None, -1
-        await self._publish(self.ctx.topics.desired(host), payload, retain=True)
+        return encode(sign(desired, self.ctx.key))
+
+    async def _start_hosts(self, starts: list[Start]) -> None:
+        """Write-ahead: give every host its generation in one fsynced append, then publish."""
+        now = time.time()
+        assigned: list[tuple[str, str, int]] = []
+        with self.log.transaction() as txn:
+            for a in starts:
+                dep, generation, patch = store.start_host(txn.doc, self.rollout_id, a.host,
+                                                          a.attempt, now)
+                txn.add("host-started", patch)
+                assigned.append((a.host, dep, generation))
+        payloads = []
+        for host, dep, generation in assigned:
+            v = self.views[host]
+            v.deployment_id, v.generation, v.started, v.acked = dep, generation, now, None
+            v.phase, v.result, v.finished, v.last_seq = "published", None, None, -1
+            v.message, v.percent, v.step, v.log_tail = "", None, None, []
+            payloads.append((host, self._desired(host, dep, generation)))
+        await asyncio.gather(*(self._publish(self.ctx.topics.desired(h), p, retain=True)
+                               for h, p in payloads))
 
     async def _publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
         async with self._publish_sem:
@@ -190,17 +330,18 @@ class RolloutDriver:
 
     def _subscriptions(self) -> list[str]:
         t = self.ctx.topics
-        events = t.all_hosts("events")
-        if self.ctx.share_group:
-            events = t.shared(self.ctx.share_group, events)
-        return [events, t.all_hosts("state"), t.all_hosts("online")]
+        # Results also arrive through the (unshared) retained states, so a driver whose
+        # share group routes an event to another member still learns every outcome.
+        return [self.ctx.events_filter(), t.all_hosts("state"), t.all_hosts("online")]
 
     def _on_message(self, message: aiomqtt.Message) -> None:
-        try:
-            host, kind = self.ctx.topics.parse(str(message.topic))
-        except ProtocolError:
+        topic = str(message.topic)
+        if topic == self._marker:
+            self._synced.set()
             return
-        except Exception:
+        try:
+            host, kind = self.ctx.topics.parse(topic)
+        except ProtocolError:
             return
         view = self.views.get(host)
         if view is None:
@@ -208,24 +349,26 @@ class RolloutDriver:
         payload = message.payload if isinstance(message.payload, bytes) else b""
         if kind == "online":
             view.online = payload == b"online"
+            self._changed.set()
             return
         if not payload:
             return
+        was_done = view.done
         try:
             if kind == "events":
                 ev: Event = decode(payload, expect=EVENT_TYPES)
-                was_done = view.done
-                if not fold_event(view, ev) or was_done:
+                if not fold_event(view, ev):
                     return
             elif kind == "state":
                 st: HostState = decode(payload, expect=(HostState,))
-                was_done = view.done
-                if not fold_state(view, st) or was_done:
+                if not fold_state(view, st):
                     return
             else:
                 return
         except ProtocolError as exc:
             log.warning("ignoring malformed %s message from %s: %s", kind, host, exc)
+            return
+        if was_done:
             return
         if view.done:
             self._host_status(host, view.result or "failed", view.message, view.system)
@@ -234,7 +377,8 @@ class RolloutDriver:
             self.on_change(self)
 
     async def _session(self, ready: asyncio.Event) -> None:
-        """Keep one persistent session up; on every (re)connect resubscribe and catch up."""
+        """Keep one persistent session up; on every (re)connect resubscribe and catch up.
+        `ready` is set once the retained states and online flags have all arrived."""
         delay = 0.2
         while True:
             try:
@@ -243,12 +387,14 @@ class RolloutDriver:
                 async with client:
                     for topic in self._subscriptions():
                         await client.subscribe(topic, qos=1)
-                    await sync_marker(client, self.ctx.topics)
+                    self._synced.clear()
+                    self._marker = await sync_marker(client, self.ctx.topics)
                     self._client = client
-                    ready.set()
                     delay = 0.2
                     async for message in client.messages:
                         self._on_message(message)
+                        if self._synced.is_set() and not ready.is_set():
+                            ready.set()
             except aiomqtt.MqttError as exc:
                 self._client = None
                 if not ready.is_set():
@@ -260,101 +406,190 @@ class RolloutDriver:
             finally:
                 self._client = None
 
+    async def _end_session(self) -> None:
+        """Discard our persistent session on the broker (it would queue every fleet event
+        for days): reconnect with the same client id and a clean start, expiry 0."""
+        with contextlib.suppress(BrokerUnavailable, aiomqtt.MqttError, OSError, TimeoutError):
+            async with asyncio.timeout(5), connect(
+                    self.ctx.broker, client_id=f"fleetctl-{self.rollout_id}",
+                    **self.ctx.client_kwargs):
+                pass
+
+    async def _reconcile_desired(self) -> None:
+        """Resume: a host given a generation whose desired state the broker does not hold
+        (the controller died between the log write and the publish) gets the same
+        desired again; one superseded by a newer deployment is cancelled."""
+        inflight = {h: v for h, v in self.views.items()
+                    if v.deployment_id is not None and v.result is None}
+        if not inflight:
+            return
+        t = self.ctx.topics
+        async with connect(self.ctx.broker, **self.ctx.client_kwargs) as client:
+            messages = await read_retained(client, t, [t.all_hosts("desired")])
+        current: dict[str, tuple[str, int]] = {}
+        for m in messages:
+            payload = m.payload if isinstance(m.payload, bytes) else b""
+            try:
+                host, _ = t.parse(str(m.topic))
+                if payload:
+                    d: Desired = decode(payload, expect=(Desired,))
+                    current[host] = (d.deployment_id, d.generation)
+            except ProtocolError:
+                continue
+        republish = []
+        for h, v in inflight.items():
+            assert v.deployment_id is not None
+            cur = current.get(h)
+            if cur == (v.deployment_id, v.generation) or v.acked is not None:
+                continue
+            if cur is not None and cur[1] > v.generation:
+                v.result = v.phase = "cancelled"
+                v.message = f"superseded by deployment {cur[0]} (generation {cur[1]})"
+                self._host_status(h, "cancelled", v.message)
+            elif self.progress.aborted is None:
+                republish.append((h, self._desired(h, v.deployment_id, v.generation)))
+        if republish:
+            log.info("re-publishing %d desired state(s) the broker did not hold", len(republish))
+        await asyncio.gather(*(self._publish(t.desired(h), p, retain=True) for h, p in republish))
+
     # -- the loop ------------------------------------------------------------------------
     async def run(self, wait: bool = True) -> Outcome:
+        if self.ctx.key is None:
+            raise UsageError("no signing key: run `fleetctl keys init`")
+        self.lock.acquire()
         ready = asyncio.Event()
         session = asyncio.create_task(self._session(ready), name="controller-session")
+        status = "running"
         try:
             waiter = asyncio.create_task(ready.wait())
             await asyncio.wait([session, waiter], return_when=asyncio.FIRST_COMPLETED)
             if session.done():
+                waiter.cancel()
                 session.result()  # raises BrokerUnavailable
-            waiter.cancel()
-            if not self.batches:
+            if not self.created:
                 self.create()
-            deadline = self.started + self.req.timeout
-            status = await self._drive(deadline, wait)
+            else:
+                await self._reconcile_desired()
+            if self.resumed:
+                self.started = time.time()  # a resumed rollout gets a fresh deadline
+            status = await self._drive(self.started + self.req.timeout, wait)
         finally:
-            self.flush()
+            if self._ask_task is not None:
+                self._ask_task.cancel()
+            with contextlib.suppress(Exception):
+                self.flush()
             session.cancel()
             with contextlib.suppress(asyncio.CancelledError, BrokerUnavailable):
                 await session
+            finished = status not in ("running", "published")
+            if finished:
+                await self._end_session()
+            self.lock.release(remove=finished or not self.created)
         return Outcome(self.rollout_id, status, self.views, self.started, time.time())
+
+    def _begin_abort(self, reason: str) -> None:
+        self.progress.aborted = reason
+        self.waiting_for = None
+        self._record("rollout-aborting",
+                     store.set_rollout_field(self.rollout_id, "abort_reason", reason))
+        if self._ask_task is not None:
+            self._ask_task.cancel()
+        # Hosts sent a desired state that never acknowledged it lose it now (the planner
+        # cancels them once it is clear they will not start); hosts not yet sent one are
+        # never touched.
+        for v in self.views.values():
+            if v.deployment_id is not None and v.result is None and v.acked is None:
+                self._withdraw(v.host)
+
+    def _withdraw(self, host: str) -> None:
+        if host not in self._cleared:
+            self._cleared.add(host)
+            self._to_clear.append(host)
 
     async def _drive(self, deadline: float, wait: bool) -> str:
         pr = self.progress
+        last_poll = 0.0
         while True:
             now = time.time()
-            self._note_batches(now)
+            if now - last_poll >= LOG_POLL_INTERVAL:
+                self._poll_log()
+                last_poll = now
             actions = plan(self.req.rollout, list(self.views.values()), self.batches, now,
                            deadline, pr)
             starts: list[Start] = []
+            awaiting: int | None = None
+            self.pause_until = None
             for a in actions:
                 if isinstance(a, Start):
                     pr.attempts[a.host] = a.attempt
                     starts.append(a)
                 elif isinstance(a, TimeOut):
-                    v = self.views[a.host]
-                    v.result, v.phase, v.finished = "timed_out", "timed_out", now
-                    self._host_status(a.host, "timed_out", "no result before the timeout")
+                    self._finish_host(a.host, "timed_out", a.reason, now)
                 elif isinstance(a, Skip):
-                    v = self.views[a.host]
-                    v.result, v.phase, v.message = "skipped", "skipped", a.reason
-                    self._host_status(a.host, "skipped", a.reason)
+                    self._finish_host(a.host, "skipped", a.reason, now)
+                elif isinstance(a, Cancel):
+                    self._finish_host(a.host, "cancelled", a.reason, now)
+                    self._withdraw(a.host)
+                elif isinstance(a, BatchDone):
+                    pr.batch_done_at[a.batch] = now
+                    self._record("batch-done", store.batch_done(self.rollout_id, a.batch, now))
                 elif isinstance(a, Abort):
-                    pr.aborted = a.reason
-                    self._record("rollout-aborting", store.set_rollout_field(
-                        self.rollout_id, "abort_reason", a.reason))
-                    await self._cancel_unacked()
+                    self._begin_abort(a.reason)
                 elif isinstance(a, AwaitContinue):
-                    await self._await_continue(a.batch)
-            if starts:
-                await asyncio.gather(*(self._publish_desired(a.host, a.attempt) for a in starts))
+                    awaiting = a.batch
+                elif isinstance(a, Plan):
+                    self.pause_until = a.at
+            self._set_waiting(awaiting)
             self.flush()
+            if self._to_clear:
+                hosts, self._to_clear = self._to_clear, []
+                await asyncio.gather(*(self.clear_desired(h) for h in hosts))
+            if starts:
+                await self._start_hosts(starts)
             if self.on_change is not None:
                 self.on_change(self)
             finish = next((a for a in actions if isinstance(a, Finish)), None)
             if finish is not None:
+                self.status = finish.status
                 self._record("rollout-finished",
                              store.finish_rollout(self.rollout_id, finish.status))
+                self.flush()
                 return finish.status
             if not wait:
                 return "published"
-            if any(isinstance(a, AwaitContinue) for a in actions):
-                continue
             wake = next((a.at for a in actions if isinstance(a, Plan)), now + 1.0)
+            until = min(wake, deadline, now + LOG_POLL_INTERVAL)
             self._changed.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), max(0.01, min(wake, deadline) - now))
+                await asyncio.wait_for(self._changed.wait(), max(0.01, until - time.time()))
             await asyncio.sleep(PLAN_INTERVAL)  # let a burst of events fold before re-planning
 
-    def _note_batches(self, now: float) -> None:
-        for index, batch in enumerate(self.batches):
-            if index in self.progress.batch_done_at:
-                continue
-            if all(self.views[h].result is not None for h in batch):
-                self.progress.batch_done_at[index] = now
+    def _finish_host(self, host: str, result: str, message: str, now: float) -> None:
+        v = self.views[host]
+        v.result, v.phase, v.message, v.finished = result, result, message, now
+        self._host_status(host, result, message)
 
-    async def _cancel_unacked(self) -> None:
-        """On abort: hosts that were sent a desired state but have not acked lose it."""
-        for v in self.views.values():
-            if v.deployment_id is not None and v.result is None and v.phase == "published":
-                await self.clear_desired(v.host)
-                v.result, v.phase, v.message = "cancelled", "cancelled", "rollout aborted"
-                self._host_status(v.host, "cancelled", "rollout aborted before the host acked")
-
-    async def _await_continue(self, batch: int) -> None:
-        """Wait for `fleetctl rollout continue ID` (or an interactive yes)."""
-        if self.confirm_batch is not None and await self.confirm_batch(self, batch):
-            self.progress.continued.add(batch)
+    def _set_waiting(self, batch: int | None) -> None:
+        if batch == self.waiting_for:
             return
-        while True:
-            doc = self.log.load()
-            continued = doc["rollouts"][self.rollout_id].get("continued", [])
-            if batch in continued:
-                self.progress.continued.add(batch)
-                return
-            if doc["rollouts"][self.rollout_id].get("abort_requested"):
-                self.progress.aborted = "aborted by the operator"
-                return
-            await asyncio.sleep(0.5)
+        self.waiting_for = batch
+        self._record("rollout-awaiting",
+                     store.set_rollout_field(self.rollout_id, "awaiting_batch", batch))
+        if self._ask_task is not None:
+            self._ask_task.cancel()
+            self._ask_task = None
+        if batch is not None and self.ask_continue is not None:
+            self._ask_task = asyncio.create_task(self._ask(batch))
+
+    async def _ask(self, batch: int) -> None:
+        """An interactive yes/no (on a terminal); the event log may answer first."""
+        assert self.ask_continue is not None
+        answer = await self.ask_continue(self, batch)
+        if answer is True:
+            self.progress.continued.add(batch)
+            self._record("batch-continued",
+                         store.continue_batch(self.log.doc, self.rollout_id, batch))
+        elif answer is False:
+            self._record("abort-requested", store.request_abort(self.rollout_id, "the operator"))
+            self._begin_abort("aborted by the operator")
+        self._changed.set()

@@ -5,6 +5,11 @@ index 0 initialises the document with `_type`. Replaying the patches gives the c
 document. Appends are fsynced; a torn last line (crash mid-write) is ignored, reported
 and cut off before the next append. Writers are serialised across processes with
 `flock` on `state.lock`, and each writer first catches up on lines others appended.
+
+Readers keep a byte offset and catch up incrementally. Compaction replaces the file
+(write a snapshot as a new index-0 file, fsync, rename); a reader notices because the
+inode changed, the file shrank below its offset, or the line at its offset does not
+continue its index, and then replays the new file from the start.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +32,8 @@ from protocol.errors import StateError
 log = logging.getLogger(__name__)
 DOC_TYPE = "flotilla-controller-state"
 Patch = list[dict[str, Any]]
+PATCH_ERRORS = (ValueError, KeyError, TypeError, IndexError, jsonpatch.JsonPatchException,
+                jsonpatch.JsonPointerException)
 
 
 def initial_document() -> dict[str, Any]:
@@ -35,6 +43,24 @@ def initial_document() -> dict[str, Any]:
 def escape(key: str) -> str:
     """JSON-Pointer escaping of one path segment."""
     return key.replace("~", "~0").replace("/", "~1")
+
+
+class _Replaced(Exception):
+    """The file at our offset is not the one we were reading (compacted meanwhile)."""
+
+
+@dataclass
+class Transaction:
+    """An exclusive section: read `doc` (current, including other processes' appends),
+    queue entries with `add`; they are written with one write and one fsync at the end.
+    Patches are applied after the write, so compute each from `doc` as it was."""
+
+    doc: dict[str, Any]
+    entries: list[tuple[str, Patch]] = field(default_factory=list)
+
+    def add(self, event: str, patch: Patch) -> None:
+        if patch:
+            self.entries.append((event, patch))
 
 
 class EventLog:
@@ -48,55 +74,82 @@ class EventLog:
         self._offset = 0
         self._inode = -1
 
+    def exists(self) -> bool:
+        return self.path.exists()
+
     # -- reading -----------------------------------------------------------------------
     def load(self) -> dict[str, Any]:
         """Replay the whole file (shared lock)."""
         with self._locked(exclusive=False):
-            self.doc, self.index, self._offset = {}, -1, 0
+            self._reset()
             self._catch_up()
         return self.doc
 
+    def refresh(self) -> dict[str, Any]:
+        """Apply what other processes appended since our last read (shared lock)."""
+        with self._locked(exclusive=False):
+            self._catch_up()
+        return self.doc
+
+    def _reset(self) -> None:
+        self.doc, self.index, self._offset, self._inode = {}, -1, 0, -1
+
     def _catch_up(self) -> None:
         try:
+            self._read_from_offset()
+        except _Replaced:
+            self._reset()
+            self._read_from_offset()
+
+    def _read_from_offset(self) -> None:
+        try:
             with open(self.path, "rb") as fh:
-                inode = os.fstat(fh.fileno()).st_ino
-                if inode != self._inode:  # compacted (replaced) by another process
-                    self._inode, self._offset, self.index, self.doc = inode, 0, -1, {}
+                st = os.fstat(fh.fileno())
+                if self._offset and (st.st_ino != self._inode or st.st_size < self._offset):
+                    raise _Replaced
+                self._inode = st.st_ino
                 fh.seek(self._offset)
                 data = fh.read()
         except FileNotFoundError:
+            if self._offset:
+                raise _Replaced from None
             data = b""
         except OSError as exc:
             raise StateError(f"cannot read {self.path}: {exc.strerror}") from None
         *lines, tail = data.split(b"\n")
-        for n, line in enumerate(lines):
+        resumed = self._offset > 0
+        for line in lines:
+            if line.strip():
+                try:
+                    entry = json.loads(line)
+                    if resumed and (not isinstance(entry, dict)
+                                    or entry.get("index") != self.index + 1):
+                        raise _Replaced
+                    self._apply(entry)
+                except _Replaced:
+                    raise
+                except PATCH_ERRORS as exc:
+                    if resumed:
+                        raise _Replaced from None
+                    raise StateError(
+                        f"{self.path}: the entry after index {self.index} is corrupt ({exc}); "
+                        "restore it from a backup or remove that line") from None
+                resumed = False
             self._offset += len(line) + 1
-            if not line.strip():
-                continue
-            try:
-                entry = json.loads(line)
-                self._apply(entry)
-            except (ValueError, KeyError, TypeError, jsonpatch.JsonPatchException,
-                    jsonpatch.JsonPointerException) as exc:
-                raise StateError(
-                    f"{self.path}: entry after index {self.index} is corrupt ({exc}); "
-                    "restore from backup or remove the bad line"
-                ) from None
-            del n
         self.torn = None
         if tail:
-            self.torn = f"{self.path}: ignored a torn last line ({len(tail)} bytes)"
+            self.torn = (f"{self.path}: ignored a torn last line ({len(tail)} bytes, "
+                         "an interrupted write); it is cut off at the next append")
             log.warning("%s", self.torn)
 
     def _apply(self, entry: dict[str, Any]) -> None:
         index = entry["index"]
         if index != self.index + 1:
             raise ValueError(f"index {index} follows {self.index}")
-        if index == 0:
-            self.doc = {}
-        self.doc = jsonpatch.JsonPatch(entry["patch"]).apply(self.doc, in_place=True)
-        if index == 0 and self.doc.get("_type") != DOC_TYPE:
-            raise ValueError("index 0 must set _type")
+        doc = {} if index == 0 else self.doc
+        self.doc = jsonpatch.JsonPatch(entry["patch"]).apply(doc, in_place=True)
+        if index == 0 and (not isinstance(self.doc, dict) or self.doc.get("_type") != DOC_TYPE):
+            raise ValueError(f"index 0 must set _type to {DOC_TYPE!r}")
         self.index = index
 
     # -- writing -----------------------------------------------------------------------
@@ -114,14 +167,17 @@ class EventLog:
             os.close(fd)
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[dict[str, Any]]:
+    def transaction(self) -> Iterator[Transaction]:
         """Exclusive section: catch up with other writers, then append under the lock."""
         with self._locked():
             self._catch_up()
             if self.index < 0:
                 self._write([(0, "init", [{"op": "replace", "path": "",
                                            "value": initial_document()}])])
-            yield self.doc
+            txn = Transaction(self.doc)
+            yield txn
+            if txn.entries:
+                self._write([(self.index + 1 + i, e, p) for i, (e, p) in enumerate(txn.entries)])
 
     def append(self, event: str, patch: Patch) -> None:
         self.append_many([(event, patch)])
@@ -131,16 +187,25 @@ class EventLog:
         entries = [(e, p) for e, p in entries if p]
         if not entries:
             return
-        with self.transaction():
-            self._write([(self.index + 1 + i, e, p) for i, (e, p) in enumerate(entries)])
+        with self.transaction() as txn:
+            for e, p in entries:
+                txn.add(e, p)
 
     def _write(self, entries: list[tuple[int, str, Patch]]) -> None:
         now = time.time()
-        lines = []
-        for index, event, patch in entries:
-            lines.append(json.dumps({"index": index, "meta": {"time": now, "event": event},
-                                     "patch": patch}, separators=(",", ":")))
+        lines = [json.dumps({"index": index, "meta": {"time": now, "event": event},
+                             "patch": patch}, separators=(",", ":"))
+                 for index, event, patch in entries]
         data = ("\n".join(lines) + "\n").encode()
+        # Apply first (in place, cheap), so a bad patch never reaches the file; on any
+        # failure forget the in-memory document: the next read replays the file.
+        try:
+            for index, _event, patch in entries:
+                self._apply({"index": index, "patch": patch})
+        except PATCH_ERRORS as exc:
+            self._reset()
+            raise StateError(f"refusing to append an invalid patch to {self.path}: {exc}"
+                             ) from None
         try:
             with open(self.path, "ab") as fh:
                 if self.torn is not None:  # cut the torn tail so we stay line-aligned
@@ -149,20 +214,24 @@ class EventLog:
                 fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())
+                self._inode = os.fstat(fh.fileno()).st_ino
         except OSError as exc:
+            self._reset()
             raise StateError(f"cannot append to {self.path}: {exc.strerror}") from None
-        for index, _event, patch in entries:
-            self._apply({"index": index, "patch": patch})
         self._offset += len(data)
 
-    def compact(self) -> int:
-        """Replace the log by one index-0 snapshot, atomically (write, fsync, rename)."""
+    def compact(self) -> tuple[int, int]:
+        """Replace the log by one index-0 snapshot, atomically (write, fsync, rename).
+        Returns (entries before, bytes saved)."""
         with self._locked():
-            self._offset, self.index, self.doc = 0, -1, {}
+            self._reset()
             self._catch_up()
-            before = self.index + 1
+            if self.index < 0:
+                return 0, 0
+            before, size = self.index + 1, self._offset
             tmp = self.path.with_suffix(".jsonl.tmp")
-            entry = {"index": 0, "meta": {"time": time.time(), "event": "snapshot"},
+            entry = {"index": 0, "meta": {"time": time.time(), "event": "snapshot",
+                                          "entries": before},
                      "patch": [{"op": "replace", "path": "", "value": self.doc}]}
             try:
                 with open(tmp, "wb") as fh:
@@ -177,6 +246,6 @@ class EventLog:
                     os.close(dfd)
             except OSError as exc:
                 raise StateError(f"cannot compact {self.path}: {exc.strerror}") from None
-            self._offset, self.index, self.doc = 0, -1, {}
+            self._reset()
             self._catch_up()
-            return before
+            return before, size - self._offset

@@ -1,4 +1,10 @@
-"""Live progress rendering (rich) and plain summaries for `deploy` and `watch`."""
+"""Live progress rendering (rich) and plain summaries for `deploy`, `resume` and `watch`.
+
+`render` is O(hosts) (plus sorting the hosts shown), so refreshing it a few times a
+second stays cheap at fleet scale: it shows at most MAX_BATCH_ROWS batch bars (finished
+batches collapse into one line), counts by phase, the slowest running hosts, and the
+most recent failures with their last log lines.
+"""
 
 from __future__ import annotations
 
@@ -14,9 +20,17 @@ from rich.text import Text
 from controller.view import HostView
 
 PHASE_STYLE = {"succeeded": "green", "failed": "red", "rolled_back": "yellow",
-               "timed_out": "red", "rejected": "red", "awaiting_choice": "magenta",
-               "awaiting_approval": "magenta", "cancelled": "dim", "skipped": "dim"}
-MAX_ROWS = 25
+               "timed_out": "red", "rejected": "red", "awaiting choice": "magenta",
+               "awaiting_approval": "magenta", "cancelled": "dim", "skipped": "dim",
+               "not started": "dim", "offline (queued)": "yellow"}
+MAX_ROWS = 15
+MAX_BATCH_ROWS = 6
+MAX_FAILURES = 5
+
+
+def refresh_interval(hosts: int) -> float:
+    """Seconds between live redraws: a redraw is O(hosts), keep it a small CPU share."""
+    return 0.2 if hosts <= 1000 else min(2.0, 0.2 * hosts / 1000)
 
 
 def phase_label(v: HostView) -> str:
@@ -28,42 +42,76 @@ def phase_label(v: HostView) -> str:
         return f"migrating {v.step}"
     if v.deployment_id is None:
         return "not started"
-    if v.online is False and v.phase == "published":
+    if v.online is not True and v.phase == "published":
         return "offline (queued)"
     return v.phase
 
 
+def _bar(label: str, total: int, finished: int, failed: int) -> Table:
+    row = Table.grid(padding=(0, 1))
+    extra = f" ({failed} failed)" if failed else ""
+    row.add_row(Text(label), ProgressBar(total=max(total, 1), completed=finished, width=30),
+                Text(f"{finished}/{total}{extra}"))
+    return row
+
+
 def render(views: Iterable[HostView], title: str, batches: list[list[str]] | None = None,
-           now: float | None = None) -> Group:
+           now: float | None = None, notes: list[str] | None = None) -> Group:
     now = now or time.time()
     hosts = list(views)
+    by_host = {v.host: v for v in hosts}
     counts = Counter(phase_label(v) for v in hosts)
     done = sum(1 for v in hosts if v.result is not None)
     parts: list[object] = [Text(f"{title}  {done}/{len(hosts)} finished", style="bold")]
+    # Batch bars: finished batches collapse into one line; show the active ones.
+    stats = []
     for i, batch in enumerate(batches or []):
-        members = [v for v in hosts if v.host in set(batch)]
-        finished = sum(1 for v in members if v.result is not None)
-        row = Table.grid(padding=(0, 1))
-        row.add_row(Text(f"batch {i + 1:>2}"), ProgressBar(total=len(members), completed=finished,
-                                                           width=30),
-                    Text(f"{finished}/{len(members)}"))
-        parts.append(row)
+        members = [by_host[h] for h in batch if h in by_host]
+        finished = sum(1 for m in members if m.result is not None)
+        failed = sum(1 for m in members
+                     if m.result not in (None, "succeeded", "skipped", "cancelled"))
+        started = any(m.deployment_id is not None or m.result is not None for m in members)
+        stats.append((i, len(members), finished, failed, started))
+    complete = [s for s in stats if s[2] == s[1]]
+    if len(complete) > 1:
+        parts.append(_bar(f"{len(complete)} batches done", sum(s[1] for s in complete),
+                          sum(s[2] for s in complete), sum(s[3] for s in complete)))
+        stats = [s for s in stats if s[2] != s[1]]
+    shown = stats[:MAX_BATCH_ROWS]
+    for i, total, finished, failed, _started in shown:
+        parts.append(_bar(f"batch {i + 1:>2}", total, finished, failed))
+    if len(stats) > len(shown):
+        rest = stats[len(shown):]
+        parts.append(Text(f"  … {len(rest)} more batch(es), {sum(s[1] for s in rest)} hosts",
+                          style="dim"))
     parts.append(Text("  ".join(f"{k}: {n}" for k, n in sorted(counts.items()))))
+    for note in notes or []:
+        parts.append(Text(note, style="bold yellow"))
+    # Slowest running hosts first, then the most recently finished.
+    running = sorted((v for v in hosts if v.result is None and v.deployment_id is not None),
+                     key=lambda v: -v.elapsed(now))
     table = Table(show_header=True, header_style="bold", expand=False)
     for col in ("host", "phase", "progress", "elapsed", "message"):
         table.add_column(col)
-    active = sorted(hosts, key=lambda v: (v.result is not None, -v.elapsed(now)))
-    for v in active[:MAX_ROWS]:
+    rows = running[:MAX_ROWS]
+    if len(rows) < MAX_ROWS:
+        recent = sorted((v for v in hosts if v.result is not None),
+                        key=lambda v: -(v.finished or 0))
+        rows += recent[:MAX_ROWS - len(rows)]
+    for v in rows:
         label = phase_label(v)
         pct = f"{v.percent:.0f}%" if v.percent is not None else ""
         table.add_row(v.host, Text(label, style=PHASE_STYLE.get(label, "")), pct,
                       f"{v.elapsed(now):.1f}s", v.message[:60])
-    if len(hosts) > MAX_ROWS:
-        table.caption = f"{len(hosts) - MAX_ROWS} more hosts not shown (slowest first)"
+    if len(hosts) > len(rows):
+        table.caption = (f"{len(running)} running (slowest first); "
+                         f"{len(hosts) - len(rows)} more hosts not shown")
     parts.append(table)
-    failures = [v for v in hosts if v.result not in (None, "succeeded", "skipped")][-5:]
+    failures = sorted((v for v in hosts
+                       if v.result not in (None, "succeeded", "skipped", "cancelled")),
+                      key=lambda v: -(v.finished or 0))[:MAX_FAILURES]
     for v in failures:
-        parts.append(Text(f"✗ {v.host}: {v.message}", style="red"))
+        parts.append(Text(f"✗ {v.host}: {v.result}: {v.message}", style="red"))
         for line in v.log_tail[-3:]:
             parts.append(Text(f"    {line}", style="dim"))
     return Group(*parts)  # type: ignore[arg-type]
@@ -75,6 +123,8 @@ def print_summary(console: Console, views: Iterable[HostView], status: str,
     c = Counter(v.result or "not started" for v in hosts)
     console.print(f"[bold]rollout {status}[/] in {duration:.1f}s: "
                   + ", ".join(f"{k} {n}" for k, n in sorted(c.items())))
-    for v in hosts:
-        if v.result not in ("succeeded", None, "skipped"):
-            console.print(f"  {v.host}: {v.result}: {v.message}")
+    failed = [v for v in hosts if v.result not in ("succeeded", None, "skipped", "cancelled")]
+    for v in failed[:20]:
+        console.print(f"  {v.host}: {v.result}: {v.message}")
+    if len(failed) > 20:
+        console.print(f"  … and {len(failed) - 20} more")

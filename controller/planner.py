@@ -1,9 +1,34 @@
 """The rollout planner: a pure function of (policy, hosts, results so far, time).
 
 No MQTT, no files: `plan()` looks at HostViews and returns actions for the driver
-(start a host, time one out, skip one, wait for an operator, abort, finish). Modeled
-on AWS IoT Jobs (rollout rate, abort thresholds, in-progress timeouts, retries) and
-hawkBit (canary first group, group success threshold, confirmation between groups).
+(start a host, time one out, skip one, cancel an unacknowledged one, note that a batch
+completed, wait for an operator, abort, finish). Modeled on AWS IoT Jobs (rollout
+rate, abort thresholds judged after a minimum of executions, in-progress timeouts,
+retries) and hawkBit (canary first group, confirmation between groups).
+
+Rules, in the order `plan()` applies them:
+
+1. Timeouts. Past the rollout deadline every in-flight host times out. Otherwise a host
+   times out `host_timeout` seconds after it first reported (`HostView.acked`): a host
+   that is offline and queued (published, never heard from) does not time out.
+2. Thresholds. A host's failure is *final* once it has no retry left. Any final failure
+   in the canary batch aborts. `max_failures` N aborts when final failures exceed N;
+   P% aborts when final failures exceed P% of the executed hosts (succeeded or finally
+   failed). Neither is judged before `min_executed` hosts (at least one) executed.
+3. Abort. Nothing new starts and nothing is retried; running hosts finish. Hosts that
+   were sent a desired state but never acknowledged it are cancelled at once when
+   offline, else after `ack_grace` seconds (an online host acks within milliseconds).
+4. Starts. Retries first (a new attempt gets a new generation from the driver), then
+   the open batch (the first one not complete), both within `max_parallel`. A batch is
+   complete when every member has a final outcome (succeeded, skipped, cancelled or a
+   failure with no retry left). Batch i > 0 opens only after batch i-1 completed, plus
+   `pause_between_batches`, plus (with `confirm_batches`) an operator's continue.
+   With `offline = skip`, a host not known to be online when its turn comes is skipped.
+5. Finish, when nothing runs, nothing starts and nobody is asked: `aborted`, else
+   `timed_out` if the deadline left hosts unfinished, else `succeeded` if every host
+   that was not skipped succeeded (and at least one did), else `failed`.
+
+Every call is O(hosts).
 """
 
 from __future__ import annotations
@@ -16,14 +41,19 @@ from typing import Any, Literal
 from controller.view import HostView
 from protocol.errors import UsageError
 
-FAILED = {"failed", "rolled_back", "rejected", "timed_out", "blocked", "cancelled"}
+FAILED = frozenset({"failed", "rolled_back", "rejected", "timed_out", "blocked"})
+RETRYABLE = frozenset({"failed", "rolled_back", "timed_out"})
+NOT_EXECUTED = frozenset({"skipped", "cancelled"})
 COUNT_RE = re.compile(r"^(\d+)(%?)$")
+ACK_GRACE = 5.0
 
 
 def parse_count(value: str | int | None, name: str) -> tuple[int, bool] | None:
     """'5' -> (5, False), '10%' -> (10, True), None -> None."""
     if value is None:
         return None
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise UsageError(f"--{name} must be a number or a percentage like 10%, not {value!r}")
     m = COUNT_RE.fullmatch(str(value).strip())
     if not m or (m.group(2) and not 0 < int(m.group(1)) <= 100):
         raise UsageError(f"--{name} must be a number or a percentage like 10%, not {value!r}")
@@ -35,6 +65,14 @@ def resolve_count(spec: tuple[int, bool] | None, total: int) -> int | None:
         return None
     n, pct = spec
     return max(1, math.ceil(total * n / 100)) if pct else n
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -51,17 +89,30 @@ class RolloutPolicy:
     offline: Literal["wait", "skip"] = "wait"
 
     def __post_init__(self) -> None:
-        parse_count(self.batch, "batch")
+        batch = parse_count(self.batch, "batch")
+        if batch is not None and batch[0] < 1:
+            raise UsageError("--batch must be at least 1")
         parse_count(self.max_failures, "max-failures")
         for name in ("canary", "min_executed", "retries"):
-            if getattr(self, name) < 0:
-                raise UsageError(f"--{name.replace('_', '-')} must not be negative")
-        if self.max_parallel is not None and self.max_parallel < 1:
-            raise UsageError("--max-parallel must be at least 1")
-        if self.host_timeout is not None and self.host_timeout <= 0:
-            raise UsageError("--host-timeout must be positive")
+            value = getattr(self, name)
+            if not _is_int(value) or value < 0:
+                raise UsageError(f"--{name.replace('_', '-')} must be a whole number >= 0, "
+                                 f"not {value!r}")
+        if self.max_parallel is not None and (not _is_int(self.max_parallel)
+                                              or self.max_parallel < 1):
+            raise UsageError(f"--max-parallel must be a whole number >= 1, "
+                             f"not {self.max_parallel!r}")
+        if self.host_timeout is not None and (not _is_number(self.host_timeout)
+                                              or self.host_timeout <= 0):
+            raise UsageError(f"--host-timeout must be a positive number of seconds, "
+                             f"not {self.host_timeout!r}")
+        if not _is_number(self.pause_between_batches) or self.pause_between_batches < 0:
+            raise UsageError(f"--pause-between-batches must be seconds >= 0, "
+                             f"not {self.pause_between_batches!r}")
+        if not isinstance(self.confirm_batches, bool):
+            raise UsageError("confirm_batches must be true or false")
         if self.offline not in ("wait", "skip"):
-            raise UsageError("--offline must be wait or skip")
+            raise UsageError(f"--offline must be wait or skip, not {self.offline!r}")
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -75,7 +126,8 @@ class RolloutPolicy:
         return cls(**data)
 
     def batches(self, hosts: list[str]) -> list[list[str]]:
-        """Canary first (if any), then batches of `batch` hosts (default: all the rest)."""
+        """Canary first (if any), then batches of `batch` hosts (default: all the rest).
+        A percentage is of all hosts in the rollout."""
         out: list[list[str]] = []
         rest = list(hosts)
         if self.canary:
@@ -84,6 +136,21 @@ class RolloutPolicy:
         size = resolve_count(parse_count(self.batch, "batch"), len(hosts)) or len(rest) or 1
         out += [rest[i:i + size] for i in range(0, len(rest), size)]
         return [b for b in out if b]
+
+    def threshold_exceeded(self, failures: int, executed: int) -> bool:
+        """Judge the failure threshold (callers check `min_executed` first)."""
+        spec = parse_count(self.max_failures, "max-failures")
+        if spec is None or executed < max(1, self.min_executed):
+            return False
+        n, pct = spec
+        return failures * 100 > n * executed if pct else failures > n
+
+    def describe_threshold(self) -> str:
+        spec = parse_count(self.max_failures, "max-failures")
+        if spec is None:
+            return "no threshold"
+        n, pct = spec
+        return f"{n}% of executed hosts" if pct else f"{n} host(s)"
 
 
 @dataclass(frozen=True)
@@ -95,12 +162,28 @@ class Start:
 @dataclass(frozen=True)
 class TimeOut:
     host: str
+    reason: str = "no result before the host timeout"
 
 
 @dataclass(frozen=True)
 class Skip:
     host: str
     reason: str
+
+
+@dataclass(frozen=True)
+class Cancel:
+    """The host was sent a desired state but never acknowledged it: withdraw it."""
+
+    host: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class BatchDone:
+    """Batch `batch` (0-based) is complete; the driver notes the time (for pauses)."""
+
+    batch: int
 
 
 @dataclass(frozen=True)
@@ -115,17 +198,17 @@ class Abort:
 
 @dataclass(frozen=True)
 class Plan:
-    """Call `plan` again no later than `at` (a pause or a timeout falls due)."""
+    """Call `plan` again no later than `at` (a pause, timeout or grace falls due)."""
 
     at: float
 
 
 @dataclass(frozen=True)
 class Finish:
-    status: Literal["succeeded", "failed", "aborted", "timed_out", "published"]
+    status: Literal["succeeded", "failed", "aborted", "timed_out"]
 
 
-Action = Start | TimeOut | Skip | AwaitContinue | Abort | Plan | Finish
+Action = Start | TimeOut | Skip | Cancel | BatchDone | AwaitContinue | Abort | Plan | Finish
 
 
 @dataclass
@@ -138,96 +221,133 @@ class RolloutProgress:
     attempts: dict[str, int] = field(default_factory=dict)
 
 
-def _failed(v: HostView) -> bool:
-    return v.result in FAILED
-
-
 def plan(policy: RolloutPolicy, views: list[HostView], batches: list[list[str]], now: float,
-         deadline: float, progress: RolloutProgress | None = None) -> list[Action]:
+         deadline: float, progress: RolloutProgress | None = None, *,
+         ack_grace: float = ACK_GRACE) -> list[Action]:
     pr = progress or RolloutProgress()
-    by_host = {v.host: v for v in views}
     actions: list[Action] = []
     wake: list[float] = []
-    in_flight = [v for v in views if v.deployment_id is not None and v.result is None]
+    past_deadline = now >= deadline
+    aborting = pr.aborted is not None
+    canary = set(batches[0]) if policy.canary and batches else set()
+    attempts, retries, host_timeout = pr.attempts, policy.retries, policy.host_timeout
 
-    # Timeouts: per host, then the whole rollout.
+    # One pass over the hosts: 1. timeouts (the whole rollout, then per host, counted
+    # from its first report) and the facts the thresholds need. `result` only holds
+    # hosts that have one; `retry` the failed ones with a retry left.
+    result: dict[str, str] = {}
+    in_flight: list[HostView] = []
+    retry: list[HostView] = []
+    deadline_hit = False
+    executed = failures = 0
+    canary_failed: str | None = None
+    for v in views:
+        res = v.result
+        if res is None:
+            if v.deployment_id is None:
+                continue
+            if past_deadline:
+                actions.append(TimeOut(v.host, "no result before the rollout deadline"))
+                res, deadline_hit = "timed_out", True
+            elif host_timeout is not None and v.acked is not None \
+                    and now >= v.acked + host_timeout:
+                actions.append(TimeOut(v.host))
+                res = "timed_out"
+            else:
+                if host_timeout is not None and v.acked is not None:
+                    wake.append(v.acked + host_timeout)
+                in_flight.append(v)
+                continue
+        result[v.host] = res
+        if res in RETRYABLE and attempts.get(v.host, 1) <= retries:
+            retry.append(v)
+        elif res not in NOT_EXECUTED:
+            executed += 1
+            if res != "succeeded":
+                failures += 1
+                if canary_failed is None and v.host in canary:
+                    canary_failed = v.host
+
+    # 2. Thresholds: a final canary failure, or too many final failures.
+    if not aborting:
+        if canary_failed is not None:
+            actions.append(Abort(f"canary host {canary_failed} failed "
+                                 f"({result[canary_failed]})"))
+            aborting = True
+        elif policy.threshold_exceeded(failures, executed):
+            actions.append(Abort(f"{failures} of {executed} executed hosts failed, beyond "
+                                 f"the threshold of {policy.describe_threshold()}"))
+            aborting = True
+
+    # 3. Abort: withdraw what was never acknowledged; running hosts finish.
+    running = 0
     for v in in_flight:
-        if now >= deadline or (policy.host_timeout is not None and v.started is not None
-                               and now >= v.started + policy.host_timeout):
-            actions.append(TimeOut(v.host))
-        elif policy.host_timeout is not None and v.started is not None:
-            wake.append(v.started + policy.host_timeout)
-    timed_out = {a.host for a in actions if isinstance(a, TimeOut)}
-    running = [v for v in in_flight if v.host not in timed_out]
+        if aborting and v.acked is None:
+            if v.online is not True or v.started is None or now >= v.started + ack_grace:
+                actions.append(Cancel(v.host, "rollout aborted before the host acknowledged"))
+                result[v.host] = "cancelled"
+                continue
+            wake.append(v.started + ack_grace)
+        running += 1
 
-    def final_failure(v: HostView) -> bool:
-        return (v.host in timed_out or _failed(v)) and pr.attempts.get(v.host, 1) > policy.retries
-
-    # Retries of failed and timed-out hosts (not after an abort or the deadline).
-    retry = [v for v in views if (v.host in timed_out or _failed(v))
-             and pr.attempts.get(v.host, 1) <= policy.retries and not pr.aborted
-             and now < deadline]
-
-    retry_hosts = {v.host for v in retry}
-
-    # Thresholds: canary failure, or too many failures once enough have run.
-    executed = [v for v in views if v.deployment_id is not None
-                and (v.result is not None or v.host in timed_out) and v.result != "skipped"]
-    failures = [v for v in executed if final_failure(v)]
-    total = len(views)
-    limit = resolve_count(parse_count(policy.max_failures, "max-failures"), total)
-    if not pr.aborted:
-        canary = batches[0] if policy.canary and batches else []
-        if any(final_failure(by_host[h]) for h in canary if h in by_host):
-            actions.append(Abort("a canary host failed"))
-        elif limit is not None and len(executed) >= policy.min_executed and len(failures) > limit:
-            actions.append(Abort(f"{len(failures)} failures exceed the threshold of {limit}"))
-    aborting = bool(pr.aborted) or any(isinstance(a, Abort) for a in actions)
-
-    if not aborting and now < deadline:
+    # 4. Starts: retries, then the open batch, within max_parallel.
+    skipped: set[str] = set()
+    starting = awaiting = False
+    if not aborting and not past_deadline:
+        slots = (policy.max_parallel or len(views)) - running
+        not_final = {v.host for v in retry}
         for v in retry:
-            actions.append(Start(v.host, pr.attempts.get(v.host, 1) + 1))
-        # Which batch is open: the first that is not complete.
-        slots = (policy.max_parallel or total) - len(running) - len(retry)
+            if slots <= 0:
+                break
+            actions.append(Start(v.host, attempts.get(v.host, 1) + 1))
+            slots -= 1
+            starting = True
+        by_host = {v.host: v for v in views}
+        running_hosts = {v.host for v in in_flight}
+        last_done = 0.0
         for index, batch in enumerate(batches):
-            members = [by_host[h] for h in batch if h in by_host]
-            complete = all(m.result is not None and m.host not in timed_out
-                           and m.host not in retry_hosts for m in members)
-            not_started = [m for m in members if m.deployment_id is None and m.result is None]
-            if index > 0 and not_started:
-                prev_done = pr.batch_done_at.get(index - 1)
-                if prev_done is None:
-                    break
-                if policy.pause_between_batches and now < prev_done + policy.pause_between_batches:
-                    wake.append(prev_done + policy.pause_between_batches)
+            if index in pr.batch_done_at:  # seen complete: every member final, for good
+                last_done = pr.batch_done_at[index]
+                continue
+            if all(h in result and h not in not_final for h in batch if h in by_host):
+                actions.append(BatchDone(index))
+                last_done = now
+                continue
+            untouched = [by_host[h] for h in batch if h in by_host and h not in result
+                         and h not in running_hosts and by_host[h].deployment_id is None]
+            fresh = not any(h in result or h in running_hosts for h in batch)
+            if index > 0 and fresh:
+                if policy.pause_between_batches and now < last_done + policy.pause_between_batches:
+                    wake.append(last_done + policy.pause_between_batches)
                     break
                 if policy.confirm_batches and index not in pr.continued:
                     actions.append(AwaitContinue(index))
+                    awaiting = True
                     break
-            for m in not_started:
+            for m in untouched:
+                if policy.offline == "skip" and m.online is not True:
+                    actions.append(Skip(m.host, "offline when its batch started"))
+                    skipped.add(m.host)
+                    continue
                 if slots <= 0:
                     break
-                if policy.offline == "skip" and m.online is False:
-                    actions.append(Skip(m.host, "offline"))
-                    continue
                 actions.append(Start(m.host, 1))
+                starting = True
                 slots -= 1
-            if not complete:
-                break
+            break
 
-    # Finished?
-    starting = any(isinstance(a, Start) for a in actions)
-    if not running and not starting and not any(isinstance(a, AwaitContinue) for a in actions):
-        blocked = [v for v in views if v.result is None and v.deployment_id is None]
-        skipped = {a.host for a in actions if isinstance(a, Skip)}
+    # 5. Finish?
+    if running == 0 and not starting and not awaiting:
         if aborting:
             actions.append(Finish("aborted"))
-        elif now >= deadline and (timed_out or blocked):
-            actions.append(Finish("timed_out"))
-        elif not [v for v in blocked if v.host not in skipped]:
-            ok = all(v.result == "succeeded" for v in views
-                     if v.host not in skipped and v.result != "skipped")
-            actions.append(Finish("succeeded" if ok else "failed"))
+        else:
+            unfinished = any(v.host not in result and v.host not in skipped for v in views)
+            if past_deadline and (deadline_hit or unfinished):
+                actions.append(Finish("timed_out"))
+            elif not unfinished:
+                ok = [result[v.host] == "succeeded" for v in views
+                      if v.host not in skipped and result[v.host] != "skipped"]
+                actions.append(Finish("succeeded" if ok and all(ok) else "failed"))
     if wake:
         actions.append(Plan(min(wake)))
     return actions

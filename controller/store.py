@@ -4,21 +4,31 @@ Document shape (JSON):
     {_type, version,
      hosts:    {HOST: {generation, deployment_id, rollout_id, result, system}},
      rollouts: {ID: {id, selector, system, action, status, created, finished, policy,
+                     batches, continued, batch_done, awaiting_batch, abort_requested,
+                     abort_reason,
                      hosts: {HOST: {generation, deployment_id, status, result, message,
                                     attempts, started, finished, batch}}}}}
+
+`rollouts[ID].status` is running, succeeded, failed, aborted or timed_out; a host's
+`status` is pending, published or its result. `hosts[HOST].generation` is the last
+generation this controller gave the host (the next one is +1).
 Functions here are pure: they take the current document and return RFC 6902 ops.
 """
 
 from __future__ import annotations
 
+import difflib
 import secrets
 import time
 from typing import Any
 
 from controller.eventlog import Patch, escape
+from protocol.errors import InputError
 
 TERMINAL = {"succeeded", "failed", "rolled_back", "rejected", "cancelled", "blocked",
             "timed_out", "skipped"}
+ROLLOUT_DONE = {"succeeded", "failed", "aborted", "timed_out"}
+COUNT_KEYS = ("succeeded", "failed", "timed_out", "not_started")
 
 
 def new_rollout_id(now: float | None = None) -> str:
@@ -26,8 +36,21 @@ def new_rollout_id(now: float | None = None) -> str:
     return f"r{t}-{secrets.token_hex(3)}"
 
 
+def deployment_id(rollout_id: str, attempt: int) -> str:
+    """Attempt 1 deploys as the rollout id, a retry n as `ROLLOUT.n`."""
+    return rollout_id if attempt <= 1 else f"{rollout_id}.{attempt}"
+
+
 def host_generation(doc: dict[str, Any], host: str) -> int:
     return int(doc.get("hosts", {}).get(host, {}).get("generation", 0))
+
+
+def _r(rollout_id: str) -> str:
+    return f"/rollouts/{escape(rollout_id)}"
+
+
+def _rh(rollout_id: str, host: str) -> str:
+    return f"{_r(rollout_id)}/hosts/{escape(host)}"
 
 
 def create_rollout(doc: dict[str, Any], rollout_id: str, selector: str, system: str,
@@ -38,33 +61,38 @@ def create_rollout(doc: dict[str, Any], rollout_id: str, selector: str, system: 
              for i, batch in enumerate(batches) for h in batch}
     value = {"id": rollout_id, "selector": selector, "system": system, "action": action,
              "status": "running", "created": time.time(), "finished": None,
-             "policy": policy, "batches": len(batches), "hosts": hosts}
-    return [{"op": "add", "path": f"/rollouts/{escape(rollout_id)}", "value": value}]
+             "policy": policy, "batches": len(batches), "continued": [], "batch_done": {},
+             "awaiting_batch": None, "abort_requested": None, "abort_reason": None,
+             "hosts": hosts}
+    return [{"op": "add", "path": _r(rollout_id), "value": value}]
 
 
-def start_host(doc: dict[str, Any], rollout_id: str, host: str, deployment_id: str
-               ) -> tuple[int, Patch]:
-    """Assign the host its next generation for this rollout attempt."""
+def start_host(doc: dict[str, Any], rollout_id: str, host: str, attempt: int,
+               now: float | None = None) -> tuple[str, int, Patch]:
+    """Assign the host its next generation for this rollout attempt (write-ahead: the
+    driver appends this before it publishes). Returns (deployment id, generation, ops)."""
+    dep = deployment_id(rollout_id, attempt)
     generation = host_generation(doc, host) + 1
-    r = f"/rollouts/{escape(rollout_id)}/hosts/{escape(host)}"
-    attempts = int(doc["rollouts"][rollout_id]["hosts"][host]["attempts"]) + 1
-    entry = {"generation": generation, "deployment_id": deployment_id,
-             "rollout_id": rollout_id, "result": None,
-             "system": doc.get("hosts", {}).get(host, {}).get("system")}
+    r = _rh(rollout_id, host)
+    entry = {"generation": generation, "deployment_id": dep, "rollout_id": rollout_id,
+             "result": None, "system": doc.get("hosts", {}).get(host, {}).get("system")}
     patch: Patch = [
         {"op": "add", "path": f"/hosts/{escape(host)}", "value": entry},
         {"op": "replace", "path": f"{r}/generation", "value": generation},
-        {"op": "replace", "path": f"{r}/deployment_id", "value": deployment_id},
+        {"op": "replace", "path": f"{r}/deployment_id", "value": dep},
         {"op": "replace", "path": f"{r}/status", "value": "published"},
-        {"op": "replace", "path": f"{r}/attempts", "value": attempts},
-        {"op": "replace", "path": f"{r}/started", "value": time.time()},
+        {"op": "replace", "path": f"{r}/result", "value": None},
+        {"op": "replace", "path": f"{r}/message", "value": ""},
+        {"op": "replace", "path": f"{r}/attempts", "value": attempt},
+        {"op": "replace", "path": f"{r}/started", "value": now or time.time()},
+        {"op": "replace", "path": f"{r}/finished", "value": None},
     ]
-    return generation, patch
+    return dep, generation, patch
 
 
 def host_update(doc: dict[str, Any], rollout_id: str, host: str, status: str,
                 message: str = "", system: str | None = None) -> Patch:
-    r = f"/rollouts/{escape(rollout_id)}/hosts/{escape(host)}"
+    r = _rh(rollout_id, host)
     cur = doc["rollouts"][rollout_id]["hosts"][host]
     patch: Patch = []
     if cur["status"] != status:
@@ -74,7 +102,8 @@ def host_update(doc: dict[str, Any], rollout_id: str, host: str, status: str,
                   {"op": "replace", "path": f"{r}/message", "value": message[:500]},
                   {"op": "replace", "path": f"{r}/finished", "value": time.time()}]
         h = doc.get("hosts", {}).get(host)
-        if h is not None and h.get("deployment_id") == cur["deployment_id"]:
+        if h is not None and cur["deployment_id"] is not None \
+                and h.get("deployment_id") == cur["deployment_id"]:
             patch.append({"op": "replace", "path": f"/hosts/{escape(host)}/result",
                           "value": status})
             if status == "succeeded" and system is not None:
@@ -84,11 +113,101 @@ def host_update(doc: dict[str, Any], rollout_id: str, host: str, status: str,
 
 
 def finish_rollout(rollout_id: str, status: str) -> Patch:
-    r = f"/rollouts/{escape(rollout_id)}"
-    return [{"op": "replace", "path": f"{r}/status", "value": status},
-            {"op": "replace", "path": f"{r}/finished", "value": time.time()}]
+    return [{"op": "replace", "path": f"{_r(rollout_id)}/status", "value": status},
+            {"op": "replace", "path": f"{_r(rollout_id)}/finished", "value": time.time()},
+            {"op": "replace", "path": f"{_r(rollout_id)}/awaiting_batch", "value": None}]
 
 
 def set_rollout_field(rollout_id: str, key: str, value: Any) -> Patch:
-    return [{"op": "add", "path": f"/rollouts/{escape(rollout_id)}/{escape(key)}",
-             "value": value}]
+    return [{"op": "add", "path": f"{_r(rollout_id)}/{escape(key)}", "value": value}]
+
+
+def batch_done(rollout_id: str, index: int, at: float) -> Patch:
+    return [{"op": "add", "path": f"{_r(rollout_id)}/batch_done/{index}", "value": at}]
+
+
+def continue_batch(doc: dict[str, Any], rollout_id: str, index: int) -> Patch:
+    r = doc["rollouts"][rollout_id]
+    if index in r.get("continued", []):
+        return []
+    patch: Patch = []
+    if "continued" not in r:
+        patch.append({"op": "add", "path": f"{_r(rollout_id)}/continued", "value": []})
+    patch.append({"op": "add", "path": f"{_r(rollout_id)}/continued/-", "value": index})
+    return patch
+
+
+def request_abort(rollout_id: str, by: str, now: float | None = None) -> Patch:
+    return set_rollout_field(rollout_id, "abort_requested",
+                             {"time": now or time.time(), "by": by})
+
+
+# -- reading -----------------------------------------------------------------------------
+
+def outcome_category(result: str | None, started: bool) -> str:
+    """Which summary count a host's result falls in (plus `running`)."""
+    if result == "succeeded":
+        return "succeeded"
+    if result == "timed_out":
+        return "timed_out"
+    if result in ("skipped", "cancelled") or (result is None and not started):
+        return "not_started"
+    if result is None:
+        return "running"
+    return "failed"
+
+
+def rollout_counts(r: dict[str, Any]) -> dict[str, int]:
+    counts = dict.fromkeys((*COUNT_KEYS, "running"), 0)
+    for h in r.get("hosts", {}).values():
+        counts[outcome_category(h.get("result"), h.get("deployment_id") is not None)] += 1
+    return counts
+
+
+def host_batches(r: dict[str, Any]) -> list[list[str]]:
+    """The rollout's batches (host lists), rebuilt from each host's batch index."""
+    out: list[list[str]] = [[] for _ in range(int(r.get("batches", 0)))]
+    for h, hr in r.get("hosts", {}).items():
+        i = int(hr.get("batch", 0))
+        while i >= len(out):
+            out.append([])
+        out[i].append(h)
+    return out
+
+
+def find_rollout(doc: dict[str, Any], ident: str) -> dict[str, Any]:
+    """A rollout by id or unique id prefix; InputError listing close matches."""
+    rollouts: dict[str, Any] = doc.get("rollouts", {})
+    if ident in rollouts:
+        return dict(rollouts[ident])
+    matches = [rid for rid in rollouts if rid.startswith(ident)]
+    if len(matches) == 1:
+        return dict(rollouts[matches[0]])
+    if len(matches) > 1:
+        raise InputError(f"rollout id {ident!r} is ambiguous: "
+                         f"{', '.join(sorted(matches)[:5])}")
+    close = difflib.get_close_matches(ident, list(rollouts), n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else \
+        ("; `fleetctl rollouts` lists them" if rollouts else "; no rollouts recorded yet")
+    raise InputError(f"unknown rollout {ident!r}{hint}")
+
+
+def latest_rollout(doc: dict[str, Any], running_only: bool = False) -> dict[str, Any] | None:
+    rollouts = [r for r in doc.get("rollouts", {}).values()
+                if not running_only or r.get("status") == "running"]
+    return max(rollouts, key=lambda r: r.get("created", 0), default=None)
+
+
+def next_batch_to_continue(r: dict[str, Any]) -> int | None:
+    """The batch `fleetctl rollout continue` releases: the one the driver waits for,
+    else the first later batch that has not started and is not released yet."""
+    continued = set(r.get("continued", []))
+    waiting = r.get("awaiting_batch")
+    if waiting is not None and waiting not in continued:
+        return int(waiting)
+    started = {int(hr.get("batch", 0)) for hr in r.get("hosts", {}).values()
+               if hr.get("deployment_id") is not None or hr.get("result") is not None}
+    for i in range(1, int(r.get("batches", 0))):
+        if i not in continued and i not in started:
+            return i
+    return None

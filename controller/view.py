@@ -2,6 +2,11 @@
 
 Pure: `fold_event` and `fold_state` take a message model and update a HostView.
 Both the deploy driver and `fleetctl watch` use it.
+
+Times: `started` is when the controller published the desired state, `acked` when the
+controller first heard from the host about this deployment (its in-progress timeout
+counts from there, so a host that is offline and queued does not time out), both on
+the controller's clock; `finished` is the agent's clock.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ class HostView:
     percent: float | None = None
     message: str = ""
     started: float | None = None
+    acked: float | None = None
     finished: float | None = None
     result: str | None = None
     system: str | None = None
@@ -57,10 +63,12 @@ class HostView:
         return (self.finished or now or time.time()) - self.started
 
 
-def fold_event(view: HostView, ev: Event) -> bool:
+def fold_event(view: HostView, ev: Event, received: float | None = None) -> bool:
     """Apply one event for this host's current deployment; False if it is not ours."""
     if ev.deployment_id != view.deployment_id or view.deployment_id is None:
         return False
+    if view.acked is None:
+        view.acked = received if received is not None else time.time()
     if ev.seq <= view.last_seq and not isinstance(ev, Result):
         return True  # duplicate (QoS1 redelivery) or out of order
     view.last_seq = max(view.last_seq, ev.seq)
@@ -92,12 +100,14 @@ def fold_event(view: HostView, ev: Event) -> bool:
     return True
 
 
-def fold_state(view: HostView, st: HostState) -> bool:
+def fold_state(view: HostView, st: HostState, received: float | None = None) -> bool:
     """Catch up from a retained HostState (we may have missed the events)."""
     if view.deployment_id is None or st.deployment_id != view.deployment_id:
         return False
     if view.done:
         return True
+    if view.acked is None and st.phase != "idle":
+        view.acked = received if received is not None else time.time()
     if st.phase in TERMINAL_PHASES and st.last_result is not None:
         view.result = st.last_result
         view.phase, view.message, view.system = st.last_result, st.message, st.system

@@ -1,0 +1,292 @@
+"""`fleetctl rollouts`, `fleetctl rollout show|abort|continue|resume`, `fleetctl watch`,
+`fleetctl state show|compact`: operating rollouts and the controller's event log."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import sys
+import time
+from typing import Any
+
+from rich.console import Console, Group
+from rich.text import Text
+
+from controller import cliutil, store
+from controller.cmd_deploy import report, run_with_view
+from controller.deploy import DriverLock, RolloutDriver
+from controller.eventlog import EventLog
+from controller.monitor import print_summary, refresh_interval, render
+from controller.view import HostView
+from controller.watch import Watcher, host_line
+from protocol.errors import InputError, UsageError
+
+
+def register(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("rollouts", parents=[common], help="list rollouts from the event log")
+    p.add_argument("--limit", type=int, default=0, help="only the N most recent")
+    p.set_defaults(func=cmd_rollouts)
+
+    r = sub.add_parser("rollout", parents=[common], help="inspect and steer one rollout")
+    rs = r.add_subparsers(dest="rollout_command", required=True, parser_class=type(r))
+    show = rs.add_parser("show", parents=[common], help="per-host details of a rollout")
+    show.add_argument("id", help="rollout id (or a unique prefix)")
+    show.set_defaults(func=cmd_show)
+    abort = rs.add_parser("abort", parents=[common],
+                          help="stop starting hosts; running hosts finish")
+    abort.add_argument("id")
+    abort.set_defaults(func=cmd_abort)
+    cont = rs.add_parser("continue", parents=[common],
+                         help="release the next batch of a --confirm-batches rollout")
+    cont.add_argument("id")
+    cont.add_argument("--batch", type=int, help="the batch number to release (1-based)")
+    cont.set_defaults(func=cmd_continue)
+    res = rs.add_parser("resume", parents=[common],
+                        help="drive a rollout whose controller stopped (crash, --no-wait)")
+    res.add_argument("id")
+    res.add_argument("--timeout", type=float,
+                     help="seconds from now (default: the rollout's own --timeout)")
+    res.add_argument("--share-group", help="MQTT 5 shared subscription group for events")
+    res.set_defaults(func=cmd_resume)
+
+    w = sub.add_parser("watch", parents=[common], help="follow a rollout live, from anywhere")
+    w.add_argument("id", nargs="?", help="rollout id (default: the latest running one)")
+    w.add_argument("--timeout", type=float, help="give up after S seconds (exit 1)")
+    w.add_argument("--share-group", help="MQTT 5 shared subscription group for events "
+                   "(use a different group than the driver's, or none)")
+    w.set_defaults(func=cmd_watch)
+
+    s = sub.add_parser("state", parents=[common], help="the controller's event log")
+    ss = s.add_subparsers(dest="state_command", required=True, parser_class=type(s))
+    sshow = ss.add_parser("show", parents=[common], help="print the resolved document (JSON)")
+    sshow.set_defaults(func=cmd_state_show)
+    comp = ss.add_parser("compact", parents=[common],
+                         help="replace the log by one snapshot entry (atomic)")
+    comp.set_defaults(func=cmd_state_compact)
+
+
+def _eventlog(args: argparse.Namespace) -> EventLog:
+    return EventLog(args.state_dir)
+
+
+def _doc(args: argparse.Namespace) -> dict[str, Any]:
+    log = _eventlog(args)
+    if not log.exists():
+        raise InputError(f"no controller state at {log.path} (set --state-dir or "
+                         "FLEET_STATE_DIR); nothing was deployed from here yet")
+    return log.load()
+
+
+def _console() -> Console:
+    """Full width on a terminal; wide (not truncated) when piped."""
+    return Console() if sys.stdout.isatty() else Console(width=250)
+
+
+def _fmt_time(t: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
+
+
+def _status(r: dict[str, Any]) -> str:
+    status = str(r.get("status"))
+    if status == "running" and r.get("abort_requested"):
+        return "aborting"
+    return status
+
+
+def cmd_rollouts(args: argparse.Namespace) -> int:
+    if args.limit < 0:
+        raise UsageError("--limit must not be negative")
+    log = _eventlog(args)
+    doc = log.load() if log.exists() else {}
+    rollouts = sorted(doc.get("rollouts", {}).values(), key=lambda r: r.get("created", 0))
+    if args.limit:
+        rollouts = rollouts[-args.limit:]
+    rows = [{"id": r["id"], "selector": r.get("selector"), "system": r.get("system"),
+             "status": _status(r), "counts": store.rollout_counts(r),
+             "hosts": len(r.get("hosts", {})), "created": r.get("created"),
+             "finished": r.get("finished")} for r in rollouts]
+    if args.json:
+        cliutil.emit_json(rows)
+        return cliutil.EXIT_OK
+    if not rows:
+        print("no rollouts recorded yet")
+        return cliutil.EXIT_OK
+    t = cliutil.table(
+        ["id", "status", "selector", "hosts", "ok", "failed", "timed out", "not started",
+         "running", "created", "system"],
+        [[r["id"], r["status"], str(r["selector"]), str(r["hosts"]),
+          *(str(r["counts"][k]) for k in (*store.COUNT_KEYS, "running")),
+          _fmt_time(r["created"]), str(r["system"])] for r in rows])
+    _console().print(t)
+    return cliutil.EXIT_OK
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    r = store.find_rollout(_doc(args), args.id)
+    counts = store.rollout_counts(r)
+    if args.json:
+        cliutil.emit_json({**r, "status": _status(r), "counts": counts})
+        return cliutil.EXIT_OK
+    console = _console()
+    pol = r.get("policy", {}).get("rollout", {})
+    console.print(f"[bold]rollout {r['id']}[/] {_status(r)}: {r.get('selector')} -> "
+                  f"{r.get('system')} ({r.get('action')})")
+    console.print(f"created {_fmt_time(r.get('created'))}, finished "
+                  f"{_fmt_time(r.get('finished'))}; {r.get('batches')} batch(es); "
+                  + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    opts = ", ".join(f"{k}={v}" for k, v in pol.items() if v not in (None, 0, 0.0, False)
+                     and not (k == "offline" and v == "wait"))
+    if opts:
+        console.print(f"policy: {opts}")
+    if r.get("abort_reason"):
+        console.print(f"[red]aborted: {r['abort_reason']}[/]")
+    elif r.get("abort_requested"):
+        console.print("[yellow]abort requested[/]")
+    t = cliutil.table(
+        ["host", "batch", "attempts", "generation", "deployment", "status", "message"],
+        [[h, str(hr.get("batch", 0) + 1), str(hr.get("attempts", 0)),
+          str(hr.get("generation") or "-"), str(hr.get("deployment_id") or "-"),
+          str(hr.get("result") or hr.get("status")), str(hr.get("message") or "")[:70]]
+         for h, hr in r.get("hosts", {}).items()])
+    console.print(t)
+    return cliutil.EXIT_OK
+
+
+def cmd_abort(args: argparse.Namespace) -> int:
+    log = _eventlog(args)
+    _doc(args)
+    with log.transaction() as txn:
+        r = store.find_rollout(txn.doc, args.id)
+        if r.get("status") != "running":
+            raise UsageError(f"rollout {r['id']} already finished ({r.get('status')})")
+        already = bool(r.get("abort_requested"))
+        if not already:
+            try:
+                user = getpass.getuser()
+            except (KeyError, OSError):
+                user = "an operator"
+            txn.add("abort-requested", store.request_abort(r["id"], user))
+    driven = DriverLock(args.state_dir, r["id"]).held_elsewhere()
+    if args.json:
+        cliutil.emit_json({"rollout": r["id"], "abort_requested": True,
+                           "already_requested": already, "driver_running": driven})
+    elif driven:
+        print(f"abort of rollout {r['id']} recorded; its controller stops starting hosts "
+              "within a second, running hosts finish")
+    else:
+        print(f"abort of rollout {r['id']} recorded; no controller is driving it now: "
+              f"`fleetctl rollout resume {r['id']}` winds it down (withdraws desired states "
+              "not yet acknowledged, waits for running hosts)")
+    return cliutil.EXIT_OK
+
+
+def cmd_continue(args: argparse.Namespace) -> int:
+    log = _eventlog(args)
+    _doc(args)
+    with log.transaction() as txn:
+        r = store.find_rollout(txn.doc, args.id)
+        if r.get("status") != "running":
+            raise UsageError(f"rollout {r['id']} already finished ({r.get('status')})")
+        if not r.get("policy", {}).get("rollout", {}).get("confirm_batches"):
+            raise UsageError(f"rollout {r['id']} does not wait for confirmation "
+                             "(it was not started with --confirm-batches)")
+        total = int(r.get("batches", 0))
+        if args.batch is not None:
+            if not 2 <= args.batch <= total:
+                raise UsageError(f"--batch must be between 2 and {total} for rollout {r['id']}")
+            index: int | None = args.batch - 1
+        else:
+            index = store.next_batch_to_continue(r)
+            if index is None:
+                raise UsageError(f"rollout {r['id']} has no batch left to release")
+        assert index is not None
+        txn.add("batch-continued", store.continue_batch(txn.doc, r["id"], index))
+    if args.json:
+        cliutil.emit_json({"rollout": r["id"], "batch": index + 1, "batches": total})
+    else:
+        print(f"batch {index + 1}/{total} of rollout {r['id']} released")
+    return cliutil.EXIT_OK
+
+
+async def cmd_resume(args: argparse.Namespace) -> int:
+    if args.timeout is not None and args.timeout <= 0:
+        raise UsageError("--timeout must be positive")
+    ctx = cliutil.context(args, need_key=True)
+    if not ctx.eventlog.exists():
+        raise InputError(f"no controller state at {ctx.eventlog.path}")
+    driver = RolloutDriver.from_log(ctx, args.id, args.timeout)
+    outcome = await run_with_view(args, driver, wait=True)
+    return report(args, outcome, check=driver.req.check_only)
+
+
+async def cmd_watch(args: argparse.Namespace) -> int:
+    if args.timeout is not None and args.timeout <= 0:
+        raise UsageError("--timeout must be positive")
+    ctx = cliutil.context(args)
+    watcher = Watcher(ctx, args.id)
+    live = cliutil.live_view(args, lambda: _watch_view(watcher))
+    if args.json:
+        watcher.on_host_change = lambda v: cliutil.emit_json(host_line(watcher, v))
+    elif live is None:
+        watcher.on_host_change = lambda v: _plain_line(watcher, v)
+    if live is not None:
+        last = 0.0
+
+        def refresh(w: Watcher) -> None:
+            nonlocal last
+            if time.monotonic() - last > refresh_interval(len(w.views)):
+                last = time.monotonic()
+                live.update(_watch_view(w))
+
+        watcher.on_change = refresh
+        with live:
+            result = await watcher.run(args.timeout)
+            live.update(_watch_view(watcher))
+    else:
+        result = await watcher.run(args.timeout)
+    if args.json:
+        cliutil.emit_json({"type": "end", **result.summary,
+                           "watch_timeout": not result.finished})
+    else:
+        print_summary(Console(file=sys.stdout), watcher.views.values(),
+                      result.status if result.finished else f"{result.status} (watch timed out)",
+                      time.time() - watcher.started)
+    return cliutil.EXIT_OK if result.finished and result.status == "succeeded" \
+        else cliutil.EXIT_FAILED
+
+
+def _watch_view(w: Watcher) -> Group:
+    title = f"rollout {w.rollout_id}: {w.system}" + ("" if w.from_log else " (from the broker)")
+    notes = [] if w.status in ("running", *store.ROLLOUT_DONE) else [w.status]
+    base = render(w.views.values(), title, w.batches or None, notes=notes)
+    if w.finished():
+        return Group(base, Text(f"rollout {w.final_status()}", style="bold"))
+    return base
+
+
+def _plain_line(w: Watcher, v: HostView) -> None:
+    label = v.result or v.phase
+    print(f"{time.strftime('%H:%M:%S')} {v.host} {label} {v.message}".rstrip(), flush=True)
+
+
+def cmd_state_show(args: argparse.Namespace) -> int:
+    doc = _doc(args)
+    if args.json:
+        print(json.dumps(doc, separators=(",", ":")))
+    else:
+        print(json.dumps(doc, indent=2))
+    return cliutil.EXIT_OK
+
+
+def cmd_state_compact(args: argparse.Namespace) -> int:
+    log = _eventlog(args)
+    if not log.exists():
+        raise InputError(f"no controller state at {log.path}")
+    before, saved = log.compact()
+    if args.json:
+        cliutil.emit_json({"path": str(log.path), "entries_before": before, "entries_after": 1,
+                           "bytes_saved": saved})
+    else:
+        print(f"compacted {log.path}: {before} entries -> 1 snapshot ({saved} bytes saved)")
+    return cliutil.EXIT_OK

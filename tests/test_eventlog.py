@@ -1,0 +1,226 @@
+"""The controller's JSON-Patch event log: replay, torn lines, corruption, compaction,
+concurrent writers."""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+from pathlib import Path
+from typing import Any
+
+import jsonpatch
+import pytest
+
+from controller import store
+from controller.eventlog import DOC_TYPE, EventLog
+from protocol.errors import StateError
+
+
+def lines(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+
+def populate(log: EventLog, hosts: int = 5) -> None:
+    """A realistic history: create a rollout, start hosts, record results, finish."""
+    names = [f"web{i}" for i in range(hosts)]
+    with log.transaction() as txn:
+        txn.add("rollout-created", store.create_rollout(
+            txn.doc, "r1", "@web", "/nix/store/a", "switch", {"rollout": {}}, [names]))
+    with log.transaction() as txn:
+        for h in names:
+            txn.add("host-started", store.start_host(txn.doc, "r1", h, 1, now=10.0)[2])
+    log.append_many([(f"host-{s}", store.host_update(log.doc, "r1", h, s, "msg", "/nix/store/a"))
+                     for h, s in zip(names, ["succeeded", "failed"] * hosts, strict=False)])
+    log.append("rollout-finished", store.finish_rollout("r1", "failed"))
+
+
+def test_replay_equals_the_in_memory_document(tmp_path: Path) -> None:
+    log = EventLog(tmp_path)
+    populate(log)
+    # Independently replay the file with jsonpatch: same document as the writer holds.
+    doc: Any = {}
+    entries = lines(log.path)
+    assert [e["index"] for e in entries] == list(range(len(entries)))
+    assert all(set(e) == {"index", "meta", "patch"} and set(e["meta"]) == {"time", "event"}
+               for e in entries)
+    for e in entries:
+        doc = jsonpatch.apply_patch(doc, e["patch"])
+    assert doc == log.doc
+    assert doc["_type"] == DOC_TYPE
+    assert EventLog(tmp_path).load() == log.doc
+    r = doc["rollouts"]["r1"]
+    assert r["status"] == "failed"
+    assert [h["result"] for h in r["hosts"].values()] == ["succeeded", "failed"] * 2 + \
+        ["succeeded"]
+    assert doc["hosts"]["web0"] == {"generation": 1, "deployment_id": "r1", "rollout_id": "r1",
+                                    "result": "succeeded", "system": "/nix/store/a"}
+
+
+def test_group_commit_is_one_write(tmp_path: Path) -> None:
+    log = EventLog(tmp_path)
+    log.append("a", [{"op": "add", "path": "/x", "value": 1}])
+    size = log.path.stat().st_size
+    log.append_many([("b", [{"op": "add", "path": f"/y{i}", "value": i}]) for i in range(50)]
+                    + [("empty", [])])
+    assert len(lines(log.path)) == 2 + 50  # init + a + 50; the empty patch is dropped
+    assert log.path.stat().st_size > size and log.index == 51
+
+
+def test_torn_last_line_is_ignored_reported_and_cut(tmp_path: Path,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    log = EventLog(tmp_path)
+    populate(log)
+    good = dict(log.doc)
+    with open(log.path, "ab") as fh:
+        fh.write(b'{"index": 99, "meta": {"time": 1, "ev')  # crash mid-write
+    reader = EventLog(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        assert reader.load() == good
+    assert reader.torn is not None and "torn last line" in reader.torn
+    assert any("torn last line" in r.message for r in caplog.records)
+    # The next append cuts the torn tail and stays line-aligned.
+    reader.append("after-crash", store.set_rollout_field("r1", "note", "hello"))
+    assert reader.torn is None
+    entries = lines(tmp_path / "state.jsonl")
+    assert [e["index"] for e in entries] == list(range(len(entries)))
+    again = EventLog(tmp_path).load()
+    assert again["rollouts"]["r1"]["note"] == "hello"
+    # The original writer (stale offset, same file) catches up too.
+    log.refresh()
+    assert log.doc == again
+
+
+@pytest.mark.parametrize("garbage", [b"not json at all", b'{"index": 7, "patch": []}',
+                                     b'{"index": 3, "patch": [{"op": "remove", '
+                                     b'"path": "/nope"}]}'])
+def test_corrupt_middle_line_is_a_clear_state_error(tmp_path: Path, garbage: bytes) -> None:
+    log = EventLog(tmp_path)
+    populate(log)
+    raw = log.path.read_bytes().split(b"\n")
+    raw[3] = garbage
+    log.path.write_bytes(b"\n".join(raw))
+    with pytest.raises(StateError) as exc:
+        EventLog(tmp_path).load()
+    message = str(exc.value)
+    assert "corrupt" in message and str(log.path) in message and "\n" not in message
+    assert "after index 2" in message
+
+
+def test_index_zero_must_set_the_type(tmp_path: Path) -> None:
+    (tmp_path / "state.jsonl").write_text(json.dumps(
+        {"index": 0, "meta": {"time": 0, "event": "init"},
+         "patch": [{"op": "replace", "path": "", "value": {"hello": 1}}]}) + "\n")
+    with pytest.raises(StateError, match="corrupt"):
+        EventLog(tmp_path).load()
+
+
+def test_an_invalid_patch_never_reaches_the_file(tmp_path: Path) -> None:
+    log = EventLog(tmp_path)
+    populate(log)
+    size = log.path.stat().st_size
+    with pytest.raises(StateError, match="invalid patch"):
+        log.append("bad", [{"op": "replace", "path": "/rollouts/nope/status", "value": 1}])
+    assert log.path.stat().st_size == size
+    log.append("good", store.set_rollout_field("r1", "ok", True))  # the log still works
+    assert EventLog(tmp_path).load()["rollouts"]["r1"]["ok"] is True
+
+
+def test_compaction_is_equivalent(tmp_path: Path) -> None:
+    log = EventLog(tmp_path)
+    populate(log, hosts=20)
+    before = json.loads(json.dumps(log.doc))
+    entries_before = len(lines(log.path))
+    stale = EventLog(tmp_path)
+    stale.load()
+    count, saved = EventLog(tmp_path).compact()
+    assert count == entries_before and saved > 0
+    entries = lines(log.path)
+    assert len(entries) == 1 and entries[0]["index"] == 0
+    assert entries[0]["meta"]["event"] == "snapshot"
+    assert EventLog(tmp_path).load() == before
+    # A process holding a stale offset notices the replaced file and re-reads it.
+    stale.refresh()
+    assert stale.doc == before and stale.index == 0
+    # Later appends continue at index 1, from either process.
+    stale.append("after", store.set_rollout_field("r1", "after_compaction", 1))
+    log.append("after2", store.set_rollout_field("r1", "after_compaction_2", 2))
+    assert [e["index"] for e in lines(log.path)] == [0, 1, 2]
+    final = EventLog(tmp_path).load()
+    assert final["rollouts"]["r1"]["after_compaction"] == 1
+    assert final["rollouts"]["r1"]["after_compaction_2"] == 2
+    assert final["rollouts"]["r1"]["hosts"] == before["rollouts"]["r1"]["hosts"]
+    assert not (tmp_path / "state.jsonl.tmp").exists()
+
+
+def test_stale_reader_after_two_compactions(tmp_path: Path) -> None:
+    """Even if the file is replaced twice (inode numbers can be reused), a reader whose
+    offset points into the old file re-reads instead of misparsing."""
+    log = EventLog(tmp_path)
+    populate(log)
+    stale = EventLog(tmp_path)
+    stale.load()
+    for i in range(2):
+        EventLog(tmp_path).compact()
+        EventLog(tmp_path).append(f"n{i}", store.set_rollout_field("r1", f"n{i}", i))
+    stale.refresh()
+    assert stale.doc == EventLog(tmp_path).load()
+
+
+def test_compacting_an_empty_state_dir(tmp_path: Path) -> None:
+    assert EventLog(tmp_path / "new").compact() == (0, 0)
+
+
+def _writer(state_dir: str, name: str, n: int) -> None:
+    log = EventLog(Path(state_dir))
+    for i in range(n):
+        with log.transaction() as txn:
+            # read-modify-write under the lock: a counter nobody may lose
+            count = txn.doc.get("counter", 0)
+            txn.add(f"{name}-{i}", [{"op": "add", "path": "/counter", "value": count + 1},
+                                    {"op": "add", "path": f"/{name}{i}", "value": os.getpid()}])
+
+
+def test_concurrent_writers_are_serialised(tmp_path: Path) -> None:
+    n = 150
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_writer, args=(str(tmp_path), name, n)) for name in "ab"]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    entries = lines(tmp_path / "state.jsonl")
+    assert [e["index"] for e in entries] == list(range(2 * n + 1))  # init + 2n, contiguous
+    doc = EventLog(tmp_path).load()
+    assert doc["counter"] == 2 * n  # no lost update
+    assert all(f"{name}{i}" in doc for name in "ab" for i in range(n))
+    assert len({doc["a0"], doc["b0"]}) == 2  # really two processes
+
+
+def test_generations_are_unique_across_processes(tmp_path: Path) -> None:
+    """Two controllers starting the same host never hand out the same generation."""
+    ctx = multiprocessing.get_context("spawn")
+    log = EventLog(tmp_path)
+    with log.transaction() as txn:
+        for rid in ("ra", "rb"):
+            txn.add("create", store.create_rollout(txn.doc, rid, "h", "/s", "switch", {},
+                                                   [["h1"]]))
+    procs = [ctx.Process(target=_start_many, args=(str(tmp_path), rid, 40)) for rid in ("ra", "rb")]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    generations = [op["value"] for e in lines(log.path) for op in e["patch"]
+                   if op["path"] == "/hosts/h1"]
+    generations = [g["generation"] for g in generations]
+    assert sorted(generations) == list(range(1, 81))
+
+
+def _start_many(state_dir: str, rid: str, n: int) -> None:
+    log = EventLog(Path(state_dir))
+    for i in range(n):
+        with log.transaction() as txn:
+            txn.add("host-started", store.start_host(txn.doc, rid, "h1", i + 1)[2])
