@@ -65,13 +65,16 @@ class Agent:
         self.dumps = DumpStore(config.state_dir, config.dump_retention, config.age_recipient)
         state = self.journal.open()
         self.journal.append("start", boot_id=backend.boot_id())
-        subscriptions = [self.topics.desired(self.host), self.topics.answer(self.host),
-                         self.topics.confirm(self.host)]
+        # `desired` is a latest-value topic: QoS 0 means no stale copy is queued in our
+        # session while we are away; the retained value arrives on every (re)subscribe.
+        # Answers and confirmations are queued (QoS 1) and acked after journaling.
+        subscriptions = [(self.topics.desired(self.host), 0), (self.topics.answer(self.host), 1),
+                         (self.topics.confirm(self.host), 1)]
         self.ha: ha.HomeAssistantBridge | None = None
         if config.home_assistant:
             self.ha = ha.HomeAssistantBridge(self.topics, self.host, self._publish_retained,
                                              reboot_allowed=config.ha_reboot)
-            subscriptions += self.ha.subscriptions()
+            subscriptions += [(t, 1) for t in self.ha.subscriptions()]
         self.notifier = PromptNotifier(config.notify) if config.notify.enabled else None
         self.session = AgentSession(
             config.broker,

@@ -20,6 +20,7 @@ from protocol.models import (
     Progress,
     Prompt,
     Rejected,
+    RejectNote,
     ReportItem,
     Result,
 )
@@ -56,6 +57,10 @@ class Reporter:
                        message: str) -> None:
         log.warning("%s: rejected desired state (%s): %s", self.host, reason, message)
         await self.event(Rejected, deployment_id, generation, reason=reason, message=message)
+        if deployment_id is not None:
+            await self.host_state(rejected=RejectNote(deployment_id=deployment_id,
+                                                      generation=generation, reason=reason,
+                                                      message=message[:500]))
 
     async def progress(self, deployment_id: str, generation: int, stage: str, message: str = "",
                        percent: float | None = None, step: str | None = None) -> None:

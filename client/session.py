@@ -58,7 +58,7 @@ class AgentSession:
         self,
         address: BrokerAddress,
         client_id: str,
-        subscriptions: list[str],
+        subscriptions: list[tuple[str, int]],
         handler: Handler,
         will: Retained,
         on_connect: Callable[[], Awaitable[None]] | None = None,
@@ -102,8 +102,8 @@ class AgentSession:
                     self._client = client
                     self.connections += 1
                     self.backoff.reset()
-                    for topic in self.subscriptions:
-                        await client.subscribe(topic, qos=1)
+                    for topic, qos in self.subscriptions:
+                        await client.subscribe(topic, qos=qos)
                     self.connected.set()
                     if self.on_connect is not None:
                         await self.on_connect()

@@ -37,6 +37,14 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     r = sub.add_parser("approve", parents=[common], help="approve deploys waiting for approval")
     r.add_argument("selector")
     r.set_defaults(func=cmd_approve)
+    b = sub.add_parser("rollback", parents=[common],
+                       help="undo each host's last deployment: restore its dumps, then the "
+                            "previous generation")
+    b.add_argument("selector")
+    b.add_argument("--timeout", type=float, default=600.0)
+    b.add_argument("--batch", help="N hosts or P%% per batch")
+    b.add_argument("--max-parallel", type=int)
+    b.set_defaults(func=cmd_rollback)
 
 
 async def open_prompts(args: argparse.Namespace, hosts: list[str]) -> dict[str, Prompt]:
@@ -174,3 +182,20 @@ async def cmd_approve(args: argparse.Namespace) -> int:
         for h, (_ok, m) in results.items():
             print(f"{h}: {m}")
     return cliutil.EXIT_OK if all(ok for ok, _ in results.values()) else cliutil.EXIT_FAILED
+
+
+async def cmd_rollback(args: argparse.Namespace) -> int:
+    """A rollout whose desired states say `rollback`: same batches, journal and view."""
+    from controller.cmd_deploy import report, run_with_view
+    from controller.deploy import DeployRequest, RolloutDriver
+    from controller.planner import RolloutPolicy
+
+    hosts = cliutil.inventory(args).resolve(args.selector)
+    if args.timeout <= 0:
+        raise UsageError("--timeout must be positive")
+    req = DeployRequest(selector=args.selector, hosts=hosts, system="rollback",
+                        timeout=args.timeout, rollback=True,
+                        rollout=RolloutPolicy(batch=args.batch, max_parallel=args.max_parallel))
+    driver = RolloutDriver(cliutil.context(args, need_key=True), req)
+    outcome = await run_with_view(args, driver, wait=True)
+    return report(args, outcome)

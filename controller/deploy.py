@@ -53,7 +53,7 @@ from controller.view import HostView, fold_event, fold_state
 from protocol.broker import BrokerAddress
 from protocol.codec import decode, encode
 from protocol.errors import BrokerUnavailable, InputError, ProtocolError, UsageError
-from protocol.models import EVENT_TYPES, DeployPolicy, Desired, Event, HostState
+from protocol.models import EVENT_TYPES, Confirm, DeployPolicy, Desired, Event, HostState
 from protocol.signing import sign
 from protocol.topics import Topics
 
@@ -92,11 +92,13 @@ class DeployRequest:
     agent_policy: DeployPolicy = field(default_factory=DeployPolicy)
     rollout: RolloutPolicy = field(default_factory=RolloutPolicy)
     check_only: bool = False
+    rollback: bool = False
     expires_in: float | None = None
 
     def policy_record(self) -> dict[str, Any]:
         return {"rollout": self.rollout.as_dict(), "agent": self.agent_policy.model_dump(),
-                "check_only": self.check_only, "timeout": self.timeout,
+                "check_only": self.check_only, "rollback": self.rollback,
+                "timeout": self.timeout,
                 "choices": dict(self.choices), "expires_in": self.expires_in}
 
 
@@ -175,6 +177,7 @@ AskContinue = Callable[["RolloutDriver", int], Awaitable[bool | None]]
 class RolloutDriver:
     def __init__(self, ctx: ControllerContext, req: DeployRequest, rollout_id: str | None = None,
                  on_change: Callable[[RolloutDriver], None] | None = None) -> None:
+        self._background: set[asyncio.Task[None]] = set()
         self.ctx = ctx
         self.req = req
         self.rollout_id = rollout_id or store.new_rollout_id()
@@ -218,7 +221,8 @@ class RolloutDriver:
                 choices=dict(pol.get("choices", {})),
                 agent_policy=DeployPolicy(**pol.get("agent", {})),
                 rollout=RolloutPolicy.from_dict(pol.get("rollout", {})),
-                check_only=bool(pol.get("check_only", False)), expires_in=pol.get("expires_in"))
+                check_only=bool(pol.get("check_only", False)),
+                rollback=bool(pol.get("rollback", False)), expires_in=pol.get("expires_in"))
         except (KeyError, TypeError, ValueError) as exc:
             raise InputError(f"rollout {r['id']} in {ctx.eventlog.path} cannot be resumed: "
                              f"{exc}") from None
@@ -287,8 +291,8 @@ class RolloutDriver:
             host=host, deployment_id=deployment_id, rollout_id=self.rollout_id,
             generation=generation, system=self.req.system, action=self.req.action,  # type: ignore[arg-type]
             issued_at=now, expires_at=now + self.req.expires_in if self.req.expires_in else None,
-            check_only=self.req.check_only, choices=self.req.choices,
-            policy=self.req.agent_policy,
+            check_only=self.req.check_only, rollback=self.req.rollback,
+            choices=self.req.choices, policy=self.req.agent_policy,
         )
         return encode(sign(desired, self.ctx.key))
 
@@ -332,7 +336,10 @@ class RolloutDriver:
         t = self.ctx.topics
         # Results also arrive through the (unshared) retained states, so a driver whose
         # share group routes an event to another member still learns every outcome.
-        return [self.ctx.events_filter(), t.all_hosts("state"), t.all_hosts("online")]
+        subs = [self.ctx.events_filter(), t.all_hosts("state"), t.all_hosts("online")]
+        if self.req.agent_policy.confirm == "controller":
+            subs.append(t.all_hosts("confirm"))
+        return subs
 
     def _on_message(self, message: aiomqtt.Message) -> None:
         topic = str(message.topic)
@@ -352,6 +359,9 @@ class RolloutDriver:
             self._changed.set()
             return
         if not payload:
+            return
+        if kind == "confirm":
+            self._confirm(host, view, payload)
             return
         was_done = view.done
         try:
@@ -375,6 +385,24 @@ class RolloutDriver:
         self._changed.set()
         if self.on_change is not None:
             self.on_change(self)
+
+    def _confirm(self, host: str, view: HostView, payload: bytes) -> None:
+        """`--confirm controller`: answer an agent's post-switch probe with a signed
+        confirmation for its generation, proving the controller still reaches it."""
+        try:
+            probe: Confirm = decode(payload, expect=(Confirm,))
+        except ProtocolError:
+            return
+        if probe.source != "agent" or probe.generation != view.generation or view.done:
+            return
+        assert self.ctx.key is not None
+        reply = sign(Confirm(host=host, generation=probe.generation, nonce=probe.nonce,
+                             source="controller"), self.ctx.key)
+        task = asyncio.get_running_loop().create_task(
+            self._publish(self.ctx.topics.confirm(host), encode(reply)),
+            name=f"confirm-{host}")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _session(self, ready: asyncio.Event) -> None:
         """Keep one persistent session up; on every (re)connect resubscribe and catch up.

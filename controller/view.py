@@ -102,6 +102,12 @@ def fold_event(view: HostView, ev: Event, received: float | None = None) -> bool
 
 def fold_state(view: HostView, st: HostState, received: float | None = None) -> bool:
     """Catch up from a retained HostState (we may have missed the events)."""
+    rej = st.rejected
+    if (rej is not None and view.deployment_id is not None and not view.done
+            and rej.deployment_id == view.deployment_id and rej.generation == view.generation):
+        view.result, view.phase = "rejected", "rejected"
+        view.message, view.finished = f"{rej.reason}: {rej.message}", st.updated_at
+        return True
     if view.deployment_id is None or st.deployment_id != view.deployment_id:
         return False
     if view.done:

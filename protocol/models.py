@@ -169,6 +169,16 @@ class Prompt(Model):
     deadline: float | None = None
 
 
+class RejectNote(Model):
+    """The last desired state this host refused, kept in the retained HostState so a
+    controller that missed the event (shared subscription, overflowed queue) learns it."""
+
+    deployment_id: Id
+    generation: int
+    reason: str
+    message: str = ""
+
+
 class HostState(Model):
     """What an agent reports about its host; retained on `state`."""
 
@@ -186,6 +196,7 @@ class HostState(Model):
     percent: float | None = None
     step: str | None = None
     open_prompt: str | None = None
+    rejected: RejectNote | None = None
     updated_at: float
 
 

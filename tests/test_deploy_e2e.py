@@ -167,3 +167,13 @@ def test_keys_init_creates_private_key_0600(tmp_path) -> None:  # type: ignore[n
     r = subprocess.run([sys.executable, "-m", "controller", "keys", "init", "--state-dir", str(d)],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "exists already" in r.stderr
+
+
+def test_confirm_controller_mode_succeeds_when_the_controller_answers(make_fleet) -> None:  # type: ignore[no-untyped-def]
+    fleet = make_fleet({"c1": ["x"], "c2": ["x"]})
+    fleet.start_simulated(["c1", "c2"])
+    rc, out = fleet.fleetctl_json("deploy", "@x", "--system", SYSTEM, "--confirm", "controller",
+                                  "--confirm-timeout", "10")
+    assert rc == 0 and out["succeeded"] == 2, out
+    for host in ("c1", "c2"):
+        assert any(r["kind"] == "end" and r.get("stage") == "confirm" for r in fleet.journal(host))

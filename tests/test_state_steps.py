@@ -236,3 +236,24 @@ def test_sigkill_at_step_boundaries_resumes_without_rerunning(make_fleet, tmp_pa
             assert starts.count(step) == 1, (step, runs(runlog))
     assert (db / "data").read_bytes() == (original + b"upgraded-upgrade\n" * starts.count("db")
                                           + b"app\n" * starts.count("app"))
+
+
+def test_fleetctl_rollback_restores_data_and_previous_system(make_fleet, tmp_path: Path) -> None:
+    fleet, db, original, runlog, top = setup(make_fleet, tmp_path)
+    fleet.start_simulated(["pg1"])
+    rc, out = fleet.fleetctl_json("deploy", "pg1", "--system", "/nix/store/old-system")
+    assert rc == 0, out
+    rc, out = fleet.fleetctl_json("deploy", "pg1", "--system", str(top), "--choose",
+                                  "db.major=upgrade")
+    assert rc == 0, out
+    assert (db / "data").read_bytes() == original + b"upgraded-upgrade\napp\n"
+    rc, out = fleet.fleetctl_json("rollback", "pg1")
+    assert rc == 0 and out["hosts"] == {"pg1": "succeeded"}, out
+    assert (db / "data").read_bytes() == original       # data back, byte for byte
+    _, rows = fleet.fleetctl_json("status", "pg1")
+    assert rows[0]["system"] == "/nix/store/old-system"  # code back
+    # nothing left to roll back: a second rollback fails with a clear message
+    rc, out = fleet.fleetctl_json("rollback", "pg1")
+    assert rc == 1 and out["hosts"] == {"pg1": "failed"}
+    _, rows = fleet.fleetctl_json("status", "pg1")
+    assert "nothing to roll back" in rows[0]["message"]
