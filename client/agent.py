@@ -203,6 +203,8 @@ class Agent:
     def _on_confirm(self, payload: bytes) -> None:
         try:
             confirm: Confirm = decode(payload, expect=(Confirm,))
+            if confirm.host != self.host:
+                return
             if confirm.source == "controller":
                 verify(confirm, self.config.trusted_keys)
         except ProtocolError as exc:
@@ -247,7 +249,13 @@ class Agent:
                     pending, self._pending = self._pending, None
                     await self._on_desired(encode(pending))
                 continue
-            desired: Desired = decode(active.desired, expect=(Desired,))
+            try:
+                desired: Desired = decode(active.desired, expect=(Desired,))
+            except ProtocolError as exc:  # never trust what we cannot read back
+                self.journal.append("result", deployment_id=active.deployment_id,
+                                    generation=active.generation, status="failed",
+                                    message=f"journaled desired state unreadable: {exc}")
+                continue
             self.runner = DeploymentRunner(self, desired)
             self.runner.on_prompt.append(self._prompt_changed)
             if self.ha is not None:

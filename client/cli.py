@@ -16,8 +16,8 @@ from client.agent import Agent, AgentConfig
 from client.backend import SystemBackend
 from client.notify import NotifyConfig
 from client.sim import SimSettings, SimulatedBackend
-from protocol.broker import BrokerAddress, parse_broker_url
-from protocol.errors import FlotillaError, InputError, UsageError
+from protocol.broker import BrokerAddress, parse_broker_url, read_password_file
+from protocol.errors import FlotillaError, UsageError
 from protocol.signing import load_public_keys
 from protocol.topics import DEFAULT_PREFIX, Topics, validate_host
 
@@ -26,10 +26,18 @@ EXIT_USAGE, EXIT_BROKER = 2, 3
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--broker", default=os.environ.get("FLEET_BROKER", "mqtt://127.0.0.1:1883"),
-                   help="broker URL mqtt://[user@]host:port (mqtts://, ws://, wss://). A password"
-                        " in the URL shows in process listings: prefer --password-file")
+                   help="broker URL mqtt://[user[:password]@]host:port (mqtts:// for TLS, ws://,"
+                        " wss://). A password in the URL shows in process listings: use"
+                        " --password-file instead")
     p.add_argument("--username", help="broker username (default: the host name)")
-    p.add_argument("--password-file", type=Path, help="file holding the broker password")
+    p.add_argument("--password-file", type=Path,
+                   help="file holding the broker password (recommended way to pass it)")
+    p.add_argument("--ca-file", type=Path,
+                   help="TLS: CA certificate(s) the broker's certificate must chain to"
+                        " (default: the system's CAs)")
+    p.add_argument("--cert-file", type=Path,
+                   help="TLS: this host's client certificate (from 'fleetctl certs host')")
+    p.add_argument("--key-file", type=Path, help="TLS: the client certificate's private key")
     p.add_argument("--trust-key", type=Path, required=True,
                    help="controller public key(s) (PEM) that sign desired states and answers")
     p.add_argument("--topic-prefix", default=DEFAULT_PREFIX)
@@ -82,13 +90,10 @@ def _broker(args: argparse.Namespace, host: str) -> BrokerAddress:
     address = parse_broker_url(args.broker)
     password = None
     if args.password_file is not None:
-        try:
-            password = args.password_file.read_text().strip()
-        except OSError as exc:
-            raise InputError(f"cannot read password file {args.password_file}: "
-                             f"{exc.strerror}") from None
+        password = read_password_file(args.password_file)
     username = args.username or (host if password and not address.username else None)
-    return address.with_credentials(username, password)
+    return address.with_credentials(username, password).with_tls(
+        args.ca_file, args.cert_file, args.key_file)
 
 
 def make_backend(args: argparse.Namespace, host: str, state_dir: Path) -> SystemBackend:

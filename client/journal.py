@@ -117,6 +117,47 @@ class JournalState:
             a.notes[rec["key"]] = rec["value"]
 
 
+# Field types JournalState.apply relies on, per record kind. A record that does not
+# have them is skipped whole (counted as torn), never half-applied.
+_REQUIRED: dict[str, dict[str, type]] = {
+    "accept": {"deployment_id": str, "generation": int, "desired": str},
+    "result": {"deployment_id": str, "generation": int, "status": str},
+    "begin": {"stage": str},
+    "end": {"stage": str},
+    "reset": {"stages": list},
+    "prompt": {"prompt_id": str, "prompt": dict},
+    "answer": {"prompt_id": str, "choices": dict},
+    "note": {"key": str},
+}
+_OPTIONAL: dict[str, dict[str, tuple[type, ...]]] = {
+    "accept": {"previous": (str, type(None))},
+    "result": {"message": (str,), "system": (str, type(None)), "needs_reboot": (bool,)},
+    "answer": {"source": (str,)},
+}
+
+
+def check_record(rec: Any) -> None:
+    """Raise ValueError unless `rec` is a record JournalState.apply can apply whole."""
+    if not isinstance(rec, dict) or not isinstance(rec.get("kind"), str):
+        raise ValueError("not a record")
+    kind = rec["kind"]
+    if "deployment_id" in rec and not isinstance(rec["deployment_id"], str):
+        raise ValueError(f"{kind} record: deployment_id is not a string")
+    for name, typ in _REQUIRED.get(kind, {}).items():
+        value = rec.get(name)
+        if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+            raise ValueError(f"{kind} record: {name} is not a {typ.__name__}")
+    for name, types in _OPTIONAL.get(kind, {}).items():
+        if name in rec and not isinstance(rec[name], types):
+            raise ValueError(f"{kind} record: bad {name}")
+    if kind == "reset" and not all(isinstance(s, str) for s in rec["stages"]):
+        raise ValueError("reset record: stages are not strings")
+    if kind == "answer" and not all(isinstance(v, str) for v in rec["choices"].values()):
+        raise ValueError("answer record: choices are not strings")
+    if kind == "accept":
+        base64.b64decode(rec["desired"], validate=True)  # binascii.Error is a ValueError
+
+
 class Journal:
     """Append-only, fsynced journal file in the agent's state dir."""
 
@@ -139,10 +180,9 @@ class Journal:
                 continue
             try:
                 rec = json.loads(line)
-                if not isinstance(rec, dict) or "kind" not in rec:
-                    raise ValueError("not a record")
+                check_record(rec)
                 self.state.apply(rec)
-            except (ValueError, KeyError, TypeError) as exc:
+            except (ValueError, KeyError, TypeError, RecursionError) as exc:
                 self.state.torn_lines += 1
                 log.warning("journal %s: ignoring unreadable record %d: %s", self.path, i + 1, exc)
         if tail:

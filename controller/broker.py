@@ -51,7 +51,10 @@ def render_config(text: str, port: int, data_dir: Path, extra: str = "") -> str:
         out.append(line)
     if not listener_done:
         raise InputError("mosquitto.conf has no listener line")
-    return "\n".join(out) + "\nlog_dest stderr\n" + extra
+    # Started as root, Mosquitto drops to user `mosquitto`, which cannot write a private
+    # temp dir: persistence would fail silently. Our own brokers keep our user.
+    as_root = "user root\n" if os.geteuid() == 0 else ""
+    return "\n".join(out) + "\nlog_dest stderr\n" + as_root + extra
 
 
 def free_port() -> int:

@@ -16,13 +16,13 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from controller import cmd_deploy, cmd_fleet, cmd_rollout, cmd_steps
+from controller import cmd_deploy, cmd_fleet, cmd_rollout, cmd_security, cmd_steps
 from controller.cliutil import EXIT_BROKER, EXIT_OK, EXIT_USAGE
 from controller.keys import init_keys
 from protocol.errors import BrokerUnavailable, FlotillaError
 from protocol.topics import DEFAULT_PREFIX
 
-COMMAND_MODULES = (cmd_deploy, cmd_fleet, cmd_rollout, cmd_steps)
+COMMAND_MODULES = (cmd_deploy, cmd_fleet, cmd_rollout, cmd_security, cmd_steps)
 
 
 class Parser(argparse.ArgumentParser):
@@ -31,15 +31,31 @@ class Parser(argparse.ArgumentParser):
         sys.exit(EXIT_USAGE)
 
 
+def _env_path(name: str) -> Path | None:
+    value = os.environ.get(name)
+    return Path(value) if value else None
+
+
 def _common() -> Parser:
     p = Parser(add_help=False)
     p.add_argument("--broker", default=os.environ.get("FLEET_BROKER", "mqtt://127.0.0.1:1883"),
-                   help="broker URL (env FLEET_BROKER); mqtt://, mqtts://, ws://, wss://. "
-                        "A password in the URL shows in process listings: prefer "
-                        "--username with --password-file")
+                   help="broker URL (env FLEET_BROKER): mqtt://[user[:password]@]host:port, "
+                        "mqtts:// (TLS), ws://, wss://. A password in the URL shows in process "
+                        "listings: use --password-file instead")
     p.add_argument("--username", default=os.environ.get("FLEET_USERNAME"),
-                   help="broker username (default flotilla-controller with --password-file)")
-    p.add_argument("--password-file", type=Path, help="file holding the broker password")
+                   help="broker username (env FLEET_USERNAME; default flotilla-controller "
+                        "with --password-file)")
+    p.add_argument("--password-file", type=Path, default=_env_path("FLEET_PASSWORD_FILE"),
+                   help="file holding the broker password (env FLEET_PASSWORD_FILE); the "
+                        "recommended way to pass it")
+    p.add_argument("--ca-file", type=Path, default=_env_path("FLEET_CA_FILE"),
+                   help="TLS: CA certificate the broker's certificate must chain to "
+                        "(env FLEET_CA_FILE; default: the system's CAs)")
+    p.add_argument("--cert-file", type=Path, default=_env_path("FLEET_CERT_FILE"),
+                   help="TLS: client certificate, when the broker requires one "
+                        "(env FLEET_CERT_FILE)")
+    p.add_argument("--key-file", type=Path, default=_env_path("FLEET_KEY_FILE"),
+                   help="TLS: the client certificate's private key (env FLEET_KEY_FILE)")
     p.add_argument("--inventory", type=Path,
                    default=Path(os.environ.get("FLEET_INVENTORY", "./fleet.toml")))
     p.add_argument("--state-dir", type=Path, default=Path(os.environ.get(

@@ -14,31 +14,36 @@ from rich.table import Table
 
 from controller.deploy import ControllerContext
 from controller.inventory import Inventory, load_inventory
-from protocol.broker import parse_broker_url
-from protocol.errors import InputError
+from protocol.broker import BrokerAddress, parse_broker_url, read_password_file
 from protocol.topics import Topics
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BROKER = 0, 1, 2, 3
+DEFAULT_CONTROLLER_USER = "flotilla-controller"
 
 
 def context(args: argparse.Namespace, need_key: bool = False) -> ControllerContext:
     from controller.keys import load_key
 
-    address = parse_broker_url(args.broker)
-    if args.password_file is not None:
-        try:
-            password = args.password_file.read_text().strip()
-        except OSError as exc:
-            raise InputError(f"cannot read password file {args.password_file}: "
-                             f"{exc.strerror}") from None
-        address = address.with_credentials(args.username or "flotilla-controller", password)
-    elif args.username:
-        address = address.with_credentials(args.username, None)
+    address = broker_address(args)
     return ControllerContext(
         broker=address, topics=Topics(args.topic_prefix), state_dir=args.state_dir,
         key=load_key(args.state_dir) if need_key else None,
         share_group=getattr(args, "share_group", None),
     )
+
+
+def broker_address(args: argparse.Namespace) -> BrokerAddress:
+    """--broker plus --username/--password-file and the TLS files; the password is only
+    ever held in the BrokerAddress, whose str() and repr() hide it."""
+    address = parse_broker_url(args.broker)
+    if args.password_file is not None:
+        password = read_password_file(args.password_file)
+        address = address.with_credentials(
+            args.username or address.username or DEFAULT_CONTROLLER_USER, password)
+    elif args.username:
+        address = address.with_credentials(args.username, None)
+    return address.with_tls(getattr(args, "ca_file", None), getattr(args, "cert_file", None),
+                            getattr(args, "key_file", None))
 
 
 def emit_json(obj: Any) -> None:

@@ -26,6 +26,7 @@ from protocol.errors import InputError, UnknownHostError
 from protocol.topics import HOST_NAME_RE
 
 GROUP_RE = r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,62}$"
+MAX_GROUP_DEPTH = 32
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,9 @@ class Inventory:
             elif term in self.groups:
                 if term in seen:
                     raise InputError(f"group {term} includes itself ({' -> '.join(seen)})")
+                if len(seen) >= MAX_GROUP_DEPTH:
+                    raise InputError(f"groups nest deeper than {MAX_GROUP_DEPTH} levels "
+                                     f"({' -> '.join(seen[:3])} -> ...)")
                 for sub in self.groups[term]:
                     out |= self._resolve(sub, (*seen, term))
             elif term in self.hosts:
@@ -69,7 +73,8 @@ class Inventory:
 
 def _unknown(kind: str, term: str, names: list[str]) -> str:
     close = difflib.get_close_matches(term, names, n=3, cutoff=0.6)
-    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    shown = [c if c.isprintable() else repr(c) for c in close]
+    hint = f"; did you mean {', '.join(shown)}?" if close else ""
     return f"unknown {kind} {term!r} in the inventory{hint}"
 
 
@@ -78,9 +83,12 @@ def parse_inventory(text: str, source: str = "inventory") -> Inventory:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise InputError(f"{source}: invalid TOML: {exc}") from None
+    except RecursionError:
+        raise InputError(f"{source}: invalid TOML: nested too deeply") from None
     unknown = set(data) - {"hosts", "groups", "rollout"}
     if unknown:
-        raise InputError(f"{source}: unknown table(s) {', '.join(sorted(unknown))}")
+        names = ", ".join(t if t.isprintable() else repr(t) for t in sorted(unknown))
+        raise InputError(f"{source}: unknown table(s) {names} (known: hosts, groups, rollout)")
     hosts_raw = data.get("hosts", {})
     if not isinstance(hosts_raw, dict):
         raise InputError(f"{source}: [hosts] must be a table of [hosts.NAME] tables")

@@ -62,7 +62,13 @@ def decode(
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "body"
-        raise InvalidBody(f"invalid {type_name}: {where}: {first['msg']}") from None
+        raise InvalidBody(f"invalid {type_name}: {_clip(where)}: {_clip(first['msg'])}"
+                          ) from None
     except (TypeError, ValueError, RecursionError) as exc:
-        raise InvalidBody(f"invalid {type_name}: {exc}") from None
+        raise InvalidBody(f"invalid {type_name}: {_clip(str(exc))}") from None
     return model  # type: ignore[return-value]
+
+
+def _clip(text: str, limit: int = 120) -> str:
+    """Sender-chosen text (e.g. an unknown key) quoted so a message stays one log line."""
+    return text if text.isprintable() and len(text) <= limit else repr(text[:limit])

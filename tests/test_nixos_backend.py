@@ -406,10 +406,15 @@ def test_e2e_no_controller_confirmation_rolls_back(make_fleet, fake: FakeRoot) -
     old, new = fake.system("old"), fake.system("new")
     fake.install(old)
     nixos_agent(fleet, fake)
+    # --no-wait: the controller publishes and leaves, so nobody confirms the generation
     rc, out = fleet.fleetctl_json("deploy", "web1", "--system", new, "--confirm", "controller",
-                                  "--confirm-timeout", "2")
-    assert rc == 1, out
-    assert out["hosts"] == {"web1": "rolled_back"}
+                                  "--confirm-timeout", "2", "--no-wait")
+    assert rc == 0, out
+
+    def rolled_back() -> bool:
+        _, rows = fleet.fleetctl_json("status", "web1")
+        return rows[0]["result"] == "rolled_back"
+    wait_for(rolled_back, timeout=30, what="the magic rollback")
     calls = fake.calls()
     assert calls[:4] == [["nix-store", "--realise", new],
                          ["nix-env", "-p", str(fake.profile), "--set", new],
@@ -439,7 +444,7 @@ def test_e2e_confirm_deadline_survives_a_reboot(make_fleet, fake: FakeRoot) -> N
     fake.install(old)
     agent = nixos_agent(fleet, fake)
     rc, out = fleet.fleetctl_json("deploy", "web1", "--system", new, "--confirm", "controller",
-                                  "--confirm-timeout", "6", "--no-wait")
+                                  "--confirm-timeout", "12", "--no-wait")
     assert rc == 0, out
 
     def confirm_deadline() -> float | None:
@@ -451,13 +456,13 @@ def test_e2e_confirm_deadline_survives_a_reboot(make_fleet, fake: FakeRoot) -> N
     fake.boot()  # the profile says `new`: the host comes back up running it
     assert fake.current == new
     time.sleep(max(0.0, deadline - 2.5 - time.time()))
-    nixos_agent(fleet, fake)  # a fresh 6 s would end 3.5 s after the journaled deadline
+    nixos_agent(fleet, fake)  # a fresh 12 s would end 9.5 s after the journaled deadline
     result_of(fleet, "web1", "rolled_back", timeout=30)
     assert fake.calls()[-3:] == rollback_calls(fake, old)
     assert fake.profile_target == old and fake.current == old
     journal = fleet.journal("web1")
     began = next(r["t"] for r in journal if r["kind"] == "begin" and r["stage"] == "rollback")
-    assert deadline - 0.1 <= began < deadline + 2.0
+    assert deadline - 0.1 <= began < deadline + 6.0  # slack for a loaded machine
     boots = [r["boot_id"] for r in journal if r["kind"] == "start"]
     assert len(boots) == 2 and boots[1] != boots[0]
     assert sum(1 for r in journal if r.get("stage") == "switch" and r["kind"] == "begin") == 1

@@ -1,0 +1,200 @@
+"""A small private CA for the broker's TLS listener (`fleetctl certs`).
+
+    STATE_DIR/pki/ca.key, ca.crt            the CA (ECDSA P-256, self-signed)
+    STATE_DIR/pki/NAME.key, NAME.crt        a host's client certificate: CN=NAME,
+                                            SAN DNS:NAME, extendedKeyUsage clientAuth
+    STATE_DIR/pki/NAME.key, NAME.crt        with --server: the broker's certificate,
+                                            SAN DNS:NAME, DNS:localhost, IP:127.0.0.1
+                                            (+ --san), extendedKeyUsage serverAuth
+
+Private keys are written 0600 (atomically: temp file, fsync, rename) and never
+printed. The broker's `cafile` and the clients' `--ca-file` are ca.crt.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from protocol.errors import InputError, StateError, UsageError
+from protocol.topics import validate_host
+
+PKI_DIR = "pki"
+CA_NAME = "ca"
+DNS_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+DNS_RE = re.compile(rf"^(?=.{{1,253}}$){DNS_LABEL}(\.{DNS_LABEL})*$")
+KEY_MODE = 0o600
+
+
+@dataclass(frozen=True)
+class Issued:
+    key: Path
+    cert: Path
+    subject: str
+    sans: tuple[str, ...]
+    not_after: dt.datetime
+
+
+def pki_dir(state_dir: Path) -> Path:
+    return state_dir / PKI_DIR
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC).replace(microsecond=0)
+
+
+def _write(path: Path, data: bytes, mode: int) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, mode)  # the umask may have narrowed it, never widened it
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise StateError(f"cannot write {path}: {exc.strerror}") from None
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def _ensure_dir(d: Path) -> None:
+    try:
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise StateError(f"cannot create {d}: {exc.strerror}") from None
+
+
+def init_ca(state_dir: Path, *, days: int = 3650, force: bool = False,
+            name: str = "Flotilla fleet CA") -> Issued:
+    """Create the CA key (0600) and self-signed certificate in STATE_DIR/pki."""
+    if days < 1:
+        raise UsageError("--days must be at least 1")
+    d = pki_dir(state_dir)
+    key_path, cert_path = d / f"{CA_NAME}.key", d / f"{CA_NAME}.crt"
+    if key_path.exists() and not force:
+        raise InputError(f"{key_path} exists already (use --force to replace the CA; every "
+                         "certificate it signed stops being trusted)")
+    _ensure_dir(d)
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name),
+                         x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Flotilla")])
+    now = _now()
+    not_after = now + dt.timedelta(days=days)
+    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject).issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(
+            digital_signature=True, key_cert_sign=True, crl_sign=True,
+            content_commitment=False, key_encipherment=False, data_encipherment=False,
+            key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(ski, critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    _write(key_path, _key_pem(key), KEY_MODE)
+    _write(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    return Issued(key_path, cert_path, name, (), not_after)
+
+
+def load_ca(state_dir: Path) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    d = pki_dir(state_dir)
+    key_path, cert_path = d / f"{CA_NAME}.key", d / f"{CA_NAME}.crt"
+    if not key_path.exists() or not cert_path.exists():
+        raise InputError(f"no CA in {d}: run 'fleetctl certs init' first")
+    try:
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    except (OSError, ValueError, TypeError) as exc:
+        raise InputError(f"cannot load the CA from {d}: {exc}") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise InputError(f"{key_path} is not an ECDSA key made by 'fleetctl certs init'")
+    return key, cert
+
+
+def _san_entry(value: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(value))
+    except ValueError:
+        pass
+    if not DNS_RE.fullmatch(value):
+        raise UsageError(f"invalid --san {value!r}: use a DNS name or an IP address")
+    return x509.DNSName(value.lower())
+
+
+def issue(state_dir: Path, name: str, *, server: bool = False, extra_sans: list[str] | None = None,
+          days: int = 825, force: bool = False) -> Issued:
+    """Key (0600) and certificate for host NAME (client) or the broker (server)."""
+    if days < 1:
+        raise UsageError("--days must be at least 1")
+    if server:
+        if not DNS_RE.fullmatch(name):
+            raise UsageError(f"invalid broker name {name!r}: use its DNS name")
+    else:
+        validate_host(name)
+    if name == CA_NAME:
+        raise UsageError(f"{name!r} is reserved for the CA's own files")
+    ca_key, ca_cert = load_ca(state_dir)
+    d = pki_dir(state_dir)
+    key_path, cert_path = d / f"{name}.key", d / f"{name}.crt"
+    if key_path.exists() and not force:
+        raise InputError(f"{key_path} exists already (use --force to replace it)")
+    sans: list[x509.GeneralName] = [x509.DNSName(name.lower())]
+    if server:
+        sans += [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    for extra in extra_sans or []:
+        entry = _san_entry(extra)
+        if entry not in sans:
+            sans.append(entry)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = _now()
+    not_after = min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc)
+    usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
+    ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(
+            digital_signature=True, key_encipherment=False, key_cert_sign=False, crl_sign=False,
+            content_commitment=False, data_encipherment=False, key_agreement=True,
+            encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                       critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
+                       critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    _ensure_dir(d)
+    _write(key_path, _key_pem(key), KEY_MODE)
+    _write(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    return Issued(key_path, cert_path, name, tuple(_san_text(s) for s in sans), not_after)
+
+
+def _san_text(entry: x509.GeneralName) -> str:
+    if isinstance(entry, x509.IPAddress):
+        return f"IP:{entry.value}"
+    return f"DNS:{entry.value}"
