@@ -161,10 +161,9 @@ def secure(credentials: Secure, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                                        ws_port=s.ws_port))
     monkeypatch.setenv("FLEET_MOSQUITTO_CONF", str(conf))
     # wss: a websockets listener with the same three TLS lines as the mqtts one
-    # Run as root, Mosquitto drops to user `mosquitto`, which cannot read pytest's 0700
-    # tmp dirs (password file, certificates, persistence).
-    as_root = "user root\n" if os.geteuid() == 0 else ""
-    wss = (f"{as_root}listener {s.wss_port} 127.0.0.1\nprotocol websockets\n"
+    # (render_config keeps a root-started Mosquitto as root, so it can read pytest's
+    # 0700 tmp dirs: password file, certificates, persistence.)
+    wss = (f"listener {s.wss_port} 127.0.0.1\nprotocol websockets\n"
            f"cafile {s.pki / 'ca.crt'}\n"
            f"certfile {s.pki / 'broker.crt'}\nkeyfile {s.pki / 'broker.key'}\n"
            "require_certificate true\n")
