@@ -38,7 +38,7 @@ def phase_label(v: HostView) -> str:
         return v.result
     if v.phase in ("awaiting_choice", "choose"):
         return "awaiting choice"
-    if v.phase == "migrate" and v.step:
+    if v.phase in ("migrate", "migrating") and v.step:
         return f"migrating {v.step}"
     if v.deployment_id is None:
         return "not started"

@@ -196,3 +196,19 @@ def test_deadline_takes_the_default_and_records_it(make_fleet, tmp_path: Path) -
     assert answers[0]["source"] == "deadline" and answers[0]["choices"] == {"db.major": "upgrade"}
     prompts = [r for r in fleet.journal("dl1") if r["kind"] == "prompt"]
     assert prompts[0]["prompt"]["deadline"] is not None
+
+
+def test_fleetctl_approve_releases_hosts_waiting_for_approval(make_fleet) -> None:  # type: ignore[no-untyped-def]
+    fleet = make_fleet({"ap1": ["x"], "ap2": ["x"]})
+    fleet.start_simulated(["ap1", "ap2"])
+    proc = deploy_bg(fleet, "@x", "--system", "/nix/store/approved", "--approval", "ask",
+                     "--timeout", "60")
+    for host in ("ap1", "ap2"):
+        wait_prompt(fleet, host, "approval")
+    _, status = fleet.fleetctl_json("status")
+    assert {r["phase"] for r in status} == {"awaiting_approval"}
+    assert all(r["system"] is None for r in status)  # nothing switched before approval
+    rc, out = fleet.fleetctl_json("approve", "@x")
+    assert rc == 0 and set(out) == {"ap1", "ap2"} and all(v["accepted"] for v in out.values())
+    rc, result = finish(proc)
+    assert rc == 0 and result["succeeded"] == 2, result

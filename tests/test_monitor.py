@@ -1,0 +1,47 @@
+"""The live view shows what an operator needs: who waits for a choice, which migration
+step runs, which hosts failed and why (folded from real protocol messages)."""
+
+from __future__ import annotations
+
+import time
+
+from rich.console import Console
+
+from controller.monitor import render
+from controller.view import HostView, fold_event, fold_state
+from protocol.models import HostState, Progress, Result
+
+
+def text_of(views: list[HostView]) -> str:
+    console = Console(record=True, width=160)
+    console.print(render(views, "rollout r1", [[v.host for v in views]]))
+    return console.export_text()
+
+
+def test_live_view_shows_choices_migration_steps_and_failures() -> None:
+    now = time.time()
+    waiting, migrating, failed = HostView("pg1"), HostView("pg2"), HostView("pg3")
+    for v in (waiting, migrating, failed):
+        v.deployment_id, v.generation, v.started = "r1", 1, now - 5
+    assert fold_state(waiting, HostState(host="pg1", phase="awaiting_choice", deployment_id="r1",
+                                         open_prompt="r1.choose", updated_at=now))
+    assert fold_event(migrating, Progress(host="pg2", deployment_id="r1", generation=1, seq=3,
+                                          time=now, stage="migrate", step="postgresql",
+                                          message="migrating postgresql"))
+    assert fold_event(failed, Result(host="pg3", deployment_id="r1", generation=1, seq=9,
+                                     time=now, status="rolled_back",
+                                     message="migration failed: disk on fire",
+                                     log_tail=["pg_upgrade: error 3"]))
+    text = text_of([waiting, migrating, failed])
+    assert "awaiting choice" in text
+    assert "migrating postgresql" in text
+    assert "rolled_back" in text and "disk on fire" in text
+    assert "1/3" in text  # one host finished
+
+
+def test_events_of_another_deployment_are_ignored() -> None:
+    v = HostView("a")
+    v.deployment_id, v.generation = "r2", 2
+    assert not fold_event(v, Result(host="a", deployment_id="r1", generation=1, seq=1,
+                                    time=time.time(), status="failed"))
+    assert v.result is None
