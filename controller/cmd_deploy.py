@@ -64,12 +64,13 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_deploy)
 
 
-def parse_choices(items: list[str]) -> dict[str, str]:
+def parse_choices(items: list[str], what: str = "--choose") -> dict[str, str]:
+    """`STEP.ITEM=CHOICE` arguments (pre-answers or answers) as {"STEP.ITEM": CHOICE}."""
     out: dict[str, str] = {}
     for item in items:
         m = CHOICE_RE.fullmatch(item)
         if not m:
-            raise UsageError(f"--choose wants STEP.ITEM=CHOICE, not {item!r}")
+            raise UsageError(f"{what} wants STEP.ITEM=CHOICE, not {item!r}")
         out[f"{m.group(1)}.{m.group(2)}"] = m.group(3)
     return out
 

@@ -13,7 +13,7 @@ import aiomqtt
 from rich.console import Console
 
 from controller import cliutil
-from controller.cmd_deploy import CHOICE_RE
+from controller.cmd_deploy import parse_choices
 from controller.connection import connect, read_retained
 from protocol.codec import decode, encode
 from protocol.errors import InputError, ProtocolError, UsageError
@@ -95,16 +95,6 @@ async def cmd_prompts(args: argparse.Namespace) -> int:
     return cliutil.EXIT_OK
 
 
-def parse_answer_choices(items: list[str]) -> dict[str, str]:
-    out = {}
-    for item in items:
-        m = CHOICE_RE.fullmatch(item)
-        if not m:
-            raise UsageError(f"answers are STEP.ITEM=CHOICE, not {item!r}")
-        out[f"{m.group(1)}.{m.group(2)}"] = m.group(3)
-    return out
-
-
 async def send_answer(args: argparse.Namespace, host: str, prompt_id: str,
                       choices: dict[str, str], approve: bool) -> tuple[bool, str]:
     """Publish a signed answer and wait briefly to learn whether the agent took it."""
@@ -155,7 +145,7 @@ async def cmd_answer(args: argparse.Namespace) -> int:
     validate_host(args.host)
     if args.host not in cliutil.inventory(args).hosts:
         raise InputError(f"unknown host {args.host!r} (not in the inventory)")
-    choices = parse_answer_choices(args.choices)
+    choices = parse_choices(args.choices, "an answer")
     if not choices and not args.approve:
         raise UsageError("give at least one STEP.ITEM=CHOICE (or --approve)")
     ok, message = await send_answer(args, args.host, args.prompt_id, choices, args.approve)
