@@ -48,6 +48,7 @@ class AgentConfig:
     client_kwargs: dict[str, Any] = field(default_factory=dict)
     dump_retention: int = 3
     age_recipient: str | None = None
+    age_identity: str | None = None
     home_assistant: bool = False
     ha_reboot: bool = False
     control_socket: bool = True
@@ -62,7 +63,8 @@ class Agent:
         self.topics = config.topics
         self.backend = backend
         self.journal = Journal(config.state_dir)
-        self.dumps = DumpStore(config.state_dir, config.dump_retention, config.age_recipient)
+        self.dumps = DumpStore(config.state_dir, config.dump_retention, config.age_recipient,
+                               config.age_identity)
         state = self.journal.open()
         self.journal.append("start", boot_id=backend.boot_id())
         # `desired` is a latest-value topic: QoS 0 means no stale copy is queued in our

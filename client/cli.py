@@ -64,6 +64,8 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="wall message to terminal users when a prompt opens")
     p.add_argument("--dump-retention", type=int, default=3, help="dumps kept per step")
     p.add_argument("--age-recipient", help="encrypt dumps to this age recipient (pyrage)")
+    p.add_argument("--age-identity", help="file with the age identity that decrypts dumps "
+                                          "on rollback")
     p.add_argument("-v", "--verbose", action="store_true")
 
 
@@ -112,6 +114,7 @@ def make_agent(args: argparse.Namespace, host: str, state_dir: Path) -> Agent:
         trusted_keys=load_public_keys(args.trust_key),
         topics=Topics(args.topic_prefix, ha_prefix=args.ha_prefix),
         dump_retention=args.dump_retention, age_recipient=args.age_recipient,
+        age_identity=args.age_identity,
         home_assistant=args.home_assistant, ha_reboot=args.ha_reboot,
         control_socket=args.command == "run", control_group=args.control_group,
         notify=NotifyConfig(desktop=args.notify_desktop, wall=args.notify_wall,

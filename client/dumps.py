@@ -22,11 +22,12 @@ ARCHIVE = "dump.tar.zst"
 
 
 class DumpStore:
-    def __init__(self, state_dir: Path, retention: int = 3, age_recipient: str | None = None
-                 ) -> None:
+    def __init__(self, state_dir: Path, retention: int = 3, age_recipient: str | None = None,
+                 age_identity: str | None = None) -> None:
         self.root = state_dir / "dumps"
         self.retention = max(1, retention)
         self.age_recipient = age_recipient
+        self.age_identity = age_identity
 
     def slot(self, step: str, revision: str, generation: int) -> Path:
         return self.root / step / f"{revision}-{generation}"
@@ -90,7 +91,7 @@ class DumpStore:
         except OSError as exc:
             raise BackendError(f"dump {archive} is unreadable: {exc.strerror}") from None
         if archive.suffix == ".age":
-            data = _age_decrypt(data, identity)
+            data = _age_decrypt(data, identity or self.age_identity)
         try:
             raw = zstandard.ZstdDecompressor().decompress(data)
             with tarfile.open(fileobj=io.BytesIO(raw), mode="r") as tar:
@@ -137,7 +138,8 @@ def _age_encrypt(data: bytes, recipient: str) -> bytes:
 
 def _age_decrypt(data: bytes, identity: str | None) -> bytes:
     if identity is None:
-        raise BackendError("dump is age-encrypted: restore needs --age-identity")
+        raise BackendError("dump is age-encrypted: restoring it needs the agent's "
+                           "--age-identity FILE")
     try:
         import pyrage
         key = pyrage.x25519.Identity.from_str(Path(identity).read_text().strip())
