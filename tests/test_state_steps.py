@@ -193,16 +193,22 @@ def test_failed_step_retry_and_skip_by_policy(make_fleet, tmp_path: Path) -> Non
     assert steps_run.count("cache") == 1 and "search" in steps_run
 
 
-@pytest.mark.parametrize("boundary", ["begin:db", "end:db", "begin:app", "begin:cache",
-                                      "end:search", "begin:switch", "end:switch"])
+PIPELINE = {"fetch", "check", "choose", "dump", "switch", "reboot", "confirm"}
+
+
+@pytest.mark.parametrize("boundary", [
+    "begin:fetch", "end:fetch", "end:check", "end:choose", "begin:dump", "end:dump",
+    "begin:db", "end:db", "begin:app", "begin:cache", "end:search",
+    "begin:switch", "end:switch", "begin:confirm",
+])
 def test_sigkill_at_step_boundaries_resumes_without_rerunning(make_fleet, tmp_path: Path, boundary: str) -> None:  # type: ignore[no-untyped-def]
     fleet, db, original, runlog, top = setup(make_fleet, tmp_path, sleep=0.4,
                                              idempotent=("cache", "search"))
-    agent = fleet.start_agent("pg1")
+    agent = fleet.start_agent("pg1", "--sim-fetch-delay", "0.3", "--sim-switch-delay", "0.3")
     proc = deploy_bg(fleet, "pg1", "--system", str(top), "--choose", "db.major=upgrade",
                      "--on-step-failure", "retry", "--timeout", "90")
     kind, name = boundary.split(":")
-    stage = name if name == "switch" else f"step:{name}"
+    stage = name if name in PIPELINE else f"step:{name}"
 
     def reached():  # type: ignore[no-untyped-def]
         try:
