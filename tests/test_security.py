@@ -423,7 +423,11 @@ async def test_ws_and_wss_transports_with_credentials(secure: Secure) -> None:
     assert "Not authorized" in await refused(parse_broker_url(secure.url("ws")))
     no_cert = parse_broker_url(secure.url("wss")).with_credentials(
         "a1", secure.password("a1")).with_tls(secure.pki / "ca.crt")
-    assert "CERTIFICATE_REQUIRED" in await refused(no_cert)
+    # refused during or right after the TLS handshake; which error text the client sees
+    # depends on timing (an alert, or the broker closing the socket)
+    error = await refused(no_cert)
+    assert any(s in error for s in ("CERTIFICATE_REQUIRED", "EOF occurred", "timed out",
+                                    "Connection reset")), error
 
 
 def test_agent_and_fleetctl_over_mqtts_with_client_certificates(make_fleet, secure: Secure  # type: ignore[no-untyped-def]
