@@ -73,6 +73,7 @@ class AgentSession:
         self.extra = extra_client_kwargs or {}
         self.backoff = Backoff()
         self.connected = asyncio.Event()
+        self._lost: asyncio.Future[None] | None = None  # resolves when this connection ends
         self.connections = 0
         self._client: aiomqtt.Client | None = None
         self._stopping = False
@@ -104,6 +105,7 @@ class AgentSession:
                     self.backoff.reset()
                     for topic, qos in self.subscriptions:
                         await client.subscribe(topic, qos=qos)
+                    self._lost = asyncio.get_running_loop().create_future()
                     self.connected.set()
                     if self.on_connect is not None:
                         await self.on_connect()
@@ -118,6 +120,8 @@ class AgentSession:
                 await asyncio.sleep(delay)
             finally:
                 self.connected.clear()
+                if self._lost is not None and not self._lost.done():
+                    self._lost.set_result(None)
                 self._client = None
 
     async def _dispatch(self, client: aiomqtt.Client, message: aiomqtt.Message) -> None:
@@ -134,21 +138,31 @@ class AgentSession:
     async def publish(
         self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False
     ) -> None:
-        """Publish, waiting for a connection and retrying across reconnects."""
+        """Publish, waiting for a connection and retrying across reconnects.
+
+        aiomqtt waits for a PUBACK until its timeout even when the connection is gone, so
+        each attempt also watches the connection and retries as soon as it drops."""
         while True:
             await self.connected.wait()
-            client = self._client
-            if client is None:
+            client, lost = self._client, self._lost
+            if client is None or lost is None:
                 await asyncio.sleep(0.05)
                 continue
-            try:
-                await client.publish(topic, payload, qos=qos, retain=retain, timeout=30)
-                return
-            except aiomqtt.MqttError as exc:
-                if self._stopping:
-                    raise
-                log.debug("%s: publish to %s failed (%s); retrying", self.client_id, topic, exc)
-                await asyncio.sleep(0.1)
+            attempt = asyncio.ensure_future(
+                client.publish(topic, payload, qos=qos, retain=retain, timeout=60))
+            await asyncio.wait([attempt, lost], return_when=asyncio.FIRST_COMPLETED)
+            if attempt.done():
+                try:
+                    attempt.result()
+                    return
+                except aiomqtt.MqttError as exc:
+                    if self._stopping:
+                        raise
+                    log.debug("%s: publish to %s failed (%s); retrying", self.client_id,
+                              topic, exc)
+            else:
+                attempt.cancel()
+            await asyncio.sleep(0.1)
 
     async def stop(self, graceful_payload: bytes | None = None) -> None:
         """Publish the offline marker ourselves (a clean DISCONNECT suppresses the will)."""

@@ -177,6 +177,7 @@ AskContinue = Callable[["RolloutDriver", int], Awaitable[bool | None]]
 class RolloutDriver:
     def __init__(self, ctx: ControllerContext, req: DeployRequest, rollout_id: str | None = None,
                  on_change: Callable[[RolloutDriver], None] | None = None) -> None:
+        self._lost: asyncio.Future[None] | None = None  # resolves when a connection ends
         self._background: set[asyncio.Task[None]] = set()
         self.ctx = ctx
         self.req = req
@@ -319,15 +320,19 @@ class RolloutDriver:
     async def _publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
         async with self._publish_sem:
             while True:
-                client = self._client
-                if client is None:
+                client, lost = self._client, self._lost
+                if client is None or lost is None:
                     await asyncio.sleep(0.1)
                     continue
-                try:
-                    await client.publish(topic, payload, qos=1, retain=retain, timeout=30)
+                # aiomqtt waits for a PUBACK until its timeout even on a dead connection:
+                # watch the connection too, and retry as soon as it drops.
+                attempt = asyncio.ensure_future(
+                    client.publish(topic, payload, qos=1, retain=retain, timeout=60))
+                await asyncio.wait([attempt, lost], return_when=asyncio.FIRST_COMPLETED)
+                if attempt.done() and attempt.exception() is None:
                     return
-                except aiomqtt.MqttError:
-                    await asyncio.sleep(0.2)
+                attempt.cancel()
+                await asyncio.sleep(0.2)
 
     async def clear_desired(self, host: str) -> None:
         await self._publish(self.ctx.topics.desired(host), b"", retain=True)
@@ -417,6 +422,7 @@ class RolloutDriver:
                         await client.subscribe(topic, qos=1)
                     self._synced.clear()
                     self._marker = await sync_marker(client, self.ctx.topics)
+                    self._lost = asyncio.get_running_loop().create_future()
                     self._client = client
                     delay = 0.2
                     async for message in client.messages:
@@ -433,6 +439,8 @@ class RolloutDriver:
                 delay = min(delay * 2, 5.0)
             finally:
                 self._client = None
+                if self._lost is not None and not self._lost.done():
+                    self._lost.set_result(None)
 
     async def _end_session(self) -> None:
         """Discard our persistent session on the broker (it would queue every fleet event
