@@ -213,7 +213,7 @@ class Journal:
             size = os.fstat(self._fh.fileno()).st_size
             self._fh.write(line)
             self._fh.flush()
-            os.fsync(self._fh.fileno())
+            os.fdatasync(self._fh.fileno())
         except OSError as exc:
             self._undo_partial(size)
             raise StateError(f"cannot write journal {self.path}: {exc.strerror}") from None

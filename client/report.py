@@ -77,12 +77,14 @@ class Reporter:
         await self.event(Result, deployment_id, generation, status=status, message=message,
                          system=system, needs_reboot=needs_reboot, log_tail=log_tail[-20:])
 
-    async def host_state(self, **changes: Any) -> HostState:
-        """Update and publish the retained HostState."""
+    async def host_state(self, publish: bool = True, **changes: Any) -> HostState:
+        """Update the HostState; publish it (retained) unless `publish` is False."""
         self.state = self.state.model_copy(update={**changes, "updated_at": time.time()})
         for listener in self.listeners:
             listener(self.state)
-        await self._publish(self.topics.state(self.host), encode(self.state), qos=1, retain=True)
+        if publish:
+            await self._publish(self.topics.state(self.host), encode(self.state), qos=1,
+                                retain=True)
         return self.state
 
     async def prompt(self, prompt: Prompt | None) -> None:

@@ -46,6 +46,7 @@ STAGE_PERCENT = {
     "migrate:before-switch": 45, "switch": 60, "reboot": 70, "migrate:after-switch": 80,
     "confirm": 92, "rollback": 95,
 }
+PASSING_PHASES = {"fetched", "checked", "switched", "migrated", "confirmed"}
 FAILURE_CHOICES = [
     Choice(id="retry", label="Retry", description="run the step again"),
     Choice(id="skip", label="Skip", description="mark the step done and go on"),
@@ -99,17 +100,26 @@ class DeploymentRunner:
                                          stage.split(":")[0], message, pct, step)
 
     async def phase(self, phase: str, **extra: Any) -> None:
+        """Update the HostState. Passing phases (fetched, checked, ...) are only published
+        with the next one that matters: Progress events already carry them live, and the
+        retained state is for catch-up."""
         await self.ctx.reporter.host_state(
             phase=phase, deployment_id=self.d.deployment_id, rollout_id=self.d.rollout_id,
-            desired_generation=self.d.generation, **extra)
+            desired_generation=self.d.generation, publish=phase not in PASSING_PHASES, **extra)
 
     def journal(self, kind: str, **fields: Any) -> None:
         self.ctx.journal.append(kind, deployment_id=self.d.deployment_id, **fields)
 
-    async def stage(self, name: str, body: Callable[[], Awaitable[Any]]) -> Any:
-        """Run `body` once: journaled before and after; skipped when already done."""
+    async def stage(self, name: str, body: Callable[[], Awaitable[Any]],
+                    needed: bool = True) -> Any:
+        """Run `body` once: journaled before and after; skipped when already done.
+
+        A stage with nothing to do (`needed` False, decided from journaled facts only) is
+        not journaled at all: on resume the same facts give the same decision."""
         if name in self.active.done:
             return self.active.done[name]
+        if not needed and name not in self.active.started:
+            return None
         self.journal("begin", stage=name)
         data = await body()
         self.journal("end", stage=name, data=data)
@@ -149,7 +159,7 @@ class DeploymentRunner:
                 prev = self.active.done.get("rollback-previous") or {}
                 return await self.finish("succeeded", prev.get("message", "rolled back"),
                                          system=prev.get("system"))
-            needs_reboot = bool(self.active.notes.get("needs_reboot", False))
+            needs_reboot = self.needs_reboot
             return await self.finish("succeeded", f"{d.action} to generation {d.generation}",
                                      system=d.system, needs_reboot=needs_reboot)
         except StateError as exc:
@@ -179,18 +189,38 @@ class DeploymentRunner:
         await self.phase("checked")
         if self.d.check_only:
             return
-        await self.stage("choose", self.choose)
-        if self.d.policy.approval == "ask":
-            await self.stage("approve", self.approve)
-        await self.stage("dump", self.dump)
-        await self.stage("migrate:before-switch", lambda: self.migrate("before-switch"))
+        items, answers = self.items, self.answers
+        await self.stage("choose", self.choose, needed=bool(
+            plan.blocking_errors(items) or plan.open_items(items, self.d.choices)))
+        await self.stage("approve", self.approve, needed=self.d.policy.approval == "ask")
+        await self.stage("dump", self.dump,
+                         needed=bool(plan.affected_steps(self.steps.steps, items, self.answers)))
+        await self.stage("migrate:before-switch", lambda: self.migrate("before-switch"),
+                         needed=self.has_migrations("before-switch", answers))
         await self.stage("switch", lambda: self.switch(toplevel))
         await self.phase("switched")
-        await self.stage("reboot", lambda: self.reboot(toplevel))
-        await self.stage("migrate:after-switch", lambda: self.migrate("after-switch"))
+        await self.stage("reboot", lambda: self.reboot(toplevel),
+                         needed=self.needs_reboot or "reboot_boot_id" in self.active.notes)
+        await self.stage("migrate:after-switch", lambda: self.migrate("after-switch"),
+                         needed=self.has_migrations("after-switch", answers))
         await self.phase("migrated")
-        await self.stage("confirm", self.confirm)
+        rebooted = bool((self.active.done.get("reboot") or {}).get("rebooted"))
+        await self.stage("confirm", self.confirm, needed=self.d.policy.confirm != "none" and (
+            self.d.action != "boot" or rebooted))
         await self.phase("confirmed")
+
+    @property
+    def needs_reboot(self) -> bool:
+        """After the switch (or, after a reboot, as the boot left it)."""
+        notes = self.active.notes
+        if "needs_reboot" in notes:
+            return bool(notes["needs_reboot"])
+        return bool((self.active.done.get("switch") or {}).get("needs_reboot"))
+
+    def has_migrations(self, phase: str, answers: dict[str, str]) -> bool:
+        by_name = self.steps.by_name()
+        return any(plan.migrations_for(by_name[n], self.items, answers)
+                   for n in plan.phase_graph(self.steps.steps, phase))
 
     async def fetch(self) -> str:
         await self.phase("acked")
@@ -243,7 +273,6 @@ class DeploymentRunner:
             await self.progress("dump", f"dumping state of {step.name}", step=step.name)
             dumps[step.name] = await dump_step(self.ctx.backend, self.ctx.dumps, step,
                                                step.revision, self.env)
-        self.journal("note", key="dumps", value=dumps)
         return {"dumps": dumps}
 
     async def migrate(self, phase: str) -> dict[str, Any]:
@@ -332,7 +361,6 @@ class DeploymentRunner:
         needs_reboot = activation_needs_reboot(self.d.action, outcome.reboot_required,
                                                backend.needs_reboot(toplevel),
                                                backend.current_system(), toplevel)
-        self.journal("note", key="needs_reboot", value=needs_reboot)
         if outcome.units_failed:
             await self.progress("switch", "switch-to-configuration: some units failed (exit 4)")
             raise DeployFailed("activation finished but some units failed (exit 4)",
@@ -352,7 +380,7 @@ class DeploymentRunner:
             await self.progress("reboot", "host rebooted; finishing the deploy")
             return {"rebooted": True}
         while True:
-            decision = reboot_decision(self.d.policy.reboot, bool(notes.get("needs_reboot")),
+            decision = reboot_decision(self.d.policy.reboot, self.needs_reboot,
                                        datetime.now().astimezone(), self.d.action)
             if decision.action in ("none", "report"):
                 return {"rebooted": False}
@@ -382,10 +410,6 @@ class DeploymentRunner:
 
     async def confirm(self) -> None:
         policy = self.d.policy
-        if policy.confirm == "none":
-            return
-        if self.d.action == "boot" and not (self.active.done.get("reboot") or {}).get("rebooted"):
-            return  # nothing new runs yet: the new system is confirmed after its boot
         deadline = self.active.notes.get("confirm_deadline")
         if deadline is None:
             deadline = time.time() + policy.confirm_timeout_s
@@ -407,7 +431,7 @@ class DeploymentRunner:
         await self.phase("rolling_back", message=f"rolling back {last.deployment_id}")
         steps = load_steps(str(last.done.get("fetch") or ""))
         by_name = steps.by_name()
-        dumps: dict[str, str] = last.notes.get("dumps") or {}
+        dumps: dict[str, str] = (last.done.get("dump") or {}).get("dumps") or {}
         env = StepEnv(self.ctx.host, last.previous_system, self.d)
         for name in plan.reverse_order([s for s in steps.steps if s.name in dumps]):
             await self.progress("rollback", f"restoring {name}", step=name)
@@ -521,7 +545,7 @@ class DeploymentRunner:
             await self.progress("rollback", msg)
 
         try:
-            dumps: dict[str, str] = a.notes.get("dumps") or {}
+            dumps: dict[str, str] = (a.done.get("dump") or {}).get("dumps") or {}
             by_name = self.steps.by_name()
             touched = {n for n in dumps if f"step:{n}" in a.started}
             for name in plan.reverse_order([s for s in self.steps.steps if s.name in dumps]):

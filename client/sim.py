@@ -66,7 +66,6 @@ class SimulatedBackend:
         return f.read_text().strip()
 
     async def fetch(self, system: str, host: str, progress: ProgressFn) -> str:
-        await progress(f"fetching {system}")
         if self.settings.fetch_delay:
             await asyncio.sleep(self.settings.fetch_delay)
         if self._fails("fetch", system):
@@ -74,7 +73,6 @@ class SimulatedBackend:
         return system
 
     async def switch(self, toplevel: str, action: str, progress: ProgressFn) -> SwitchOutcome:
-        await progress(f"switch-to-configuration {action}")
         if self.settings.switch_delay:
             await asyncio.sleep(self.settings.switch_delay)
         if self._fails("switch", toplevel):

@@ -197,7 +197,7 @@ PIPELINE = {"fetch", "check", "choose", "dump", "switch", "reboot", "confirm"}
 
 
 @pytest.mark.parametrize("boundary", [
-    "begin:fetch", "end:fetch", "end:check", "end:choose", "begin:dump", "end:dump",
+    "begin:fetch", "end:fetch", "end:check", "begin:dump", "end:dump",
     "begin:db", "end:db", "begin:app", "begin:cache", "end:search",
     "begin:switch", "end:switch", "begin:confirm",
 ])
