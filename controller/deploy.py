@@ -24,6 +24,7 @@ import fcntl
 import logging
 import os
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +34,7 @@ import aiomqtt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from controller import store
-from controller.connection import connect, make_client, read_retained, sync_marker
+from controller.connection import connect, make_client, read_retained
 from controller.eventlog import EventLog, Patch
 from controller.planner import (
     Abort,
@@ -60,7 +61,26 @@ from protocol.topics import Topics
 log = logging.getLogger(__name__)
 PUBLISH_CONCURRENCY = 256
 PLAN_INTERVAL = 0.05
+SYNC_TIMEOUT = 30.0
 LOG_POLL_INTERVAL = 0.5
+
+
+class DispatchQueue(asyncio.Queue):  # type: ignore[type-arg]
+    """aiomqtt's incoming-message queue, short-circuited: once `handler` is set, each
+    message is handled right in the socket read callback. aiomqtt's iterator spends a
+    task and several loop turns per message while its reader enqueues hundreds per turn,
+    so under a flood of events the queue (and the RSS) grew without bound."""
+
+    handler: Callable[[aiomqtt.Message], None] | None = None
+
+    def put_nowait(self, item: aiomqtt.Message) -> None:
+        if self.handler is None:
+            super().put_nowait(item)
+            return
+        try:
+            self.handler(item)
+        except Exception:  # a handler bug must not tear down the MQTT connection
+            log.exception("failed to handle a message on %s", item.topic)
 
 
 @dataclass
@@ -307,15 +327,23 @@ class RolloutDriver:
                                                           a.attempt, now)
                 txn.add("host-started", patch)
                 assigned.append((a.host, dep, generation))
-        payloads = []
         for host, dep, generation in assigned:
             v = self.views[host]
             v.deployment_id, v.generation, v.started, v.acked = dep, generation, now, None
             v.phase, v.result, v.finished, v.last_seq = "published", None, None, -1
             v.message, v.percent, v.step, v.log_tail = "", None, None, []
-            payloads.append((host, self._desired(host, dep, generation)))
-        await asyncio.gather(*(self._publish(self.ctx.topics.desired(h), p, retain=True)
-                               for h, p in payloads))
+        # A fixed pool of publishers, not one task per host: at 10,000 hosts the tasks and
+        # their payloads dominated the controller's peak memory. Payloads are signed as
+        # they are published.
+        todo = iter(assigned)
+
+        async def publisher() -> None:
+            for host, dep, generation in todo:
+                await self._publish(self.ctx.topics.desired(host),
+                                    self._desired(host, dep, generation), retain=True)
+
+        await asyncio.gather(*(publisher() for _ in range(min(PUBLISH_CONCURRENCY,
+                                                             len(assigned)))))
 
     async def _publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
         async with self._publish_sem:
@@ -416,20 +444,30 @@ class RolloutDriver:
         while True:
             try:
                 client = make_client(self.ctx.broker, client_id=f"fleetctl-{self.rollout_id}",
-                                     persistent=True, **self.ctx.client_kwargs)
+                                     persistent=True, queue_type=DispatchQueue,
+                                     **self.ctx.client_kwargs)
                 async with client:
+                    client._queue.handler = self._on_message  # type: ignore[attr-defined]
                     for topic in self._subscriptions():
                         await client.subscribe(topic, qos=1)
                     self._synced.clear()
-                    self._marker = await sync_marker(client, self.ctx.topics)
+                    # Known before it is published: with inline handling the marker can
+                    # come back before publish() returns.
+                    self._marker = f"{self.ctx.topics.prefix}/controller/sync/{uuid.uuid4().hex}"
+                    await client.subscribe(self._marker, qos=1)
+                    await client.publish(self._marker, b"sync", qos=1)
+                    await asyncio.wait_for(self._synced.wait(), SYNC_TIMEOUT)
+                    if not self.ctx.share_group:
+                        # Caught up; without a share group every event reaches us, so the
+                        # live retained states (one per phase per host) are redundant.
+                        await client.unsubscribe(self.ctx.topics.all_hosts("state"))
                     self._lost = asyncio.get_running_loop().create_future()
                     self._client = client
                     delay = 0.2
-                    async for message in client.messages:
-                        self._on_message(message)
-                        if self._synced.is_set() and not ready.is_set():
-                            ready.set()
-            except aiomqtt.MqttError as exc:
+                    ready.set()
+                    async for _ in client.messages:  # handled inline; ends on disconnect
+                        pass
+            except (aiomqtt.MqttError, TimeoutError) as exc:
                 self._client = None
                 if not ready.is_set():
                     raise BrokerUnavailable(

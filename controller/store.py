@@ -76,16 +76,14 @@ def start_host(doc: dict[str, Any], rollout_id: str, host: str, attempt: int,
     r = _rh(rollout_id, host)
     entry = {"generation": generation, "deployment_id": dep, "rollout_id": rollout_id,
              "result": None, "system": doc.get("hosts", {}).get(host, {}).get("system")}
+    # Two operations per host (not one per field): 10,000 hosts start in one append.
+    rollout_host = {**doc["rollouts"][rollout_id]["hosts"][host],
+                    "generation": generation, "deployment_id": dep, "status": "published",
+                    "result": None, "message": "", "attempts": attempt,
+                    "started": now or time.time(), "finished": None}
     patch: Patch = [
         {"op": "add", "path": f"/hosts/{escape(host)}", "value": entry},
-        {"op": "replace", "path": f"{r}/generation", "value": generation},
-        {"op": "replace", "path": f"{r}/deployment_id", "value": dep},
-        {"op": "replace", "path": f"{r}/status", "value": "published"},
-        {"op": "replace", "path": f"{r}/result", "value": None},
-        {"op": "replace", "path": f"{r}/message", "value": ""},
-        {"op": "replace", "path": f"{r}/attempts", "value": attempt},
-        {"op": "replace", "path": f"{r}/started", "value": now or time.time()},
-        {"op": "replace", "path": f"{r}/finished", "value": None},
+        {"op": "replace", "path": r, "value": rollout_host},
     ]
     return dep, generation, patch
 
