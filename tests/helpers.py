@@ -155,3 +155,28 @@ async def publish(broker_url: str, topic: str, payload: bytes, retain: bool = Fa
     async with aiomqtt.Client(**address.client_kwargs(),
                               protocol=aiomqtt.ProtocolVersion.V5) as client:
         await client.publish(topic, payload, qos=1, retain=retain)
+
+
+def deploy_bg(fleet: Fleet, *args: str) -> subprocess.Popen[str]:
+    """`fleetctl deploy ... --json` in the background (to answer prompts meanwhile)."""
+    return subprocess.Popen([sys.executable, "-m", "controller", "deploy", *args, "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=fleet.env())
+
+
+def finish(proc: subprocess.Popen[str], timeout: float = 60) -> tuple[int, dict[str, Any]]:
+    """Exit code and the last JSON line of a background fleetctl command."""
+    out, err = proc.communicate(timeout=timeout)
+    lines = [ln for ln in out.splitlines() if ln.strip()]
+    assert lines, err
+    return proc.returncode, json.loads(lines[-1])
+
+
+def wait_prompt(fleet: Fleet, host: str, kind: str | None = None, timeout: float = 30
+                ) -> dict[str, Any]:
+    """The open prompt of `host` (of `kind`), as `fleetctl prompts --json` lists it."""
+    def found() -> dict[str, Any] | None:
+        _, rows = fleet.fleetctl_json("prompts", host)
+        return next((r for r in rows if kind is None or r["kind"] == kind), None)
+    result: dict[str, Any] = wait_for(found, timeout=timeout, what=f"a prompt on {host}")
+    return result

@@ -16,7 +16,7 @@ import jinja2
 import pexpect
 
 from protocol.broker import parse_broker_url
-from tests.helpers import wait_for
+from tests.helpers import deploy_bg, finish, wait_for, wait_prompt
 from tests.stepsys import make_db, make_system
 
 
@@ -78,24 +78,7 @@ class HomeAssistant:
         await self._client.publish(topic, payload.encode(), qos=1)
 
 
-def deploy_bg(fleet, *args: str) -> subprocess.Popen[str]:  # type: ignore[no-untyped-def]
-    return subprocess.Popen([sys.executable, "-m", "controller", "deploy", *args, "--json"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=fleet.env())
 
-
-def finish(proc: subprocess.Popen[str], timeout: float = 60) -> tuple[int, dict[str, Any]]:
-    out, err = proc.communicate(timeout=timeout)
-    lines = [ln for ln in out.splitlines() if ln.strip()]
-    assert lines, err
-    return proc.returncode, json.loads(lines[-1])
-
-
-def wait_prompt(fleet, host: str, kind: str, timeout: float = 30) -> dict[str, Any]:  # type: ignore[no-untyped-def]
-    def found():  # type: ignore[no-untyped-def]
-        _, rows = fleet.fleetctl_json("prompts", host)
-        return next((r for r in rows if r["kind"] == kind), None)
-    return wait_for(found, timeout=timeout, what=f"a {kind} prompt on {host}")
 
 
 async def test_home_assistant_install_approves_a_waiting_deploy(make_fleet) -> None:  # type: ignore[no-untyped-def]

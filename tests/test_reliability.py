@@ -15,20 +15,7 @@ import pytest
 from protocol.codec import encode
 from protocol.models import Progress
 from protocol.topics import Topics
-from tests.helpers import publish, wait_for
-
-
-def run_deploy(fleet, *args: str) -> subprocess.Popen[str]:  # type: ignore[no-untyped-def]
-    return subprocess.Popen([sys.executable, "-m", "controller", "deploy", *args, "--json"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=fleet.env())
-
-
-def result_of(proc: subprocess.Popen[str], timeout: float = 120) -> tuple[int, dict]:  # type: ignore[type-arg]
-    out, err = proc.communicate(timeout=timeout)
-    lines = [ln for ln in out.splitlines() if ln.strip()]
-    assert lines, err
-    return proc.returncode, json.loads(lines[-1])
+from tests.helpers import deploy_bg, finish, publish, wait_for
 
 
 def test_broker_sigkill_mid_rollout_loses_no_result(make_fleet, broker) -> None:  # type: ignore[no-untyped-def]
@@ -36,12 +23,12 @@ def test_broker_sigkill_mid_rollout_loses_no_result(make_fleet, broker) -> None:
     fleet = make_fleet({h: ["all"] for h in hosts})
     fleet.start_simulated(hosts, "--sim-fetch-delay", "1.0", "--sim-switch-delay", "1.5")
     time.sleep(1.5)  # agents connected
-    proc = run_deploy(fleet, "@all", "--system", "/nix/store/x-sys", "--timeout", "90")
+    proc = deploy_bg(fleet, "@all", "--system", "/nix/store/x-sys", "--timeout", "90")
     time.sleep(2.0)  # desired states delivered and persisted, hosts mid-deploy
     broker.kill()    # SIGKILL: no clean shutdown
     time.sleep(1.0)
     broker.start()   # same port, same persistence directory
-    rc, out = result_of(proc)
+    rc, out = finish(proc)
     assert rc == 0, out
     assert out["succeeded"] == 50 and out["failed"] == 0
     assert set(out["hosts"].values()) == {"succeeded"}
@@ -71,7 +58,7 @@ async def test_event_flood_does_not_stall_the_controller(make_fleet) -> None:  #
     fleet = make_fleet({**{f"n{i}": ["all"] for i in range(5)}, "noisy": ["other"]})
     fleet.start_simulated([f"n{i}" for i in range(5)], "--sim-fetch-delay", "1.0")
     await asyncio.sleep(1.0)
-    proc = run_deploy(fleet, "@all", "--system", "/nix/store/z", "--timeout", "60")
+    proc = deploy_bg(fleet, "@all", "--system", "/nix/store/z", "--timeout", "60")
     topic = Topics(fleet.prefix).events("noisy")
     import aiomqtt
 
@@ -83,7 +70,7 @@ async def test_event_flood_does_not_stall_the_controller(make_fleet) -> None:  #
             ev = Progress(host="noisy", deployment_id="flood", generation=1, seq=i,
                           time=time.time(), stage="fetch", message="x" * 50)
             await client.publish(topic, encode(ev), qos=0)
-    rc, out = await asyncio.to_thread(result_of, proc)
+    rc, out = await asyncio.to_thread(finish, proc)
     assert rc == 0, out
     assert out["succeeded"] == 5
 

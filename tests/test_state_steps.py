@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import signal
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import wait_for
+from tests.helpers import deploy_bg, finish, wait_for, wait_prompt
 from tests.stepsys import make_db, make_system, runs
 
 
@@ -22,27 +21,7 @@ def setup(make_fleet, tmp_path: Path, **kw):  # type: ignore[no-untyped-def]
     return fleet, db, original, runlog, top
 
 
-def deploy_bg(fleet, *args: str) -> subprocess.Popen[str]:  # type: ignore[no-untyped-def]
-    import sys
-    return subprocess.Popen([sys.executable, "-m", "controller", "deploy", *args, "--json"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=fleet.env())
 
-
-def finish(proc: subprocess.Popen[str], timeout: float = 60) -> tuple[int, dict]:  # type: ignore[type-arg]
-    import json
-    out, err = proc.communicate(timeout=timeout)
-    lines = [ln for ln in out.splitlines() if ln.strip()]
-    assert lines, err
-    return proc.returncode, json.loads(lines[-1])
-
-
-def wait_prompt(fleet, host: str, kind: str | None = None, timeout: float = 30):  # type: ignore[no-untyped-def]
-    def found():  # type: ignore[no-untyped-def]
-        _, rows = fleet.fleetctl_json("prompts", host)
-        rows = [r for r in rows if kind is None or r["kind"] == kind]
-        return rows[0] if rows else None
-    return wait_for(found, timeout=timeout, what=f"a prompt on {host}")
 
 
 def test_check_prediction_table(make_fleet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
