@@ -175,6 +175,10 @@ class Agent:
         except ProtocolError as exc:
             await self.reporter.rejected(None, 0, exc.reason, str(exc))
             return
+        await self._admit(desired)
+
+    async def _admit(self, desired: Desired) -> None:
+        """Act on a verified desired state (also a queued one, once the host is free)."""
         verdict = admit(desired, self.host, self.journal.state, time.time())
         if verdict.verdict == "reject":
             await self.reporter.rejected(desired.deployment_id, desired.generation,
@@ -249,7 +253,7 @@ class Agent:
                 self._wake.clear()
                 if self._pending is not None:
                     pending, self._pending = self._pending, None
-                    await self._on_desired(encode(pending))
+                    await self._admit(pending)
                 continue
             try:
                 desired: Desired = decode(active.desired, expect=(Desired,))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import graphlib
 import json
+import shutil
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from pydantic import ValidationError
 
 from client.backend import BackendError, ProgramResult, SystemBackend
 from client.dumps import DumpStore
-from client.plan import Migration
+from client.plan import Migration, dependents
 from protocol.models import Desired, ReportItem
 from protocol.steps import CheckOutput, StepDecl, StepsFile
 
@@ -141,7 +142,6 @@ async def restore_step(backend: SystemBackend, store: DumpStore, step: StepDecl,
 
 
 def _fresh_dir(p: Path) -> None:
-    import shutil
     shutil.rmtree(p, ignore_errors=True)
     p.mkdir(parents=True)
 
@@ -173,7 +173,6 @@ async def run_graph(graph: dict[str, set[str]], parallel: int,
         for task in done:
             node = running.pop(task)
             if not task.result():
-                from client.plan import dependents
                 for dep in dependents(graph, node):
                     doomed.setdefault(dep, node)
             sorter.done(node)
