@@ -70,12 +70,24 @@ def _eventlog(args: argparse.Namespace) -> EventLog:
     return EventLog(args.state_dir)
 
 
-def _doc(args: argparse.Namespace) -> dict[str, Any]:
+def _existing_log(args: argparse.Namespace) -> EventLog:
     log = _eventlog(args)
     if not log.exists():
         raise InputError(f"no controller state at {log.path} (set --state-dir or "
                          "FLEET_STATE_DIR); nothing was deployed from here yet")
-    return log.load()
+    return log
+
+
+def _doc(args: argparse.Namespace) -> dict[str, Any]:
+    return _existing_log(args).load()
+
+
+def _running(doc: dict[str, Any], ident: str) -> dict[str, Any]:
+    """The rollout `ident` (a unique prefix will do), which must still be running."""
+    r = store.find_rollout(doc, ident)
+    if r.get("status") != "running":
+        raise UsageError(f"rollout {r['id']} already finished ({r.get('status')})")
+    return r
 
 
 def _console() -> Console:
@@ -154,12 +166,8 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_abort(args: argparse.Namespace) -> int:
-    log = _eventlog(args)
-    _doc(args)
-    with log.transaction() as txn:
-        r = store.find_rollout(txn.doc, args.id)
-        if r.get("status") != "running":
-            raise UsageError(f"rollout {r['id']} already finished ({r.get('status')})")
+    with _existing_log(args).transaction() as txn:
+        r = _running(txn.doc, args.id)
         already = bool(r.get("abort_requested"))
         if not already:
             try:
@@ -182,12 +190,8 @@ def cmd_abort(args: argparse.Namespace) -> int:
 
 
 def cmd_continue(args: argparse.Namespace) -> int:
-    log = _eventlog(args)
-    _doc(args)
-    with log.transaction() as txn:
-        r = store.find_rollout(txn.doc, args.id)
-        if r.get("status") != "running":
-            raise UsageError(f"rollout {r['id']} already finished ({r.get('status')})")
+    with _existing_log(args).transaction() as txn:
+        r = _running(txn.doc, args.id)
         if not r.get("policy", {}).get("rollout", {}).get("confirm_batches"):
             raise UsageError(f"rollout {r['id']} does not wait for confirmation "
                              "(it was not started with --confirm-batches)")
