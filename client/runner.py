@@ -37,6 +37,7 @@ from client.statesteps import (
 )
 from protocol.errors import FlotillaError, StateError
 from protocol.models import Answer, Choice, Desired, Prompt, ReportItem
+from protocol.outcomes import phase_of
 from protocol.steps import StepDecl, StepsFile
 
 log = logging.getLogger(__name__)
@@ -570,8 +571,7 @@ class DeploymentRunner:
                                        system or self.ctx.backend.current_system(),
                                        needs_reboot, self.log_tail)
         await self.ctx.reporter.prompt(None)
-        phase = "done" if status == "succeeded" else status
-        await self.phase(phase, last_result=status, message=message,
+        await self.phase(phase_of(status), last_result=status, message=message,
                          system=self.ctx.backend.current_system() or st.system,
                          generation=st.generation, needs_reboot=needs_reboot, percent=None,
                          step=None, open_prompt=None)
