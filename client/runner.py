@@ -39,6 +39,7 @@ from client.statesteps import (
 )
 from protocol.errors import FlotillaError, StateError
 from protocol.models import Answer, Choice, Desired, Log, LogLine, Prompt, ReportItem
+from protocol.outcomes import phase_of
 from protocol.steps import StepDecl, StepsFile
 
 log = logging.getLogger(__name__)
@@ -607,8 +608,7 @@ class DeploymentRunner:
                                        system or self.ctx.backend.current_system(),
                                        needs_reboot, self.output.tail)
         await self.ctx.reporter.prompt(None)
-        phase = "done" if status == "succeeded" else status
-        await self.phase(phase, last_result=status, message=message,
+        await self.phase(phase_of(status), last_result=status, message=message,
                          system=self.ctx.backend.current_system() or st.system,
                          generation=st.generation, needs_reboot=needs_reboot, percent=None,
                          step=None, open_prompt=None)

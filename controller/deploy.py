@@ -52,6 +52,7 @@ from controller.planner import (
     plan,
 )
 from controller.view import HostView, fold_event, fold_state
+from protocol import outcomes
 from protocol.broker import BrokerAddress
 from protocol.codec import decode, encode
 from protocol.errors import BrokerUnavailable, InputError, ProtocolError, UsageError
@@ -132,9 +133,9 @@ class Outcome:
     finished: float
 
     def counts(self) -> dict[str, int]:
-        c = dict.fromkeys(store.COUNT_KEYS, 0)
+        c: dict[str, int] = dict.fromkeys(outcomes.COUNT_KEYS, 0)
         for v in self.views.values():
-            cat = store.outcome_category(v.result, v.deployment_id is not None)
+            cat = outcomes.count_key(v.result, v.deployment_id is not None)
             # A host still running when the controller stopped waiting did not finish in time.
             c["timed_out" if cat == "running" else cat] += 1
         return c
@@ -143,7 +144,7 @@ class Outcome:
         return {"rollout": self.rollout_id, "status": self.status, **self.counts(),
                 "hosts": {h: v.result for h, v in self.views.items()},
                 "logs": {h: v.log_tail for h, v in self.views.items()
-                         if v.result not in (None, "succeeded", "skipped", "cancelled")}}
+                         if outcomes.counts_as_failure(v.result)}}
 
 
 class DriverLock:

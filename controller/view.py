@@ -25,10 +25,7 @@ from protocol.models import (
     ReportItem,
     Result,
 )
-
-TERMINAL_RESULTS = {"succeeded", "failed", "rolled_back", "rejected", "cancelled", "blocked"}
-TERMINAL_PHASES = {"done": "succeeded", "failed": "failed", "rolled_back": "rolled_back",
-                   "rejected": "rejected", "cancelled": "cancelled", "blocked": "blocked"}
+from protocol.outcomes import result_of_phase
 
 
 @dataclass
@@ -120,7 +117,7 @@ def fold_state(view: HostView, st: HostState, received: float | None = None) -> 
         return True
     if view.acked is None and st.phase != "idle":
         view.acked = received if received is not None else time.time()
-    if st.phase in TERMINAL_PHASES and st.last_result is not None:
+    if result_of_phase(st.phase) is not None and st.last_result is not None:
         view.result = st.last_result
         view.phase, view.message, view.system = st.last_result, st.message, st.system
         view.needs_reboot, view.finished = st.needs_reboot, st.updated_at

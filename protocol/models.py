@@ -12,11 +12,11 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from protocol.outcomes import ResultStatus as ResultStatus  # the vocabulary lives there
 from protocol.topics import HOST_NAME_RE
 
 Action = Literal["switch", "boot", "test"]
 Severity = Literal["error", "warning", "recommendation"]
-ResultStatus = Literal["succeeded", "failed", "rolled_back", "rejected", "cancelled", "blocked"]
 Stage = Literal[
     "fetch", "check", "choose", "approve", "dump", "migrate", "switch", "reboot", "confirm",
     "rollback",
