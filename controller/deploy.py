@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from controller import store
 from controller.connection import connect, make_client, read_retained
 from controller.eventlog import EventLog, Patch
+from controller.logs import LogStore, rollout_of
 from controller.planner import (
     Abort,
     AwaitContinue,
@@ -51,10 +52,11 @@ from controller.planner import (
     plan,
 )
 from controller.view import HostView, fold_event, fold_state
+from protocol import outcomes
 from protocol.broker import BrokerAddress
 from protocol.codec import decode, encode
 from protocol.errors import BrokerUnavailable, InputError, ProtocolError, UsageError
-from protocol.models import EVENT_TYPES, Confirm, DeployPolicy, Desired, Event, HostState
+from protocol.models import EVENT_TYPES, Confirm, DeployPolicy, Desired, Event, HostState, Log
 from protocol.signing import sign
 from protocol.topics import Topics
 
@@ -131,16 +133,18 @@ class Outcome:
     finished: float
 
     def counts(self) -> dict[str, int]:
-        c = dict.fromkeys(store.COUNT_KEYS, 0)
+        c: dict[str, int] = dict.fromkeys(outcomes.COUNT_KEYS, 0)
         for v in self.views.values():
-            cat = store.outcome_category(v.result, v.deployment_id is not None)
+            cat = outcomes.count_key(v.result, v.deployment_id is not None)
             # A host still running when the controller stopped waiting did not finish in time.
             c["timed_out" if cat == "running" else cat] += 1
         return c
 
     def summary(self) -> dict[str, Any]:
         return {"rollout": self.rollout_id, "status": self.status, **self.counts(),
-                "hosts": {h: v.result for h, v in self.views.items()}}
+                "hosts": {h: v.result for h, v in self.views.items()},
+                "logs": {h: v.log_tail for h, v in self.views.items()
+                         if outcomes.counts_as_failure(v.result)}}
 
 
 class DriverLock:
@@ -203,6 +207,7 @@ class RolloutDriver:
         self.req = req
         self.rollout_id = rollout_id or store.new_rollout_id()
         self.log = ctx.eventlog
+        self.logs = LogStore(ctx.state_dir)
         self.views: dict[str, HostView] = {h: HostView(h) for h in req.hosts}
         self.on_change = on_change
         self.started = time.time()
@@ -400,6 +405,8 @@ class RolloutDriver:
         try:
             if kind == "events":
                 ev: Event = decode(payload, expect=EVENT_TYPES)
+                if isinstance(ev, Log):
+                    self._store_log(ev)
                 if not fold_event(view, ev):
                     return
             elif kind == "state":
@@ -418,6 +425,15 @@ class RolloutDriver:
         self._changed.set()
         if self.on_change is not None:
             self.on_change(self)
+
+    def _store_log(self, ev: Log) -> None:
+        """Output lines of our hosts go to STATE_DIR/logs/ROLLOUT/HOST.jsonl."""
+        if ev.deployment_id is None or rollout_of(ev.deployment_id) != self.rollout_id:
+            return
+        try:
+            self.logs.append(ev)
+        except InputError as exc:
+            log.warning("%s", exc)
 
     def _confirm(self, host: str, view: HostView, payload: bytes) -> None:
         """`--confirm controller`: answer an agent's post-switch probe with a signed

@@ -40,10 +40,8 @@ from typing import Any, Literal
 
 from controller.view import HostView
 from protocol.errors import UsageError
+from protocol.outcomes import NOT_EXECUTED, RETRYABLE, RolloutStatus, rollout_result
 
-FAILED = frozenset({"failed", "rolled_back", "rejected", "timed_out", "blocked"})
-RETRYABLE = frozenset({"failed", "rolled_back", "timed_out"})
-NOT_EXECUTED = frozenset({"skipped", "cancelled"})
 COUNT_RE = re.compile(r"^(\d+)(%?)$")
 ACK_GRACE = 5.0
 
@@ -205,7 +203,7 @@ class Plan:
 
 @dataclass(frozen=True)
 class Finish:
-    status: Literal["succeeded", "failed", "aborted", "timed_out"]
+    status: RolloutStatus
 
 
 Action = Start | TimeOut | Skip | Cancel | BatchDone | AwaitContinue | Abort | Plan | Finish
@@ -345,9 +343,8 @@ def plan(policy: RolloutPolicy, views: list[HostView], batches: list[list[str]],
             if past_deadline and (deadline_hit or unfinished):
                 actions.append(Finish("timed_out"))
             elif not unfinished:
-                ok = [result[v.host] == "succeeded" for v in views
-                      if v.host not in skipped and result[v.host] != "skipped"]
-                actions.append(Finish("succeeded" if ok and all(ok) else "failed"))
+                actions.append(Finish(rollout_result(
+                    result.get(v.host, "skipped") for v in views)))
     if wake:
         actions.append(Plan(min(wake)))
     return actions
