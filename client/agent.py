@@ -105,6 +105,10 @@ class Agent:
         self.runner: DeploymentRunner | None = None
         self.finished: list[RecordedResult] = []
 
+    @property
+    def state_dir(self) -> Path:
+        return self.config.state_dir
+
     # -- lifecycle ---------------------------------------------------------------------
     async def run(self) -> None:
         """Serve until cancelled: the MQTT session and the deployment loop."""

@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from controller import store
 from controller.connection import connect, make_client, read_retained
 from controller.eventlog import EventLog, Patch
+from controller.logs import LogStore, rollout_of
 from controller.planner import (
     Abort,
     AwaitContinue,
@@ -55,7 +56,7 @@ from protocol import outcomes
 from protocol.broker import BrokerAddress
 from protocol.codec import decode, encode
 from protocol.errors import BrokerUnavailable, InputError, ProtocolError, UsageError
-from protocol.models import EVENT_TYPES, Confirm, DeployPolicy, Desired, Event, HostState
+from protocol.models import EVENT_TYPES, Confirm, DeployPolicy, Desired, Event, HostState, Log
 from protocol.signing import sign
 from protocol.topics import Topics
 
@@ -141,7 +142,9 @@ class Outcome:
 
     def summary(self) -> dict[str, Any]:
         return {"rollout": self.rollout_id, "status": self.status, **self.counts(),
-                "hosts": {h: v.result for h, v in self.views.items()}}
+                "hosts": {h: v.result for h, v in self.views.items()},
+                "logs": {h: v.log_tail for h, v in self.views.items()
+                         if outcomes.counts_as_failure(v.result)}}
 
 
 class DriverLock:
@@ -204,6 +207,7 @@ class RolloutDriver:
         self.req = req
         self.rollout_id = rollout_id or store.new_rollout_id()
         self.log = ctx.eventlog
+        self.logs = LogStore(ctx.state_dir)
         self.views: dict[str, HostView] = {h: HostView(h) for h in req.hosts}
         self.on_change = on_change
         self.started = time.time()
@@ -404,6 +408,8 @@ class RolloutDriver:
         try:
             if kind == "events":
                 ev: Event = decode(payload, expect=EVENT_TYPES)
+                if isinstance(ev, Log):
+                    self._store_log(ev)
                 if not fold_event(view, ev):
                     return
             elif kind == "state":
@@ -423,6 +429,15 @@ class RolloutDriver:
         self._changed.set()
         if self.on_change is not None:
             self.on_change(self)
+
+    def _store_log(self, ev: Log) -> None:
+        """Output lines of our hosts go to STATE_DIR/logs/ROLLOUT/HOST.jsonl."""
+        if ev.deployment_id is None or rollout_of(ev.deployment_id) != self.rollout_id:
+            return
+        try:
+            self.logs.append(ev)
+        except InputError as exc:
+            log.warning("%s", exc)
 
     def _confirm(self, host: str, view: HostView, payload: bytes) -> None:
         """`--confirm controller`: answer an agent's post-switch probe with a signed

@@ -27,6 +27,7 @@ PHASE_STYLE = {"succeeded": "green", "failed": "red", "rolled_back": "yellow",
 MAX_ROWS = 15
 MAX_BATCH_ROWS = 6
 MAX_FAILURES = 5
+LOG_LINES = 5  # last output lines of each failed host in the final summary
 
 
 def refresh_interval(hosts: int) -> float:
@@ -124,6 +125,8 @@ def print_summary(console: Console, views: Iterable[HostView], status: str,
                   + ", ".join(f"{k} {n}" for k, n in sorted(c.items())))
     failed = [v for v in hosts if counts_as_failure(v.result)]
     for v in failed[:20]:
-        console.print(f"  {v.host}: {v.result}: {v.message}")
+        console.print(f"  {v.host}: {v.result}: {v.message}", markup=False)
+        for line in v.log_tail[-LOG_LINES:]:
+            console.print(f"      {line}", style="dim", markup=False, highlight=False)
     if len(failed) > 20:
         console.print(f"  … and {len(failed) - 20} more")

@@ -19,6 +19,7 @@ from protocol.models import (
     CheckReport,
     Event,
     HostState,
+    Log,
     Progress,
     Rejected,
     ReportItem,
@@ -81,6 +82,11 @@ def fold_event(view: HostView, ev: Event, received: float | None = None) -> bool
         if ev.message:
             view.message = ev.message
             view.log_tail = [*view.log_tail[-9:], ev.message]
+    elif isinstance(ev, Log):
+        texts = [f"{ln.source}: {ln.text}" if ln.source else ln.text for ln in ev.lines
+                 if ln.stream != "agent"]
+        if texts:
+            view.log_tail = [*view.log_tail, *texts][-10:]
     elif isinstance(ev, CheckReport):
         view.check_items, view.open_choices = list(ev.items), list(ev.open_choices)
         view.checked = True
