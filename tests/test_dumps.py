@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import pwd
 import shutil
@@ -119,7 +120,7 @@ def world(tmp_path: Path) -> Iterator[Path]:
         shutil.rmtree(d, ignore_errors=True)
 
 
-async def test_dump_and_restore_run_as_the_steps_user_under_the_modules_modes(
+def test_dump_and_restore_run_as_the_steps_user_under_the_modules_modes(
         tmp_path: Path, world: Path) -> None:
     """The README's postgresql case: `dump of postgresql failed: … Permission denied`,
     because the dump dir sat inside the 0700 root state dir. Now the programs run as
@@ -150,11 +151,11 @@ async def test_dump_and_restore_run_as_the_steps_user_under_the_modules_modes(
     env = StepEnv("h1", None, Desired(host="h1", deployment_id="d1", generation=2,
                                       system="/s", issued_at=1.0))
 
-    archive = Path(await dump_step(backend, store, step, "16", env))
+    archive = Path(asyncio.run(dump_step(backend, store, step, "16", env)))
     assert archive.parent == state / "dumps/postgresql/16-2"
     assert archive.stat().st_uid == 0
     (db / "data").write_text("version 16, half migrated\n")
-    await restore_step(backend, store, step, str(archive), env)
+    asyncio.run(restore_step(backend, store, step, str(archive), env))
     assert (db / "data").read_text() == "version 15\n"
     assert (db / "restored-by").read_text() == "nobody\n"
     unpacked = tmp_path / "unpacked"
@@ -164,7 +165,7 @@ async def test_dump_and_restore_run_as_the_steps_user_under_the_modules_modes(
     assert stat.S_IMODE(state.stat().st_mode) == 0o700  # the state dir was left alone
 
 
-async def test_a_step_user_cannot_redirect_the_restore(tmp_path: Path, world: Path) -> None:
+def test_a_step_user_cannot_redirect_the_restore(tmp_path: Path, world: Path) -> None:
     """The staging dir is filled while only root can enter it, then handed over."""
     if os.geteuid() != 0:
         pytest.fail("this test needs root, as the agent runs (make test runs as root)")
