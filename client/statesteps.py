@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from client.backend import BackendError, ProgramResult, SystemBackend
+from client.backend import STDOUT_CAP, BackendError, ProgramResult, SystemBackend
 from client.dumps import DumpStore
 from client.plan import Migration, dependents
 from protocol.models import Desired, ReportItem
@@ -61,8 +61,12 @@ class StepEnv:
 
 
 def _tail(result: ProgramResult, n: int = 400) -> str:
-    text = (result.stderr or result.stdout).decode(errors="replace").strip()
-    return text[-n:].replace("\n", " | ")
+    return result.tail_text(n)
+
+
+def _leftovers(program: str, result: ProgramResult) -> str:
+    n = result.leftovers
+    return f"{program} left {n} background process{'es' if n != 1 else ''} behind; killed"
 
 
 async def run_check(backend: SystemBackend, step: StepDecl, env: StepEnv) -> list[ReportItem]:
@@ -79,14 +83,21 @@ async def run_check(backend: SystemBackend, step: StepDecl, env: StepEnv) -> lis
         return error("check-failed", str(exc))
     if result.timed_out:
         return error("check-timeout", f"check {step.check} timed out after {CHECK_TIMEOUT:.0f}s")
+    left = ([ReportItem(step=step.name, id="check-left-processes", severity="warning",
+                        message=_leftovers(f"check {step.check}", result))]
+            if result.leftovers else [])
+    if result.stdout_overflow:
+        return left + error("check-output-too-large",
+                            f"check {step.check} printed {result.stdout_size} bytes on stdout,"
+                            f" more than the {STDOUT_CAP} a report may have")
     try:
         output = CheckOutput.model_validate_json(result.stdout or b"{}")
     except ValidationError as exc:
         first = exc.errors()[0]
-        return error("check-invalid-output",
-                     f"check {step.check} printed invalid output ({first['msg']}); "
-                     f"exit {result.exit_code}: {_tail(result)}")
-    items = [ReportItem(step=step.name, id=i.id, severity=i.severity, message=i.message,
+        return left + error("check-invalid-output",
+                            f"check {step.check} printed invalid output ({first['msg']}); "
+                            f"exit {result.exit_code}: {_tail(result)}")
+    items = left + [ReportItem(step=step.name, id=i.id, severity=i.severity, message=i.message,
                         choices=list(i.choices), default=i.default) for i in output.items]
     if result.exit_code != 0:
         items += error("check-failed", f"check {step.check} exited {result.exit_code}: "

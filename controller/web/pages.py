@@ -12,16 +12,18 @@ import time
 from collections import Counter
 from typing import Any
 
-from controller import store
+from controller import logs, store
 from controller.answers import prompt_row
 from controller.inventory import Inventory
 from controller.monitor import phase_label
 from controller.status import host_row
 from controller.view import HostView
 from controller.web.feed import Feed, HostLive
+from protocol.outcomes import counts_as_failure
 
 SORT_KEYS = ("host", "phase", "generation", "online", "result", "updated")
-OK_RESULTS = (None, "succeeded", "skipped", "cancelled")
+MAX_FAILURES = 20
+LOG_LINES = 5
 
 
 def short_system(system: str | None) -> str:
@@ -126,7 +128,7 @@ def batch_bars(r: dict[str, Any], hosts: list[dict[str, Any]]) -> list[dict[str,
     for i, members in enumerate(store.host_batches(r)):
         rows = [by_host[m] for m in members if m in by_host]
         finished = sum(1 for m in rows if m["result"] is not None)
-        failed = sum(1 for m in rows if m["result"] not in OK_RESULTS)
+        failed = sum(1 for m in rows if counts_as_failure(m["result"]))
         running = sum(1 for m in rows if m["result"] is None and m["deployment_id"])
         total = len(rows)
         bars.append({"batch": i + 1, "total": total, "finished": finished, "failed": failed,
@@ -139,12 +141,24 @@ def batch_bars(r: dict[str, Any], hosts: list[dict[str, Any]]) -> list[dict[str,
 def rollout_page(feed: Feed, r: dict[str, Any]) -> dict[str, Any]:
     """`fleetctl rollout show --json`, plus the live per-host picture and batch bars."""
     hosts = rollout_hosts(feed, r)
-    failures = [h for h in hosts if h["result"] not in OK_RESULTS]
+    failures = [h for h in hosts if counts_as_failure(h["result"])]
+    failures.sort(key=lambda h: -(h["finished"] or 0))
+    for h in failures[:MAX_FAILURES]:
+        stored = failure_log(feed, r["id"], h["host"], h["deployment_id"])
+        if stored:
+            h["log_tail"] = stored
     return {**store.rollout_detail(r), "live": hosts, "batch_bars": batch_bars(r, hosts),
             "failures": failures,
             "awaiting_batch": r.get("awaiting_batch"),
             "confirm_batches": bool(r.get("policy", {}).get("rollout", {})
                                     .get("confirm_batches"))}
+
+
+def failure_log(feed: Feed, rollout_id: str, host: str, deployment_id: str | None
+                ) -> list[str]:
+    """The last lines of the host's deployment log, as `fleetctl logs` shows them."""
+    return [logs.format_line(rec) for rec in logs.tail(feed.ctx.state_dir, rollout_id, host,
+                                                       LOG_LINES, deployment_id)]
 
 
 def host_prompt(h: HostLive) -> dict[str, Any] | None:
