@@ -125,8 +125,12 @@ async def run_subprocess(
     """
     sink = on_line if on_line is not None else program_output.get()
     run_id = uuid.uuid4().hex
-    uid, gid, groups = _user_switch(user)
+    pw = _user_switch(user)
+    uid, gid = (pw.pw_uid, pw.pw_gid) if pw is not None else (None, None)
     cmd = scope_command(argv, run_id, uid, gid) if scope else list(argv)
+    # As the step's user: its own home and groups, never the agent's (root's).
+    as_user = ({"HOME": pw.pw_dir, "USER": pw.pw_name, "LOGNAME": pw.pw_name}
+               if pw is not None else {})
     loop = asyncio.get_running_loop()
     budget = _Budget(HOOK_BUDGET, HOOK_LINES)
     out = _Collector("stdout", sink, budget, head=stdout_cap)
@@ -139,13 +143,14 @@ async def run_subprocess(
             fds += os.pipe()
         r_out, w_out, r_err, w_err = fds
         try:
-            drop = not scope and uid is not None
+            drop = not scope and pw is not None
             proc = await asyncio.create_subprocess_exec(
-                *cmd, env={**os.environ, **env, RUN_MARKER: run_id},
+                *cmd, env={**os.environ, **as_user, **env, RUN_MARKER: run_id},
+                cwd="/" if pw is not None else None,
                 stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
                 stdout=w_out, stderr=w_err, start_new_session=True,
                 user=uid if drop else None, group=gid if drop else None,
-                extra_groups=groups if drop else None)
+                extra_groups=os.getgrouplist(pw.pw_name, pw.pw_gid) if pw and drop else None)
         finally:
             for fd in (w_out, w_err):
                 os.close(fd)
@@ -389,15 +394,18 @@ def _kill_now(pid: int, run_id: str) -> None:
     kill_marked(run_id)
 
 
-def _user_switch(user: str | None) -> tuple[int | None, int | None, list[int]]:
-    """(uid, gid, groups) to drop to `user` when we are root and it differs from us; the
-    groups are the user's own, never the agent's."""
+def program_owner(user: str | None) -> tuple[int, int] | None:
+    """(uid, gid) a step's programs run as, when that is not the agent itself."""
+    pw = _user_switch(user)
+    return None if pw is None else (pw.pw_uid, pw.pw_gid)
+
+
+def _user_switch(user: str | None) -> pwd.struct_passwd | None:
+    """The user to drop to when we are root and `user` is someone else."""
     if user is None or os.geteuid() != 0:
-        return None, None, []
+        return None
     pw = user_entry(user)
-    if pw.pw_uid == os.geteuid():
-        return None, None, []
-    return pw.pw_uid, pw.pw_gid, os.getgrouplist(pw.pw_name, pw.pw_gid)
+    return None if pw.pw_uid == os.geteuid() else pw
 
 
 def user_entry(user: str) -> pwd.struct_passwd:

@@ -26,6 +26,7 @@ from client.backend import (
 )
 from client.nixos import NixosBackend
 from tests.fakeroot import FakeRoot
+from tests.stepsys import script
 
 REPO = Path(__file__).resolve().parents[1]
 # Deadlines are generous bounds on a hang (the old code waited 100000 s), not timings.
@@ -197,3 +198,34 @@ async def test_programs_run_in_a_scope_where_systemd_runs(fake: FakeRoot, tmp_pa
     assert calls[0][calls[0].index("--") + 1:] == ["sh", "-c", calls[0][-1]]
     assert calls[1] == ["systemctl", "kill", "--signal=SIGKILL", f"{unit}.scope"]
     assert not alive(pid_file_value(pidfile))
+
+
+# -- end to end: the real agent, a real broker ----------------------------------------------
+
+def test_deploy_with_a_check_and_migration_that_leave_background_processes(
+        make_fleet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Issue 11 item 3: the check sat in `check` for 427 s and was reported as timed out
+    although it had exited 0 with valid output. Now the deploy has its real result."""
+    fleet = make_fleet({"h1": ["x"]})
+    top = tmp_path / "sys-bg"
+    (top / "flotilla").mkdir(parents=True)
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    check = script(top / "check", f"setsid sleep 100000 & echo $! > {pids}/check\n"
+                                  "echo '{\"items\":[]}'\n")
+    migrate = script(top / "migrate", f"setsid sleep 100000 & echo $! > {pids}/migrate\n")
+    (top / "flotilla/steps.json").write_text(json.dumps({"steps": [
+        {"name": "bg", "check": check, "migrations": {"*": migrate}}]}))
+    fleet.start_agent("h1")
+    rc, out = fleet.fleetctl_json("deploy", "h1", "--system", str(top), "--check")
+    assert rc == 0, out
+    [warning] = out["hosts"][0]["warnings"]
+    assert warning["id"] == "check-left-processes"
+    assert warning["message"].endswith("left 1 background process behind; killed")
+    start = time.monotonic()
+    rc, out = fleet.fleetctl_json("deploy", "h1", "--system", str(top))
+    elapsed = time.monotonic() - start
+    assert rc == 0 and out["hosts"]["h1"] == "succeeded", out
+    print(f"deploy with background-process check and migration: succeeded in {elapsed:.1f}s")
+    for name in ("check", "migrate"):
+        assert not alive(int((pids / name).read_text()))
