@@ -44,12 +44,12 @@ from controller.planner import (
     Cancel,
     Finish,
     Plan,
+    Planner,
     RolloutPolicy,
     RolloutProgress,
     Skip,
     Start,
     TimeOut,
-    plan,
 )
 from controller.view import HostView, fold_event, fold_state
 from protocol import outcomes
@@ -220,6 +220,7 @@ class RolloutDriver:
         self._synced = asyncio.Event()
         self.batches: list[list[str]] = []
         self.progress = RolloutProgress()
+        self.planner: Planner | None = None  # built when driving starts
         self.resumed = False
         self.created = False
         self.waiting_for: int | None = None
@@ -337,6 +338,7 @@ class RolloutDriver:
             v.deployment_id, v.generation, v.started, v.acked = dep, generation, now, None
             v.phase, v.result, v.finished, v.last_seq = "published", None, None, -1
             v.message, v.percent, v.step, v.log_tail = "", None, None, []
+            self._note(v)
         # A fixed pool of publishers, not one task per host: at 10,000 hosts the tasks and
         # their payloads dominated the controller's peak memory. Payloads are signed as
         # they are published.
@@ -394,6 +396,7 @@ class RolloutDriver:
         payload = message.payload if isinstance(message.payload, bytes) else b""
         if kind == "online":
             view.online = payload == b"online"
+            self._note(view)
             self._changed.set()
             return
         if not payload:
@@ -418,6 +421,7 @@ class RolloutDriver:
         except ProtocolError as exc:
             log.warning("ignoring malformed %s message from %s: %s", kind, host, exc)
             return
+        self._note(view)
         if was_done:
             return
         if view.done:
@@ -596,16 +600,21 @@ class RolloutDriver:
             self._cleared.add(host)
             self._to_clear.append(host)
 
+    def _note(self, view: HostView) -> None:
+        """Every change to a view the planner reads goes through here."""
+        if self.planner is not None:
+            self.planner.update(view)
+
     async def _drive(self, deadline: float, wait: bool) -> str:
         pr = self.progress
+        planner = self.planner = Planner(self.req.rollout, self.views.values(), self.batches, pr)
         last_poll = 0.0
         while True:
             now = time.time()
             if now - last_poll >= LOG_POLL_INTERVAL:
                 self._poll_log()
                 last_poll = now
-            actions = plan(self.req.rollout, list(self.views.values()), self.batches, now,
-                           deadline, pr)
+            actions = planner.plan(now, deadline)
             starts: list[Start] = []
             awaiting: int | None = None
             self.pause_until = None
@@ -657,6 +666,7 @@ class RolloutDriver:
     def _finish_host(self, host: str, result: str, message: str, now: float) -> None:
         v = self.views[host]
         v.result, v.phase, v.message, v.finished = result, result, message, now
+        self._note(v)
         self._host_status(host, result, message)
 
     def _set_waiting(self, batch: int | None) -> None:
