@@ -329,7 +329,7 @@ async def test_idle_clients_cannot_keep_a_newcomer_out(
     assert reply["ok"] is True
     assert server.clients <= 3 and server.evicted >= 8
     closed = 0
-    for reader, writer in idle[:8]:  # the oldest were evicted: their connection is closed
+    for reader, _writer in idle[:8]:  # the oldest were evicted: their connection is closed
         if await asyncio.wait_for(reader.read(), 10) == b"":
             closed += 1
     for _, writer in idle:
