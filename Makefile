@@ -16,12 +16,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
-# mosquitto (the broker the tests and demo start) and nix-instantiate (parses nixos/*.nix).
+# mosquitto (the broker the tests and demo start), nats-server (the clustered broker the
+# cross-broker tests start) and nix-instantiate (parses nixos/*.nix).
 system-deps:
 	@missing=""; \
 	command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing="$$missing mosquitto"; \
 	command -v mosquitto_passwd >/dev/null 2>&1 || missing="$$missing mosquitto"; \
 	command -v mosquitto_pub >/dev/null 2>&1 || missing="$$missing mosquitto-clients"; \
+	command -v nats-server >/dev/null 2>&1 || missing="$$missing nats-server"; \
 	command -v nix-instantiate >/dev/null 2>&1 || missing="$$missing nix-bin"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \

@@ -8,6 +8,7 @@ nixos-rebuild does. Tests replace this boundary, never the MQTT client.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import os
 import pwd
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -19,6 +20,11 @@ from protocol.errors import FlotillaError
 from protocol.models import BinaryCache
 
 ProgressFn = Callable[[str], Awaitable[None]]
+LineFn = Callable[[str, str], None]
+# Where the programs a deployment runs print to (set by the runner per stage or step, so
+# fetch, build, checks, dumps, migrations and switch all land in that deployment's log).
+program_output: contextvars.ContextVar[LineFn | None] = contextvars.ContextVar(
+    "program_output", default=None)
 
 
 class BackendError(FlotillaError):
@@ -80,9 +86,21 @@ class SystemBackend(Protocol):
 
 async def run_subprocess(
     argv: Sequence[str], env: Mapping[str, str], timeout: float, user: str | None = None,
-    stdin: bytes | None = None,
+    stdin: bytes | None = None, on_line: LineFn | None = None,
 ) -> ProgramResult:
-    """Run a program, kill its process group on timeout; never raises on exit codes."""
+    """Run a program, kill its process group on timeout; never raises on exit codes.
+    Each line it printed goes to `on_line(stream, line)` (default: `program_output`)."""
+    result = await _run(argv, env, timeout, user, stdin)
+    sink = on_line if on_line is not None else program_output.get()
+    if sink is not None:
+        for stream, data in (("stdout", result.stdout), ("stderr", result.stderr)):
+            for line in data.decode(errors="replace").splitlines():
+                sink(stream, line)
+    return result
+
+
+async def _run(argv: Sequence[str], env: Mapping[str, str], timeout: float, user: str | None,
+               stdin: bytes | None) -> ProgramResult:
     uid, gid = _user_switch(user)
     try:
         proc = await asyncio.create_subprocess_exec(

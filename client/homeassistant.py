@@ -49,8 +49,8 @@ from protocol.models import (
     HostState,
     Prompt,
     ReportItem,
-    ResultStatus,
 )
+from protocol.outcomes import AGENT_RESULTS
 from protocol.topics import Topics, validate_host
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ INSTALL_PAYLOAD = '{"action":"install"}'
 REBOOT_PAYLOAD = '{"action":"reboot"}'
 RELEASE_SUMMARY_MAX = 255  # Home Assistant cuts the summary here
 PHASES: tuple[str, ...] = get_args(HostPhase)
-RESULTS: tuple[str, ...] = (*get_args(ResultStatus), "none")
+RESULTS: tuple[str, ...] = (*sorted(AGENT_RESULTS), "none")
 ACTIVE_PHASES = frozenset({
     "received", "acked", "fetched", "checked", "dumped", "switched", "migrated", "confirmed",
     "rolling_back",
