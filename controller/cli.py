@@ -23,6 +23,7 @@ from controller import (
     cmd_logs,
     cmd_rollout,
     cmd_security,
+    cmd_serve,
     cmd_steps,
 )
 from controller.cliutil import EXIT_BROKER, EXIT_OK, EXIT_USAGE
@@ -31,7 +32,7 @@ from protocol.errors import BrokerUnavailable, FlotillaError
 from protocol.topics import DEFAULT_PREFIX
 
 COMMAND_MODULES = (cmd_build, cmd_deploy, cmd_fleet, cmd_logs, cmd_rollout, cmd_security,
-                   cmd_steps)
+                   cmd_serve, cmd_steps)
 
 
 class Parser(argparse.ArgumentParser):
