@@ -110,8 +110,11 @@ class HomeAssistantCore:
              "--log-no-color", "--ignore-os-check"],
             stdout=subprocess.DEVNULL, stderr=open(self.log, "ab"),  # noqa: SIM115
             start_new_session=True)
-        self.wait_for(lambda: self._ready(), timeout, "Home Assistant to start and connect"
-                      " to the broker")
+        try:
+            self.wait_for(self._ready, timeout, "Home Assistant to start and connect to the"
+                          " broker")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{self.log_tail()}") from None
         return self
 
     def _ready(self) -> bool:
@@ -204,5 +207,4 @@ class HomeAssistantCore:
             if value:
                 return value
             time.sleep(0.1)
-        raise AssertionError(f"timed out after {timeout}s waiting for {what}\n"
-                             f"{self.log_tail()}")
+        raise AssertionError(f"timed out after {timeout}s waiting for {what}")

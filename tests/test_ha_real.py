@@ -14,8 +14,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,14 +26,17 @@ from controller.broker import Mosquitto
 from controller.cmd_security import set_broker_password
 from protocol.broker import BrokerAddress, parse_broker_url
 from protocol.topics import Topics
-from tests.helpers import Fleet, deploy_bg, finish, wait_for, wait_prompt
+from tests.helpers import Fleet, deploy_bg, finish, wait_for
 from tests.realha import HomeAssistantCore, HomeAssistantMissing
 from tests.stepsys import make_db, make_system
+from tests.test_security import Collector
 
 REPO = Path(__file__).resolve().parents[1]
 T = Topics()  # the shipped ACL names the default prefix
 CONTROLLER = "flotilla-controller"
 HOSTS = [f"hr{i}" for i in range(1, 9)]
+UNTOKENED_REBOOT = '{"action":"reboot"}'  # what the agent's discovery announced before
+TOKEN_FILE = "ha-token"
 
 
 # -- module-wide broker (shipped config + ACL + passwords) and Home Assistant core --------
@@ -143,6 +144,16 @@ def entity(hass: HomeAssistantCore, domain: str, host: str, object_id: str) -> s
     return hass.entity_id(domain, f"flotilla_{host}_{object_id}")
 
 
+def open_prompt(hass: HomeAssistantCore, host: str, kind: str) -> str:
+    """The id of the host's open prompt of `kind`, from HA's phase sensor attributes."""
+    phase = entity(hass, "sensor", host, "phase")
+    suffix = {"approval": ".approve", "choice": ".choose", "reboot": ".reboot"}[kind]
+    st = hass.wait_state(phase, lambda s: str(s["attributes"].get("open_prompt")
+                                              ).endswith(suffix), 30,
+                         f"a {kind} prompt on {host} in Home Assistant")
+    return str(st["attributes"]["open_prompt"])
+
+
 def journal_answers(fleet: Fleet, host: str) -> list[dict[str, Any]]:
     return [r for r in fleet.journal(host) if r["kind"] == "answer"]
 
@@ -173,7 +184,7 @@ def test_real_ha_discovers_the_host_and_install_approves(make_fleet, creds: Cred
 
     proc = deploy_bg(fleet, "hr1", "--system", "/nix/store/ha-real-sys", "--approval", "ask",
                      "--timeout", "60")
-    wait_prompt(fleet, "hr1", "approval")
+    open_prompt(hass, "hr1", "approval")
     st = hass.wait_state(update, lambda s: s["state"] == "on", what="HA to offer the update")
     assert st["attributes"]["in_progress"] is False
     assert "waiting for approval" in st["attributes"]["release_summary"]
@@ -190,3 +201,178 @@ def test_real_ha_discovers_the_host_and_install_approves(make_fleet, creds: Cred
     answers = journal_answers(fleet, "hr1")
     assert [(a["source"], a["choices"]) for a in answers] == [
         ("homeassistant", {"deploy.approve": "approve"})]
+
+
+def snapshot(hass: HomeAssistantCore, *entity_ids: str) -> list[dict[str, Any] | None]:
+    states = hass.states()
+    return [states.get(e) for e in entity_ids]
+
+
+# -- A + B: a migration choice answered by a select; Install is not offered meanwhile ----
+async def test_real_ha_select_answers_a_migration_choice(make_fleet, creds: Credentials,  # type: ignore[no-untyped-def]
+                                                         ha_broker: Mosquitto,
+                                                         hass: HomeAssistantCore,
+                                                         tmp_path: Path) -> None:
+    fleet = make_fleet({"hr2": ["home"]})
+    db = tmp_path / "db"
+    original = make_db(db)
+    top = make_system(tmp_path / "systems", "sys", db, tmp_path / "runs.log", sleep=1.0)
+    start_agent(fleet, creds, "hr2")
+    update = entity(hass, "update", "hr2", "system")
+    phase = entity(hass, "sensor", "hr2", "phase")
+    hat = ha.HaTopics.of(T, "hr2")
+    async with Collector(address(ha_broker, creds, "homeassistant"), [hat.update, hat.state]
+                         ) as seen:
+        proc = deploy_bg(fleet, "hr2", "--system", str(top), "--timeout", "90")
+        select = entity(hass, "select", "hr2", ha.select_object_id("db.major"))
+        st = hass.wait_state(select, lambda s: s["state"] != "unavailable")
+        assert st["attributes"]["options"] == ["upgrade", "dump-restore"]
+        assert st["attributes"]["destructive_choices"] == ["dump-restore"]
+        hass.wait_state(phase, lambda s: s["state"] == "awaiting_choice")
+        # waiting for a choice is not waiting for approval: HA offers no Install
+        hass.wait_state(update, lambda s: s["state"] == "off")
+        reply = hass.call("update", "install", entity_id=update)
+        assert not reply["ok"] and "No update available" in reply["error"], reply
+        reply = hass.call("select", "select_option", entity_id=select, option="dump-restore")
+        assert reply["ok"], reply
+        rc, out = await asyncio.to_thread(finish, proc, 90)
+        assert rc == 0 and out["hosts"] == {"hr2": "succeeded"}, out
+    assert (db / "data").read_bytes() == original + b"restored-dump-restore\napp\n"
+    answers = journal_answers(fleet, "hr2")
+    assert [(a["source"], a["choices"]) for a in answers] == [
+        ("homeassistant", {"db.major": "dump-restore"})]
+    # while the migrations ran, the update entity's JSON said "in progress" (read by HA
+    # versions newer than this one, which ignores in_progress), never Install
+    updates = [(json.loads(p), t) for t, p in seen.got if p]
+    phases = [u["phase"] for u, t in updates if t == hat.state]
+    assert "migrating" in phases
+    after_choice = [u for u, t in updates if t == hat.update][1:]
+    assert any(u["in_progress"] for u in after_choice)
+    assert all(u["latest_version"] == u["installed_version"] for u in after_choice)
+    # the prompt closed: Home Assistant removed the select
+    hass.wait_for(lambda: hass.request({"op": "entity_id", "domain": "select", "unique_id":
+                                        f"flotilla_hr2_{ha.select_object_id('db.major')}"}
+                                       )["entity_id"] is None, 20, "the select to go")
+    st = hass.wait_state(update, lambda s: s["state"] == "off"
+                         and s["attributes"]["installed_version"].startswith("1 ("))
+
+
+def reboot_system(tmp_path: Path) -> Path:
+    top = tmp_path / "sys-new-kernel"
+    top.mkdir()
+    (top / "sim-needs-reboot").write_text("kernel differs\n")
+    return top
+
+
+def ha_token(fleet: Fleet, host: str) -> str:
+    """What a host's own discovery carries (read here from the agent's state dir)."""
+    path = fleet.state_dir(host) / TOKEN_FILE
+    return path.read_text().strip() if path.exists() else "no-token-file"
+
+
+# -- C: Home Assistant commands gated by the agent's own configuration -------------------
+async def test_no_reboot_from_home_assistant_without_ha_reboot(make_fleet, creds: Credentials,  # type: ignore[no-untyped-def]
+                                                               ha_broker: Mosquitto,
+                                                               hass: HomeAssistantCore,
+                                                               tmp_path: Path) -> None:
+    fleet = make_fleet({"hr3": ["home"]})
+    start_agent(fleet, creds, "hr3")  # --home-assistant only
+    entity(hass, "update", "hr3", "system")
+    proc = deploy_bg(fleet, "hr3", "--system", str(reboot_system(tmp_path)), "--reboot", "ask",
+                     "--timeout", "90")
+    prompt = {"prompt_id": open_prompt(hass, "hr3", "reboot")}
+    token = ha_token(fleet, "hr3")
+    # no Reboot button, and no select for the reboot question
+    assert hass.request({"op": "entity_id", "domain": "button",
+                         "unique_id": "flotilla_hr3_reboot"})["entity_id"] is None
+    assert hass.request({"op": "entity_id", "domain": "select", "unique_id":
+                         f"flotilla_hr3_{ha.select_object_id('deploy.reboot')}"}
+                        )["entity_id"] is None
+    # Home Assistant's broker user, even with the host's own token, cannot reboot it:
+    # neither the button's topic nor the prompt's answer topic
+    home = address(ha_broker, creds, "homeassistant")
+    hat = ha.HaTopics.of(T, "hr3")
+    await publish(home, hat.reboot, json.dumps({"action": "reboot", "token": token}).encode())
+    await publish(home, hat.reboot, UNTOKENED_REBOOT.encode())
+    await publish(home, hat.answer, json.dumps({"prompt_id": prompt["prompt_id"],
+                                                "key": "deploy.reboot", "choice": "now",
+                                                "token": token}).encode())
+    await asyncio.to_thread(wait_for, lambda: agent_log(fleet, "hr3").count(
+        "--ha-reboot") >= 2 and "wrong token" in agent_log(fleet, "hr3"), 20, 0.2,
+        "the agent to refuse the three reboot commands")
+    assert journal_answers(fleet, "hr3") == []
+    assert not [r for r in fleet.journal("hr3") if r.get("key") == "reboot_boot_id"]
+    # the prompt is still open; the operator says "later"
+    assert open_prompt(hass, "hr3", "reboot") == prompt["prompt_id"]
+    r = fleet.fleetctl("answer", "hr3", prompt["prompt_id"], "deploy.reboot=later")
+    assert r.returncode == 0, r.stderr
+    rc, out = await asyncio.to_thread(finish, proc, 60)
+    assert rc == 0 and out["hosts"] == {"hr3": "succeeded"}, out
+    assert [a["source"] for a in journal_answers(fleet, "hr3")] == ["remote"]
+
+
+# -- C: another host's spoofed discovery commands nothing --------------------------------
+async def test_spoofed_discovery_from_another_host_commands_nothing(  # type: ignore[no-untyped-def]
+        make_fleet, creds: Credentials, ha_broker: Mosquitto, hass: HomeAssistantCore,
+        tmp_path: Path) -> None:
+    fleet = make_fleet({"hr5": ["home"], "hr6": ["home"]})
+    start_agent(fleet, creds, "hr5", "--ha-reboot")
+    button = entity(hass, "button", "hr5", "reboot")
+    proc = deploy_bg(fleet, "hr5", "--system", str(reboot_system(tmp_path)), "--reboot", "ask",
+                     "--timeout", "90")
+    prompt = {"prompt_id": open_prompt(hass, "hr5", "reboot")}
+    hass.wait_state(button, lambda s: s["state"] != "unavailable",
+                    what="the Reboot button to be available while the reboot prompt is open")
+    # hr6 announces, under its own discovery node (all the ACL lets it write), entities
+    # claiming hr5's device and commanding hr5's topics
+    hat = ha.HaTopics.of(T, "hr5")
+    device = {"identifiers": ["flotilla_hr5"], "name": "hr5"}
+    spoofs = {
+        "button": {"name": "Reboot now", "unique_id": "flotilla_hr6_spoof_button",
+                   "device": device, "command_topic": hat.reboot,
+                   "payload_press": UNTOKENED_REBOOT},
+        "select": {"name": "Reboot choice", "unique_id": "flotilla_hr6_spoof_select",
+                   "device": device, "command_topic": hat.answer, "options": ["now"],
+                   "command_template": json.dumps(
+                       {"prompt_id": prompt["prompt_id"], "key": "deploy.reboot",
+                        "choice": "CHOICE", "token": "guessed"}).replace(
+                            "CHOICE", "{{ value }}")},
+        "update": {"name": "System", "unique_id": "flotilla_hr6_spoof_update",
+                   "device": device, "command_topic": hat.install,
+                   "state_topic": "fleet/v1/host/hr6/ha/spoof",
+                   "payload_install": json.dumps({"action": "install"})},
+    }
+    hr6 = address(ha_broker, creds, "hr6")
+    for component, config in spoofs.items():
+        await publish(hr6, f"homeassistant/{component}/flotilla_hr6/spoof/config",
+                      json.dumps(config).encode(), retain=True)
+    await publish(hr6, "fleet/v1/host/hr6/ha/spoof",
+                  b'{"installed_version":"1","latest_version":"2"}', retain=True)
+    spoof_button = hass.entity_id("button", "flotilla_hr6_spoof_button")
+    spoof_update = hass.entity_id("update", "flotilla_hr6_spoof_update")
+    hass.wait_state(spoof_update, lambda s: s["state"] == "on")
+    assert hass.call("update", "install", entity_id=spoof_update)["ok"]
+    spoof_select = hass.entity_id("select", "flotilla_hr6_spoof_select")
+    assert hass.call("button", "press", entity_id=spoof_button)["ok"]
+    assert hass.call("select", "select_option", entity_id=spoof_select, option="now")["ok"]
+    await asyncio.to_thread(wait_for, lambda: agent_log(fleet, "hr5").count(
+        "wrong token") >= 3, 20, 0.2,
+        "hr5 to refuse the spoofed commands")
+    assert journal_answers(fleet, "hr5") == []
+    assert open_prompt(hass, "hr5", "reboot") == prompt["prompt_id"]
+    # the token never shows in Home Assistant's state machine (templates read only that)
+    assert ha_token(fleet, "hr5") not in json.dumps(hass.states())
+    # the genuine button reboots hr5
+    assert hass.call("button", "press", entity_id=button)["ok"]
+    await asyncio.to_thread(wait_for, lambda: any(
+        r.get("key") == "reboot_boot_id" for r in fleet.journal("hr5")), 20, 0.2,
+        "the journaled reboot")
+    answers = journal_answers(fleet, "hr5")
+    assert [(a["source"], a["choices"]) for a in answers] == [
+        ("homeassistant", {"deploy.reboot": "now"})]
+    proc.terminate()
+    proc.wait(timeout=10)
+    for component in spoofs:
+        await publish(hr6, f"homeassistant/{component}/flotilla_hr6/spoof/config", b"",
+                      retain=True)
+    await publish(hr6, "fleet/v1/host/hr6/ha/spoof", b"", retain=True)
