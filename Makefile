@@ -28,12 +28,14 @@ $(HA_STAMP):
 	$(HA_VENV)/bin/python -m pip install -q $(HA_PACKAGES)
 	touch $(HA_STAMP)
 
-# mosquitto (the broker the tests and demo start) and nix-instantiate (parses nixos/*.nix).
+# mosquitto (the broker the tests and demo start), nats-server (the clustered broker the
+# cross-broker tests start) and nix-instantiate (parses nixos/*.nix).
 system-deps:
 	@missing=""; \
 	command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing="$$missing mosquitto"; \
 	command -v mosquitto_passwd >/dev/null 2>&1 || missing="$$missing mosquitto"; \
 	command -v mosquitto_pub >/dev/null 2>&1 || missing="$$missing mosquitto-clients"; \
+	command -v nats-server >/dev/null 2>&1 || missing="$$missing nats-server"; \
 	command -v nix-instantiate >/dev/null 2>&1 || missing="$$missing nix-bin"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \

@@ -32,6 +32,7 @@ from protocol.broker import BrokerAddress
 from protocol.codec import decode, encode
 from protocol.errors import ProtocolError
 from protocol.models import Answer, Confirm, Desired, HostState, Prompt
+from protocol.outcomes import phase_of
 from protocol.signing import verify
 from protocol.topics import Topics
 
@@ -97,14 +98,17 @@ class Agent:
             "generation": state.generation,
             "last_result": last.status if last else None,
             "deployment_id": last.deployment_id if last else None,
-            "phase": "idle" if last is None else ("done" if last.status == "succeeded"
-                                                  else last.status),
+            "phase": "idle" if last is None else phase_of(last.status),
         })
         self._pending: Desired | None = None
         self._wake = asyncio.Event()
         self._confirms: dict[str, asyncio.Future[Confirm]] = {}
         self.runner: DeploymentRunner | None = None
         self.finished: list[RecordedResult] = []
+
+    @property
+    def state_dir(self) -> Path:
+        return self.config.state_dir
 
     # -- lifecycle ---------------------------------------------------------------------
     async def run(self) -> None:

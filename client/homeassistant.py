@@ -62,8 +62,8 @@ from protocol.models import (
     HostState,
     Prompt,
     ReportItem,
-    ResultStatus,
 )
+from protocol.outcomes import AGENT_RESULTS, result_of_phase
 from protocol.topics import Topics, validate_host
 
 log = logging.getLogger(__name__)
@@ -78,11 +78,7 @@ REBOOT_KEY = "deploy.reboot"  # the reboot prompt's item and its "now" choice
 REBOOT_NOW = "now"
 RELEASE_SUMMARY_MAX = 255  # Home Assistant cuts the summary here
 PHASES: tuple[str, ...] = get_args(HostPhase)
-RESULTS: tuple[str, ...] = (*get_args(ResultStatus), "none")
-# A deploy is "in progress" for Home Assistant in every phase but the resting ones and
-# the wait for approval: Install (HA refuses it while in progress) then means approve.
-RESTING_PHASES = frozenset({"idle", "done", "failed", "rolled_back", "rejected", "cancelled",
-                            "blocked"})
+RESULTS: tuple[str, ...] = (*sorted(AGENT_RESULTS), "none")
 SAFE_KEY = re.compile(r"^[A-Za-z0-9_.:@-]{1,200}$")
 SAFE_ID = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
 STORE_HASH = re.compile(r"^/nix/store/([0-9a-z]{32})-")
@@ -432,7 +428,8 @@ def awaiting_approval(state: HostState, prompt: Prompt | None) -> bool:
 def in_progress(state: HostState, prompt: Prompt | None) -> bool:
     """Home Assistant's `in_progress`: a deploy runs or waits for anything but approval
     (a choice, a reboot); HA then refuses Install, which only means "approve"."""
-    return state.phase not in RESTING_PHASES and not awaiting_approval(state, prompt)
+    at_rest = state.phase == "idle" or result_of_phase(state.phase) is not None
+    return not at_rest and not awaiting_approval(state, prompt)
 
 
 def _prompt_summary(prompt: Prompt | None, state: HostState) -> str:

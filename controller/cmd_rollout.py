@@ -20,6 +20,7 @@ from controller.eventlog import EventLog
 from controller.monitor import print_summary, refresh_interval, render
 from controller.view import HostView
 from controller.watch import Watcher, host_line
+from protocol import outcomes
 from protocol.errors import InputError, UsageError
 
 
@@ -128,7 +129,7 @@ def cmd_rollouts(args: argparse.Namespace) -> int:
         ["id", "status", "selector", "hosts", "ok", "failed", "timed out", "not started",
          "running", "created", "system"],
         [[r["id"], r["status"], str(r["selector"]), str(r["hosts"]),
-          *(str(r["counts"][k]) for k in (*store.COUNT_KEYS, "running")),
+          *(str(r["counts"][k]) for k in (*outcomes.COUNT_KEYS, "running")),
           _fmt_time(r["created"]), str(r["system"])] for r in rows])
     _console().print(t)
     return cliutil.EXIT_OK
@@ -262,7 +263,7 @@ async def cmd_watch(args: argparse.Namespace) -> int:
 
 def _watch_view(w: Watcher) -> Group:
     title = f"rollout {w.rollout_id}: {w.system}" + ("" if w.from_log else " (from the broker)")
-    notes = [] if w.status in ("running", *store.ROLLOUT_DONE) else [w.status]
+    notes = [] if w.status in ("running", *outcomes.ROLLOUT_FINAL) else [w.status]
     base = render(w.views.values(), title, w.batches or None, notes=notes)
     if w.finished():
         return Group(base, Text(f"rollout {w.final_status()}", style="bold"))

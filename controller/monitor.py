@@ -18,6 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from controller.view import HostView
+from protocol.outcomes import counts_as_failure
 
 PHASE_STYLE = {"succeeded": "green", "failed": "red", "rolled_back": "yellow",
                "timed_out": "red", "rejected": "red", "awaiting choice": "magenta",
@@ -26,6 +27,7 @@ PHASE_STYLE = {"succeeded": "green", "failed": "red", "rolled_back": "yellow",
 MAX_ROWS = 15
 MAX_BATCH_ROWS = 6
 MAX_FAILURES = 5
+LOG_LINES = 5  # last output lines of each failed host in the final summary
 
 
 def refresh_interval(hosts: int) -> float:
@@ -68,8 +70,7 @@ def render(views: Iterable[HostView], title: str, batches: list[list[str]] | Non
     for i, batch in enumerate(batches or []):
         members = [by_host[h] for h in batch if h in by_host]
         finished = sum(1 for m in members if m.result is not None)
-        failed = sum(1 for m in members
-                     if m.result not in (None, "succeeded", "skipped", "cancelled"))
+        failed = sum(1 for m in members if counts_as_failure(m.result))
         started = any(m.deployment_id is not None or m.result is not None for m in members)
         stats.append((i, len(members), finished, failed, started))
     complete = [s for s in stats if s[2] == s[1]]
@@ -107,8 +108,7 @@ def render(views: Iterable[HostView], title: str, batches: list[list[str]] | Non
         table.caption = (f"{len(running)} running (slowest first); "
                          f"{len(hosts) - len(rows)} more hosts not shown")
     parts.append(table)
-    failures = sorted((v for v in hosts
-                       if v.result not in (None, "succeeded", "skipped", "cancelled")),
+    failures = sorted((v for v in hosts if counts_as_failure(v.result)),
                       key=lambda v: -(v.finished or 0))[:MAX_FAILURES]
     for v in failures:
         parts.append(Text(f"✗ {v.host}: {v.result}: {v.message}", style="red"))
@@ -123,8 +123,10 @@ def print_summary(console: Console, views: Iterable[HostView], status: str,
     c = Counter(v.result or "not started" for v in hosts)
     console.print(f"[bold]rollout {status}[/] in {duration:.1f}s: "
                   + ", ".join(f"{k} {n}" for k, n in sorted(c.items())))
-    failed = [v for v in hosts if v.result not in ("succeeded", None, "skipped", "cancelled")]
+    failed = [v for v in hosts if counts_as_failure(v.result)]
     for v in failed[:20]:
-        console.print(f"  {v.host}: {v.result}: {v.message}")
+        console.print(f"  {v.host}: {v.result}: {v.message}", markup=False)
+        for line in v.log_tail[-LOG_LINES:]:
+            console.print(f"      {line}", style="dim", markup=False, highlight=False)
     if len(failed) > 20:
         console.print(f"  … and {len(failed) - 20} more")

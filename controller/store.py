@@ -24,11 +24,7 @@ from typing import Any
 
 from controller.eventlog import Patch, escape
 from protocol.errors import InputError
-
-TERMINAL = {"succeeded", "failed", "rolled_back", "rejected", "cancelled", "blocked",
-            "timed_out", "skipped"}
-ROLLOUT_DONE = {"succeeded", "failed", "aborted", "timed_out"}
-COUNT_KEYS = ("succeeded", "failed", "timed_out", "not_started")
+from protocol.outcomes import COUNT_KEYS, count_key, is_finished
 
 
 def new_rollout_id(now: float | None = None) -> str:
@@ -95,7 +91,7 @@ def host_update(doc: dict[str, Any], rollout_id: str, host: str, status: str,
     patch: Patch = []
     if cur["status"] != status:
         patch.append({"op": "replace", "path": f"{r}/status", "value": status})
-    if status in TERMINAL:
+    if is_finished(status):
         patch += [{"op": "replace", "path": f"{r}/result", "value": status},
                   {"op": "replace", "path": f"{r}/message", "value": message[:500]},
                   {"op": "replace", "path": f"{r}/finished", "value": time.time()}]
@@ -142,23 +138,10 @@ def request_abort(rollout_id: str, by: str, now: float | None = None) -> Patch:
 
 # -- reading -----------------------------------------------------------------------------
 
-def outcome_category(result: str | None, started: bool) -> str:
-    """Which summary count a host's result falls in (plus `running`)."""
-    if result == "succeeded":
-        return "succeeded"
-    if result == "timed_out":
-        return "timed_out"
-    if result in ("skipped", "cancelled") or (result is None and not started):
-        return "not_started"
-    if result is None:
-        return "running"
-    return "failed"
-
-
 def rollout_counts(r: dict[str, Any]) -> dict[str, int]:
-    counts = dict.fromkeys((*COUNT_KEYS, "running"), 0)
+    counts: dict[str, int] = dict.fromkeys((*COUNT_KEYS, "running"), 0)
     for h in r.get("hosts", {}).values():
-        counts[outcome_category(h.get("result"), h.get("deployment_id") is not None)] += 1
+        counts[count_key(h.get("result"), h.get("deployment_id") is not None)] += 1
     return counts
 
 

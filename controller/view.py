@@ -19,15 +19,13 @@ from protocol.models import (
     CheckReport,
     Event,
     HostState,
+    Log,
     Progress,
     Rejected,
     ReportItem,
     Result,
 )
-
-TERMINAL_RESULTS = {"succeeded", "failed", "rolled_back", "rejected", "cancelled", "blocked"}
-TERMINAL_PHASES = {"done": "succeeded", "failed": "failed", "rolled_back": "rolled_back",
-                   "rejected": "rejected", "cancelled": "cancelled", "blocked": "blocked"}
+from protocol.outcomes import result_of_phase
 
 
 @dataclass
@@ -84,6 +82,11 @@ def fold_event(view: HostView, ev: Event, received: float | None = None) -> bool
         if ev.message:
             view.message = ev.message
             view.log_tail = [*view.log_tail[-9:], ev.message]
+    elif isinstance(ev, Log):
+        texts = [f"{ln.source}: {ln.text}" if ln.source else ln.text for ln in ev.lines
+                 if ln.stream != "agent"]
+        if texts:
+            view.log_tail = [*view.log_tail, *texts][-10:]
     elif isinstance(ev, CheckReport):
         view.check_items, view.open_choices = list(ev.items), list(ev.open_choices)
         view.checked = True
@@ -114,7 +117,7 @@ def fold_state(view: HostView, st: HostState, received: float | None = None) -> 
         return True
     if view.acked is None and st.phase != "idle":
         view.acked = received if received is not None else time.time()
-    if st.phase in TERMINAL_PHASES and st.last_result is not None:
+    if result_of_phase(st.phase) is not None and st.last_result is not None:
         view.result = st.last_result
         view.phase, view.message, view.system = st.last_result, st.message, st.system
         view.needs_reboot, view.finished = st.needs_reboot, st.updated_at

@@ -31,9 +31,9 @@ from controller.view import HostView, fold_event, fold_state
 from protocol.codec import decode
 from protocol.errors import BrokerUnavailable, InputError, ProtocolError, UsageError
 from protocol.models import EVENT_TYPES, Desired, Event, HostState
+from protocol.outcomes import ROLLOUT_FINAL, rollout_result
 
 REFRESH_INTERVAL = 0.5
-FINAL = store.ROLLOUT_DONE
 
 
 @dataclass
@@ -183,16 +183,15 @@ class Watcher:
         return out
 
     def finished(self) -> bool:
-        if self.status in FINAL:
+        if self.status in ROLLOUT_FINAL:
             return True
         return bool(self.views) and all(v.result is not None for v in self.views.values())
 
     def final_status(self) -> str:
-        if self.status in FINAL:
+        if self.status in ROLLOUT_FINAL:
             return self.status
         if self.finished():
-            ok = all(v.result in ("succeeded", "skipped") for v in self.views.values())
-            return "succeeded" if ok else "failed"
+            return rollout_result(v.result or "" for v in self.views.values())
         return self.status
 
     def summary(self) -> dict[str, Any]:

@@ -12,11 +12,11 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from protocol.outcomes import ResultStatus as ResultStatus  # the vocabulary lives there
 from protocol.topics import HOST_NAME_RE
 
 Action = Literal["switch", "boot", "test"]
 Severity = Literal["error", "warning", "recommendation"]
-ResultStatus = Literal["succeeded", "failed", "rolled_back", "rejected", "cancelled", "blocked"]
 Stage = Literal[
     "fetch", "check", "choose", "approve", "dump", "migrate", "switch", "reboot", "confirm",
     "rollback",
@@ -155,6 +155,29 @@ class Result(Event):
     log_tail: list[str] = Field(default_factory=list)
 
 
+LogStream = Literal["stdout", "stderr", "agent"]
+MAX_LOG_LINE = 2000
+MAX_LOG_BATCH = 500
+
+
+class LogLine(Model):
+    """One line a program (or the agent itself) printed during a deployment."""
+
+    time: float
+    stream: LogStream = "stdout"
+    source: str = Field(default="", max_length=128)
+    text: str = Field(max_length=MAX_LOG_LINE)
+
+
+class Log(Event):
+    """A batch of output lines; `dropped` counts lines the agent left out of its events
+    (rate bound) since the previous batch: its local log file still has them."""
+
+    TYPE: ClassVar[str] = "log"
+    lines: list[LogLine] = Field(default_factory=list, max_length=MAX_LOG_BATCH)
+    dropped: int = Field(default=0, ge=0)
+
+
 class Prompt(Model):
     """Open question for a person; retained on `prompt` until answered."""
 
@@ -212,7 +235,7 @@ class Confirm(Model):
     signature: bytes = b""
 
 
-EVENT_TYPES: tuple[type[Event], ...] = (Ack, Rejected, Progress, CheckReport, Result)
+EVENT_TYPES: tuple[type[Event], ...] = (Ack, Rejected, Progress, CheckReport, Result, Log)
 ALL_TYPES: tuple[type[Model], ...] = (
     Desired, Answer, Prompt, HostState, Confirm, *EVENT_TYPES,
 )
