@@ -29,7 +29,8 @@ $(HA_STAMP):
 	touch $(HA_STAMP)
 
 # mosquitto (the broker the tests and demo start), nats-server (the clustered broker the
-# cross-broker tests start) and nix-instantiate (parses nixos/*.nix).
+# cross-broker tests start), nix-instantiate (parses nixos/*.nix) and chromium (the web
+# dashboard's tests drive it with Playwright; never `playwright install`).
 system-deps:
 	@missing=""; \
 	command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing="$$missing mosquitto"; \
@@ -37,6 +38,7 @@ system-deps:
 	command -v mosquitto_pub >/dev/null 2>&1 || missing="$$missing mosquitto-clients"; \
 	command -v nats-server >/dev/null 2>&1 || missing="$$missing nats-server"; \
 	command -v nix-instantiate >/dev/null 2>&1 || missing="$$missing nix-bin"; \
+	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    echo "installing Debian packages:$$missing"; \
