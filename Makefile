@@ -50,7 +50,7 @@ system-deps:
 	fi
 
 demo: setup
-	$(VENV)/bin/fleetctl demo --hosts 12 --fail-rate 0.1
+	$(VENV)/bin/fleetctl demo --hosts 12
 
 lint: setup
 	$(VENV)/bin/ruff check protocol client controller tests bench

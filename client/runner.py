@@ -106,13 +106,13 @@ class DeploymentRunner:
 
     # -- reporting and journaling helpers -------------------------------------------
     async def progress(self, stage: str, message: str = "", step: str | None = None,
-                       percent: float | None = None) -> None:
+                       percent: float | None = None, prompt: Prompt | None = None) -> None:
         if message:
             self.output.line("agent", stage.split(":")[0] + (f":{step}" if step else ""),
                              message)
         pct = percent if percent is not None else STAGE_PERCENT.get(stage)
         await self.ctx.reporter.progress(self.d.deployment_id, self.d.generation,
-                                         stage.split(":")[0], message, pct, step)
+                                         stage.split(":")[0], message, pct, step, prompt)
 
     async def phase(self, phase: str, **extra: Any) -> None:
         """Update the HostState. Passing phases (fetched, checked, ...) are only published
@@ -503,6 +503,11 @@ class DeploymentRunner:
             phase = "awaiting_approval" if kind == "approval" else "awaiting_choice"
             await self.phase(phase, open_prompt=prompt_id,
                              message=f"waiting for an answer to {prompt_id}")
+            # Also as an event: a controller following events (not retained states)
+            # learns that this host now waits, and for which prompt.
+            stage = {"approval": "approve", "reboot": "reboot"}.get(kind, "choose")
+            await self.progress(stage, f"waiting for an answer to {prompt_id}",
+                                prompt=self.prompt)
             for cb in self.on_prompt:
                 await cb(self.prompt)
             await self._wait_for_answer(self.prompt)

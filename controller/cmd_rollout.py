@@ -17,9 +17,8 @@ from controller import cliutil, rollout_ops, store
 from controller.cmd_deploy import report, run_with_view
 from controller.deploy import RolloutDriver
 from controller.eventlog import EventLog
-from controller.monitor import print_summary, refresh_interval, render
-from controller.view import HostView
-from controller.watch import Watcher, host_line
+from controller.monitor import host_line, plain_line, print_summary, refresh_interval, render
+from controller.watch import Watcher
 from protocol import outcomes
 from protocol.errors import InputError, UsageError
 
@@ -196,9 +195,9 @@ async def cmd_watch(args: argparse.Namespace) -> int:
     watcher = Watcher(ctx, args.id)
     live = cliutil.live_view(args, lambda: _watch_view(watcher))
     if args.json:
-        watcher.on_host_change = lambda v: cliutil.emit_json(host_line(watcher, v))
+        watcher.on_host_change = lambda v: cliutil.emit_json(host_line(watcher.rollout_id, v))
     elif live is None:
-        watcher.on_host_change = lambda v: _plain_line(watcher, v)
+        watcher.on_host_change = lambda v: print(plain_line(v), flush=True)
     if live is not None:
         last = 0.0
 
@@ -232,11 +231,6 @@ def _watch_view(w: Watcher) -> Group:
     if w.finished():
         return Group(base, Text(f"rollout {w.final_status()}", style="bold"))
     return base
-
-
-def _plain_line(w: Watcher, v: HostView) -> None:
-    label = v.result or v.phase
-    print(f"{time.strftime('%H:%M:%S')} {v.host} {label} {v.message}".rstrip(), flush=True)
 
 
 def cmd_state_show(args: argparse.Namespace) -> int:

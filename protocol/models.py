@@ -26,6 +26,7 @@ HostPhase = Literal[
     "dumped", "migrating", "switched", "migrated", "awaiting_reboot", "confirmed", "done", "failed",
     "rolling_back", "rolled_back", "rejected", "cancelled", "blocked",
 ]
+PromptKind = Literal["choice", "step_failure", "approval", "reboot"]
 Host = Annotated[str, Field(pattern=HOST_NAME_RE.pattern)]
 Id = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:@-]+$")]
 HHMM = r"([01]\d|2[0-3]):[0-5]\d"
@@ -124,6 +125,9 @@ class Progress(Event):
     message: str = ""
     percent: float | None = Field(default=None, ge=0, le=100)
     step: str | None = None
+    # Set while the deployment waits for an answer to this prompt (who answers how).
+    prompt_id: Id | None = None
+    prompt_kind: PromptKind | None = None
 
 
 class ReportItem(Model):
@@ -186,7 +190,7 @@ class Prompt(Model):
     prompt_id: Id
     deployment_id: Id
     generation: int
-    kind: Literal["choice", "step_failure", "approval", "reboot"] = "choice"
+    kind: PromptKind = "choice"
     items: list[ReportItem] = Field(default_factory=list)
     created_at: float
     deadline: float | None = None
