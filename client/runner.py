@@ -433,7 +433,9 @@ class DeploymentRunner:
                 would.append(msg)
             await self.progress("switch", msg)
 
-        await self.ctx.backend.switch(toplevel, "dry-activate", line)
+        outcome = await self.ctx.backend.switch(toplevel, "dry-activate", line)
+        if outcome.inhibited:
+            would.append("a switch would be refused by switch inhibitors (boot would work)")
         return {"would": would}
 
     async def reboot(self, toplevel: str) -> dict[str, Any]:
