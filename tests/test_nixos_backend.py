@@ -595,3 +595,29 @@ def test_e2e_dry_activate_inhibitors_and_install_bootloader(make_fleet, fake: Fa
     assert rc == 0 and out["hosts"] == {"web1": "succeeded"}, out
     assert fake.stc_env() == ["1"]
     assert fake.profile_target == new and fake.current == old
+
+
+def test_e2e_the_agent_restarts_itself_after_a_switch_that_changed_its_unit(  # type: ignore[no-untyped-def]
+        make_fleet, fake: FakeRoot) -> None:
+    """Issue 12: the switch leaves the agent running (restartIfChanged = false); once the
+    deployment's result is recorded the agent has systemd restart it into the new unit,
+    and only when its unit changed."""
+    fleet = make_fleet({"web1": ["web"]})
+    old, new = fake.system("old", agent_unit="v1"), fake.system("new", agent_unit="v2")
+    same = fake.system("same", agent_unit="v2")
+    fake.install(old)
+    nixos_agent(fleet, fake)
+    restart = ["systemctl", "--no-block", "restart", "flotilla-agent.service"]
+    rc, out = fleet.fleetctl_json("deploy", "web1", "--system", new)
+    assert rc == 0, out
+    wait_for(lambda: restart in fake.calls(), what="the agent's restart")
+    calls = fake.calls()
+    assert calls.index(restart) > calls.index(["switch-to-configuration", "switch"])
+    assert calls.count(restart) == 1
+    fake.clear_calls()
+    rc, out = fleet.fleetctl_json("deploy", "web1", "--system", same)  # unit unchanged
+    assert rc == 0, out
+    assert fake.current == same and restart not in fake.calls()
+    b = NixosBackend(root=fake.root, state_dir=fake.root / "s")
+    assert b.agent_unit_changed(old, new) and not b.agent_unit_changed(new, same)
+    assert not b.agent_unit_changed(old, fake.system("no-agent"))
