@@ -122,6 +122,7 @@ def fleetctl(tmp_path: Path, capsys: pytest.CaptureFixture[str], *args: str) -> 
     (["deploy", "@web", "--flake", "path:/x", "--cache", "file:///c"], "--cache needs "
                                                                         "--sign-key"),
     (["build", "@web"], "build needs --flake REF"),
+    (["deploy", "@web", "--flake", "path:/x"], "give --cache URL and --sign-key FILE"),
     (["build", "@web", "--flake", "path:/x", "--cache", "file:///c", "--sign-key",
       "/nonexistent.sec"], "cannot read signing key /nonexistent.sec"),
     (["deploy", "@web", "--system", P1, "--action", "test", "--install-bootloader"],
