@@ -12,7 +12,6 @@ from typing import Any
 
 from controller import cliutil
 from controller.keys import KEY_NAME, load_key
-from controller.web.app import serve
 from controller.web.auth import Guard, TokenFile, is_loopback
 from protocol.errors import UsageError
 
@@ -79,6 +78,8 @@ def _tokens_command(args: argparse.Namespace, tokens: TokenFile) -> int:
 
 
 async def cmd_serve(args: argparse.Namespace) -> int:
+    from controller.web.app import serve  # aiohttp and jinja: only for this command
+
     tokens = _token_file(args)
     if args.new_token or args.revoke_token or args.list_tokens:
         return _tokens_command(args, tokens)
