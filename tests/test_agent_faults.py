@@ -12,6 +12,8 @@ import os
 import resource
 import socket
 import struct
+import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +22,7 @@ from typing import Any
 import pytest
 
 from client.control import ControlClient, ControlError, socket_path
-from tests.helpers import Fleet, wait_for
+from tests.helpers import Fleet, deploy_bg, finish, wait_for
 
 
 def online(fleet: Fleet, host: str) -> None:
@@ -30,6 +32,23 @@ def online(fleet: Fleet, host: str) -> None:
 
 def agent_log(fleet: Fleet, host: str) -> str:
     return (fleet.root / "agents" / f"{host}.log").read_text(errors="replace")
+
+
+def start_agent_piped(fleet: Fleet, host: str) -> tuple[subprocess.Popen[bytes], list[str]]:
+    """The agent with its log on a pipe, collected into a list by a thread."""
+    fleet.state_dir(host).mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(fleet.agent_argv(host), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    fleet.procs.append(proc)
+    lines: list[str] = []
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            lines.append(raw.decode(errors="replace"))
+
+    threading.Thread(target=pump, daemon=True).start()
+    return proc, lines
 
 
 @contextlib.contextmanager
@@ -124,3 +143,29 @@ def test_1100_idle_control_clients_do_not_stop_deploys(make_fleet: Any) -> None:
     assert log.count("accepting local clients again") == 1
     assert "Traceback" not in log
     assert agent.poll() is None
+
+
+def test_a_desired_state_whose_accept_fails_once_is_retried_not_dropped(
+        make_fleet: Any) -> None:
+    """Issue 11 item 7: desired is QoS 0 (redelivered only on a re-subscribe), so a
+    transient error in `_accept` silently dropped the deploy. Here the journal write
+    fails (the agent may not grow files: RLIMIT_FSIZE, EFBIG) until the limit is lifted;
+    the agent retries the desired state by itself and the deploy succeeds."""
+    fleet = make_fleet({"h1": ["x"]})
+    agent, log = start_agent_piped(fleet, "h1")  # a pipe: RLIMIT_FSIZE does not apply
+    online(fleet, "h1")
+    journal = fleet.state_dir("h1") / "journal.jsonl"
+    limits = resource.prlimit(agent.pid, resource.RLIMIT_FSIZE)
+    resource.prlimit(agent.pid, resource.RLIMIT_FSIZE, (journal.stat().st_size, limits[1]))
+    proc = deploy_bg(fleet, "h1", "--system", "/sys/retry-1", "--timeout", "90")
+    try:
+        wait_for(lambda: "cannot write journal" in "".join(log), timeout=60,
+                 what="the journal write to fail")
+        assert "retry-1" not in journal.read_text()
+    finally:
+        resource.prlimit(agent.pid, resource.RLIMIT_FSIZE, limits)
+    rc, out = finish(proc, timeout=120)
+    assert rc == 0 and out["hosts"]["h1"] == "succeeded", out
+    assert "handled on retry" in "".join(log)
+    _, rows = fleet.fleetctl_json("status", "h1")
+    assert rows[0]["system"] == "/sys/retry-1"
