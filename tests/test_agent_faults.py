@@ -8,11 +8,14 @@ agent keeps serving deploys with the right outcome.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import resource
+import signal
 import socket
 import struct
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -23,6 +26,7 @@ import pytest
 
 from client.control import ControlClient, ControlError, socket_path
 from tests.helpers import Fleet, deploy_bg, finish, wait_for
+from tests.stepsys import script
 
 
 def online(fleet: Fleet, host: str) -> None:
@@ -169,3 +173,69 @@ def test_a_desired_state_whose_accept_fails_once_is_retried_not_dropped(
     assert "handled on retry" in "".join(log)
     _, rows = fleet.fleetctl_json("status", "h1")
     assert rows[0]["system"] == "/sys/retry-1"
+
+
+def test_a_corrupt_journal_record_is_refused_and_repair_never_reruns_a_step(
+        make_fleet: Any, tmp_path: Path) -> None:
+    """Issue 11 item 8: a corrupt record in the middle of the journal was skipped with a
+    warning, and a non-idempotent migration that was interrupted ran a second time and
+    the deploy "succeeded". Here `begin step:a` is corrupted after a crash mid-migration."""
+    fleet = make_fleet({"h1": ["x"]})
+    top = tmp_path / "sys-j"
+    (top / "flotilla").mkdir(parents=True)
+    runlog, gate, pids = tmp_path / "runs.log", tmp_path / "gate", tmp_path / "pids"
+    pids.mkdir()
+    steps = []
+    for name in ("a", "b"):  # both run at once, both non-idempotent
+        body = (f'echo "{name} start" >> {runlog}; echo $$ > {pids}/{name}\n'
+                f"while [ ! -e {gate} ]; do sleep 0.05; done\n"
+                f'echo "{name} end" >> {runlog}\n')
+        steps.append({"name": name, "migrations": {"*": script(top / f"m-{name}", body)}})
+    (top / "flotilla/steps.json").write_text(json.dumps({"steps": steps}))
+    agent = fleet.start_agent("h1")
+    proc = deploy_bg(fleet, "h1", "--system", str(top), "--on-step-failure", "rollback",
+                     "--timeout", "120")
+
+    def both_begun() -> bool:
+        try:
+            return {r.get("stage") for r in fleet.journal("h1")} >= {"step:a", "step:b"}
+        except (FileNotFoundError, ValueError):
+            return False
+
+    wait_for(both_begun, timeout=60, what="both steps to begin")
+    wait_for(lambda: len(list(pids.iterdir())) == 2, timeout=60, what="both programs")
+    agent.send_signal(signal.SIGKILL)  # the host crashed mid-migration
+    agent.wait()
+    for f in pids.iterdir():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(f.read_text()), signal.SIGKILL)
+    journal = fleet.state_dir("h1") / "journal.jsonl"
+    lines = journal.read_bytes().split(b"\n")
+    first = next(i for i, ln in enumerate(lines) if b'"stage":"step:' in ln and b'"begin"' in ln)
+    lines[first] = lines[first].replace(b'"begin"', b'"beg\xffn"')  # bit rot
+    journal.write_bytes(b"\n".join(lines))
+
+    restarted = subprocess.run(fleet.agent_argv("h1"), capture_output=True, text=True,
+                               timeout=60)
+    assert restarted.returncode == 2
+    [message] = restarted.stderr.strip().splitlines()
+    assert f"corrupt at record {first + 1} (byte" in message
+    assert "fleet-agent journal repair" in message
+    check = subprocess.run([sys.executable, "-m", "client", "journal", "check",
+                            "--state-dir", str(fleet.state_dir("h1"))],
+                           capture_output=True, text=True, timeout=60)
+    assert check.returncode == 1 and f"record {first + 1} (byte" in check.stdout
+    repair = subprocess.run([sys.executable, "-m", "client", "journal", "repair",
+                             "--state-dir", str(fleet.state_dir("h1"))],
+                            capture_output=True, text=True, timeout=60)
+    assert repair.returncode == 0, repair.stderr
+    assert "count as interrupted: a, b" in repair.stdout
+
+    gate.touch()
+    fleet.start_agent("h1")
+    rc, out = finish(proc, timeout=150)
+    assert out["hosts"]["h1"] == "rolled_back", out
+    starts = [ln for ln in runlog.read_text().splitlines() if ln.endswith(" start")]
+    assert sorted(starts) == ["a start", "b start"]  # neither ran a second time
+    _, rows = fleet.fleetctl_json("status", "h1")
+    assert "interrupted while running" in rows[0]["message"]
