@@ -3,18 +3,30 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
+# A real Home Assistant core for the bridge's tests. 2024.3.3 is the newest release for
+# Python 3.11; it pins pydantic 1 and paho-mqtt 1.6.1, so it has its own venv. janus is
+# what its file_upload integration (an MQTT dependency) would pip-install at start-up.
+HA_VENV := .venv-ha
+HA_STAMP := $(HA_VENV)/.installed-stamp
+HA_PACKAGES := homeassistant==2024.3.3 paho-mqtt==1.6.1 janus==1.0.0
 PYTHON ?= python3
 PYTEST_ARGS ?=
 
 .PHONY: setup system-deps demo test lint typecheck fuzz bench clean
 
-setup: system-deps $(STAMP)
+setup: system-deps $(STAMP) $(HA_STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
+
+$(HA_STAMP):
+	$(PYTHON) -m venv $(HA_VENV)
+	$(HA_VENV)/bin/python -m pip install -q --upgrade pip
+	$(HA_VENV)/bin/python -m pip install -q $(HA_PACKAGES)
+	touch $(HA_STAMP)
 
 # mosquitto (the broker the tests and demo start), nats-server (the clustered broker the
 # cross-broker tests start), nix-instantiate (parses nixos/*.nix) and chromium (the web
@@ -59,4 +71,4 @@ bench: setup
 	$(PY) bench/fanout.py 1000
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(HA_VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -17,7 +17,6 @@ usage: bench/web_latency.py [--hosts 50] [--samples 40] [--screenshot docs/x.png
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import statistics
@@ -26,11 +25,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import aiomqtt  # noqa: E402
+import paho.mqtt.client as mqtt  # noqa: E402
 
 from controller.broker import Mosquitto, free_port  # noqa: E402
 from controller.inventory import render_inventory  # noqa: E402
@@ -55,27 +55,34 @@ OBSERVER = """() => {
 }"""
 
 
-async def probe(broker_url: str, topics: Topics, hosts: list[str], page: object,
-                samples: int) -> list[float]:
+def probe(broker_url: str, topics: Topics, hosts: list[str], page: Any,
+          samples: int) -> list[float]:
+    """Publish with paho's own network thread (Playwright's sync API owns this thread's
+    event loop); poll the page for the time its observer saw each probe."""
     address = parse_broker_url(broker_url)
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    client.connect(address.host, address.port)
+    client.loop_start()
     out = []
-    async with aiomqtt.Client(**address.client_kwargs(),
-                              protocol=aiomqtt.ProtocolVersion.V5) as client:
+    try:
         for i in range(samples):
             host = hosts[i % len(hosts)]
-            st = HostState(host=host, message=f"latency-probe-{i}", updated_at=time.time())
-            payload = encode(st)
+            payload = encode(HostState(host=host, message=f"latency-probe-{i}",
+                                       updated_at=time.time()))
             sent_ms = time.time() * 1000
-            await client.publish(topics.state(host), payload, qos=1, retain=True)
+            client.publish(topics.state(host), payload, qos=1, retain=True)
             deadline = time.monotonic() + 10
             seen = None
             while seen is None and time.monotonic() < deadline:
-                await asyncio.sleep(0.02)
-                seen = await asyncio.to_thread(
-                    page.evaluate, f"window.__seen['{i}'] || null")  # type: ignore[attr-defined]
+                time.sleep(0.02)
+                seen = page.evaluate(f"window.__seen['{i}'] || null")
             if seen is None:
                 raise SystemExit(f"probe {i} never reached the page")
             out.append(float(seen) - sent_ms)
+            time.sleep(0.05)
+    finally:
+        client.loop_stop()
+        client.disconnect()
     return out
 
 
@@ -126,7 +133,7 @@ def main() -> int:
                     f"() => document.querySelectorAll('#hosts .dot.on').length === {len(names)}",
                     timeout=60000)
                 page.evaluate(OBSERVER)
-                lat = asyncio.run(probe(broker.url, Topics(), names, page, args.samples))
+                lat = probe(broker.url, Topics(), names, page, args.samples)
                 if args.screenshot:
                     deploy = subprocess.Popen(
                         [sys.executable, "-m", "controller", "deploy", "@demo", "--system",
@@ -134,7 +141,7 @@ def main() -> int:
                          "--batch", "10", "--json"], stdout=subprocess.DEVNULL,
                         stderr=subprocess.DEVNULL, env=env)
                     procs.append(deploy)  # type: ignore[arg-type]
-                    page.goto(url)
+                    page.goto(url + "?sort=phase")  # hosts in flight first
                     page.wait_for_function(
                         "() => document.querySelectorAll('#hosts tr[data-phase=succeeded]')"
                         ".length >= 18 && [...document.querySelectorAll('#hosts tr')].some("

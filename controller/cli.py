@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from controller import (
+    cmd_build,
     cmd_deploy,
     cmd_fleet,
     cmd_logs,
@@ -30,8 +31,8 @@ from controller.keys import init_keys
 from protocol.errors import BrokerUnavailable, FlotillaError
 from protocol.topics import DEFAULT_PREFIX
 
-COMMAND_MODULES = (cmd_deploy, cmd_fleet, cmd_logs, cmd_rollout, cmd_security, cmd_serve,
-                   cmd_steps)
+COMMAND_MODULES = (cmd_build, cmd_deploy, cmd_fleet, cmd_logs, cmd_rollout, cmd_security,
+                   cmd_serve, cmd_steps)
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -95,6 +96,10 @@ def _common() -> Parser:
     opt("--inventory", type=Path, default=Path(os.environ.get("FLEET_INVENTORY", "fleet.toml")),
         help="the fleet.toml naming hosts, tags, groups and [rollout] defaults "
              "(env FLEET_INVENTORY)")
+    opt("--flake", default=os.environ.get("FLEET_FLAKE"), metavar="REF",
+        help="the fleet's flake (env FLEET_FLAKE): hosts are its nixosConfigurations, tags "
+             "their services.flotilla-agent.tags, when there is no inventory file (which "
+             "wins); `build` and `deploy` build each host's toplevel from it")
     opt("--state-dir", type=Path, default=Path(os.environ.get(
         "FLEET_STATE_DIR", Path.home() / ".local/state/flotilla")),
         help="the controller's keys, event log (state.jsonl), logs and locks "

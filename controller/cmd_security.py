@@ -18,6 +18,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+
 from controller import certs, cliutil
 from controller.inventory import check_tag, parse_inventory
 from protocol.broker import parse_broker_url
@@ -31,7 +33,8 @@ AGENT_ETC = Path("/etc/flotilla")
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
     hosts = sub.add_parser("hosts", parents=[common],
-                           help="list hosts (`fleetctl hosts [SELECTOR]`) or add one")
+                           help="list the inventory's hosts (fleet.toml or --flake) with their "
+                                "state: `fleetctl hosts [SELECTOR]`; add one: `hosts add`")
     hosts_sub = hosts.add_subparsers(dest="hosts_command", required=True,
                                      parser_class=type(hosts))
     ls = hosts_sub.add_parser(
@@ -210,8 +213,6 @@ def agent_config(args: argparse.Namespace, name: str) -> tuple[list[str], str]:
 
 
 async def cmd_hosts_list(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
     from controller.status import fetch_states
     inv = cliutil.inventory(args)
     hosts = inv.resolve(args.selector) if args.selector else list(inv.hosts)

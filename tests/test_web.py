@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from controller.broker import free_port
+from controller.eventlog import EventLog
 from tests.helpers import Fleet, deploy_bg, finish, wait_for
 from tests.stepsys import make_db, make_system, runs
 
@@ -123,6 +124,12 @@ def cli_json(fleet: Fleet, *args: str) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "-m", "controller", *args, "--json"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=fleet.env())
+
+
+def rollout_record(fleet: Fleet, rid: str) -> dict[str, Any]:
+    """The rollout as the controller's event log holds it."""
+    record: dict[str, Any] = EventLog(fleet.controller_dir).load()["rollouts"][rid]
+    return record
 
 
 def wait_live(page: Any) -> None:
@@ -236,11 +243,20 @@ def test_prompt_answered_by_clicking(make_fleet, serve, browser, tmp_path: Path)
     wait_live(page)
     assert page.evaluate("window.__notReloaded") is True
 
-    proc = deploy_bg(fleet, "pg1", "--system", str(top), "--timeout", "90")
-    page.click("#host-pg1 .prompt a", timeout=30000)  # appears live, then opens the host
-    page.wait_for_selector("#prompt form.answer")
+    proc = deploy_bg(fleet, "pg1", "--system", str(top), "--approval", "ask",
+                     "--timeout", "90")
+    # the migration choice appears live; the link opens the host's prompt: each choice
+    # with its description, the destructive one marked
+    page.click("#host-pg1 .prompt a:has-text('answer')", timeout=30000)
+    page.wait_for_selector("#prompt form.answer", timeout=30000)
     assert "destructive" in page.inner_text("label.choice.destructive")
-    assert "slower, safer" in page.inner_text("#prompt")   # each choice's description
+    assert "slower, safer" in page.inner_text("#prompt")
+    # the server itself refuses a destructive answer without its confirmation
+    prompt_id = page.get_attribute("#prompt input[name=prompt_id]", "value")
+    csrf = page.get_attribute("#prompt input[name=csrf]", "value")
+    refused = page.request.post(server.url + "/hosts/pg1/answer", form={
+        "csrf": csrf, "prompt_id": prompt_id, "choice:db.major": "dump-restore"})
+    assert refused.status == 400 and "destructive" in refused.text()
     page.check("input[value=dump-restore]")
     # the destructive choice must be confirmed: dismissing sends nothing
     page.once("dialog", lambda d: d.dismiss())
@@ -251,16 +267,21 @@ def test_prompt_answered_by_clicking(make_fleet, serve, browser, tmp_path: Path)
     page.click("#prompt button[type=submit]")
     page.wait_for_selector("#notice.ok", timeout=20000)
     assert "accepted" in page.inner_text("#notice")
+    # then the host waits for approval (--approval ask): approving takes a confirmation
+    page.wait_for_selector("#prompt form[action$=approve]", timeout=30000)
+    page.once("dialog", lambda d: d.accept())
+    with page.expect_navigation():
+        page.click("#prompt form[action$=approve] button")
+    assert "accepted" in page.inner_text("#notice.ok")
     rc, out = finish(proc, timeout=90)
     assert rc == 0 and out["hosts"] == {"pg1": "succeeded"}
     assert (db / "data").read_bytes() == original + b"restored-dump-restore\napp\n"
     assert [c for s, e, _, c in runs(runlog) if s == "db" and e == "start"] == ["dump-restore"]
     journal = fleet.journal("pg1")
     answers = [r for r in journal if r["kind"] == "answer"]
-    assert answers and answers[-1]["by"] == "web:local", answers
+    assert [a["by"] for a in answers] == ["web:local", "web:local"], answers
     page.wait_for_selector("#hostinfo.phase-succeeded")
     assert "No open prompt" in page.inner_text("#prompt")
-    # a destructive answer posted without the confirmation box is refused by the server
     page.close()
 
 
@@ -284,6 +305,8 @@ def test_tokens_csrf_and_cross_site(make_fleet, serve, browser, tmp_path: Path) 
     code, headers, _ = http(server.url + "/")
     assert code == 303 and headers["Location"].startswith("/login")
     assert len(api(server, "/api/hosts", headers={"Authorization": f"Bearer {token}"})) == 3
+    _, headers, _ = http(server.url + "/login")
+    assert "script-src 'self'" in headers["Content-Security-Policy"]
 
     proc = deploy_bg(fleet, "@app", "--system", SYSTEM, "--batch", "1", "--confirm-batches",
                      "--timeout", "90")
@@ -323,8 +346,7 @@ def test_tokens_csrf_and_cross_site(make_fleet, serve, browser, tmp_path: Path) 
         other.click("button")
     assert "refused" in other.content() or "sign in" in other.content()
     other.close()
-    _, show = fleet.fleetctl_json("rollout", "show", rid)
-    assert show["abort_requested"] is None
+    assert rollout_record(fleet, rid)["abort_requested"] is None
 
     # continue from the page releases the next batch; abort is recorded as web:alice
     page.click("#summary form[action$=continue] button")
@@ -333,9 +355,9 @@ def test_tokens_csrf_and_cross_site(make_fleet, serve, browser, tmp_path: Path) 
     page.once("dialog", lambda d: d.accept())
     page.click("#summary form[action$=abort] button")
     page.wait_for_selector("#notice.ok")
-    _, show = fleet.fleetctl_json("rollout", "show", rid)
-    assert show["abort_requested"]["by"] == "web:alice"
-    assert 2 in [b for b in show["continued"]] or 1 in show["continued"]
+    record = rollout_record(fleet, rid)
+    assert record["abort_requested"]["by"] == "web:alice"
+    assert record["continued"] == [1]  # batch 2 (0-based 1) was released
     rc, out = finish(proc, timeout=90)
     assert out["status"] == "aborted", out
     page.wait_for_selector("#summary.status-aborted", timeout=20000)

@@ -484,7 +484,6 @@ class Dashboard:
         try:
             while True:
                 lst.wake.clear()
-                lst.hosts.clear()
                 frags, order = build()
                 changed = {k: v for k, v in frags.items() if sent.get(k) != v}
                 new_order = {k: v for k, v in order.items() if sent_order.get(k) != v}

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,17 +47,13 @@ class HostLive:
     prompt: Prompt | None = None
     view: HostView | None = None        # its current deployment
     rollout_id: str | None = None
-    changed_at: float = 0.0
 
 
 @dataclass(eq=False)
 class Listener:
-    """One open stream: woken on every change; `hosts` names the hosts that changed."""
+    """One open stream, woken on every change (it re-renders and sends what differs)."""
 
     wake: asyncio.Event = field(default_factory=asyncio.Event)
-    hosts: set[str] = field(default_factory=set)
-    rollouts: bool = False
-    changed_at: float = 0.0  # when the earliest unseen change arrived (latency tracing)
 
 
 class Feed:
@@ -82,14 +77,8 @@ class Feed:
     def unlisten(self, lst: Listener) -> None:
         self._listeners.discard(lst)
 
-    def _notify(self, host: str | None = None, rollouts: bool = False) -> None:
-        now = time.time()
+    def _notify(self) -> None:
         for lst in self._listeners:
-            if host is not None:
-                lst.hosts.add(host)
-            lst.rollouts = lst.rollouts or rollouts
-            if not lst.wake.is_set():
-                lst.changed_at = now
             lst.wake.set()
 
     # -- the event log ---------------------------------------------------------------
@@ -100,7 +89,7 @@ class Feed:
         before = self.log.index
         self.doc = self.log.refresh()
         if self.log.index != before:
-            self._notify(rollouts=True)
+            self._notify()
             return True
         return False
 
@@ -113,7 +102,7 @@ class Feed:
         topic = str(message.topic)
         if topic == self._marker:
             self.synced.set()
-            self._notify(rollouts=True)
+            self._notify()
             return
         try:
             host, kind = self.ctx.topics.parse(topic)
@@ -129,8 +118,7 @@ class Feed:
             log.debug("ignoring a malformed %s message from %s: %s", kind, host, exc)
             return
         if changed:
-            h.changed_at = time.time()
-            self._notify(host)
+            self._notify()
 
     def _fold(self, h: HostLive, kind: str, payload: bytes) -> bool:
         if kind == "online":
@@ -219,7 +207,7 @@ class Feed:
                         await asyncio.wait_for(asyncio.shield(self.synced.wait()),
                                                SYNC_TIMEOUT_S)
                         self.connected, self.error, delay = True, None, 0.2
-                        self._notify(rollouts=True)
+                        self._notify()
                         ready.set()
                         await reader
                     finally:
@@ -235,7 +223,7 @@ class Feed:
             finally:
                 if self.connected:
                     self.connected = False
-                    self._notify(rollouts=True)
+                    self._notify()
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
 
