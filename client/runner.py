@@ -202,8 +202,12 @@ class DeploymentRunner:
                 return await self.finish("succeeded", prev.get("message", "rolled back"),
                                          system=prev.get("system"))
             needs_reboot = self.needs_reboot
-            return await self.finish("succeeded", f"{d.action} to generation {d.generation}",
-                                     system=d.system, needs_reboot=needs_reboot)
+            restart = bool((self.active.done.get("switch") or {}).get("restart_agent"))
+            result = await self.finish("succeeded", f"{d.action} to generation {d.generation}",
+                                       system=d.system, needs_reboot=needs_reboot)
+            if restart:
+                await self.restart_agent()
+            return result
         except StateError as exc:
             # The journal cannot record what we do: stop. If the failure itself can be
             # recorded (the reserve freed a little space) the deploy ends cleanly as failed;
@@ -421,7 +425,21 @@ class DeploymentRunner:
             await self.progress("switch", "switch-to-configuration: some units failed (exit 4)")
             raise DeployFailed("activation finished but some units failed (exit 4)",
                                rollback=True)
-        return {"exit_code": outcome.exit_code, "needs_reboot": needs_reboot}
+        restart_agent = self.d.action in ("switch", "test") and backend.agent_unit_changed(
+            self.active.previous_system, toplevel)
+        return {"exit_code": outcome.exit_code, "needs_reboot": needs_reboot,
+                "restart_agent": restart_agent}
+
+    async def restart_agent(self) -> None:
+        """The new system has another agent unit: restart into it now that the result
+        is journaled and published (like comin). A failure leaves the old agent running,
+        which is still correct, only older."""
+        log.info("%s: the agent's unit changed with this system; restarting the agent",
+                 self.ctx.host)
+        try:
+            await self.ctx.backend.restart_agent()
+        except BackendError as exc:
+            log.warning("%s: %s (the new agent starts at the next boot)", self.ctx.host, exc)
 
     async def dry_activate(self, toplevel: str) -> dict[str, Any]:
         """switch-to-configuration dry-activate: what a switch would stop, restart, start
@@ -434,7 +452,9 @@ class DeploymentRunner:
                 would.append(msg)
             await self.progress("switch", msg)
 
-        await self.ctx.backend.switch(toplevel, "dry-activate", line)
+        outcome = await self.ctx.backend.switch(toplevel, "dry-activate", line)
+        if outcome.inhibited:
+            would.append("a switch would be refused by switch inhibitors (boot would work)")
         return {"would": would}
 
     async def reboot(self, toplevel: str) -> dict[str, Any]:

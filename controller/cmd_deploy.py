@@ -181,6 +181,10 @@ def build_request(args: argparse.Namespace) -> DeployRequest:
         system = str(args.systems)
     elif source == "--flake":
         system = args.flake  # --build-on host: each host builds REF#nixosConfigurations.HOST
+        if args.build_on == "controller" and not args.cache:
+            raise UsageError("deploy --flake builds on the controller: give --cache URL and "
+                             "--sign-key FILE to ship the closures to the hosts (or "
+                             "--build-on host)")
     return DeployRequest(
         selector=args.selector, hosts=hosts, system=system, action=args.action,
         timeout=args.timeout, choices=parse_choices(args.choose),
