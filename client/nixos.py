@@ -80,11 +80,6 @@ TAIL_LINES = 8
 MAX_LINE = 1000
 
 
-def systemd_runs(root: Path) -> bool:
-    """sd_booted(): systemd is PID 1 (and systemd-run is there to ask it for a scope)."""
-    return (root / "run/systemd/system").is_dir() and shutil.which("systemd-run") is not None
-
-
 def default_store_dir() -> str:
     """The Nix store dir; Nix itself honours NIX_STORE_DIR, so do we."""
     return os.environ.get("NIX_STORE_DIR", "/nix/store").rstrip("/") or "/nix/store"
@@ -305,7 +300,6 @@ class NixosBackend:
         self.current = self.root / "run/current-system"
         self.profile = self.root / "nix/var/nix/profiles/system"
         self.boot_id_file = self.root / "proc/sys/kernel/random/boot_id"
-        self.use_scope = systemd_runs(self.root)
 
     # -- host facts ------------------------------------------------------------------
     def current_system(self) -> str | None:
@@ -364,6 +358,11 @@ class NixosBackend:
     def runs_systemd(self) -> bool:
         """Whether this host's PID 1 is systemd (nixos-rebuild-ng's `test -d`)."""
         return (self.root / "run/systemd/system").is_dir()
+
+    @property
+    def use_scope(self) -> bool:
+        """Programs get a transient scope where systemd runs and systemd-run is there."""
+        return self.runs_systemd and shutil.which("systemd-run") is not None
 
     async def switch(self, toplevel: str, action: str, progress: ProgressFn,
                      install_bootloader: bool = False) -> SwitchOutcome:

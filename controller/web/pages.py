@@ -131,8 +131,9 @@ def batch_bars(r: dict[str, Any], hosts: list[dict[str, Any]]) -> list[dict[str,
         failed = sum(1 for m in rows if counts_as_failure(m["result"]))
         running = sum(1 for m in rows if m["result"] is None and m["deployment_id"])
         total = len(rows)
+        starts = [m["started"] for m in rows if m["started"] is not None]
         bars.append({"batch": i + 1, "total": total, "finished": finished, "failed": failed,
-                     "running": running,
+                     "running": running, "started": min(starts) if starts else None,
                      "percent": round(100.0 * finished / total, 1) if total else 100.0,
                      "done_at": r.get("batch_done", {}).get(str(i))})
     return bars
