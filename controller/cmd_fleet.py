@@ -34,7 +34,8 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         "demo", parents=[common], help="watch a simulated rollout: canary, batches, a prompt, "
         "a failure that rolls back, a retry",
         description="Start a private Mosquitto (from mosquitto.conf) and N simulated agents, "
-                    "then deploy a system whose state step offers a choice on one host "
+                    "then deploy to them in a canary batch and then batches a system whose "
+                    "state step offers a choice on one host "
                     "(answered by the policy's default after a short deadline) and fails "
                     "on another (rolled back, log shown, retried). The state directory is "
                     "kept, so `fleetctl rollouts`, `watch` and `logs` work on it afterwards. "

@@ -85,3 +85,123 @@ def test_deploy_json_stream_has_watch_lines_then_the_summary(make_fleet) -> None
     r = fleet.fleetctl("deploy", "@web", "--system", "/nix/store/y-sys", "--json")
     assert len([ln for ln in r.stdout.splitlines() if ln.strip()]) == 1
 
+
+
+# -- pure: help, inventory, prompts ---------------------------------------------------------
+
+def _options(parser):  # type: ignore[no-untyped-def]
+    import argparse
+    for a in parser._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            for name, sp in a.choices.items():
+                for path, opt in _options(sp):
+                    yield [name, *path], opt
+        elif a.option_strings and a.help is not argparse.SUPPRESS:
+            yield [], a
+
+
+def test_every_option_has_help_that_shows_its_default(capsys) -> None:  # type: ignore[no-untyped-def]
+    import argparse
+
+    import pytest
+
+    from client.cli import build_parser as agent_parser
+    from controller.cli import COMMON_DEFAULTS, HelpFormatter
+    from controller.cli import build_parser as fleetctl_parser
+    for build, fmt in ((fleetctl_parser, HelpFormatter),
+                       (agent_parser, argparse.ArgumentDefaultsHelpFormatter)):
+        parser = build()
+        for path, o in _options(parser):
+            if isinstance(o, argparse._HelpAction | argparse._VersionAction):
+                continue
+            assert o.help, (path, o.option_strings)
+            default = COMMON_DEFAULTS.get(o.dest, o.default) \
+                if o.default is argparse.SUPPRESS else o.default
+            if default not in (None, False):
+                shown = fmt("x")._get_help_string(o)  # type: ignore[attr-defined]
+                assert "default" in shown, (path, o.option_strings, shown)
+        with pytest.raises(SystemExit) as exc:
+            parser.parse_args(["--version"])
+        assert exc.value.code == 0 and "0.1" in capsys.readouterr().out
+    demo = next(sp for a in fleetctl_parser()._actions
+                if isinstance(a, argparse._SubParsersAction) for n, sp in a.choices.items()
+                if n == "demo")
+    text = " ".join(demo.format_help().split())
+    assert "canary" in text and "(default: 12)" in text and "rolled back" in text
+
+
+def fleetctl_main(capsys, *argv: str) -> tuple[int, str, str]:  # type: ignore[no-untyped-def]
+    """The real `fleetctl` entry point, in-process (fast: no interpreter start)."""
+    from controller.cli import main
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_global_options_before_and_after_the_command(capsys, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    env_args = ["--state-dir", str(tmp_path)]
+    for argv in (["--json", "rollouts", *env_args], ["rollouts", "--json", *env_args],
+                 ["--json", *env_args, "rollouts"], ["-v", "--json", "rollouts", *env_args]):
+        code, out, err = fleetctl_main(capsys, *argv)
+        assert code == 0 and json.loads(out) == [], (argv, out, err)
+
+
+def test_inventory_typos_and_bad_tags_are_errors_naming_the_key() -> None:
+    import pytest
+
+    from controller.inventory import parse_inventory
+    from protocol.errors import InputError
+    cases = {
+        '[hosts.web1]\ntagz = ["web"]\n': "unknown key 'tagz'; did you mean 'tags'",
+        '[hosts.web1]\ntags = ["EU"]\n': "hosts.web1.tags: invalid tag 'EU'",
+        '[hosts.web1]\ntags = ["web", ""]\n': "empty tag",
+        '[rollout]\nbatchsize = 3\n': "[rollout]: unknown key 'batchsize'; did you mean 'batch'",
+    }
+    for text, message in cases.items():
+        with pytest.raises(InputError) as exc:
+            parse_inventory(text, "fleet.toml")
+        assert message in str(exc.value), (text, str(exc.value))
+
+
+def test_hosts_add_tags_follow_the_inventory_rules(capsys, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    for tags, message in (("web,,eu", "empty tag"), ("EU", "invalid tag 'EU'")):
+        code, _, err = fleetctl_main(capsys, "hosts", "add", "web1", "--tags", tags,
+                                     "--inventory", str(tmp_path / "fleet.toml"),
+                                     "--mosquitto-passwd", str(tmp_path / "passwd"),
+                                     "--state-dir", str(tmp_path))
+        assert code == 2 and message in err and "Traceback" not in err, err
+        assert not (tmp_path / "fleet.toml").exists() and not (tmp_path / "passwd").exists()
+
+
+def test_prompt_answers_name_the_right_command() -> None:
+    from client.prompt_tui import outcome_line
+    from controller.cmd_steps import answer_command
+    row = {"host": "pg1", "prompt_id": "r1.approve", "kind": "approval", "items": []}
+    assert answer_command(row) == "fleetctl approve pg1"
+    row = {"host": "pg1", "prompt_id": "r1.choose", "kind": "choice",
+           "items": [{"step": "db", "id": "major", "choices": [{"id": "a"}, {"id": "b"}]}]}
+    assert answer_command(row) == "fleetctl answer pg1 r1.choose db.major=a|b"
+    assert outcome_line(True, "accepted") == "accepted"
+    assert outcome_line(False, "no open prompt x") == "refused: no open prompt x"
+
+
+def test_dry_run_resolves_everything_and_touches_nothing(capsys, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    inv = tmp_path / "fleet.toml"
+    inv.write_text("".join(f'[hosts.w{i}]\ntags = ["web"]\n' for i in range(1, 6))
+                   + '[rollout]\nbatch = "2"\n')
+    base = ["deploy", "@web", "--system", "/nix/store/x", "--inventory", str(inv),
+            "--state-dir", str(tmp_path / "state"),
+            "--broker", "mqtt://127.0.0.1:9"]  # nothing listens there: contacts nothing
+    code, out, err = fleetctl_main(capsys, *base, "--dry-run", "--canary", "1", "--json")
+    assert code == 0, err
+    plan = json.loads(out)
+    assert [b["hosts"] for b in plan["batches"]] == [["w1"], ["w2", "w3"], ["w4", "w5"]]
+    assert plan["batches"][0]["canary"] and plan["systems"]["w5"] == "/nix/store/x"
+    assert plan["policy"]["rollout"]["batch"] == "2"
+    assert not (tmp_path / "state").exists()
+    code, out, _ = fleetctl_main(capsys, *base, "--dry-run")
+    assert code == 0 and "batch 2 (2): w3, w4" in out, out
+    # an inventory value's error names the inventory key, not a flag
+    inv.write_text('[hosts.w1]\ntags = ["web"]\n[rollout]\nbatch = "lots"\n')
+    code, _, err = fleetctl_main(capsys, *base, "--dry-run")
+    assert code == 2 and "[rollout]" in err and "--batch" not in err, err
