@@ -273,7 +273,7 @@ class Dashboard:
     def _host_context(self, request: web.Request, host: str) -> dict[str, Any]:
         h = self.feed.hosts[host]
         return {"host": host, "row": pages.fleet_host(h), "prompt": pages.host_prompt(h),
-                "can_sign": self.ctx.key is not None}
+                "can_sign": self.ctx.key is not None, "log": pages.host_log(self.feed, h)}
 
     async def host_page(self, request: web.Request) -> web.Response:
         host = self._host(request)
@@ -288,6 +288,7 @@ class Dashboard:
             return {"hostinfo": str(self.m.host_info(c["row"])),
                     "prompt": str(self.m.prompt(host, c["prompt"], self._csrf(request),
                                                 c["can_sign"])),
+                    "hostlog": str(self.m.host_log(c["row"], c["log"])),
                     "banner": str(self.m.banner(self._broker_error()))}, {}
         return await self._stream(request, build)
 

@@ -162,5 +162,14 @@ def failure_log(feed: Feed, rollout_id: str, host: str, deployment_id: str | Non
                                                        LOG_LINES, deployment_id)]
 
 
+def host_log(feed: Feed, h: HostLive, n: int = 15) -> list[str]:
+    """The last lines of the host's current (or last) deployment's stored log."""
+    dep = h.view.deployment_id if h.view is not None else None
+    if dep is None:
+        return []
+    return [logs.format_line(rec) for rec in logs.tail(feed.ctx.state_dir, logs.rollout_of(dep),
+                                                       h.host, n, dep)]
+
+
 def host_prompt(h: HostLive) -> dict[str, Any] | None:
     return prompt_row(h.host, h.prompt) if h.prompt is not None else None
