@@ -41,17 +41,24 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--key-file", type=Path, help="TLS: the client certificate's private key")
     p.add_argument("--trust-key", type=Path, required=True,
                    help="controller public key(s) (PEM) that sign desired states and answers")
-    p.add_argument("--topic-prefix", default=DEFAULT_PREFIX)
-    p.add_argument("--backend", choices=["sim", "nixos"], default="sim")
+    p.add_argument("--topic-prefix", default=DEFAULT_PREFIX,
+                   help="MQTT topic prefix shared with the controller")
+    p.add_argument("--backend", choices=["sim", "nixos"], default="sim",
+                   help="nixos: really fetch and switch this host; sim: pretend (tests, demo)")
     p.add_argument("--root", type=Path, default=Path("/"),
                    help="nixos backend: prefix for /run and /nix/var paths (tests)")
     p.add_argument("--from-cache", metavar="URL",
                    help="nixos backend: binary cache to 'nix copy --from' before realising")
-    p.add_argument("--sim-fetch-delay", type=float, default=0.0)
-    p.add_argument("--sim-switch-delay", type=float, default=0.0)
-    p.add_argument("--sim-fail-rate", type=float, default=0.0)
-    p.add_argument("--sim-fail-stage", choices=["fetch", "switch"], default="switch")
-    p.add_argument("--sim-seed", default="")
+    p.add_argument("--sim-fetch-delay", type=float, default=0.0,
+                   help="sim backend: seconds a fetch takes")
+    p.add_argument("--sim-switch-delay", type=float, default=0.0,
+                   help="sim backend: seconds a switch takes")
+    p.add_argument("--sim-fail-rate", type=float, default=0.0,
+                   help="sim backend: share of hosts whose fetch or switch fails (per "
+                        "host and system, from --sim-seed)")
+    p.add_argument("--sim-fail-stage", choices=["fetch", "switch"], default="switch",
+                   help="sim backend: which stage --sim-fail-rate fails")
+    p.add_argument("--sim-seed", default="", help="sim backend: seed of --sim-fail-rate")
     p.add_argument("--home-assistant", action="store_true",
                    help="announce this host to Home Assistant (MQTT discovery)")
     p.add_argument("--ha-prefix", default="homeassistant", help="discovery prefix")
@@ -67,24 +74,33 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--age-recipient", help="encrypt dumps to this age recipient (pyrage)")
     p.add_argument("--age-identity", help="file with the age identity that decrypts dumps "
                                           "on rollback")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+class _RawDefaults(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fleet-agent", description=__doc__)
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(prog="fleet-agent", description=__doc__,
+                                     formatter_class=fmt)
+    parser.add_argument("--version", action="version", version=f"fleet-agent {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run the agent for this host")
-    run.add_argument("--host", required=True)
-    run.add_argument("--state-dir", type=Path, default=Path("/var/lib/flotilla"))
+    run = sub.add_parser("run", help="run the agent for this host", formatter_class=fmt)
+    run.add_argument("--host", required=True, help="this host's name (as in the inventory)")
+    run.add_argument("--state-dir", type=Path, default=Path("/var/lib/flotilla"),
+                     help="journal, dumps, deployment logs and the control socket")
     _common(run)
-    sim = sub.add_parser("simulate", help="run many simulated agents in one process")
+    sim = sub.add_parser("simulate", help="run many simulated agents in one process",
+                         formatter_class=fmt)
     sim.add_argument("--hosts", required=True, help="comma-separated host names")
     sim.add_argument("--state-dir", type=Path, required=True,
                      help="parent dir; each host gets STATE_DIR/HOST")
     _common(sim)
     prompt = sub.add_parser("prompt", help="answer this host's open prompts (local socket)",
                             description=prompt_tui.__doc__,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+                            formatter_class=_RawDefaults)
     prompt_tui.add_arguments(prompt)
     jr = sub.add_parser("journal", help="check or repair the agent's journal",
                         description="check: report unreadable records (exit 1 when the agent"
@@ -166,6 +182,14 @@ async def _serve(agents: list[Agent]) -> None:
     for t in tasks:
         if t.done() and not t.cancelled() and t.exception() is not None:
             raise t.exception()  # type: ignore[misc]
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("flotilla")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -88,6 +88,7 @@ class DeploymentRunner:
         self.prompt: Prompt | None = None
         self._answered: asyncio.Future[dict[str, str]] | None = None
         self.on_prompt: list[Callable[[Prompt | None], Awaitable[None]]] = []
+        self._before = ctx.reporter.state  # what the host reported before this deployment
         self.output = DeploymentLog(ctx.state_dir, desired.deployment_id, self._send_log)
 
     async def _send_log(self, lines: list[LogLine], dropped: int) -> None:
@@ -662,6 +663,14 @@ class DeploymentRunner:
                                        system or self.ctx.backend.current_system(),
                                        needs_reboot, self.output.tail)
         await self.ctx.reporter.prompt(None)
+        if d.check_only:  # a check is no deploy: the host's reported status stays as it was
+            b = self._before
+            await self.ctx.reporter.host_state(
+                phase=b.phase, last_result=b.last_result, message=b.message,
+                deployment_id=b.deployment_id, rollout_id=b.rollout_id,
+                desired_generation=b.desired_generation, percent=None, step=None,
+                open_prompt=None)
+            return st.results[d.deployment_id]
         await self.phase(phase_of(status), last_result=status, message=message,
                          system=self.ctx.backend.current_system() or st.system,
                          generation=st.generation, needs_reboot=needs_reboot, percent=None,

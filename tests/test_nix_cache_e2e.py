@@ -80,7 +80,8 @@ def test_three_hosts_deploy_from_the_flake_through_a_signed_cache(
     cache = f"file://{tmp_path / 'cache'}"
     # Hosts and tags come from the flake: @web is web1-3, not db1.
     rc, hosts = fleet.fleetctl_json("hosts", "--flake", flake.ref)
-    assert rc == 0 and hosts == [{"host": h, "tags": t} for h, t in  # Nix sorts names
+    assert rc == 0 and [{"host": r["host"], "tags": r["tags"]} for r in hosts] == [
+        {"host": h, "tags": t} for h, t in  # Nix sorts names
                                  sorted({**WEB, "db1": ["db"]}.items())]
     rc, out = fleet.fleetctl_json("deploy", "@web", "--flake", flake.ref, "--cache", cache,
                                   "--sign-key", str(secret), "--no-wait", timeout=300)
@@ -143,6 +144,9 @@ def test_build_writes_deploy_json_and_a_failed_host_does_not_stop_the_others(
                        "--sign-key", str(secret), timeout=300)
     assert r.returncode == 1 and "broken1: build failed" in r.stderr
     assert "nothing was deployed" in r.stderr
+    # progress per host, one line per change when not on a terminal
+    assert "web1: building" in r.stderr and "web2: built: /nix/store/" in r.stderr
+    assert "broken1: failed: " in r.stderr
     assert not (fleet.controller_dir / "state.jsonl").exists()
 
 

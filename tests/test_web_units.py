@@ -8,10 +8,9 @@ from pathlib import Path
 import pytest
 
 from controller.broker import free_port
-from controller.cmd_serve import parse_listen
 from controller.view import HostView
 from controller.web.app import _local_path
-from controller.web.auth import Guard, TokenFile, is_loopback
+from controller.web.auth import Guard, TokenFile, is_loopback, parse_listen
 from controller.web.feed import HostLive
 from controller.web.pages import fleet_host, short_system, sort_rows
 from protocol.errors import InputError, UsageError

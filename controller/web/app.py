@@ -19,7 +19,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -273,7 +273,7 @@ class Dashboard:
     def _host_context(self, request: web.Request, host: str) -> dict[str, Any]:
         h = self.feed.hosts[host]
         return {"host": host, "row": pages.fleet_host(h), "prompt": pages.host_prompt(h),
-                "can_sign": self.ctx.key is not None}
+                "can_sign": self.ctx.key is not None, "log": pages.host_log(self.feed, h)}
 
     async def host_page(self, request: web.Request) -> web.Response:
         host = self._host(request)
@@ -288,6 +288,7 @@ class Dashboard:
             return {"hostinfo": str(self.m.host_info(c["row"])),
                     "prompt": str(self.m.prompt(host, c["prompt"], self._csrf(request),
                                                 c["can_sign"])),
+                    "hostlog": str(self.m.host_log(c["row"], c["log"])),
                     "banner": str(self.m.banner(self._broker_error()))}, {}
         return await self._stream(request, build)
 
@@ -509,10 +510,12 @@ def _local_path(target: str) -> str:
     return target
 
 
-async def serve(ctx: ControllerContext, inventory: Inventory, guard: Guard, host: str,
-                port: int, announce: Callable[[str], None], stop: asyncio.Event) -> None:
-    """Run until `stop` is set. BrokerUnavailable if the broker cannot be reached at
-    start; OSError-based InputError if the address cannot be bound."""
+@contextlib.asynccontextmanager
+async def running(ctx: ControllerContext, inventory: Inventory, guard: Guard, host: str,
+                  port: int) -> AsyncIterator[tuple[str, asyncio.Task[None]]]:
+    """The dashboard, up for the duration of the block: yields its URL and the task that
+    follows the broker (done only if that failed). BrokerUnavailable if the broker cannot
+    be reached at start; InputError if the address cannot be bound."""
     feed = Feed(ctx, inventory)
     ready = asyncio.Event()
     follower = asyncio.create_task(feed.run(ready), name="web-feed")
@@ -534,15 +537,21 @@ async def serve(ctx: ControllerContext, inventory: Inventory, guard: Guard, host
             raise InputError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
         bound = runner.addresses[0] if runner.addresses else (host, port)
         shown = f"[{host}]" if ":" in host else host
-        announce(f"http://{shown}:{bound[1]}/")
-        stopper = asyncio.create_task(stop.wait())
-        await asyncio.wait([follower, stopper], return_when=asyncio.FIRST_COMPLETED)
-        stopper.cancel()
-        if follower.done():
-            follower.result()
+        yield f"http://{shown}:{bound[1]}/", follower
     finally:
         follower.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await follower
         await runner.cleanup()
 
+
+async def serve(ctx: ControllerContext, inventory: Inventory, guard: Guard, host: str,
+                port: int, announce: Callable[[str], None], stop: asyncio.Event) -> None:
+    """`fleetctl serve`: run until `stop` is set (or the broker follower fails)."""
+    async with running(ctx, inventory, guard, host, port) as (url, follower):
+        announce(url)
+        stopper = asyncio.create_task(stop.wait())
+        await asyncio.wait([follower, stopper], return_when=asyncio.FIRST_COMPLETED)
+        stopper.cancel()
+        if follower.done():
+            follower.result()

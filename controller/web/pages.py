@@ -131,8 +131,9 @@ def batch_bars(r: dict[str, Any], hosts: list[dict[str, Any]]) -> list[dict[str,
         failed = sum(1 for m in rows if counts_as_failure(m["result"]))
         running = sum(1 for m in rows if m["result"] is None and m["deployment_id"])
         total = len(rows)
+        starts = [m["started"] for m in rows if m["started"] is not None]
         bars.append({"batch": i + 1, "total": total, "finished": finished, "failed": failed,
-                     "running": running,
+                     "running": running, "started": min(starts) if starts else None,
                      "percent": round(100.0 * finished / total, 1) if total else 100.0,
                      "done_at": r.get("batch_done", {}).get(str(i))})
     return bars
@@ -159,6 +160,15 @@ def failure_log(feed: Feed, rollout_id: str, host: str, deployment_id: str | Non
     """The last lines of the host's deployment log, as `fleetctl logs` shows them."""
     return [logs.format_line(rec) for rec in logs.tail(feed.ctx.state_dir, rollout_id, host,
                                                        LOG_LINES, deployment_id)]
+
+
+def host_log(feed: Feed, h: HostLive, n: int = 15) -> list[str]:
+    """The last lines of the host's current (or last) deployment's stored log."""
+    dep = h.view.deployment_id if h.view is not None else None
+    if dep is None:
+        return []
+    return [logs.format_line(rec) for rec in logs.tail(feed.ctx.state_dir, logs.rollout_of(dep),
+                                                       h.host, n, dep)]
 
 
 def host_prompt(h: HostLive) -> dict[str, Any] | None:
