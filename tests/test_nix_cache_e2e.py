@@ -144,6 +144,9 @@ def test_build_writes_deploy_json_and_a_failed_host_does_not_stop_the_others(
                        "--sign-key", str(secret), timeout=300)
     assert r.returncode == 1 and "broken1: build failed" in r.stderr
     assert "nothing was deployed" in r.stderr
+    # progress per host, one line per change when not on a terminal
+    assert "web1: building" in r.stderr and "web2: built: /nix/store/" in r.stderr
+    assert "broken1: failed: " in r.stderr
     assert not (fleet.controller_dir / "state.jsonl").exists()
 
 
