@@ -56,6 +56,10 @@ def _clock(t: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
 
 
+def _hms(t: float | None) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(t)) if t else "-"
+
+
 def _duration(s: float | None) -> str:
     if s is None:
         return "-"
@@ -71,7 +75,7 @@ def _css(value: object) -> str:
 def templates() -> jinja2.Environment:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"),
                              autoescape=True, trim_blocks=False, lstrip_blocks=False)
-    env.filters.update(clock=_clock, duration=_duration, css=_css,
+    env.filters.update(clock=_clock, hms=_hms, duration=_duration, css=_css,
                        shortsys=pages.short_system)
     return env
 
