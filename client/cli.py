@@ -13,7 +13,8 @@ from pathlib import Path
 
 from client import prompt_tui
 from client.agent import Agent, AgentConfig
-from client.backend import SystemBackend
+from client.backend import BackendError, SystemBackend
+from client.journal import JOURNAL_NAME, check_file, repair_file
 from client.notify import NotifyConfig
 from client.sim import SimSettings, SimulatedBackend
 from protocol.broker import BrokerAddress, parse_broker_url, read_password_file
@@ -101,7 +102,33 @@ def build_parser() -> argparse.ArgumentParser:
                             description=prompt_tui.__doc__,
                             formatter_class=_RawDefaults)
     prompt_tui.add_arguments(prompt)
+    jr = sub.add_parser("journal", help="check or repair the agent's journal",
+                        description="check: report unreadable records (exit 1 when the agent"
+                        " would refuse to start). repair (agent stopped): keep the damaged"
+                        " file aside, keep every readable record; steps of the running"
+                        " deployment not recorded as done count as interrupted")
+    jr.add_argument("action", choices=["check", "repair"])
+    jr.add_argument("--state-dir", type=Path, default=Path("/var/lib/flotilla"))
     return parser
+
+
+def _steps_of(toplevel: str) -> list[str]:
+    from client.statesteps import load_steps
+    try:
+        return [s.name for s in load_steps(toplevel).steps]
+    except BackendError as exc:
+        print(f"fleet-agent: warning: {exc}", file=sys.stderr)
+        return []
+
+
+def journal_command(args: argparse.Namespace) -> int:
+    path = args.state_dir / JOURNAL_NAME
+    if args.action == "check":
+        ok, lines = check_file(path)
+        print("\n".join(lines))
+        return 0 if ok else 1
+    print("\n".join(repair_file(path, _steps_of)))
+    return 0
 
 
 def _broker(args: argparse.Namespace, host: str) -> BrokerAddress:
@@ -169,6 +196,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "prompt":
         return prompt_tui.run(args)
+    if args.command == "journal":
+        try:
+            return journal_command(args)
+        except FlotillaError as exc:
+            print(f"fleet-agent: error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("aiomqtt").setLevel(logging.WARNING)
