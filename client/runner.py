@@ -105,13 +105,15 @@ class DeploymentRunner:
 
     # -- reporting and journaling helpers -------------------------------------------
     async def progress(self, stage: str, message: str = "", step: str | None = None,
-                       percent: float | None = None) -> None:
+                       percent: float | None = None, deferred_until: float | None = None
+                       ) -> None:
         if message:
             self.log_tail = [*self.log_tail[-19:], message]
         stage = PROGRESS_STAGE.get(stage, stage)
         pct = percent if percent is not None else STAGE_PERCENT.get(stage)
         await self.ctx.reporter.progress(self.d.deployment_id, self.d.generation,
-                                         stage.split(":")[0], message, pct, step)
+                                         stage.split(":")[0], message, pct, step,
+                                         deferred_until)
 
     async def phase(self, phase: str, **extra: Any) -> None:
         """Update the HostState. Passing phases (fetched, checked, ...) are only published
@@ -249,6 +251,9 @@ class DeploymentRunner:
         if (state.phase, state.message, state.deferred_until, state.open_prompt) != (
                 step.phase, step.message, step.deferred_until, prompt.prompt_id) \
                 or (step.needs_reboot and not state.needs_reboot):
+            if state.deferred_until != step.deferred_until:
+                await self.progress(step.kind, step.message,
+                                    deferred_until=step.deferred_until)
             await self.phase(step.phase, open_prompt=prompt.prompt_id, message=step.message,
                              deferred_until=step.deferred_until,
                              needs_reboot=step.needs_reboot or state.needs_reboot)

@@ -17,7 +17,8 @@ from controller.cmd_deploy import parse_choices
 from controller.connection import connect, read_retained
 from protocol.codec import decode, encode
 from protocol.errors import InputError, ProtocolError, UsageError
-from protocol.models import Answer, Prompt, Rejected
+from protocol.models import Answer, Cancel, Prompt, Rejected
+from protocol.prompts import APPROVE_KEY, DEFERRALS
 from protocol.signing import sign
 from protocol.topics import validate_host
 
@@ -34,9 +35,20 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     a.add_argument("choices", nargs="*", metavar="STEP.ITEM=CHOICE")
     a.add_argument("--approve", action="store_true", help="approve a deploy waiting for it")
     a.set_defaults(func=cmd_answer)
-    r = sub.add_parser("approve", parents=[common], help="approve deploys waiting for approval")
+    r = sub.add_parser("approve", parents=[common],
+                       help="approve deploys waiting for approval (or start their pending "
+                            "reboot now); --defer puts an approval off instead")
     r.add_argument("selector")
+    r.add_argument("--defer", choices=DEFERRALS,
+                   help="not now: defer-1h, defer-tonight (the host's evening time) or "
+                        "defer-tomorrow; the deploy proceeds by itself then")
     r.set_defaults(func=cmd_approve)
+    c = sub.add_parser("cancel", parents=[common],
+                       help="withdraw the hosts' pending desired state and end their "
+                            "deployment's wait (approval, choice, reboot); signed")
+    c.add_argument("selector")
+    c.add_argument("--reason", default="", help="recorded with the cancellation")
+    c.set_defaults(func=cmd_cancel)
     b = sub.add_parser("rollback", parents=[common],
                        help="undo each host's last deployment: restore its dumps, then the "
                             "previous generation")
@@ -102,7 +114,7 @@ async def send_answer(args: argparse.Namespace, host: str, prompt_id: str,
     assert ctx.key is not None
     t = ctx.topics
     answer = sign(Answer(host=host, prompt_id=prompt_id, choices=choices, approve=approve,
-                         answered_by=f"fleetctl:{getpass.getuser()}@{socket.gethostname()}",
+                         answered_by=_who(),
                          issued_at=time.time()), ctx.key)
     async with connect(ctx.broker, **ctx.client_kwargs) as client:
         await client.subscribe(t.events(host), qos=1)
@@ -157,21 +169,51 @@ async def cmd_answer(args: argparse.Namespace) -> int:
     return cliutil.EXIT_OK if ok else cliutil.EXIT_FAILED
 
 
+def _who() -> str:
+    return f"fleetctl:{getpass.getuser()}@{socket.gethostname()}"
+
+
 async def cmd_approve(args: argparse.Namespace) -> int:
     hosts = cliutil.inventory(args).resolve(args.selector)
-    prompts = {h: p for h, p in (await open_prompts(args, hosts)).items()
-               if p.kind == "approval"}
+    kinds = ("approval",) if args.defer else ("approval", "reboot")
+    prompts = {h: p for h, p in (await open_prompts(args, hosts)).items() if p.kind in kinds}
     results = {}
     for host, prompt in sorted(prompts.items()):
-        results[host] = await send_answer(args, host, prompt.prompt_id, {}, True)
+        if args.defer:
+            results[host] = await send_answer(args, host, prompt.prompt_id,
+                                              {APPROVE_KEY: args.defer}, False)
+        else:
+            results[host] = await send_answer(args, host, prompt.prompt_id, {}, True)
     if args.json:
         cliutil.emit_json({h: {"accepted": ok, "message": m} for h, (ok, m) in results.items()})
     else:
         if not results:
-            print("no host is waiting for approval")
+            print("no host is waiting for approval" + ("" if args.defer else " or a reboot"))
         for h, (_ok, m) in results.items():
             print(f"{h}: {m}")
     return cliutil.EXIT_OK if all(ok for ok, _ in results.values()) else cliutil.EXIT_FAILED
+
+
+async def cmd_cancel(args: argparse.Namespace) -> int:
+    """Withdraw each host's retained desired state (it never starts if it has not yet)
+    and send a signed Cancel, which the agent journals: the running deployment's wait
+    ends and it records `cancelled` (or rolls back what it touched)."""
+    hosts = cliutil.inventory(args).resolve(args.selector)
+    ctx = cliutil.context(args, need_key=True)
+    assert ctx.key is not None
+    t = ctx.topics
+    async with connect(ctx.broker, **ctx.client_kwargs) as client:
+        for host in hosts:
+            cancel = sign(Cancel(host=host, reason=args.reason, cancelled_by=_who(),
+                                 issued_at=time.time()), ctx.key)
+            await client.publish(t.desired(host), b"", qos=1, retain=True)
+            await client.publish(t.answer(host), encode(cancel), qos=1)
+    if args.json:
+        cliutil.emit_json({"cancelled": hosts})
+    else:
+        for host in hosts:
+            print(f"{host}: desired state withdrawn, cancel sent")
+    return cliutil.EXIT_OK
 
 
 async def cmd_rollback(args: argparse.Namespace) -> int:

@@ -10,7 +10,8 @@ Rules, in the order `plan()` applies them:
 
 1. Timeouts. Past the rollout deadline every in-flight host times out. Otherwise a host
    times out `host_timeout` seconds after it first reported (`HostView.acked`): a host
-   that is offline and queued (published, never heard from) does not time out.
+   that is offline and queued (published, never heard from) does not time out, and a
+   host whose user deferred the deploy ("not now") counts from the end of the deferral.
 2. Thresholds. A host's failure is *final* once it has no retry left. Any final failure
    in the canary batch aborts. `max_failures` N aborts when final failures exceed N;
    P% aborts when final failures exceed P% of the executed hosts (succeeded or finally
@@ -219,6 +220,13 @@ class RolloutProgress:
     attempts: dict[str, int] = field(default_factory=dict)
 
 
+def _clock_start(v: HostView) -> float:
+    """A host's in-progress timeout counts from its first report, or from the end of the
+    deferral its user chose ("not now"): waiting for that is not being slow."""
+    assert v.acked is not None
+    return max(v.acked, v.deferred_until or 0.0)
+
+
 def plan(policy: RolloutPolicy, views: list[HostView], batches: list[list[str]], now: float,
          deadline: float, progress: RolloutProgress | None = None, *,
          ack_grace: float = ACK_GRACE) -> list[Action]:
@@ -248,12 +256,12 @@ def plan(policy: RolloutPolicy, views: list[HostView], batches: list[list[str]],
                 actions.append(TimeOut(v.host, "no result before the rollout deadline"))
                 res, deadline_hit = "timed_out", True
             elif host_timeout is not None and v.acked is not None \
-                    and now >= v.acked + host_timeout:
+                    and now >= _clock_start(v) + host_timeout:
                 actions.append(TimeOut(v.host))
                 res = "timed_out"
             else:
                 if host_timeout is not None and v.acked is not None:
-                    wake.append(v.acked + host_timeout)
+                    wake.append(_clock_start(v) + host_timeout)
                 in_flight.append(v)
                 continue
         result[v.host] = res

@@ -43,6 +43,8 @@ class HostView:
     result: str | None = None
     system: str | None = None
     needs_reboot: bool = False
+    deferred_until: float | None = None
+    """The host's user deferred the deploy until then: its host timeout counts from it."""
     online: bool | None = None
     last_seq: int = -1
     log_tail: list[str] = field(default_factory=list)
@@ -76,6 +78,7 @@ def fold_event(view: HostView, ev: Event, received: float | None = None) -> bool
     elif isinstance(ev, Progress):
         view.phase = ev.stage
         view.stage, view.step = ev.stage, ev.step
+        view.deferred_until = ev.deferred_until
         if ev.percent is not None:
             view.percent = ev.percent
         if ev.message:
@@ -117,6 +120,7 @@ def fold_state(view: HostView, st: HostState, received: float | None = None) -> 
         view.needs_reboot, view.finished = st.needs_reboot, st.updated_at
     elif st.phase not in ("idle",):
         view.phase = st.phase
+        view.deferred_until = st.deferred_until
         view.percent = st.percent if st.percent is not None else view.percent
         view.step = st.step
     return True

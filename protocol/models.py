@@ -139,6 +139,8 @@ class Progress(Event):
     message: str = ""
     percent: float | None = Field(default=None, ge=0, le=100)
     step: str | None = None
+    deferred_until: float | None = None
+    """Set while the host's user deferred the deploy ("not now") until then."""
 
 
 class ReportItem(Model):
