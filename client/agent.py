@@ -80,6 +80,7 @@ class Agent:
         self.ha: ha.HomeAssistantBridge | None = None
         if config.home_assistant:
             self.ha = ha.HomeAssistantBridge(self.topics, self.host, self._publish_retained,
+                                             ha.load_token(config.state_dir),
                                              reboot_allowed=config.ha_reboot)
             subscriptions += [(t, 1) for t in self.ha.subscriptions()]
         self.notifier = PromptNotifier(config.notify) if config.notify.enabled else None
@@ -108,6 +109,10 @@ class Agent:
         self._confirms: dict[str, asyncio.Future[Confirm]] = {}
         self.runner: DeploymentRunner | None = None
         self.finished: list[RecordedResult] = []
+
+    @property
+    def state_dir(self) -> Path:
+        return self.config.state_dir
 
     # -- lifecycle ---------------------------------------------------------------------
     async def run(self) -> None:
@@ -150,18 +155,23 @@ class Agent:
             await self._on_home_assistant(topic, payload)
 
     async def _on_home_assistant(self, topic: str, payload: bytes) -> None:
-        """Commands from Home Assistant arrive unsigned: the broker ACL vouches for them."""
+        """Commands from Home Assistant are not signed: the broker ACL and the host's token
+        (only its own discovery announced it) vouch for where they come from, and this
+        agent's configuration (`ha.authorize`) says what they may do."""
         assert self.ha is not None
         cmd = await self.ha.on_message(topic, payload)
+        if cmd is None or isinstance(cmd, ha.Reannounce):
+            return
+        refusal = ha.authorize(cmd, self.open_prompt, reboot_allowed=self.config.ha_reboot)
+        if refusal is not None:
+            log.warning("%s: refused %s from Home Assistant: %s", self.host,
+                        type(cmd).__name__.lower(), refusal)
+            return
         if isinstance(cmd, ha.Approve):
             await self.approve("homeassistant", kinds=("approval",))
         elif isinstance(cmd, ha.Answer):
             await self.submit_answer(ha.answer_model(cmd, self.host, time.time()), "homeassistant")
         elif isinstance(cmd, ha.Reboot):
-            if not self.config.ha_reboot:
-                log.warning("%s: reboot pressed in Home Assistant, but this agent does not "
-                            "take reboots from Home Assistant (--ha-reboot)", self.host)
-                return
             ok, message = await self.approve("homeassistant", kinds=("reboot",))
             if not ok:
                 log.warning("%s: reboot pressed in Home Assistant: %s", self.host, message)

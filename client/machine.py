@@ -161,6 +161,8 @@ def next_step(f: Facts) -> Step:
     error = notes.get("error")
     if isinstance(error, dict):
         message = str(error.get("message", "stage failed"))
+        if error.get("status") == "blocked":
+            return Finish("blocked", message)
         if d.rollback or not touched(a):
             return Finish("failed", message)
         return RollBack(message)
@@ -181,6 +183,12 @@ def next_step(f: Facts) -> Step:
         return RunStage("check")
     if d.check_only:
         return Finish("succeeded", "checks ran; nothing was switched")
+    if d.action == "dry-activate":
+        if "dry-activate" not in a.done:
+            return RunStage("dry-activate")
+        would = (a.done["dry-activate"] or {}).get("would") or []
+        return Finish("succeeded", "dry-activate: " + (
+            "; ".join(would) if would else "nothing would change") + " (nothing was switched)")
 
     items, answers = items_of(a), answers_of(d, a)
     cancel = notes.get("cancel")

@@ -17,10 +17,12 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import datetime
+from pathlib import Path
 from typing import Any, Protocol
 
 from client import machine, plan
-from client.backend import BackendError, SystemBackend
+from client.backend import BackendError, SystemBackend, program_output
+from client.deplog import DeploymentLog
 from client.dumps import DumpStore
 from client.journal import ActiveDeployment, Journal, RecordedResult
 from client.machine import Ask, Facts, Finish, Reboot, Record, RollBack, RunStage, RunSteps
@@ -38,7 +40,7 @@ from client.statesteps import (
 )
 from protocol import prompts
 from protocol.errors import FlotillaError, StateError
-from protocol.models import Answer, Desired, Prompt, ReportItem
+from protocol.models import Answer, Desired, Log, LogLine, Prompt, ReportItem
 from protocol.outcomes import phase_of
 from protocol.steps import StepDecl, StepsFile
 
@@ -55,7 +57,12 @@ PROGRESS_STAGE = {"choice": "choose", "step_failure": "choose", "approval": "app
 
 
 class StageFailed(FlotillaError):
-    """A stage body cannot complete; the machine decides how the deployment ends."""
+    """A stage body cannot complete; the machine decides how the deployment ends
+    (`blocked`: nothing changed and retrying will not help)."""
+
+    def __init__(self, message: str, status: str = "failed") -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class AgentContext(Protocol):
@@ -65,6 +72,9 @@ class AgentContext(Protocol):
     reporter: Reporter
     dumps: DumpStore
     tonight: str
+
+    @property
+    def state_dir(self) -> Path: ...
 
     async def round_trip(self, generation: int, timeout: float, controller: bool) -> bool: ...
 
@@ -77,11 +87,29 @@ class DeploymentRunner:
     def __init__(self, ctx: AgentContext, desired: Desired) -> None:
         self.ctx = ctx
         self.d = desired
-        self.log_tail: list[str] = []
         self.steps: StepsFile | None = None
         self._prompt: Prompt | None = None
         self._wake = asyncio.Event()
         self.on_prompt: list[Callable[[Prompt | None], Awaitable[None]]] = []
+        self.output = DeploymentLog(ctx.state_dir, desired.deployment_id, self._send_log)
+
+    async def _send_log(self, lines: list[LogLine], dropped: int) -> None:
+        await self.ctx.reporter.event(Log, self.d.deployment_id, self.d.generation,
+                                      lines=lines, dropped=dropped)
+
+    def _lines_to(self, source: str) -> None:
+        """Programs run from here on (in this task) print into the log as `source`."""
+        program_output.set(self.output.writer(source))
+
+    def _program_lines(self, source: str) -> Callable[[str], Awaitable[None]]:
+        """A backend's ProgressFn: each line of its programs into the log (batched into
+        Log events), never one event per line."""
+        write = self.output.writer(source)
+
+        async def line(msg: str) -> None:
+            write("stdout", msg)
+
+        return line
 
     @property
     def active(self) -> ActiveDeployment:
@@ -105,14 +133,15 @@ class DeploymentRunner:
 
     # -- reporting and journaling helpers -------------------------------------------
     async def progress(self, stage: str, message: str = "", step: str | None = None,
-                       percent: float | None = None, deferred_until: float | None = None
-                       ) -> None:
-        if message:
-            self.log_tail = [*self.log_tail[-19:], message]
+                       percent: float | None = None, prompt: Prompt | None = None,
+                       deferred_until: float | None = None) -> None:
         stage = PROGRESS_STAGE.get(stage, stage)
+        if message:
+            self.output.line("agent", stage.split(":")[0] + (f":{step}" if step else ""),
+                             message)
         pct = percent if percent is not None else STAGE_PERCENT.get(stage)
         await self.ctx.reporter.progress(self.d.deployment_id, self.d.generation,
-                                         stage.split(":")[0], message, pct, step,
+                                         stage.split(":")[0], message, pct, step, prompt,
                                          deferred_until)
 
     async def phase(self, phase: str, **extra: Any) -> None:
@@ -153,6 +182,13 @@ class DeploymentRunner:
 
     # -- the loop --------------------------------------------------------------------
     async def run(self) -> RecordedResult:
+        self.output.start()
+        try:
+            return await self._run()
+        finally:
+            await self.output.close()
+
+    async def _run(self) -> RecordedResult:
         d = self.d
         try:
             while True:
@@ -173,7 +209,7 @@ class DeploymentRunner:
                 return await self.finish(Finish("failed", message))
             except StateError:
                 await self.ctx.reporter.result(d.deployment_id, d.generation, "failed",
-                                               message, None, False, self.log_tail)
+                                               message, None, False, self.output.tail)
                 await self.phase("failed", last_result="failed", message=message)
                 raise
 
@@ -205,21 +241,26 @@ class DeploymentRunner:
     async def _note_error(self, stage: str, exc: Exception) -> None:
         message = str(exc) if isinstance(exc, FlotillaError) or not isinstance(exc, OSError) \
             else f"host error: {exc.strerror}: {exc.filename or ''}".rstrip(": ")
-        self.journal("note", key="error", value={"stage": stage, "message": message})
+        status = exc.status if isinstance(exc, StageFailed) else "failed"
+        self.journal("note", key="error", value={"stage": stage, "message": message,
+                                                 "status": status})
         await self.progress(stage, message)
 
     async def _stage(self, name: str) -> None:
         bodies: dict[str, Callable[[], Awaitable[Any]]] = {
             "fetch": self.fetch, "check": self.check, "dump": self.dump,
             "switch": self.switch, "reboot": self.after_reboot, "confirm": self.confirm,
-            "rollback-previous": self.rollback_previous,
+            "rollback-previous": self.rollback_previous, "dry-activate": self.dry_activate,
         }
         self.journal("begin", stage=name)
+        token = program_output.set(self.output.writer(name))
         try:
             data = await bodies[name]()
         except (BackendError, StageFailed, OSError) as exc:
             await self._note_error(name, exc)
             return
+        finally:
+            program_output.reset(token)
         self.journal("end", stage=name, data=data)
         passing = {"fetch": "fetched", "check": "checked", "switch": "switched"}
         if name in passing:
@@ -244,7 +285,10 @@ class DeploymentRunner:
                 await self._close_prompt()
             self._prompt = prompt
             await self.ctx.reporter.prompt(prompt)
-            await self.progress(step.kind, step.message)
+            # Also as an event: a controller following events (not retained states)
+            # learns that this host now waits, and for which prompt.
+            await self.progress(step.kind, step.message, prompt=prompt,
+                                deferred_until=step.deferred_until)
             for cb in self.on_prompt:
                 await cb(prompt)
         state = self.ctx.reporter.state
@@ -252,7 +296,7 @@ class DeploymentRunner:
                 step.phase, step.message, step.deferred_until, prompt.prompt_id) \
                 or (step.needs_reboot and not state.needs_reboot):
             if state.deferred_until != step.deferred_until:
-                await self.progress(step.kind, step.message,
+                await self.progress(step.kind, step.message, prompt=prompt,
                                     deferred_until=step.deferred_until)
             await self.phase(step.phase, open_prompt=prompt.prompt_id, message=step.message,
                              deferred_until=step.deferred_until,
@@ -303,19 +347,20 @@ class DeploymentRunner:
     async def fetch(self) -> str:
         await self.phase("acked")
         await self.progress("fetch", f"fetching {self.d.system}")
-
-        async def line(msg: str) -> None:
-            await self.progress("fetch", msg)
-
-        return await self.ctx.backend.fetch(self.d.system, self.ctx.host, line)
+        return await self.ctx.backend.fetch(self.d.system, self.ctx.host,
+                                            self._program_lines("fetch"), cache=self.d.cache)
 
     async def check(self) -> dict[str, Any]:
         """Run the NEW system's checks against this host, in parallel, and report."""
         steps = self.steps or StepsFile()
         checks = [s for s in steps.steps if s.check]
         await self.progress("check", f"running {len(checks)} state check(s) of the new system")
-        results = await asyncio.gather(*(run_check(self.ctx.backend, s, self.env)
-                                         for s in checks))
+
+        async def one(step: StepDecl) -> list[ReportItem]:
+            self._lines_to(f"check:{step.name}")
+            return await run_check(self.ctx.backend, step, self.env)
+
+        results = await asyncio.gather(*(one(s) for s in checks))
         items = [i for r in results for i in r]
         bad = plan.invalid_answers(items, self.d.choices)
         if bad:
@@ -332,6 +377,7 @@ class DeploymentRunner:
         dumps: dict[str, str] = {}
         for step in affected:
             await self.progress("dump", f"dumping state of {step.name}", step=step.name)
+            self._lines_to(f"dump:{step.name}")
             dumps[step.name] = await dump_step(self.ctx.backend, self.ctx.dumps, step,
                                                step.revision, self.env)
         return {"dumps": dumps}
@@ -351,13 +397,14 @@ class DeploymentRunner:
 
         def skip(name: str, because: str) -> None:
             if name in todo:
-                self.log_tail.append(f"{name} waits: {because} failed")
+                self.output.line("agent", f"migrate:{name}", f"waits: {because} failed")
 
         await run_graph(graph, self.d.policy.max_parallel_steps, run, skip)
 
     async def _run_step(self, step: StepDecl) -> bool:
         key = f"step:{step.name}"
         self.journal("begin", stage=key)
+        self._lines_to(f"migrate:{step.name}")
         await self.phase("migrating", step=step.name)
         await self.progress("migrate", f"migrating {step.name}", step=step.name)
         for m in plan.migrations_for(step, self.items, self.answers):
@@ -373,18 +420,35 @@ class DeploymentRunner:
     async def switch(self) -> dict[str, Any]:
         toplevel = str(self.active.done["fetch"])
         await self.progress("switch", f"switch-to-configuration {self.d.action}")
-
-        async def line(msg: str) -> None:
-            await self.progress("switch", msg)
-
         backend = self.ctx.backend
-        outcome = await backend.switch(toplevel, self.d.action, line)
+        outcome = await backend.switch(toplevel, self.d.action, self._program_lines("switch"),
+                                       install_bootloader=self.d.install_bootloader)
+        if outcome.inhibited:
+            raise StageFailed(
+                f"switch-to-configuration {self.d.action} refused by switch inhibitors "
+                "(nothing was activated; the boot default is unchanged): deploy with "
+                "--action boot and reboot to take this system", status="blocked")
         if outcome.units_failed:
             await self.progress("switch", "switch-to-configuration: some units failed (exit 4)")
             raise StageFailed("activation finished but some units failed (exit 4)")
         return {"exit_code": outcome.exit_code, "needs_reboot": activation_needs_reboot(
             self.d.action, outcome.reboot_required, backend.needs_reboot(toplevel),
             backend.current_system(), toplevel)}
+
+    async def dry_activate(self) -> dict[str, Any]:
+        """switch-to-configuration dry-activate: what a switch would stop, restart, start
+        or reload, reported; nothing is switched and the profile is untouched."""
+        toplevel = str(self.active.done["fetch"])
+        await self.progress("switch", "switch-to-configuration dry-activate")
+        would: list[str] = []
+
+        async def line(msg: str) -> None:
+            if msg.startswith("would "):
+                would.append(msg)
+            await self.progress("switch", msg)
+
+        await self.ctx.backend.switch(toplevel, "dry-activate", line)
+        return {"would": would}
 
     async def reboot(self) -> None:
         """The boot id is journaled first, so after the boot the machine sees a new id
@@ -426,11 +490,7 @@ class DeploymentRunner:
         for name in plan.reverse_order([s for s in steps.steps if s.name in dumps]):
             await self.progress("rollback", f"restoring {name}", step=name)
             await restore_step(self.ctx.backend, self.ctx.dumps, by_name[name], dumps[name], env)
-
-        async def line(msg: str) -> None:
-            await self.progress("rollback", msg)
-
-        await self.ctx.backend.rollback(last.previous_system, line)
+        await self.ctx.backend.rollback(last.previous_system, self._program_lines("rollback"))
         return {"system": last.previous_system, "generation": last.previous_generation,
                 "message": f"rolled back deployment {last.deployment_id} "
                            f"(generation {last.generation})"}
@@ -445,10 +505,8 @@ class DeploymentRunner:
         await self.phase("rolling_back", message=reason)
         self.journal("begin", stage="rollback")
         await self.progress("rollback", f"rolling back: {reason}")
-
-        async def line(msg: str) -> None:
-            await self.progress("rollback", msg)
-
+        line = self._program_lines("rollback")
+        self._lines_to("rollback")
         try:
             steps = self.steps or StepsFile()
             dumps: dict[str, str] = (a.done.get("dump") or {}).get("dumps") or {}
@@ -457,6 +515,7 @@ class DeploymentRunner:
             for name in plan.reverse_order([s for s in steps.steps if s.name in dumps]):
                 if name in touched:
                     await self.progress("rollback", f"restoring {name}", step=name)
+                    self._lines_to(f"restore:{name}")
                     await restore_step(self.ctx.backend, self.ctx.dumps, by_name[name],
                                        dumps[name], self.env)
             if "switch" in a.started:
@@ -473,8 +532,9 @@ class DeploymentRunner:
                      system=f.system, needs_reboot=f.needs_reboot, **extra)
         st = self.ctx.journal.state
         current = self.ctx.backend.current_system()
+        await self.output.flush()  # the lines arrive before the Result that ends the host
         await self.ctx.reporter.result(d.deployment_id, d.generation, f.status, f.message,
-                                       f.system or current, f.needs_reboot, self.log_tail)
+                                       f.system or current, f.needs_reboot, self.output.tail)
         await self.ctx.reporter.prompt(None)
         await self.phase(phase_of(f.status), last_result=f.status, message=f.message,
                          system=current or st.system,

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from protocol.outcomes import ResultStatus as ResultStatus  # the vocabulary lives there
 from protocol.topics import HOST_NAME_RE
 
-Action = Literal["switch", "boot", "test"]
+Action = Literal["switch", "boot", "test", "dry-activate"]
 Severity = Literal["error", "warning", "recommendation"]
 Stage = Literal[
     "fetch", "check", "choose", "approve", "dump", "migrate", "switch", "reboot", "confirm",
@@ -26,6 +26,7 @@ HostPhase = Literal[
     "dumped", "migrating", "switched", "migrated", "awaiting_reboot", "confirmed", "done", "failed",
     "rolling_back", "rolled_back", "rejected", "cancelled", "blocked",
 ]
+PromptKind = Literal["choice", "step_failure", "approval", "reboot"]
 Host = Annotated[str, Field(pattern=HOST_NAME_RE.pattern)]
 Id = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:@-]+$")]
 HHMM = r"([01]\d|2[0-3]):[0-5]\d"
@@ -66,6 +67,18 @@ class DeployPolicy(Model):
         return v
 
 
+NIX_PUBLIC_KEY_RE = re.compile(r"^[A-Za-z0-9._+-]{1,128}:[A-Za-z0-9+/]{43}=$")
+
+
+class BinaryCache(Model):
+    """The binary cache a host fetches its closure from, and the one key (Nix's
+    `name:base64`) the closure must be signed with. Carried in the signed Desired, so a
+    host substitutes only from the cache the controller named."""
+
+    url: str = Field(min_length=1, max_length=2048, pattern=r"^[A-Za-z][A-Za-z0-9+.-]*://\S+$")
+    public_key: str = Field(pattern=NIX_PUBLIC_KEY_RE.pattern)
+
+
 class Desired(Model):
     """What the controller wants a host to run; signed, retained on `desired`."""
 
@@ -82,6 +95,8 @@ class Desired(Model):
     rollback: bool = False
     choices: dict[str, Id] = Field(default_factory=dict)
     policy: DeployPolicy = Field(default_factory=DeployPolicy)
+    cache: BinaryCache | None = None
+    install_bootloader: bool = False
     key_id: str = ""
     signature: bytes = b""
 
@@ -139,6 +154,9 @@ class Progress(Event):
     message: str = ""
     percent: float | None = Field(default=None, ge=0, le=100)
     step: str | None = None
+    # Set while the deployment waits for an answer to this prompt (who answers how).
+    prompt_id: Id | None = None
+    prompt_kind: PromptKind | None = None
     deferred_until: float | None = None
     """Set while the host's user deferred the deploy ("not now") until then."""
 
@@ -172,6 +190,29 @@ class Result(Event):
     log_tail: list[str] = Field(default_factory=list)
 
 
+LogStream = Literal["stdout", "stderr", "agent"]
+MAX_LOG_LINE = 2000
+MAX_LOG_BATCH = 500
+
+
+class LogLine(Model):
+    """One line a program (or the agent itself) printed during a deployment."""
+
+    time: float
+    stream: LogStream = "stdout"
+    source: str = Field(default="", max_length=128)
+    text: str = Field(max_length=MAX_LOG_LINE)
+
+
+class Log(Event):
+    """A batch of output lines; `dropped` counts lines the agent left out of its events
+    (rate bound) since the previous batch: its local log file still has them."""
+
+    TYPE: ClassVar[str] = "log"
+    lines: list[LogLine] = Field(default_factory=list, max_length=MAX_LOG_BATCH)
+    dropped: int = Field(default=0, ge=0)
+
+
 class Prompt(Model):
     """Open question for a person; retained on `prompt` until answered."""
 
@@ -180,7 +221,7 @@ class Prompt(Model):
     prompt_id: Id
     deployment_id: Id
     generation: int
-    kind: Literal["choice", "step_failure", "approval", "reboot"] = "choice"
+    kind: PromptKind = "choice"
     items: list[ReportItem] = Field(default_factory=list)
     created_at: float
     deadline: float | None = None
@@ -231,7 +272,7 @@ class Confirm(Model):
     signature: bytes = b""
 
 
-EVENT_TYPES: tuple[type[Event], ...] = (Ack, Rejected, Progress, CheckReport, Result)
+EVENT_TYPES: tuple[type[Event], ...] = (Ack, Rejected, Progress, CheckReport, Result, Log)
 ALL_TYPES: tuple[type[Model], ...] = (
     Desired, Answer, Cancel, Prompt, HostState, Confirm, *EVENT_TYPES,
 )
