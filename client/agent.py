@@ -27,7 +27,7 @@ from client.journal import Journal, RecordedResult, encode_blob
 from client.notify import NotifyConfig, PromptNotifier
 from client.report import Reporter
 from client.runner import DeploymentRunner, new_nonce
-from client.session import AgentSession, Retained
+from client.session import AgentSession, Backoff, Retained
 from protocol import prompts
 from protocol.broker import BrokerAddress
 from protocol.codec import decode, encode
@@ -92,6 +92,7 @@ class Agent:
             will=Retained(self.topics.online(self.host), b"offline"),
             on_connect=self._on_connect,
             extra_client_kwargs=config.client_kwargs,
+            retry_latest=(self.topics.desired(self.host),),
         )
         self.reporter = Reporter(self.host, self.topics, self.session.publish, state.starts)
         if self.ha is not None:
@@ -105,6 +106,7 @@ class Agent:
             "phase": "idle" if last is None else phase_of(last.status),
         })
         self._pending: Desired | None = None
+        self._queued_backoff = Backoff(base=0.5, cap=30.0)
         self._wake = asyncio.Event()
         self._confirms: dict[str, asyncio.Future[Confirm]] = {}
         self.runner: DeploymentRunner | None = None
@@ -323,8 +325,7 @@ class Agent:
                 await self._wake.wait()
                 self._wake.clear()
                 if self._pending is not None:
-                    pending, self._pending = self._pending, None
-                    await self._admit(pending)
+                    await self._admit_queued()
                 continue
             try:
                 desired: Desired = decode(active.desired, expect=(Desired,))
@@ -348,6 +349,22 @@ class Agent:
     @property
     def open_prompt(self) -> Prompt | None:
         return self.runner.open_prompt if self.runner is not None else None
+
+    async def _admit_queued(self) -> None:
+        """The queued desired state, once the host is free; kept (and tried again with
+        backoff) when accepting it fails, never dropped."""
+        pending, self._pending = self._pending, None
+        assert pending is not None
+        try:
+            await self._admit(pending)
+            self._queued_backoff.reset()
+        except Exception:
+            log.exception("%s: cannot accept queued generation %d yet; will retry",
+                          self.host, pending.generation)
+            if self._pending is None:
+                self._pending = pending
+            await asyncio.sleep(self._queued_backoff.next_delay())
+            self._wake.set()
 
     async def _prompt_changed(self, prompt: Prompt | None) -> None:
         if self.ha is not None:

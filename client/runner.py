@@ -91,6 +91,7 @@ class DeploymentRunner:
         self._prompt: Prompt | None = None
         self._wake = asyncio.Event()
         self.on_prompt: list[Callable[[Prompt | None], Awaitable[None]]] = []
+        self._before = ctx.reporter.state  # what the host reported before this deployment
         self.output = DeploymentLog(ctx.state_dir, desired.deployment_id, self._send_log)
 
     async def _send_log(self, lines: list[LogLine], dropped: int) -> None:
@@ -155,6 +156,13 @@ class DeploymentRunner:
     def journal(self, kind: str, **fields: Any) -> None:
         self.ctx.journal.append(kind, deployment_id=self.d.deployment_id, **fields)
 
+    def active_done(self, stage: str) -> Any:
+        """What a stage of this deployment returned (also once it has a result)."""
+        st = self.ctx.journal.state
+        a = st.active if st.active is not None and \
+            st.active.deployment_id == self.d.deployment_id else st.last_deployment
+        return a.done.get(stage) if a is not None else None
+
     @property
     def env(self) -> StepEnv:
         return StepEnv(self.ctx.host, self.active.previous_system, self.d)
@@ -197,7 +205,11 @@ class DeploymentRunner:
                 if not isinstance(step, Ask) and self._prompt is not None:
                     await self._close_prompt()
                 if isinstance(step, Finish):
-                    return await self.finish(step)
+                    result = await self.finish(step)
+                    if step.status == "succeeded" and (
+                            self.active_done("switch") or {}).get("restart_agent"):
+                        await self.restart_agent()
+                    return result
                 await self.execute(step)
         except StateError as exc:
             # The journal cannot record what we do: stop. If the failure itself can be
@@ -431,9 +443,22 @@ class DeploymentRunner:
         if outcome.units_failed:
             await self.progress("switch", "switch-to-configuration: some units failed (exit 4)")
             raise StageFailed("activation finished but some units failed (exit 4)")
+        restart_agent = self.d.action in ("switch", "test") and backend.agent_unit_changed(
+            self.active.previous_system, toplevel)
         return {"exit_code": outcome.exit_code, "needs_reboot": activation_needs_reboot(
             self.d.action, outcome.reboot_required, backend.needs_reboot(toplevel),
-            backend.current_system(), toplevel)}
+            backend.current_system(), toplevel), "restart_agent": restart_agent}
+
+    async def restart_agent(self) -> None:
+        """The new system has another agent unit: restart into it now that the result
+        is journaled and published (like comin). A failure leaves the old agent running,
+        which is still correct, only older."""
+        log.info("%s: the agent's unit changed with this system; restarting the agent",
+                 self.ctx.host)
+        try:
+            await self.ctx.backend.restart_agent()
+        except BackendError as exc:
+            log.warning("%s: %s (the new agent starts at the next boot)", self.ctx.host, exc)
 
     async def dry_activate(self) -> dict[str, Any]:
         """switch-to-configuration dry-activate: what a switch would stop, restart, start
@@ -447,7 +472,9 @@ class DeploymentRunner:
                 would.append(msg)
             await self.progress("switch", msg)
 
-        await self.ctx.backend.switch(toplevel, "dry-activate", line)
+        outcome = await self.ctx.backend.switch(toplevel, "dry-activate", line)
+        if outcome.inhibited:
+            would.append("a switch would be refused by switch inhibitors (boot would work)")
         return {"would": would}
 
     async def reboot(self) -> None:
@@ -536,6 +563,14 @@ class DeploymentRunner:
         await self.ctx.reporter.result(d.deployment_id, d.generation, f.status, f.message,
                                        f.system or current, f.needs_reboot, self.output.tail)
         await self.ctx.reporter.prompt(None)
+        if d.check_only:  # a check is no deploy: the host's reported status stays as it was
+            b = self._before
+            await self.ctx.reporter.host_state(
+                phase=b.phase, last_result=b.last_result, message=b.message,
+                deployment_id=b.deployment_id, rollout_id=b.rollout_id,
+                desired_generation=b.desired_generation, percent=None, step=None,
+                open_prompt=None, deferred_until=None)
+            return st.results[d.deployment_id]
         await self.phase(phase_of(f.status), last_result=f.status, message=f.message,
                          system=current or st.system,
                          generation=st.generation, needs_reboot=f.needs_reboot, percent=None,
