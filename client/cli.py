@@ -106,9 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
                         description="check: report unreadable records (exit 1 when the agent"
                         " would refuse to start). repair (agent stopped): keep the damaged"
                         " file aside, keep every readable record; steps of the running"
-                        " deployment not recorded as done count as interrupted")
-    jr.add_argument("action", choices=["check", "repair"])
-    jr.add_argument("--state-dir", type=Path, default=Path("/var/lib/flotilla"))
+                        " deployment not recorded as done count as interrupted",
+                        formatter_class=fmt)
+    jr.add_argument("action", choices=["check", "repair"], help="check or repair")
+    jr.add_argument("--state-dir", type=Path, default=Path("/var/lib/flotilla"),
+                    help="the agent's state directory (holds journal.jsonl)")
     return parser
 
 

@@ -7,7 +7,7 @@ import asyncio
 import re
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +28,11 @@ from controller.monitor import (
 )
 from controller.nixbuild import load_systems
 from controller.planner import RolloutPolicy
+from controller.view import HostView
 from protocol.errors import InputError, UsageError
 from protocol.models import DeployPolicy
 
 CHOICE_RE = re.compile(r"^([A-Za-z0-9_.-]+)\.([A-Za-z0-9_:-]+)=([A-Za-z0-9._:@-]+)$")
-LINE_INTERVAL = 0.5  # seconds between checks for host changes (plain and --stream lines)
 ROLLOUT_FLAGS = ("canary", "batch", "max_parallel", "max_failures", "min_executed",
                  "host_timeout", "retries", "pause_between_batches", "confirm_batches",
                  "offline")
@@ -346,24 +346,16 @@ async def _run_lines(args: argparse.Namespace, driver: RolloutDriver, wait: bool
         return await driver.run(wait=wait)
     tracker = ChangeTracker()
 
-    def emit() -> None:
-        for v in tracker.changes(driver.views.values()):
+    def emit(views: Iterable[HostView]) -> None:
+        for v in tracker.changes(views):
             if args.json:
                 cliutil.emit_json(host_line(driver.rollout_id, v))
             else:
                 print(plain_line(v), flush=True)
 
-    async def ticker() -> None:
-        while True:
-            await asyncio.sleep(LINE_INTERVAL)
-            emit()
-
-    task = asyncio.create_task(ticker())
-    try:
-        outcome = await driver.run(wait=wait)
-    finally:
-        task.cancel()
-    emit()
+    driver.on_host = lambda v: emit((v,))  # each change as it happens, even a brief one
+    outcome = await driver.run(wait=wait)
+    emit(driver.views.values())
     return outcome
 
 
@@ -410,6 +402,7 @@ def report(args: argparse.Namespace, outcome: Outcome, check: bool = False,
     if args.json:
         cliutil.emit_json(outcome.summary())
     else:
-        print_summary(Console(file=sys.stdout), outcome.views.values(), outcome.status,
+        print_summary(Console(file=sys.stdout, soft_wrap=True), outcome.views.values(),
+                      outcome.status,
                       outcome.finished - outcome.started)
     return cliutil.EXIT_OK if outcome.status == "succeeded" else cliutil.EXIT_FAILED

@@ -293,3 +293,50 @@ def wait_for_rollout(fleet: Fleet, other: str) -> str:
         fresh = [r for r in rows if r["id"] != other and r["counts"]["running"] == 1]
         return fresh[0]["id"] if fresh else None
     return str(wait_for(new, timeout=40, what="the new rollout to start its host"))
+
+
+# -- the demo ----------------------------------------------------------------------------------
+
+def test_demo_shows_canary_prompt_failure_rollback_retry_and_keeps_its_state(capsys) -> None:  # type: ignore[no-untyped-def]
+    import re
+    import shutil
+    r = subprocess.run([sys.executable, "-m", "controller", "demo", "--hosts", "4",
+                        "--delay", "0.05", "--prompt-deadline", "1"],
+                       capture_output=True, text=True, timeout=120)
+    out = r.stdout
+    assert r.returncode == 0, out + r.stderr
+    seed = re.search(r"seed (\d+) \(--seed", out)
+    assert seed, out  # a random seed, printed so a run can be repeated
+    assert "canary demo-0001" in out and "4 agents online" in out
+    first = out.index("4 agents online")
+    assert "offline (queued)" not in out[first:]  # agents connected before the rollout
+    assert "demo-0002 awaiting choice" in out and "fleetctl answer demo-0002" in out
+    assert "demo-0002 choose answered by deadline" in out  # the policy's default
+    assert "demo-0004 rolled_back" in out and "demo-0004 succeeded switch to generation 2" in out
+    assert "ERROR: could not obtain lock on relation orders" in out  # its log, shown
+    assert "[restore:db] restored schema 15" in out
+    state = Path(re.search(r"export FLEET_STATE_DIR=(\S+)", out).group(1))  # type: ignore[union-attr]
+    try:
+        _, out, _ = fleetctl_main(capsys, "rollouts", "--json", "--state-dir", str(state))
+        rows = json.loads(out)
+        assert [x["status"] for x in rows] == ["succeeded"]
+        _, logs, _ = fleetctl_main(capsys, "logs", "demo-0004", "--deployment", rows[0]["id"],
+                                   "--state-dir", str(state))
+        assert "step 2: rebuilding indexes" in logs and "could not obtain lock" in logs, logs
+    finally:
+        shutil.rmtree(state.parent, ignore_errors=True)
+    # the exit code is a deploy's: every host failing fails the demo
+    r = subprocess.run([sys.executable, "-m", "controller", "demo", "--hosts", "1",
+                        "--fail-rate", "1", "--delay", "0.05", "--seed", "1"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and ("rollout failed" in r.stdout or "rollout aborted" in r.stdout), \
+        r.stdout + r.stderr
+    shutil.rmtree(re.search(r"state in (\S+)", r.stdout).group(1), ignore_errors=True)  # type: ignore[union-attr]
+
+
+def test_package_metadata_uses_an_spdx_license() -> None:
+    import tomllib
+    meta = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    # `license = {text = ...}` makes setuptools print a screen of deprecation warnings
+    assert meta["project"]["license"] == "MIT"
+    assert any(r.startswith("setuptools>=77") for r in meta["build-system"]["requires"])
