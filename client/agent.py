@@ -258,10 +258,13 @@ class Agent:
         except ProtocolError as exc:
             log.warning("%s: ignoring confirmation: %s", self.host, exc)
             return
-        key = confirm.nonce if confirm.source == "agent" else f"controller:{confirm.generation}"
-        fut = self._confirms.get(key)
+        fut = self._confirms.get(confirm_key(confirm.source, confirm.nonce, confirm.generation))
         if fut is not None and not fut.done():
             fut.set_result(confirm)
+        elif confirm.source == "controller":
+            log.warning("%s: ignoring a controller confirmation of generation %d that answers"
+                        " no open confirm round (replayed or late)", self.host,
+                        confirm.generation)
 
     async def _on_answer(self, payload: bytes) -> None:
         try:
@@ -394,7 +397,7 @@ class Agent:
     async def round_trip(self, generation: int, timeout: float, controller: bool) -> bool:
         """Prove the broker still routes our messages (magic rollback confirmation)."""
         nonce = new_nonce()
-        key = f"controller:{generation}" if controller else nonce
+        key = confirm_key("controller" if controller else "agent", nonce, generation)
         fut: asyncio.Future[Confirm] = asyncio.get_running_loop().create_future()
         self._confirms[key] = fut
         try:
@@ -407,6 +410,12 @@ class Agent:
             return False
         finally:
             self._confirms.pop(key, None)
+
+
+def confirm_key(source: str, nonce: str, generation: int) -> str:
+    """The confirm round a Confirm answers. A round's nonce is new each time, so a signed
+    controller Confirm from another round (or for another generation) answers nothing."""
+    return nonce if source == "agent" else f"controller:{generation}:{nonce}"
 
 
 class LocalControl:
