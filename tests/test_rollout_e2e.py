@@ -291,12 +291,12 @@ def test_rollout_commands_fail_with_one_line(make_fleet: Any, tmp_path: Path) ->
 async def retained_desired(fleet: Fleet, hosts: list[str]) -> dict[str, Any]:
     """The retained desired state per host (decoded), read to the end."""
     from controller.connection import connect, read_retained
-    from protocol.broker import parse_broker_url
+    from protocol.broker import BrokerCluster
     from protocol.codec import decode
     from protocol.models import Desired
     from protocol.topics import Topics
     t = Topics(fleet.prefix)
-    async with connect(parse_broker_url(fleet.broker_url)) as client:
+    async with connect(BrokerCluster.parse(fleet.broker_url, fleet.mqtt_version)) as client:
         messages = await read_retained(client, t, [t.all_hosts("desired")])
     out: dict[str, Any] = {}
     for m in messages:
