@@ -284,8 +284,8 @@ def test_rollout_commands_fail_with_one_line(make_fleet: Any, tmp_path: Path) ->
     log.write_text("")
     # broker down: exit 3 for every command that talks to it
     fleet.broker_url = f"mqtt://127.0.0.1:{free_port()}"
-    one_line_error(fleet.fleetctl("watch", "r-x", "--timeout", "5"), 3,
-                   "cannot reach the MQTT broker")
+    one_line_error(fleet.fleetctl("watch", "r-x", "--timeout", "5", "--connect-timeout", "1"),
+                   3, "cannot reach the MQTT broker")
 
 
 async def retained_desired(fleet: Fleet, hosts: list[str]) -> dict[str, Any]:
