@@ -30,12 +30,14 @@ import json
 import logging
 import os
 import re
+import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from client.backend import (
     BackendError,
+    LineFn,
     ProgramResult,
     ProgressFn,
     SwitchOutcome,
@@ -57,6 +59,11 @@ ANSI_RE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 RECORD_NAME = "nixos-switch.json"
 TAIL_LINES = 8
 MAX_LINE = 1000
+
+
+def systemd_runs(root: Path) -> bool:
+    """sd_booted(): systemd is PID 1 (and systemd-run is there to ask it for a scope)."""
+    return (root / "run/systemd/system").is_dir() and shutil.which("systemd-run") is not None
 
 
 def default_store_dir() -> str:
@@ -260,6 +267,7 @@ class NixosBackend:
         self.current = self.root / "run/current-system"
         self.profile = self.root / "nix/var/nix/profiles/system"
         self.boot_id_file = self.root / "proc/sys/kernel/random/boot_id"
+        self.use_scope = systemd_runs(self.root)
 
     # -- host facts ------------------------------------------------------------------
     def current_system(self) -> str | None:
@@ -357,9 +365,13 @@ class NixosBackend:
                            f"host is still up after {self.reboot_grace_s:.0f}s")
 
     async def run_program(
-        self, argv: Sequence[str], env: Mapping[str, str], user: str | None, timeout: float
+        self, argv: Sequence[str], env: Mapping[str, str], user: str | None, timeout: float,
+        on_line: LineFn | None = None,
     ) -> ProgramResult:
-        return await run_subprocess(argv, env, timeout, user=user)
+        """In its own systemd scope where systemd runs (every descendant is killed with
+        it), else in its own session; see `run_subprocess`."""
+        return await run_subprocess(argv, env, timeout, user=user, on_line=on_line,
+                                    scope=self.use_scope)
 
     # -- helpers ---------------------------------------------------------------------------
     async def _run_ok(self, argv: Sequence[str], progress: ProgressFn) -> None:

@@ -63,9 +63,12 @@ class Reporter:
                                                       message=message[:500]))
 
     async def progress(self, deployment_id: str, generation: int, stage: str, message: str = "",
-                       percent: float | None = None, step: str | None = None) -> None:
+                       percent: float | None = None, step: str | None = None,
+                       prompt: Prompt | None = None) -> None:
         await self.event(Progress, deployment_id, generation, stage=stage, message=message,
-                         percent=percent, step=step)
+                         percent=percent, step=step,
+                         prompt_id=prompt.prompt_id if prompt else None,
+                         prompt_kind=prompt.kind if prompt else None)
 
     async def check_report(self, deployment_id: str, generation: int, items: list[ReportItem],
                            open_choices: list[str], check_only: bool) -> None:

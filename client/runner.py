@@ -15,11 +15,13 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import datetime
+from pathlib import Path
 from typing import Any, Protocol
 
 from client import plan
-from client.backend import BackendError, SystemBackend
+from client.backend import BackendError, SystemBackend, program_output
 from client.deadline import DEADLINE_SOURCE, deadline_answer, seconds_left
+from client.deplog import DeploymentLog
 from client.dumps import DumpStore
 from client.journal import ActiveDeployment, Journal, RecordedResult
 from client.reboot import activation_needs_reboot, reboot_decision
@@ -36,7 +38,7 @@ from client.statesteps import (
     run_migration,
 )
 from protocol.errors import FlotillaError, StateError
-from protocol.models import Answer, Choice, Desired, Prompt, ReportItem
+from protocol.models import Answer, Choice, Desired, Log, LogLine, Prompt, ReportItem
 from protocol.outcomes import phase_of
 from protocol.steps import StepDecl, StepsFile
 
@@ -72,6 +74,9 @@ class AgentContext(Protocol):
     reporter: Reporter
     dumps: DumpStore
 
+    @property
+    def state_dir(self) -> Path: ...
+
     async def round_trip(self, generation: int, timeout: float, controller: bool) -> bool: ...
 
 
@@ -79,11 +84,19 @@ class DeploymentRunner:
     def __init__(self, ctx: AgentContext, desired: Desired) -> None:
         self.ctx = ctx
         self.d = desired
-        self.log_tail: list[str] = []
         self.steps = StepsFile()
         self.prompt: Prompt | None = None
         self._answered: asyncio.Future[dict[str, str]] | None = None
         self.on_prompt: list[Callable[[Prompt | None], Awaitable[None]]] = []
+        self.output = DeploymentLog(ctx.state_dir, desired.deployment_id, self._send_log)
+
+    async def _send_log(self, lines: list[LogLine], dropped: int) -> None:
+        await self.ctx.reporter.event(Log, self.d.deployment_id, self.d.generation,
+                                      lines=lines, dropped=dropped)
+
+    def _lines_to(self, source: str) -> None:
+        """Programs run from here on (in this task) print into the log as `source`."""
+        program_output.set(self.output.writer(source))
 
     @property
     def active(self) -> ActiveDeployment:
@@ -93,12 +106,13 @@ class DeploymentRunner:
 
     # -- reporting and journaling helpers -------------------------------------------
     async def progress(self, stage: str, message: str = "", step: str | None = None,
-                       percent: float | None = None) -> None:
+                       percent: float | None = None, prompt: Prompt | None = None) -> None:
         if message:
-            self.log_tail = [*self.log_tail[-19:], message]
+            self.output.line("agent", stage.split(":")[0] + (f":{step}" if step else ""),
+                             message)
         pct = percent if percent is not None else STAGE_PERCENT.get(stage)
         await self.ctx.reporter.progress(self.d.deployment_id, self.d.generation,
-                                         stage.split(":")[0], message, pct, step)
+                                         stage.split(":")[0], message, pct, step, prompt)
 
     async def phase(self, phase: str, **extra: Any) -> None:
         """Update the HostState. Passing phases (fetched, checked, ...) are only published
@@ -107,6 +121,16 @@ class DeploymentRunner:
         await self.ctx.reporter.host_state(
             phase=phase, deployment_id=self.d.deployment_id, rollout_id=self.d.rollout_id,
             desired_generation=self.d.generation, publish=phase not in PASSING_PHASES, **extra)
+
+    def _program_lines(self, source: str) -> Callable[[str], Awaitable[None]]:
+        """A backend's ProgressFn: each line of its programs into the log (batched into
+        Log events), never one event per line."""
+        write = self.output.writer(source)
+
+        async def line(msg: str) -> None:
+            write("stdout", msg)
+
+        return line
 
     def journal(self, kind: str, **fields: Any) -> None:
         self.ctx.journal.append(kind, deployment_id=self.d.deployment_id, **fields)
@@ -122,7 +146,11 @@ class DeploymentRunner:
         if not needed and name not in self.active.started:
             return None
         self.journal("begin", stage=name)
-        data = await body()
+        token = program_output.set(self.output.writer(name))
+        try:
+            data = await body()
+        finally:
+            program_output.reset(token)
         self.journal("end", stage=name, data=data)
         return data
 
@@ -140,6 +168,13 @@ class DeploymentRunner:
 
     # -- the pipeline ------------------------------------------------------------------
     async def run(self) -> RecordedResult:
+        self.output.start()
+        try:
+            return await self._run()
+        finally:
+            await self.output.close()
+
+    async def _run(self) -> RecordedResult:
         d = self.d
         try:
             try:
@@ -173,7 +208,7 @@ class DeploymentRunner:
                 return await self.finish("failed", message)
             except StateError:
                 await self.ctx.reporter.result(d.deployment_id, d.generation, "failed",
-                                               message, None, False, self.log_tail)
+                                               message, None, False, self.output.tail)
                 await self.phase("failed", last_result="failed", message=message)
                 raise
 
@@ -227,8 +262,7 @@ class DeploymentRunner:
         await self.phase("acked")
         await self.progress("fetch", f"fetching {self.d.system}")
 
-        async def line(msg: str) -> None:
-            await self.progress("fetch", msg)
+        line = self._program_lines("fetch")
 
         toplevel = await self.ctx.backend.fetch(self.d.system, self.ctx.host, line)
         await self.phase("fetched")
@@ -238,8 +272,12 @@ class DeploymentRunner:
         """Run the NEW system's checks against this host, in parallel, and report."""
         checks = [s for s in self.steps.steps if s.check]
         await self.progress("check", f"running {len(checks)} state check(s) of the new system")
-        results = await asyncio.gather(*(run_check(self.ctx.backend, s, self.env)
-                                         for s in checks))
+
+        async def one(step: StepDecl) -> list[ReportItem]:
+            self._lines_to(f"check:{step.name}")
+            return await run_check(self.ctx.backend, step, self.env)
+
+        results = await asyncio.gather(*(one(s) for s in checks))
         items = [i for r in results for i in r]
         bad = plan.invalid_answers(items, self.d.choices)
         if bad:
@@ -272,6 +310,7 @@ class DeploymentRunner:
         dumps: dict[str, str] = {}
         for step in affected:
             await self.progress("dump", f"dumping state of {step.name}", step=step.name)
+            self._lines_to(f"dump:{step.name}")
             dumps[step.name] = await dump_step(self.ctx.backend, self.ctx.dumps, step,
                                                step.revision, self.env)
         return {"dumps": dumps}
@@ -296,7 +335,7 @@ class DeploymentRunner:
 
             def skip(name: str, because: str) -> None:
                 if name in todo and f"step:{name}" not in self.active.done:
-                    self.log_tail.append(f"{name} skipped: {because} failed")
+                    self.output.line("agent", f"migrate:{name}", f"skipped: {because} failed")
 
             await run_graph(graph, self.d.policy.max_parallel_steps, run, skip)
             if not failed:
@@ -317,6 +356,7 @@ class DeploymentRunner:
     async def _run_step(self, step: StepDecl, failed: dict[str, str]) -> bool:
         key = f"step:{step.name}"
         self.journal("begin", stage=key)
+        self._lines_to(f"migrate:{step.name}")
         await self.phase("migrating", step=step.name)
         await self.progress("migrate", f"migrating {step.name}", step=step.name)
         for m in plan.migrations_for(step, self.items, self.answers):
@@ -354,8 +394,7 @@ class DeploymentRunner:
     async def switch(self, toplevel: str) -> dict[str, Any]:
         await self.progress("switch", f"switch-to-configuration {self.d.action}")
 
-        async def line(msg: str) -> None:
-            await self.progress("switch", msg)
+        line = self._program_lines("switch")
 
         backend = self.ctx.backend
         outcome = await backend.switch(toplevel, self.d.action, line)
@@ -438,10 +477,7 @@ class DeploymentRunner:
             await self.progress("rollback", f"restoring {name}", step=name)
             await restore_step(self.ctx.backend, self.ctx.dumps, by_name[name], dumps[name], env)
 
-        async def line(msg: str) -> None:
-            await self.progress("rollback", msg)
-
-        await self.ctx.backend.rollback(last.previous_system, line)
+        await self.ctx.backend.rollback(last.previous_system, self._program_lines("rollback"))
         return {"system": last.previous_system,
                 "message": f"rolled back deployment {last.deployment_id} "
                            f"(generation {last.generation})"}
@@ -467,6 +503,11 @@ class DeploymentRunner:
             phase = "awaiting_approval" if kind == "approval" else "awaiting_choice"
             await self.phase(phase, open_prompt=prompt_id,
                              message=f"waiting for an answer to {prompt_id}")
+            # Also as an event: a controller following events (not retained states)
+            # learns that this host now waits, and for which prompt.
+            stage = {"approval": "approve", "reboot": "reboot"}.get(kind, "choose")
+            await self.progress(stage, f"waiting for an answer to {prompt_id}",
+                                prompt=self.prompt)
             for cb in self.on_prompt:
                 await cb(self.prompt)
             await self._wait_for_answer(self.prompt)
@@ -542,9 +583,8 @@ class DeploymentRunner:
         self.journal("begin", stage="rollback")
         await self.progress("rollback", f"rolling back: {reason}")
 
-        async def line(msg: str) -> None:
-            await self.progress("rollback", msg)
-
+        line = self._program_lines("rollback")
+        self._lines_to("rollback")
         try:
             dumps: dict[str, str] = (a.done.get("dump") or {}).get("dumps") or {}
             by_name = self.steps.by_name()
@@ -552,6 +592,7 @@ class DeploymentRunner:
             for name in plan.reverse_order([s for s in self.steps.steps if s.name in dumps]):
                 if name in touched:
                     await self.progress("rollback", f"restoring {name}", step=name)
+                    self._lines_to(f"restore:{name}")
                     await restore_step(self.ctx.backend, self.ctx.dumps, by_name[name],
                                        dumps[name], self.env)
             if "switch" in a.started:
@@ -567,9 +608,10 @@ class DeploymentRunner:
         self.journal("result", generation=d.generation, status=status, message=message,
                      system=system, needs_reboot=needs_reboot)
         st = self.ctx.journal.state
+        await self.output.flush()  # the lines arrive before the Result that ends the host
         await self.ctx.reporter.result(d.deployment_id, d.generation, status, message,
                                        system or self.ctx.backend.current_system(),
-                                       needs_reboot, self.log_tail)
+                                       needs_reboot, self.output.tail)
         await self.ctx.reporter.prompt(None)
         await self.phase(phase_of(status), last_result=status, message=message,
                          system=self.ctx.backend.current_system() or st.system,

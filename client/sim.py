@@ -3,7 +3,8 @@
 Fetch and switch sleep for configurable delays and fail on demand, so tests, the
 demo and the benchmark exercise the real agent code. The "current system" and boot
 id live in files under the agent's state dir, so they survive agent restarts.
-State-step programs really run (as this user), so migration tests are real.
+State-step programs really run (as the step's `user` when the agent is root), so
+migration, dump and restore tests are real.
 """
 
 from __future__ import annotations
@@ -15,7 +16,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from client.backend import BackendError, ProgramResult, ProgressFn, SwitchOutcome, run_subprocess
+from client.backend import (
+    BackendError,
+    LineFn,
+    ProgramResult,
+    ProgressFn,
+    SwitchOutcome,
+    run_subprocess,
+)
 
 
 @dataclass(frozen=True)
@@ -108,6 +116,8 @@ class SimulatedBackend:
         raise BackendError("simulated reboot: the agent was not restarted")
 
     async def run_program(
-        self, argv: Sequence[str], env: Mapping[str, str], user: str | None, timeout: float
+        self, argv: Sequence[str], env: Mapping[str, str], user: str | None, timeout: float,
+        on_line: LineFn | None = None,
     ) -> ProgramResult:
-        return await run_subprocess(argv, env, timeout, user=None)
+        """As the step's user, like on a real host (when the agent runs as root)."""
+        return await run_subprocess(argv, env, timeout, user=user, on_line=on_line)

@@ -16,7 +16,15 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from controller import cmd_deploy, cmd_fleet, cmd_rollout, cmd_security, cmd_steps
+from controller import (
+    cmd_deploy,
+    cmd_fleet,
+    cmd_logs,
+    cmd_rollout,
+    cmd_security,
+    cmd_serve,
+    cmd_steps,
+)
 from controller.cliutil import EXIT_BROKER, EXIT_OK, EXIT_USAGE
 from controller.keys import init_keys
 from protocol.broker import DEFAULT_CONNECT_TIMEOUT_S
@@ -24,7 +32,8 @@ from protocol.errors import BrokerUnavailable, FlotillaError, UsageError
 from protocol.mqtt import DEFAULT_MQTT_VERSION, MqttVersion, parse_mqtt_version
 from protocol.topics import DEFAULT_PREFIX
 
-COMMAND_MODULES = (cmd_deploy, cmd_fleet, cmd_rollout, cmd_security, cmd_steps)
+COMMAND_MODULES = (cmd_deploy, cmd_fleet, cmd_logs, cmd_rollout, cmd_security, cmd_serve,
+                   cmd_steps)
 
 
 class Parser(argparse.ArgumentParser):

@@ -7,6 +7,7 @@ import asyncio
 import re
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from rich.console import Console, Group
@@ -14,12 +15,20 @@ from rich.live import Live
 
 from controller import cliutil
 from controller.deploy import AskContinue, DeployRequest, Outcome, RolloutDriver
-from controller.monitor import print_summary, refresh_interval, render
+from controller.monitor import (
+    ChangeTracker,
+    host_line,
+    plain_line,
+    print_summary,
+    refresh_interval,
+    render,
+)
 from controller.planner import RolloutPolicy
 from protocol.errors import UsageError
 from protocol.models import DeployPolicy
 
 CHOICE_RE = re.compile(r"^([A-Za-z0-9_.-]+)\.([A-Za-z0-9_:-]+)=([A-Za-z0-9._:@-]+)$")
+LINE_INTERVAL = 0.5  # seconds between checks for host changes (plain and --stream lines)
 ROLLOUT_FLAGS = ("canary", "batch", "max_parallel", "max_failures", "min_executed",
                  "host_timeout", "retries", "pause_between_batches", "confirm_batches",
                  "offline")
@@ -33,6 +42,9 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=600.0,
                    help="seconds to wait for all hosts (default 600)")
     p.add_argument("--no-wait", action="store_true", help="return after publishing")
+    p.add_argument("--stream", action="store_true",
+                   help="with --json: one JSON line per host change (as `watch --json`) "
+                        "before the summary line")
     p.add_argument("--check", action="store_true",
                    help="only predict: fetch and run state checks, do not switch")
     p.add_argument("--choose", action="append", default=[], metavar="STEP.ITEM=CHOICE",
@@ -189,8 +201,50 @@ async def run_with_view(args: argparse.Namespace, driver: RolloutDriver, wait: b
     interactive = not args.json and sys.stdin.isatty() and sys.stdout.isatty()
     if interactive and driver.req.rollout.confirm_batches:
         driver.ask_continue = tty_asker(live)
-    if live is None:
+    try:
+        if live is None:
+            return await _run_lines(args, driver, wait)
+        return await _run_live(live, view, driver, wait)
+    except asyncio.CancelledError:  # Ctrl-C: the rollout is left without a driver
+        if driver.created and driver.status == "running":
+            print(f"\nfleetctl: interrupted; rollout {driver.rollout_id} has no controller "
+                  f"now: continue it with `fleetctl rollout resume {driver.rollout_id}` "
+                  f"(or stop it: `fleetctl rollout abort {driver.rollout_id}`)",
+                  file=sys.stderr, flush=True)
+        raise
+
+
+async def _run_lines(args: argparse.Namespace, driver: RolloutDriver, wait: bool) -> Outcome:
+    """Not a terminal: one timestamped line per host change (`--json --stream`: the same
+    JSON lines as `watch --json`), then the summary."""
+    stream = wait and (not args.json or getattr(args, "stream", False))
+    if not stream:
         return await driver.run(wait=wait)
+    tracker = ChangeTracker()
+
+    def emit() -> None:
+        for v in tracker.changes(driver.views.values()):
+            if args.json:
+                cliutil.emit_json(host_line(driver.rollout_id, v))
+            else:
+                print(plain_line(v), flush=True)
+
+    async def ticker() -> None:
+        while True:
+            await asyncio.sleep(LINE_INTERVAL)
+            emit()
+
+    task = asyncio.create_task(ticker())
+    try:
+        outcome = await driver.run(wait=wait)
+    finally:
+        task.cancel()
+    emit()
+    return outcome
+
+
+async def _run_live(live: Live, view: Callable[[], Group], driver: RolloutDriver,
+                    wait: bool) -> Outcome:
     last = 0.0
     interval = refresh_interval(len(driver.views))
 

@@ -43,6 +43,7 @@ from controller.connection import (
     shared_subscription_works,
 )
 from controller.eventlog import EventLog, Patch
+from controller.logs import LogStore, rollout_of
 from controller.planner import (
     Abort,
     AwaitContinue,
@@ -50,19 +51,19 @@ from controller.planner import (
     Cancel,
     Finish,
     Plan,
+    Planner,
     RolloutPolicy,
     RolloutProgress,
     Skip,
     Start,
     TimeOut,
-    plan,
 )
 from controller.view import HostView, fold_event, fold_state
 from protocol import outcomes
 from protocol.broker import BrokerCluster
 from protocol.codec import decode, encode
 from protocol.errors import BrokerUnavailable, InputError, ProtocolError, UsageError
-from protocol.models import EVENT_TYPES, Confirm, DeployPolicy, Desired, Event, HostState
+from protocol.models import EVENT_TYPES, Confirm, DeployPolicy, Desired, Event, HostState, Log
 from protocol.mqtt import Backoff, Failover, client_id
 from protocol.signing import sign
 from protocol.topics import Topics
@@ -149,7 +150,9 @@ class Outcome:
 
     def summary(self) -> dict[str, Any]:
         return {"rollout": self.rollout_id, "status": self.status, **self.counts(),
-                "hosts": {h: v.result for h, v in self.views.items()}}
+                "hosts": {h: v.result for h, v in self.views.items()},
+                "logs": {h: v.log_tail for h, v in self.views.items()
+                         if outcomes.counts_as_failure(v.result)}}
 
 
 class DriverLock:
@@ -212,6 +215,7 @@ class RolloutDriver:
         self.req = req
         self.rollout_id = rollout_id or store.new_rollout_id()
         self.log = ctx.eventlog
+        self.logs = LogStore(ctx.state_dir)
         self.views: dict[str, HostView] = {h: HostView(h) for h in req.hosts}
         self.on_change = on_change
         self.started = time.time()
@@ -224,6 +228,7 @@ class RolloutDriver:
         self._synced = asyncio.Event()
         self.batches: list[list[str]] = []
         self.progress = RolloutProgress()
+        self.planner: Planner | None = None  # built when driving starts
         self.resumed = False
         self.created = False
         self.waiting_for: int | None = None
@@ -341,6 +346,7 @@ class RolloutDriver:
             v.deployment_id, v.generation, v.started, v.acked = dep, generation, now, None
             v.phase, v.result, v.finished, v.last_seq = "published", None, None, -1
             v.message, v.percent, v.step, v.log_tail = "", None, None, []
+            self._note(v)
         # A fixed pool of publishers, not one task per host: at 10,000 hosts the tasks and
         # their payloads dominated the controller's peak memory. Payloads are signed as
         # they are published.
@@ -398,6 +404,7 @@ class RolloutDriver:
         payload = message.payload if isinstance(message.payload, bytes) else b""
         if kind == "online":
             view.online = payload == b"online"
+            self._note(view)
             self._changed.set()
             return
         if not payload:
@@ -409,6 +416,8 @@ class RolloutDriver:
         try:
             if kind == "events":
                 ev: Event = decode(payload, expect=EVENT_TYPES)
+                if isinstance(ev, Log):
+                    self._store_log(ev)
                 if not fold_event(view, ev):
                     return
             elif kind == "state":
@@ -420,6 +429,7 @@ class RolloutDriver:
         except ProtocolError as exc:
             log.warning("ignoring malformed %s message from %s: %s", kind, host, exc)
             return
+        self._note(view)
         if was_done:
             return
         if view.done:
@@ -427,6 +437,15 @@ class RolloutDriver:
         self._changed.set()
         if self.on_change is not None:
             self.on_change(self)
+
+    def _store_log(self, ev: Log) -> None:
+        """Output lines of our hosts go to STATE_DIR/logs/ROLLOUT/HOST.jsonl."""
+        if ev.deployment_id is None or rollout_of(ev.deployment_id) != self.rollout_id:
+            return
+        try:
+            self.logs.append(ev)
+        except InputError as exc:
+            log.warning("%s", exc)
 
     def _confirm(self, host: str, view: HostView, payload: bytes) -> None:
         """`--confirm controller`: answer an agent's post-switch probe with a signed
@@ -602,16 +621,21 @@ class RolloutDriver:
             self._cleared.add(host)
             self._to_clear.append(host)
 
+    def _note(self, view: HostView) -> None:
+        """Every change to a view the planner reads goes through here."""
+        if self.planner is not None:
+            self.planner.update(view)
+
     async def _drive(self, deadline: float, wait: bool) -> str:
         pr = self.progress
+        planner = self.planner = Planner(self.req.rollout, self.views.values(), self.batches, pr)
         last_poll = 0.0
         while True:
             now = time.time()
             if now - last_poll >= LOG_POLL_INTERVAL:
                 self._poll_log()
                 last_poll = now
-            actions = plan(self.req.rollout, list(self.views.values()), self.batches, now,
-                           deadline, pr)
+            actions = planner.plan(now, deadline)
             starts: list[Start] = []
             awaiting: int | None = None
             self.pause_until = None
@@ -663,6 +687,7 @@ class RolloutDriver:
     def _finish_host(self, host: str, result: str, message: str, now: float) -> None:
         v = self.views[host]
         v.result, v.phase, v.message, v.finished = result, result, message, now
+        self._note(v)
         self._host_status(host, result, message)
 
     def _set_waiting(self, batch: int | None) -> None:

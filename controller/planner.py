@@ -28,19 +28,23 @@ Rules, in the order `plan()` applies them:
    `timed_out` if the deadline left hosts unfinished, else `succeeded` if every host
    that was not skipped succeeded (and at least one did), else `failed`.
 
-Every call is O(hosts).
+`plan()` decides from scratch, O(hosts); the driver keeps a `Planner` (the same
+rules over an index updated per host change), whose `plan()` is O(changes).
 """
 
 from __future__ import annotations
 
+import heapq
 import math
 import re
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from controller.view import HostView
 from protocol.errors import UsageError
-from protocol.outcomes import NOT_EXECUTED, RETRYABLE, RolloutStatus, rollout_result
+from protocol.outcomes import NOT_EXECUTED, RETRYABLE, RolloutStatus, rollout_result_of_counts
 
 COUNT_RE = re.compile(r"^(\d+)(%?)$")
 ACK_GRACE = 5.0
@@ -222,129 +226,282 @@ class RolloutProgress:
 def plan(policy: RolloutPolicy, views: list[HostView], batches: list[list[str]], now: float,
          deadline: float, progress: RolloutProgress | None = None, *,
          ack_grace: float = ACK_GRACE) -> list[Action]:
-    pr = progress or RolloutProgress()
-    actions: list[Action] = []
-    wake: list[float] = []
-    past_deadline = now >= deadline
-    aborting = pr.aborted is not None
-    canary = set(batches[0]) if policy.canary and batches else set()
-    attempts, retries, host_timeout = pr.attempts, policy.retries, policy.host_timeout
+    """The decision from scratch: a fresh `Planner` over `views`, asked once."""
+    return Planner(policy, views, batches, progress).plan(now, deadline, ack_grace=ack_grace)
 
-    # One pass over the hosts: 1. timeouts (the whole rollout, then per host, counted
-    # from its first report) and the facts the thresholds need. `result` only holds
-    # hosts that have one; `retry` the failed ones with a retry left.
-    result: dict[str, str] = {}
-    in_flight: list[HostView] = []
-    retry: list[HostView] = []
-    deadline_hit = False
-    executed = failures = 0
-    canary_failed: str | None = None
-    for v in views:
-        res = v.result
-        if res is None:
-            if v.deployment_id is None:
-                continue
-            if past_deadline:
-                actions.append(TimeOut(v.host, "no result before the rollout deadline"))
-                res, deadline_hit = "timed_out", True
-            elif host_timeout is not None and v.acked is not None \
-                    and now >= v.acked + host_timeout:
-                actions.append(TimeOut(v.host))
-                res = "timed_out"
-            else:
-                if host_timeout is not None and v.acked is not None:
-                    wake.append(v.acked + host_timeout)
-                in_flight.append(v)
-                continue
-        result[v.host] = res
-        if res in RETRYABLE and attempts.get(v.host, 1) <= retries:
-            retry.append(v)
-        elif res not in NOT_EXECUTED:
-            executed += 1
-            if res != "succeeded":
-                failures += 1
-                if canary_failed is None and v.host in canary:
-                    canary_failed = v.host
 
-    # 2. Thresholds: a final canary failure, or too many final failures.
-    if not aborting:
-        if canary_failed is not None:
-            actions.append(Abort(f"canary host {canary_failed} failed "
-                                 f"({result[canary_failed]})"))
-            aborting = True
-        elif policy.threshold_exceeded(failures, executed):
-            actions.append(Abort(f"{failures} of {executed} executed hosts failed, beyond "
-                                 f"the threshold of {policy.describe_threshold()}"))
-            aborting = True
+_UNTOUCHED, _IN_FLIGHT, _RETRY, _FINAL = range(4)
 
-    # 3. Abort: withdraw what was never acknowledged; running hosts finish.
-    running = 0
-    for v in in_flight:
-        if aborting and v.acked is None:
-            if v.online is not True or v.started is None or now >= v.started + ack_grace:
-                actions.append(Cancel(v.host, "rollout aborted before the host acknowledged"))
-                result[v.host] = "cancelled"
-                continue
-            wake.append(v.started + ack_grace)
-        running += 1
 
-    # 4. Starts: retries, then the open batch, within max_parallel.
-    skipped: set[str] = set()
-    starting = awaiting = False
-    if not aborting and not past_deadline:
-        slots = (policy.max_parallel or len(views)) - running
-        not_final = {v.host for v in retry}
-        for v in retry:
-            if slots <= 0:
-                break
-            actions.append(Start(v.host, attempts.get(v.host, 1) + 1))
-            slots -= 1
-            starting = True
-        by_host = {v.host: v for v in views}
-        running_hosts = {v.host for v in in_flight}
-        last_done = 0.0
+class Planner:
+    """The rules above over an index of the hosts, kept current by `update(view)`.
+
+    The index holds, per host, only what the rules read (started or not, result, ack
+    time, online) and the counters they need: hosts per class, results by value, final
+    failures, per-batch final and touched counts, a heap of host-timeout due times and a
+    cursor into the open batch. `plan()` then costs O(what changes this round), not
+    O(hosts). The driver calls `update` after every change to a host's view or to
+    `progress.attempts` for it; `plan()` itself changes nothing (a TimeOut it returns
+    only takes effect once the driver applies it and updates the host), so asking twice
+    gives the same answer. `plan(...)` above is this class built from scratch:
+    `tests/test_planner.py` checks that a long-lived Planner fed random event sequences
+    always answers like a fresh one.
+    """
+
+    def __init__(self, policy: RolloutPolicy, views: Iterable[HostView],
+                 batches: list[list[str]], progress: RolloutProgress | None = None) -> None:
+        self.policy = policy
+        self.batches = batches
+        self.progress = progress if progress is not None else RolloutProgress()
+        self.views: dict[str, HostView] = {}
+        self.order: dict[str, int] = {}
+        for v in views:
+            self.order.setdefault(v.host, len(self.order))
+            self.views[v.host] = v
+        self.canary = set(batches[0]) if policy.canary and batches else set()
+        self.batch_of: dict[str, tuple[int, int]] = {}  # host -> (batch, position in it)
+        self.members: list[list[str]] = []
         for index, batch in enumerate(batches):
-            if index in pr.batch_done_at:  # seen complete: every member final, for good
-                last_done = pr.batch_done_at[index]
+            members = [h for h in batch if h in self.views and h not in self.batch_of]
+            for pos, h in enumerate(members):
+                self.batch_of[h] = (index, pos)
+            self.members.append(members)
+        self.final_in = [0] * len(batches)
+        self.touched_in = [0] * len(batches)
+        self.cursor = [0] * len(batches)  # members before it are not untouched
+        self.first_open = 0  # batches before it are in progress.batch_done_at
+        self.key: dict[str, tuple[Any, ...]] = {}
+        self.cls: dict[str, int] = {}
+        self.untouched = 0
+        self.in_flight: set[str] = set()
+        self.unacked: set[str] = set()  # in flight, never acknowledged
+        self.retry: set[str] = set()
+        self.results: Counter[str] = Counter()  # every host with a result, by result
+        self.executed = self.failures = 0  # final outcomes only
+        self.canary_failed: set[str] = set()
+        self.due: list[tuple[float, int, str]] = []  # (acked + host_timeout, order, host)
+        for v in self.views.values():
+            self._add(v)
+
+    # -- the index -------------------------------------------------------------------
+    def update(self, view: HostView) -> None:
+        """Re-index one host after its view (or its attempt count) changed."""
+        host = view.host
+        if host not in self.views:
+            return
+        self.views[host] = view
+        if self._key(view) != self.key[host]:
+            self._remove(host)
+            self._add(view)
+
+    def _key(self, v: HostView) -> tuple[Any, ...]:
+        return (v.deployment_id is None, v.result, v.acked, v.started, v.online,
+                self.progress.attempts.get(v.host, 1))
+
+    def _classify(self, host: str, result: str | None, started: bool) -> int:
+        if result is None:
+            return _IN_FLIGHT if started else _UNTOUCHED
+        if result in RETRYABLE and self.progress.attempts.get(host, 1) <= self.policy.retries:
+            return _RETRY
+        return _FINAL
+
+    def _add(self, v: HostView) -> None:
+        host = v.host
+        key = self._key(v)
+        self.key[host] = key
+        cls = self.cls[host] = self._classify(host, v.result, v.deployment_id is not None)
+        self._count(host, cls, v.result, +1)
+        if cls == _IN_FLIGHT:
+            self.in_flight.add(host)
+            if v.acked is None:
+                self.unacked.add(host)
+            elif self.policy.host_timeout is not None:
+                heapq.heappush(self.due, (v.acked + self.policy.host_timeout,
+                                          self.order[host], host))
+        elif cls == _UNTOUCHED and host in self.batch_of:
+            index, pos = self.batch_of[host]
+            self.cursor[index] = min(self.cursor[index], pos)
+
+    def _remove(self, host: str) -> None:
+        cls = self.cls[host]
+        self._count(host, cls, self.key[host][1], -1)
+        if cls == _IN_FLIGHT:
+            self.in_flight.discard(host)
+            self.unacked.discard(host)  # its heap entry goes stale, dropped when seen
+
+    def _count(self, host: str, cls: int, result: str | None, sign: int) -> None:
+        if cls == _UNTOUCHED:
+            self.untouched += sign
+        if result is not None:
+            self.results[result] += sign
+        if cls == _RETRY:
+            if sign > 0:
+                self.retry.add(host)
+            else:
+                self.retry.discard(host)
+        elif cls == _FINAL and result not in NOT_EXECUTED:
+            self.executed += sign
+            if result != "succeeded":
+                self.failures += sign
+                if host in self.canary:
+                    if sign > 0:
+                        self.canary_failed.add(host)
+                    else:
+                        self.canary_failed.discard(host)
+        if host in self.batch_of:
+            index = self.batch_of[host][0]
+            self.final_in[index] += sign * (cls == _FINAL)
+            self.touched_in[index] += sign * (cls != _UNTOUCHED)
+
+    def _timeouts_due(self, now: float) -> tuple[list[str], float | None]:
+        """In-flight hosts whose host timeout fell due, and the next due time. Stale heap
+        entries (the host moved on) are dropped; due ones stay until the host changes."""
+        due: list[tuple[float, int, str]] = []
+        wake = None
+        while self.due:
+            entry = self.due[0]
+            at, _, host = entry
+            v = self.views[host]
+            if host not in self.in_flight or v.acked is None or \
+                    v.acked + (self.policy.host_timeout or 0) != at:
+                heapq.heappop(self.due)
                 continue
-            if all(h in result and h not in not_final for h in batch if h in by_host):
-                actions.append(BatchDone(index))
-                last_done = now
+            if now < at:
+                wake = at
+                break
+            due.append(heapq.heappop(self.due))
+        for entry in due:
+            heapq.heappush(self.due, entry)
+        return sorted((h for _, _, h in due), key=self.order.__getitem__), wake
+
+    def _by_order(self, hosts: Iterable[str]) -> list[str]:
+        return sorted(hosts, key=self.order.__getitem__)
+
+    # -- the decision ----------------------------------------------------------------
+    def plan(self, now: float, deadline: float, *, ack_grace: float = ACK_GRACE
+             ) -> list[Action]:
+        policy, pr = self.policy, self.progress
+        actions: list[Action] = []
+        wake: list[float] = []
+        past_deadline = now >= deadline
+        aborting = pr.aborted is not None
+        attempts, retries = pr.attempts, policy.retries
+
+        # 1. Timeouts: the whole rollout, then per host (counted from its first report).
+        # They hold only for this answer, as overlays on the index.
+        if past_deadline:
+            timed_out = self._by_order(self.in_flight)
+            reason = "no result before the rollout deadline"
+        else:
+            timed_out, next_due = self._timeouts_due(now)
+            reason = TimeOut.reason
+            if next_due is not None:
+                wake.append(next_due)
+        deadline_hit = past_deadline and bool(timed_out)
+        executed, failures = self.executed, self.failures
+        canary_failed = set(self.canary_failed)
+        retry = set(self.retry)
+        final_extra: Counter[int] = Counter()
+        for h in timed_out:
+            actions.append(TimeOut(h, reason))
+            if attempts.get(h, 1) <= retries:
+                retry.add(h)
                 continue
-            untouched = [by_host[h] for h in batch if h in by_host and h not in result
-                         and h not in running_hosts and by_host[h].deployment_id is None]
-            fresh = not any(h in result or h in running_hosts for h in batch)
-            if index > 0 and fresh:
-                if policy.pause_between_batches and now < last_done + policy.pause_between_batches:
-                    wake.append(last_done + policy.pause_between_batches)
-                    break
-                if policy.confirm_batches and index not in pr.continued:
-                    actions.append(AwaitContinue(index))
-                    awaiting = True
-                    break
-            for m in untouched:
-                if policy.offline == "skip" and m.online is not True:
-                    actions.append(Skip(m.host, "offline when its batch started"))
-                    skipped.add(m.host)
-                    continue
+            executed += 1
+            failures += 1
+            if h in self.canary:
+                canary_failed.add(h)
+            if h in self.batch_of:
+                final_extra[self.batch_of[h][0]] += 1
+        gone = set(timed_out)
+
+        # 2. Thresholds: a final canary failure, or too many final failures.
+        if not aborting:
+            if canary_failed:
+                first = min(canary_failed, key=self.order.__getitem__)
+                res = "timed_out" if first in gone else self.views[first].result
+                actions.append(Abort(f"canary host {first} failed ({res})"))
+                aborting = True
+            elif policy.threshold_exceeded(failures, executed):
+                actions.append(Abort(f"{failures} of {executed} executed hosts failed, beyond "
+                                     f"the threshold of {policy.describe_threshold()}"))
+                aborting = True
+
+        # 3. Abort: withdraw what was never acknowledged; running hosts finish.
+        running = len(self.in_flight) - len(gone)
+        if aborting:
+            for h in self._by_order(self.unacked - gone):
+                v = self.views[h]
+                if v.online is not True or v.started is None or now >= v.started + ack_grace:
+                    actions.append(Cancel(h, "rollout aborted before the host acknowledged"))
+                    running -= 1
+                else:
+                    wake.append(v.started + ack_grace)
+
+        # 4. Starts: retries, then the open batch, within max_parallel.
+        skipped = 0
+        starting = awaiting = False
+        if not aborting and not past_deadline:
+            slots = (policy.max_parallel or len(self.views)) - running
+            for h in self._by_order(retry):
                 if slots <= 0:
                     break
-                actions.append(Start(m.host, 1))
-                starting = True
+                actions.append(Start(h, attempts.get(h, 1) + 1))
                 slots -= 1
-            break
+                starting = True
+            while self.first_open in pr.batch_done_at:
+                self.first_open += 1
+            last_done = pr.batch_done_at.get(self.first_open - 1, 0.0)
+            for index in range(self.first_open, len(self.batches)):
+                if index in pr.batch_done_at:  # seen complete: every member final, for good
+                    last_done = pr.batch_done_at[index]
+                    continue
+                if self.final_in[index] + final_extra[index] == len(self.members[index]):
+                    actions.append(BatchDone(index))
+                    last_done = now
+                    continue
+                if index > 0 and self.touched_in[index] == 0:  # fresh
+                    pause = policy.pause_between_batches
+                    if pause and now < last_done + pause:
+                        wake.append(last_done + pause)
+                        break
+                    if policy.confirm_batches and index not in pr.continued:
+                        actions.append(AwaitContinue(index))
+                        awaiting = True
+                        break
+                members, cls = self.members[index], self.cls
+                pos = self.cursor[index]
+                while pos < len(members) and cls[members[pos]] != _UNTOUCHED:
+                    pos += 1
+                self.cursor[index] = pos
+                for h in members[pos:]:
+                    if cls[h] != _UNTOUCHED:
+                        continue
+                    if policy.offline == "skip" and self.views[h].online is not True:
+                        actions.append(Skip(h, "offline when its batch started"))
+                        skipped += 1
+                        continue
+                    if slots <= 0:
+                        break
+                    actions.append(Start(h, 1))
+                    starting = True
+                    slots -= 1
+                break
 
-    # 5. Finish?
-    if running == 0 and not starting and not awaiting:
-        if aborting:
-            actions.append(Finish("aborted"))
-        else:
-            unfinished = any(v.host not in result and v.host not in skipped for v in views)
-            if past_deadline and (deadline_hit or unfinished):
-                actions.append(Finish("timed_out"))
-            elif not unfinished:
-                actions.append(Finish(rollout_result(
-                    result.get(v.host, "skipped") for v in views)))
-    if wake:
-        actions.append(Plan(min(wake)))
-    return actions
+        # 5. Finish?
+        if running == 0 and not starting and not awaiting:
+            if aborting:
+                actions.append(Finish("aborted"))
+            else:
+                unfinished = self.untouched - skipped > 0
+                if past_deadline and (deadline_hit or unfinished):
+                    actions.append(Finish("timed_out"))
+                elif not unfinished:
+                    actions.append(Finish(self._verdict(len(gone))))
+        if wake:
+            actions.append(Plan(min(wake)))
+        return actions
+
+    def _verdict(self, timed_out: int) -> RolloutStatus:
+        """`rollout_result` over every host's result plus this round's timeouts."""
+        return rollout_result_of_counts(self.results + Counter(timed_out=timed_out))

@@ -26,6 +26,7 @@ HostPhase = Literal[
     "dumped", "migrating", "switched", "migrated", "awaiting_reboot", "confirmed", "done", "failed",
     "rolling_back", "rolled_back", "rejected", "cancelled", "blocked",
 ]
+PromptKind = Literal["choice", "step_failure", "approval", "reboot"]
 Host = Annotated[str, Field(pattern=HOST_NAME_RE.pattern)]
 Id = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:@-]+$")]
 HHMM = r"([01]\d|2[0-3]):[0-5]\d"
@@ -124,6 +125,9 @@ class Progress(Event):
     message: str = ""
     percent: float | None = Field(default=None, ge=0, le=100)
     step: str | None = None
+    # Set while the deployment waits for an answer to this prompt (who answers how).
+    prompt_id: Id | None = None
+    prompt_kind: PromptKind | None = None
 
 
 class ReportItem(Model):
@@ -155,6 +159,29 @@ class Result(Event):
     log_tail: list[str] = Field(default_factory=list)
 
 
+LogStream = Literal["stdout", "stderr", "agent"]
+MAX_LOG_LINE = 2000
+MAX_LOG_BATCH = 500
+
+
+class LogLine(Model):
+    """One line a program (or the agent itself) printed during a deployment."""
+
+    time: float
+    stream: LogStream = "stdout"
+    source: str = Field(default="", max_length=128)
+    text: str = Field(max_length=MAX_LOG_LINE)
+
+
+class Log(Event):
+    """A batch of output lines; `dropped` counts lines the agent left out of its events
+    (rate bound) since the previous batch: its local log file still has them."""
+
+    TYPE: ClassVar[str] = "log"
+    lines: list[LogLine] = Field(default_factory=list, max_length=MAX_LOG_BATCH)
+    dropped: int = Field(default=0, ge=0)
+
+
 class Prompt(Model):
     """Open question for a person; retained on `prompt` until answered."""
 
@@ -163,7 +190,7 @@ class Prompt(Model):
     prompt_id: Id
     deployment_id: Id
     generation: int
-    kind: Literal["choice", "step_failure", "approval", "reboot"] = "choice"
+    kind: PromptKind = "choice"
     items: list[ReportItem] = Field(default_factory=list)
     created_at: float
     deadline: float | None = None
@@ -212,7 +239,7 @@ class Confirm(Model):
     signature: bytes = b""
 
 
-EVENT_TYPES: tuple[type[Event], ...] = (Ack, Rejected, Progress, CheckReport, Result)
+EVENT_TYPES: tuple[type[Event], ...] = (Ack, Rejected, Progress, CheckReport, Result, Log)
 ALL_TYPES: tuple[type[Model], ...] = (
     Desired, Answer, Prompt, HostState, Confirm, *EVENT_TYPES,
 )

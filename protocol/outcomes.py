@@ -9,7 +9,8 @@ and the agent's runner.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Iterable, Mapping
 from typing import Literal, get_args
 
 ResultStatus = Literal["succeeded", "failed", "rolled_back", "rejected", "cancelled", "blocked"]
@@ -63,8 +64,13 @@ def rollout_result(results: Iterable[str]) -> Literal["succeeded", "failed"]:
     """A rollout whose hosts all finished: `succeeded` when at least one host executed and
     every executed host succeeded; hosts that never executed (skipped, cancelled) count
     neither way. A rollout in which nothing executed did not deploy anything: `failed`."""
-    executed = [r for r in results if r not in NOT_EXECUTED]
-    return "succeeded" if executed and all(r == "succeeded" for r in executed) else "failed"
+    return rollout_result_of_counts(Counter(results))
+
+
+def rollout_result_of_counts(counts: Mapping[str, int]) -> Literal["succeeded", "failed"]:
+    """`rollout_result` from the number of hosts per result (the planner keeps counts)."""
+    executed = sum(n for r, n in counts.items() if r not in NOT_EXECUTED)
+    return "succeeded" if executed and counts.get("succeeded", 0) == executed else "failed"
 
 
 def count_key(result: str | None, started: bool) -> CountKey:

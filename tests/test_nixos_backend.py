@@ -158,14 +158,6 @@ def test_boot_files_differ(new: dict[str, str | None], differ: bool) -> None:
 # -- the backend against a fake root --------------------------------------------------------
 
 @pytest.fixture
-def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeRoot:
-    fr = FakeRoot(tmp_path)
-    for key, value in fr.env().items():
-        monkeypatch.setenv(key, value)
-    return fr
-
-
-@pytest.fixture
 def backend(fake: FakeRoot, tmp_path: Path) -> NixosBackend:
     return NixosBackend(root=fake.root, state_dir=tmp_path / "state")
 

@@ -19,6 +19,7 @@ from controller.planner import (
     Cancel,
     Finish,
     Plan,
+    Planner,
     RolloutPolicy,
     RolloutProgress,
     Skip,
@@ -461,3 +462,67 @@ def test_simulated_rollouts_keep_the_rules(policy: RolloutPolicy, hosts: list[Si
                 assert failures * 100 <= n * len(executed)
             else:
                 assert failures <= n
+
+
+# -- the incremental Planner answers like a fresh one ------------------------------------
+
+event_strategy = st.lists(st.tuples(
+    st.sampled_from(["tick", "ack", "result", "online", "offline", "abort"]),
+    st.integers(0, 11),
+    st.sampled_from(["succeeded", "failed", "rolled_back", "rejected", "blocked"]),
+    st.sampled_from([0.5, 1.0, 3.0, 7.0])), max_size=80)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(policy=policy_strategy, n=st.integers(1, 12), online=st.lists(st.booleans(),
+       min_size=12, max_size=12), events=event_strategy)
+def test_incremental_planner_equals_a_fresh_plan(policy: RolloutPolicy, n: int,
+                                                 online: list[bool],
+                                                 events: list[tuple[str, int, str, float]]
+                                                 ) -> None:
+    """A long-lived Planner, updated per host change the way the driver does, answers
+    every round exactly like `plan()` from scratch, through random acks, results, hosts
+    going on- and offline, operator aborts and the clock passing timeouts, pauses and
+    the deadline; the driver applies every answer."""
+    names = [f"h{i}" for i in range(n)]
+    vs = {h: HostView(h, online=online[i]) for i, h in enumerate(names)}
+    batches = policy.batches(names)
+    pr = RolloutProgress()
+    planner = Planner(policy, list(vs.values()), batches, pr)
+    now, deadline = 0.0, 40.0
+    for kind, i, result, dt in [*events, ("tick", 0, "", 50.0)]:
+        v = vs[names[i % n]]
+        if kind == "tick":
+            now += dt
+        elif kind == "ack" and v.deployment_id and v.result is None and v.acked is None:
+            v.acked = now
+        elif kind == "result" and v.deployment_id and v.result is None:
+            v.acked = now if v.acked is None else v.acked
+            v.result = result
+        elif kind in ("online", "offline"):
+            v.online = kind == "online"
+        elif kind == "abort" and pr.aborted is None:
+            pr.aborted = "aborted by the operator"
+        planner.update(v)
+        fresh = plan(policy, list(vs.values()), batches, now, deadline, pr)
+        actions = planner.plan(now, deadline)
+        assert actions == fresh
+        assert planner.plan(now, deadline) == actions, "plan() changed the index"
+        for a in actions:  # the driver applies the answer
+            if isinstance(a, Start):
+                pr.attempts[a.host] = a.attempt
+                w = vs[a.host]
+                w.deployment_id, w.started, w.result, w.acked = f"R.{a.attempt}", now, None, None
+            elif isinstance(a, (TimeOut, Skip, Cancel)):
+                vs[a.host].result = {TimeOut: "timed_out", Skip: "skipped",
+                                     Cancel: "cancelled"}[type(a)]
+            elif isinstance(a, BatchDone):
+                pr.batch_done_at[a.batch] = now
+            elif isinstance(a, AwaitContinue):
+                pr.continued.add(a.batch)
+            elif isinstance(a, Abort):
+                pr.aborted = a.reason
+            if isinstance(a, (Start, TimeOut, Skip, Cancel)):
+                planner.update(vs[a.host])
+        if any(isinstance(a, Finish) for a in actions):
+            break

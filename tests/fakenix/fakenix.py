@@ -126,11 +126,21 @@ def nix(args: list[str]) -> int:
 
 
 def systemd_run(args: list[str]) -> int:
+    """Exec the command (looked up on PATH, like systemd-run), as --uid/--gid if given."""
     i = 0
     while i < len(args) and args[i].startswith("-"):
+        if args[i] == "--":
+            i += 1
+            break
         i += 2 if args[i] in ("-E", "-p", "--setenv", "--property") else 1
     command = args[i:]
-    os.execv(command[0], command)
+    opts = dict(a[2:].split("=", 1) for a in args[:i] if a.startswith("--") and "=" in a)
+    if "gid" in opts:
+        os.setgroups([])
+        os.setgid(int(opts["gid"]))
+    if "uid" in opts:
+        os.setuid(int(opts["uid"]))
+    os.execvp(command[0], command)
     return 127  # not reached
 
 

@@ -1,0 +1,119 @@
+"""`fleetctl logs HOST [--deployment ID] [--follow]`: what a host's programs printed."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+from typing import Any
+
+import aiomqtt
+
+from controller import cliutil, logs, store
+from controller.connection import connect
+from controller.eventlog import EventLog
+from protocol.codec import decode
+from protocol.errors import BrokerUnavailable, InputError, ProtocolError
+from protocol.models import EVENT_TYPES, Log, Rejected, Result
+from protocol.topics import HOST_NAME_RE
+
+
+def register(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "logs", parents=[common], help="output of a host's deployment (fetch, build, checks, "
+        "dumps, migrations, switch), as the controller stored it",
+        description="Print what the programs of a host's deployment printed. The lines are "
+                    "stored per rollout in STATE_DIR/logs/ by the fleetctl process that drove "
+                    "the rollout.")
+    p.add_argument("host", help="host name")
+    p.add_argument("--deployment", metavar="ID",
+                   help="rollout id or deployment id (ROLLOUT.N is retry N), or a unique "
+                        "prefix (default: the host's latest rollout)")
+    p.add_argument("--follow", "-f", action="store_true",
+                   help="keep printing new lines until the host's deployment ends")
+    p.add_argument("--lines", "-n", type=int, default=0,
+                   help="only the last N lines (default: all)")
+    p.set_defaults(func=cmd_logs)
+
+
+def pick(doc: dict[str, Any], host: str, ident: str | None) -> tuple[str, str | None]:
+    """(rollout id, deployment id or None for every attempt) that `logs` shows."""
+    if ident is None:
+        mine = [r for r in doc.get("rollouts", {}).values() if host in r.get("hosts", {})]
+        if not mine:
+            raise InputError(f"no rollout recorded here included {host}")
+        r = max(mine, key=lambda r: r.get("created", 0))
+        return str(r["id"]), None
+    rollout = logs.rollout_of(ident)
+    r = store.find_rollout(doc, rollout)
+    if host not in r.get("hosts", {}):
+        raise InputError(f"rollout {r['id']} did not include {host}")
+    return str(r["id"]), (ident if ident != rollout else None)
+
+
+async def cmd_logs(args: argparse.Namespace) -> int:
+    if not HOST_NAME_RE.fullmatch(args.host):
+        raise InputError(f"invalid host name {args.host!r}")
+    if args.lines < 0:
+        raise InputError("--lines must not be negative")
+    log = EventLog(args.state_dir)
+    if not log.exists():
+        raise InputError(f"no controller state at {log.path} (set --state-dir or "
+                         "FLEET_STATE_DIR); nothing was deployed from here yet")
+    doc = log.load()
+    rollout_id, dep = pick(doc, args.host, args.deployment)
+    records = logs.read_lines(args.state_dir, rollout_id, args.host, dep)
+    if args.lines:
+        records = records[-args.lines:]
+    if args.json and not args.follow:
+        cliutil.emit_json({"rollout": rollout_id, "host": args.host, "deployment_id": dep,
+                           "lines": [r.as_dict() for r in records]})
+        return cliutil.EXIT_OK
+    for r in records:
+        _print(args, r)
+    if not args.follow:
+        if not records:
+            print(f"(no output stored for {args.host} in rollout {rollout_id})")
+        return cliutil.EXIT_OK
+    hr = doc["rollouts"][rollout_id]["hosts"][args.host]
+    if hr.get("result") is not None and doc["rollouts"][rollout_id].get("status") != "running":
+        return cliutil.EXIT_OK
+    seen = {(r.deployment_id, r.seq) for r in records}
+    await follow(args, rollout_id, dep, seen)
+    return cliutil.EXIT_OK
+
+
+def _print(args: argparse.Namespace, r: logs.LogRecord) -> None:
+    if args.json:
+        cliutil.emit_json(r.as_dict())
+    else:
+        print(logs.format_line(r), flush=True)
+
+
+async def follow(args: argparse.Namespace, rollout_id: str, dep: str | None,
+                 seen: set[tuple[str, int]]) -> None:
+    """Print Log events of the host live until a Result of this rollout arrives."""
+    ctx = cliutil.context(args)
+    topic = ctx.topics.events(args.host)
+    try:
+        async with connect(ctx.broker) as client:
+            await client.subscribe(topic, qos=1)
+            async for m in client.messages:
+                payload = m.payload if isinstance(m.payload, bytes) else b""
+                with contextlib.suppress(ProtocolError):
+                    ev = decode(payload, expect=EVENT_TYPES)
+                    if ev.deployment_id is None or logs.rollout_of(ev.deployment_id) \
+                            != rollout_id or (dep is not None and ev.deployment_id != dep):
+                        continue
+                    if isinstance(ev, Log) and (ev.deployment_id, ev.seq) not in seen:
+                        seen.add((ev.deployment_id, ev.seq))
+                        for line in ev.lines:
+                            _print(args, logs.LogRecord(ev.deployment_id, ev.seq, line.time,
+                                                        line.stream, line.source, line.text))
+                    elif isinstance(ev, Result | Rejected):
+                        return
+    except aiomqtt.MqttError as exc:
+        raise BrokerUnavailable(f"cannot reach the MQTT broker at {ctx.broker}: {exc}"
+                                ) from None
+    except asyncio.CancelledError:
+        raise

@@ -1,0 +1,137 @@
+"""Deployment logs as the controller keeps them: the one place that reads and writes them.
+
+The lines agents send in `Log` events are stored per rollout, next to the event log
+and not inside it: `STATE_DIR/logs/ROLLOUT/HOST.jsonl`, one JSON object per line
+(`{seq, deployment_id, time, stream, source, text}`; a `{seq, deployment_id, dropped}`
+record notes lines the agent left out of its events). A host's file is bounded: past
+MAX_BYTES it is rotated to `HOST.jsonl.1` (so at most twice that is kept).
+
+Readers (`fleetctl logs`, `deploy`'s failure summary, the web dashboard) use
+`read_lines` / `tail`; the driver writes through `LogStore.append`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from protocol.errors import InputError
+from protocol.models import Log
+from protocol.topics import HOST_NAME_RE
+
+MAX_BYTES = 4 << 20
+ROLLOUT_RE_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._:@-")
+
+
+@dataclass(frozen=True)
+class LogRecord:
+    deployment_id: str
+    seq: int
+    time: float
+    stream: str
+    source: str
+    text: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"deployment_id": self.deployment_id, "seq": self.seq, "time": self.time,
+                "stream": self.stream, "source": self.source, "text": self.text}
+
+
+def rollout_of(deployment_id: str) -> str:
+    """Attempt n of rollout R deploys as `R.n` (see controller.store.deployment_id)."""
+    head, _, tail = deployment_id.rpartition(".")
+    return head if head and tail.isdigit() else deployment_id
+
+
+def _safe(rollout_id: str, host: str) -> None:
+    if not rollout_id or not set(rollout_id) <= ROLLOUT_RE_CHARS or rollout_id.startswith("."):
+        raise InputError(f"invalid rollout id {rollout_id!r}")
+    if not HOST_NAME_RE.fullmatch(host):
+        raise InputError(f"invalid host name {host!r}")
+
+
+def log_file(state_dir: Path, rollout_id: str, host: str) -> Path:
+    _safe(rollout_id, host)
+    return state_dir / "logs" / rollout_id / f"{host}.jsonl"
+
+
+class LogStore:
+    """Appends Log events to the per-rollout host files (the driver's side)."""
+
+    def __init__(self, state_dir: Path, max_bytes: int = MAX_BYTES) -> None:
+        self.state_dir = state_dir
+        self.max_bytes = max_bytes
+        self._seen: dict[tuple[str, str], int] = {}
+
+    def append(self, ev: Log) -> bool:
+        """Store one event's lines; False for a duplicate (QoS 1 redelivery)."""
+        if ev.deployment_id is None:
+            return False
+        key = (ev.host, ev.deployment_id)
+        if ev.seq <= self._seen.get(key, -1):
+            return False
+        self._seen[key] = ev.seq
+        path = log_file(self.state_dir, rollout_of(ev.deployment_id), ev.host)
+        records = [{"deployment_id": ev.deployment_id, "seq": ev.seq, "time": line.time,
+                    "stream": line.stream, "source": line.source, "text": line.text}
+                   for line in ev.lines]
+        if ev.dropped:
+            records.append({"deployment_id": ev.deployment_id, "seq": ev.seq,
+                            "time": ev.time, "dropped": ev.dropped})
+        data = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records).encode()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if path.exists() and path.stat().st_size + len(data) > self.max_bytes:
+                os.replace(path, path.with_name(path.name + ".1"))
+            with open(path, "ab") as f:
+                f.write(data)
+        except OSError as exc:
+            raise InputError(f"cannot write the log {path}: {exc.strerror}") from None
+        return True
+
+
+def _parse(raw: str) -> LogRecord | None:
+    try:
+        r = json.loads(raw)
+        if "dropped" in r:
+            return LogRecord(str(r["deployment_id"]), int(r["seq"]), float(r["time"]),
+                             "agent", "log",
+                             f"({int(r['dropped'])} line(s) not sent; the host's own log "
+                             "has them)")
+        return LogRecord(str(r["deployment_id"]), int(r["seq"]), float(r["time"]),
+                         str(r["stream"]), str(r["source"]), str(r["text"]))
+    except (ValueError, KeyError, TypeError):
+        return None  # a torn last line (the driver was killed mid-write)
+
+
+def read_lines(state_dir: Path, rollout_id: str, host: str,
+               deployment_id: str | None = None) -> list[LogRecord]:
+    """Every stored line of `host` in `rollout_id` (one attempt if `deployment_id`)."""
+    base = log_file(state_dir, rollout_id, host)
+    out: list[LogRecord] = []
+    for path in (base.with_name(base.name + ".1"), base):
+        try:
+            text = path.read_text(errors="replace")
+        except OSError:
+            continue
+        for raw in text.splitlines():
+            rec = _parse(raw)
+            if rec is not None and (deployment_id is None or rec.deployment_id == deployment_id):
+                out.append(rec)
+    return out
+
+
+def tail(state_dir: Path, rollout_id: str, host: str, n: int = 10,
+         deployment_id: str | None = None) -> list[LogRecord]:
+    return read_lines(state_dir, rollout_id, host, deployment_id)[-n:]
+
+
+def format_line(rec: LogRecord, with_time: bool = True) -> str:
+    stamp = time.strftime("%H:%M:%S", time.localtime(rec.time)) + " " if with_time else ""
+    where = f"[{rec.source}] " if rec.source else ""
+    err = "! " if rec.stream == "stderr" else ""
+    return f"{stamp}{where}{err}{rec.text}"

@@ -1,0 +1,103 @@
+"""Issue 14: the output of a host's programs is kept, sent in batches and readable later."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+from client.deplog import DeploymentLog, read_log
+from controller.logs import LogStore, read_lines
+from protocol.models import Log, LogLine
+from tests.helpers import Listener
+from tests.stepsys import script
+
+
+def failing_migration_system(root: Path, lines: int = 60) -> Path:
+    """A toplevel whose `db` migration prints progress on stdout, then fails on stderr."""
+    top = root / "sys-migrate"
+    (top / "bin").mkdir(parents=True)
+    (top / "flotilla").mkdir()
+    migrate = script(top / "bin" / "migrate-db",
+                     f'for i in $(seq 1 {lines}); do echo "step $i: converting tables"; done\n'
+                     'echo "ERROR: relation users has no column email" >&2\nexit 3\n')
+    check = script(top / "bin" / "check-db", 'echo "checking db" >&2\n'
+                   'echo \'{"items": [{"id": "v", "severity": "warning", "message": "upgrade", '
+                   '"choices": [{"id": "go"}], "default": "go"}]}\'\n')
+    steps = [{"name": "db", "check": check, "paths": [str(root / "data")],
+              "migrations": {"go": migrate}}]
+    (root / "data").mkdir(exist_ok=True)
+    (top / "flotilla" / "steps.json").write_text(json.dumps({"steps": steps}))
+    return top
+
+
+async def test_failed_migration_output_is_kept_and_shown_after_the_fact(  # type: ignore[no-untyped-def]
+        make_fleet, tmp_path: Path) -> None:
+    fleet = make_fleet({"pg1": ["db"]})
+    top = failing_migration_system(tmp_path, lines=60)
+    fleet.start_simulated(["pg1"])
+    async with Listener(fleet.broker_url, f"{fleet.prefix}/host/pg1/events") as events:
+        r = await asyncio.to_thread(fleet.fleetctl, "deploy", "pg1", "--system", str(top),
+                                    "--choose", "db.v=go", "--on-step-failure", "rollback",
+                                    "--json")
+        await events.wait(lambda e: e.__class__.__name__ == "Result")
+    assert r.returncode == 1, r.stderr
+    out = json.loads(r.stdout.splitlines()[-1])
+    assert out["hosts"]["pg1"] == "rolled_back"
+    # deploy --json carries the failed host's last lines, the program's stderr among them
+    assert any("relation users has no column email" in ln for ln in out["logs"]["pg1"]), out
+    # batched: 60+ lines in a handful of Log events, never one message per line
+    batches = [e for e in events.events if isinstance(e, Log)]
+    sent = [ln.text for e in batches for ln in e.lines]
+    assert "step 60: converting tables" in sent and "checking db" in sent
+    assert 1 <= len(batches) <= 10, len(batches)
+    # after the fact, from the controller's store (not inside state.jsonl)
+    logs = fleet.fleetctl("logs", "pg1")
+    assert logs.returncode == 0, logs.stderr
+    assert "[migrate:db] step 1: converting tables" in logs.stdout
+    assert "[migrate:db] ! ERROR: relation users has no column email" in logs.stdout
+    assert "[check:db] ! checking db" in logs.stdout
+    assert "converting tables" not in (fleet.controller_dir / "state.jsonl").read_text()
+    rid = out["rollout"]
+    rc, js = fleet.fleetctl_json("logs", "pg1", "--deployment", rid, "--lines", "2")
+    assert rc == 0 and js["rollout"] == rid and len(js["lines"]) == 2, js
+    assert js["lines"][-1]["source"] == "rollback", js
+    # the agent keeps its own copy per deployment
+    kept = read_log(fleet.root / "agents" / "pg1", rid)
+    assert "step 30: converting tables" in [ln.text for ln in kept]
+    r2 = fleet.fleetctl("logs", "pg9")
+    assert r2.returncode == 2 and "pg9" in r2.stderr and "Traceback" not in r2.stderr
+
+
+async def test_agent_log_is_bounded_rotated_and_rate_limited(tmp_path: Path) -> None:
+    sent: list[tuple[int, int]] = []
+
+    async def send(lines: list[LogLine], dropped: int) -> None:
+        sent.append((len(lines), dropped))
+
+    for i in range(12):  # only the last deployments' logs are kept
+        DeploymentLog(tmp_path, f"old{i}", send, keep=10).line("stdout", "x", "y")
+    assert len(list((tmp_path / "logs").glob("*.log"))) == 10
+    dlog = DeploymentLog(tmp_path, "d1", send, max_bytes=20_000, interval=0.05, max_buffer=300)
+    dlog.start()
+    for i in range(1000):
+        dlog.line("stdout", "migrate:db", f"line {i:04d} " + "x" * 40)
+    await dlog.close()
+    kept = read_log(tmp_path, "d1")
+    assert kept[-1].text.startswith("line 0999")
+    assert (tmp_path / "logs" / "d1.log.1").exists()
+    assert sum((tmp_path / "logs" / n).stat().st_size for n in ("d1.log", "d1.log.1")) <= 40_000
+    # a burst beyond the buffer is sent as few events, and the rest counted as dropped
+    assert sent[-1] == (300, 700), sent
+
+
+def test_controller_store_dedupes_and_rotates(tmp_path: Path) -> None:
+    store = LogStore(tmp_path, max_bytes=5_000)
+    for seq in (1, 1, 2):  # a QoS 1 redelivery is stored once
+        store.append(Log(host="h1", deployment_id="r1.2", seq=seq, time=1.0,
+                         lines=[LogLine(time=1.0, text=f"{seq}-{i}" + "z" * 50)
+                                for i in range(40)]))
+    lines = read_lines(tmp_path, "r1", "h1")
+    assert len(lines) == 80 and lines[0].text.startswith("1-0z") and lines[-1].seq == 2
+    assert read_lines(tmp_path, "r1", "h1", "r1.3") == []
+    assert (tmp_path / "logs" / "r1" / "h1.jsonl.1").exists()
