@@ -25,7 +25,13 @@ from typing import Any
 
 import pytest
 
-from controller.broker import Mosquitto, NatsCluster, find_config
+from controller.broker import (
+    Mosquitto,
+    NatsCluster,
+    NatsNodeConfig,
+    find_config,
+    render_nats_config,
+)
 from controller.deploy import ControllerContext, DeployRequest, RolloutDriver
 from controller.eventlog import EventLog
 from controller.keys import load_key
@@ -406,3 +412,10 @@ async def test_share_group_that_delivers_nothing_falls_back_to_a_plain_subscript
     # the agents' events reached the driver (before: only the retained states did)
     assert all(v.last_seq >= 0 for v in outcome.views.values()), \
         {h: v.last_seq for h, v in outcome.views.items()}
+
+
+def test_readme_shows_the_nats_configuration_the_tests_run() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    node1 = NatsNodeConfig(name="nats1", store_dir=Path("/var/lib/nats"), host="0.0.0.0",
+                           routes=("nats2.example.org:6222", "nats3.example.org:6222"))
+    assert f"```\n{render_nats_config(node1)}```" in readme

@@ -164,6 +164,18 @@ def test_module_credentials_keys_and_extra_args() -> None:
     assert out["tmpfiles"] == ["d /srv/flotilla 0700 root root - -"]
 
 
+def test_module_mqtt_version_and_a_broker_cluster() -> None:
+    out = eval_module('{ enable = true; broker = "mqtt://n1:1883,mqtt://n2:1883"; '
+                      'mqttVersion = "3.1.1"; trustedKeys = [ "/k.pem" ]; }')
+    argv = shlex.split(out["service"]["serviceConfig"]["ExecStart"])
+    assert argv[argv.index("--broker") + 1] == "mqtt://n1:1883,mqtt://n2:1883"
+    assert argv[argv.index("--mqtt-version") + 1] == "3.1.1"
+    assert out["options"]["mqttVersion"] == "3.1.1"
+    r = run_nix("--eval", "--strict", "--json", str(NIX_TESTS / "eval-module.nix"),
+                "--arg", "settings", f'{{ {BASE} mqttVersion = "4"; }}')
+    assert r.returncode != 0 and "mqttVersion' is not of type" in r.stderr, r.stderr
+
+
 def test_steps_are_rendered_without_the_service_and_nothing_without_steps() -> None:
     out = eval_module('{ steps.a.migrations."*" = "/bin/true"; }')
     assert out["service"] is None and out["tmpfiles"] is None
