@@ -247,17 +247,17 @@ def fleetctl(url: str, version: str, *args: str, tmp: Path) -> subprocess.Comple
     env = {**os.environ, "FLEET_BROKER": url, "FLEET_MQTT_VERSION": version,
            "FLEET_STATE_DIR": str(tmp / "ctl"), "FLEET_INVENTORY": str(tmp / "fleet.toml")}
     return subprocess.run([sys.executable, "-m", "controller", *args], capture_output=True,
-                          text=True, timeout=60, env=env)
+                          text=True, timeout=150, env=env)
 
 
 def test_mqtt5_refused_by_nats_is_one_line_naming_the_fix(nats_node: NatsCluster,
                                                           tmp_path: Path) -> None:
     write_inventory(tmp_path / "fleet.toml", {"h1": ["x"]})
     started = time.monotonic()
-    r = fleetctl(nats_node.url, "5", "status", tmp=tmp_path)
+    r = fleetctl(nats_node.url, "5", "status", "--connect-timeout", "120", tmp=tmp_path)
     line = one_line(r, 3, "--mqtt-version 3.1.1")
     assert "unsupported protocol version" in line
-    assert time.monotonic() - started < 8  # no retrying until --connect-timeout
+    assert time.monotonic() - started < 100  # refused at once, not retried for 120 s
     # and the same broker works in 3.1.1 mode
     r = fleetctl(nats_node.url, "3.1.1", "status", tmp=tmp_path)
     assert r.returncode == 0, r.stderr
@@ -269,7 +269,7 @@ def test_agent_stops_on_a_version_refusal_instead_of_retrying(nats_node: NatsClu
     argv = [sys.executable, "-m", "client", "run", "--host", "v5", "--broker", nats_node.url,
             "--state-dir", str(tmp_path / "v5"), "--trust-key",
             str(controller_dir / "controller.pub")]
-    r = subprocess.run(argv, capture_output=True, text=True, timeout=30)  # was: for ever
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=90)  # was: for ever
     assert r.returncode != 0
     last = r.stderr.strip().splitlines()[-1]
     assert "--mqtt-version 3.1.1" in last and "Traceback" not in r.stderr, r.stderr
@@ -295,18 +295,18 @@ def test_bad_credentials_stop_fleetctl_and_the_agent(password_broker: Mosquitto,
     write_inventory(tmp_path / "fleet.toml", {"h1": ["x"]})
     (tmp_path / "wrong").write_text("wrong\n")
     started = time.monotonic()
-    r = fleetctl(password_broker.url, "5", "status", "--username", "h1",
-                 "--password-file", str(tmp_path / "wrong"), tmp=tmp_path)
+    r = fleetctl(password_broker.url, "5", "status", "--username", "h1", "--password-file",
+                 str(tmp_path / "wrong"), "--connect-timeout", "120", tmp=tmp_path)
     one_line(r, 3, "refused")
+    assert time.monotonic() - started < 100  # refused at once, not retried for 120 s
     r = fleetctl(password_broker.url, "3.1.1", "status", tmp=tmp_path)  # anonymous
     one_line(r, 3, "refused")
     version = "3.1.1"
-    assert time.monotonic() - started < 15
     r = subprocess.run([sys.executable, "-m", "client", "run", "--host", "h1", "--broker",
                         password_broker.url, "--mqtt-version", version, "--password-file",
                         str(tmp_path / "wrong"), "--state-dir", str(tmp_path / "h1"),
                         "--trust-key", str(controller_dir / "controller.pub")],
-                       capture_output=True, text=True, timeout=30)
+                       capture_output=True, text=True, timeout=90)
     assert r.returncode == 3 and "refused" in r.stderr.strip().splitlines()[-1], r.stderr
 
 

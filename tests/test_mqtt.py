@@ -181,3 +181,19 @@ def test_topic_prefixes(prefix: str, fragment: str | None) -> None:
 def test_share_group_names_nats_or_mqtt_would_refuse(group: str) -> None:
     with pytest.raises(InputError, match="share group"):
         Topics().shared(group, "fleet/v1/host/+/events")
+
+
+def test_hosts_add_prints_the_cluster_and_the_mqtt_version_without_credentials() -> None:
+    import argparse
+
+    from controller.cmd_security import agent_config
+    args = argparse.Namespace(broker="mqtt://ctl:pw@n1:1883,mqtt://n2:1883", agent_broker=None,
+                              mqtt_version="3.1.1")
+    argv, nixos = agent_config(args, "web1")
+    assert argv[argv.index("--broker") + 1] == "mqtt://n1:1883,mqtt://n2:1883"
+    assert argv[argv.index("--mqtt-version") + 1] == "3.1.1"
+    assert 'broker = "mqtt://n1:1883,mqtt://n2:1883";' in nixos
+    assert 'mqttVersion = "3.1.1";' in nixos and "pw" not in nixos + " ".join(argv)
+    args.mqtt_version = "5"
+    argv, nixos = agent_config(args, "web1")
+    assert "--mqtt-version" not in argv and "mqttVersion" not in nixos
