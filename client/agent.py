@@ -32,7 +32,7 @@ from protocol.broker import BrokerCluster
 from protocol.codec import decode, encode
 from protocol.errors import BrokerRefused, ProtocolError
 from protocol.models import Answer, Confirm, Desired, HostState, Prompt
-from protocol.mqtt import client_id
+from protocol.mqtt import Backoff, client_id
 from protocol.outcomes import phase_of
 from protocol.signing import verify
 from protocol.topics import Topics
@@ -89,6 +89,7 @@ class Agent:
             will=Retained(self.topics.online(self.host), b"offline"),
             on_connect=self._on_connect,
             extra_client_kwargs=config.client_kwargs,
+            retry_latest=(self.topics.desired(self.host),),
         )
         self.reporter = Reporter(self.host, self.topics, self.session.publish, state.starts)
         if self.ha is not None:
@@ -102,6 +103,7 @@ class Agent:
             "phase": "idle" if last is None else phase_of(last.status),
         })
         self._pending: Desired | None = None
+        self._queued_backoff = Backoff(base=0.5, cap=30.0)
         self._wake = asyncio.Event()
         self._confirms: dict[str, asyncio.Future[Confirm]] = {}
         self.runner: DeploymentRunner | None = None
@@ -274,8 +276,7 @@ class Agent:
                 await self._wake.wait()
                 self._wake.clear()
                 if self._pending is not None:
-                    pending, self._pending = self._pending, None
-                    await self._admit(pending)
+                    await self._admit_queued()
                 continue
             try:
                 desired: Desired = decode(active.desired, expect=(Desired,))
@@ -295,6 +296,22 @@ class Agent:
             self.finished.append(result)
             if self._pending is not None:
                 self._wake.set()
+
+    async def _admit_queued(self) -> None:
+        """The queued desired state, once the host is free; kept (and tried again with
+        backoff) when accepting it fails, never dropped."""
+        pending, self._pending = self._pending, None
+        assert pending is not None
+        try:
+            await self._admit(pending)
+            self._queued_backoff.reset()
+        except Exception:
+            log.exception("%s: cannot accept queued generation %d yet; will retry",
+                          self.host, pending.generation)
+            if self._pending is None:
+                self._pending = pending
+            await asyncio.sleep(self._queued_backoff.next_delay())
+            self._wake.set()
 
     async def _prompt_changed(self, prompt: Prompt | None) -> None:
         if self.ha is not None:

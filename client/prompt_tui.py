@@ -35,6 +35,14 @@ class Cancelled(Exception):
     """The person backed out (exit 1)."""
 
 
+def outcome_line(ok: bool, message: str) -> str:
+    """`accepted` (or `accepted; still open: …`), `refused: why`; never `accepted: accepted`."""
+    word = "accepted" if ok else "refused"
+    if message == word or message.startswith(word):
+        return message
+    return f"{word}: {message}"
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR,
                    help="the agent's state directory (holds control.sock)")
@@ -219,7 +227,7 @@ def interactive(client: ControlClient, ask: Ask, say: Callable[[str], None]) -> 
     else:
         choices = choose(prompt, ask, say, time.time())
         ok, message = client.answer(prompt.prompt_id, choices)
-    say(("accepted: " if ok else "refused: ") + message)
+    say(outcome_line(ok, message))
     return EXIT_OK if ok else EXIT_REFUSED
 
 
@@ -230,7 +238,7 @@ def scripted_answer(client: ControlClient, args: list[str], say: Callable[[str],
         say(f"refused: {problem}")
         return EXIT_REFUSED
     ok, message = client.answer(prompt_id, choices)
-    say(("accepted: " if ok else "refused: ") + message)
+    say(outcome_line(ok, message))
     return EXIT_OK if ok else EXIT_REFUSED
 
 
@@ -257,7 +265,7 @@ def run(args: argparse.Namespace, stdin: TextIO | None = None,
             return scripted_answer(client, args.answer, say)
         if args.approve:
             ok, message = client.approve()
-            say(("accepted: " if ok else "refused: ") + message)
+            say(outcome_line(ok, message))
             return EXIT_OK if ok else EXIT_REFUSED
         if not inp.isatty():
             raise Usage("stdin is not a terminal; use --answer PROMPT_ID STEP.ITEM=CHOICE ..."

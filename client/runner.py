@@ -88,6 +88,7 @@ class DeploymentRunner:
         self.prompt: Prompt | None = None
         self._answered: asyncio.Future[dict[str, str]] | None = None
         self.on_prompt: list[Callable[[Prompt | None], Awaitable[None]]] = []
+        self._before = ctx.reporter.state  # what the host reported before this deployment
         self.output = DeploymentLog(ctx.state_dir, desired.deployment_id, self._send_log)
 
     async def _send_log(self, lines: list[LogLine], dropped: int) -> None:
@@ -191,13 +192,22 @@ class DeploymentRunner:
                 return await self.finish("failed", message)
             if d.check_only:
                 return await self.finish("succeeded", "checks ran; nothing was switched")
+            if d.action == "dry-activate":
+                would = (self.active.done.get("dry-activate") or {}).get("would") or []
+                return await self.finish("succeeded", "dry-activate: " + (
+                    "; ".join(would) if would else "nothing would change") +
+                    " (nothing was switched)")
             if d.rollback:
                 prev = self.active.done.get("rollback-previous") or {}
                 return await self.finish("succeeded", prev.get("message", "rolled back"),
                                          system=prev.get("system"))
             needs_reboot = self.needs_reboot
-            return await self.finish("succeeded", f"{d.action} to generation {d.generation}",
-                                     system=d.system, needs_reboot=needs_reboot)
+            restart = bool((self.active.done.get("switch") or {}).get("restart_agent"))
+            result = await self.finish("succeeded", f"{d.action} to generation {d.generation}",
+                                       system=d.system, needs_reboot=needs_reboot)
+            if restart:
+                await self.restart_agent()
+            return result
         except StateError as exc:
             # The journal cannot record what we do: stop. If the failure itself can be
             # recorded (the reserve freed a little space) the deploy ends cleanly as failed;
@@ -224,6 +234,9 @@ class DeploymentRunner:
         await self.stage("check", self.check)
         await self.phase("checked")
         if self.d.check_only:
+            return
+        if self.d.action == "dry-activate":
+            await self.stage("dry-activate", lambda: self.dry_activate(toplevel))
             return
         items, answers = self.items, self.answers
         await self.stage("choose", self.choose, needed=bool(
@@ -264,7 +277,8 @@ class DeploymentRunner:
 
         line = self._program_lines("fetch")
 
-        toplevel = await self.ctx.backend.fetch(self.d.system, self.ctx.host, line)
+        toplevel = await self.ctx.backend.fetch(self.d.system, self.ctx.host, line,
+                                                cache=self.d.cache)
         await self.phase("fetched")
         return toplevel
 
@@ -397,7 +411,13 @@ class DeploymentRunner:
         line = self._program_lines("switch")
 
         backend = self.ctx.backend
-        outcome = await backend.switch(toplevel, self.d.action, line)
+        outcome = await backend.switch(toplevel, self.d.action, line,
+                                       install_bootloader=self.d.install_bootloader)
+        if outcome.inhibited:
+            raise DeployFailed(
+                f"switch-to-configuration {self.d.action} refused by switch inhibitors "
+                "(nothing was activated; the boot default is unchanged): deploy with "
+                "--action boot and reboot to take this system", status="blocked")
         needs_reboot = activation_needs_reboot(self.d.action, outcome.reboot_required,
                                                backend.needs_reboot(toplevel),
                                                backend.current_system(), toplevel)
@@ -405,7 +425,37 @@ class DeploymentRunner:
             await self.progress("switch", "switch-to-configuration: some units failed (exit 4)")
             raise DeployFailed("activation finished but some units failed (exit 4)",
                                rollback=True)
-        return {"exit_code": outcome.exit_code, "needs_reboot": needs_reboot}
+        restart_agent = self.d.action in ("switch", "test") and backend.agent_unit_changed(
+            self.active.previous_system, toplevel)
+        return {"exit_code": outcome.exit_code, "needs_reboot": needs_reboot,
+                "restart_agent": restart_agent}
+
+    async def restart_agent(self) -> None:
+        """The new system has another agent unit: restart into it now that the result
+        is journaled and published (like comin). A failure leaves the old agent running,
+        which is still correct, only older."""
+        log.info("%s: the agent's unit changed with this system; restarting the agent",
+                 self.ctx.host)
+        try:
+            await self.ctx.backend.restart_agent()
+        except BackendError as exc:
+            log.warning("%s: %s (the new agent starts at the next boot)", self.ctx.host, exc)
+
+    async def dry_activate(self, toplevel: str) -> dict[str, Any]:
+        """switch-to-configuration dry-activate: what a switch would stop, restart, start
+        or reload, reported; nothing is switched and the profile is untouched."""
+        await self.progress("switch", "switch-to-configuration dry-activate")
+        would: list[str] = []
+
+        async def line(msg: str) -> None:
+            if msg.startswith("would "):
+                would.append(msg)
+            await self.progress("switch", msg)
+
+        outcome = await self.ctx.backend.switch(toplevel, "dry-activate", line)
+        if outcome.inhibited:
+            would.append("a switch would be refused by switch inhibitors (boot would work)")
+        return {"would": would}
 
     async def reboot(self, toplevel: str) -> dict[str, Any]:
         """Reboot when needed and the policy says so. The boot id is journaled first, so
@@ -613,6 +663,14 @@ class DeploymentRunner:
                                        system or self.ctx.backend.current_system(),
                                        needs_reboot, self.output.tail)
         await self.ctx.reporter.prompt(None)
+        if d.check_only:  # a check is no deploy: the host's reported status stays as it was
+            b = self._before
+            await self.ctx.reporter.host_state(
+                phase=b.phase, last_result=b.last_result, message=b.message,
+                deployment_id=b.deployment_id, rollout_id=b.rollout_id,
+                desired_generation=b.desired_generation, percent=None, step=None,
+                open_prompt=None)
+            return st.results[d.deployment_id]
         await self.phase(phase_of(status), last_result=status, message=message,
                          system=self.ctx.backend.current_system() or st.system,
                          generation=st.generation, needs_reboot=needs_reboot, percent=None,

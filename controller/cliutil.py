@@ -16,6 +16,7 @@ from controller.deploy import ControllerContext
 from controller.inventory import Inventory, load_inventory
 from protocol.broker import BrokerCluster, read_password_file
 from protocol.errors import UsageError
+from protocol.mqtt import parse_mqtt_version
 from protocol.topics import Topics
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BROKER = 0, 1, 2, 3
@@ -42,7 +43,13 @@ def broker_cluster(args: argparse.Namespace) -> BrokerCluster:
     """--broker (one URL or a cluster's comma-separated URLs), --mqtt-version and
     --connect-timeout, plus --username/--password-file and the TLS files; the password
     is only ever held in the BrokerAddress, whose str() and repr() hide it."""
-    broker = BrokerCluster.parse(args.broker, args.mqtt_version, args.connect_timeout)
+    try:
+        connect_timeout = float(args.connect_timeout)
+    except ValueError:
+        raise UsageError(f"invalid --connect-timeout {args.connect_timeout!r} "
+                         "(env FLEET_CONNECT_TIMEOUT): give seconds") from None
+    broker = BrokerCluster.parse(args.broker, parse_mqtt_version(args.mqtt_version),
+                                 connect_timeout)
     first = broker.addresses[0]
     if args.password_file is not None:
         password = read_password_file(args.password_file)
@@ -76,4 +83,9 @@ def table(columns: list[str], rows: list[list[str]]) -> Table:
 
 
 def inventory(args: argparse.Namespace) -> Inventory:
+    """fleet.toml; without one, the hosts and tags of `--flake` (a fleet.toml wins)."""
+    flake = getattr(args, "flake", None)
+    if flake and not args.inventory.exists():
+        from controller.nixbuild import flake_inventory
+        return flake_inventory(flake)
     return load_inventory(args.inventory)

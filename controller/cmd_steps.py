@@ -33,9 +33,11 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
                        help="undo each host's last deployment: restore its dumps, then the "
                             "previous generation")
     b.add_argument("selector")
-    b.add_argument("--timeout", type=float, default=600.0)
+    b.add_argument("--timeout", type=float, default=600.0,
+                   help="seconds to wait for all hosts")
     b.add_argument("--batch", help="N hosts or P%% per batch")
-    b.add_argument("--max-parallel", type=int)
+    b.add_argument("--max-parallel", type=int, help="hosts rolling back at once "
+                   "(default: a whole batch)")
     b.set_defaults(func=cmd_rollback)
 
 
@@ -44,6 +46,16 @@ def _answered_by() -> str:
         return f"fleetctl:{getpass.getuser()}@{socket.gethostname()}"
     except (KeyError, OSError):
         return f"fleetctl:?@{socket.gethostname()}"
+
+
+def answer_command(row: dict[str, Any]) -> str:
+    """The command that answers a listed prompt (approval prompts: `fleetctl approve`)."""
+    host, pid = row["host"], row["prompt_id"]
+    if row["kind"] == "approval":
+        return f"fleetctl approve {host}"
+    pairs = " ".join(f"{i['step']}.{i['id']}={'|'.join(c['id'] for c in i['choices'])}"
+                     for i in row["items"] if i["choices"])
+    return f"fleetctl answer {host} {pid} {pairs or 'STEP.ITEM=CHOICE ...'}"
 
 
 async def cmd_prompts(args: argparse.Namespace) -> int:
@@ -64,9 +76,9 @@ async def cmd_prompts(args: argparse.Namespace) -> int:
             for c in item["choices"]:
                 mark = " [red](destructive)[/]" if c["destructive"] else ""
                 default = " [green](default)[/]" if c["id"] == item["default"] else ""
-                console.print(f"    - {c['id']}: {c['label']} {c['description']}{mark}{default}")
-        console.print(f"  answer: fleetctl answer {row['host']} {row['prompt_id']} "
-                      "STEP.ITEM=CHOICE ...")
+                text = " — ".join(x for x in (c["label"], c["description"]) if x)
+                console.print(f"    - {c['id']}{': ' + text if text else ''}{mark}{default}")
+        console.print(f"  answer: {answer_command(row)}", markup=False)
     return cliutil.EXIT_OK
 
 

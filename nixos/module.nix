@@ -3,7 +3,8 @@
 # Steps are rendered to $toplevel/flotilla/steps.json (the schema of protocol/steps.py),
 # so the agent can run the *new* system's checks before switching to it. The service is
 # never restarted or stopped by a switch (like system.autoUpgrade): the agent is the one
-# running that switch, and a restart mid-deploy would cut its own rollback short.
+# running that switch, and a restart mid-deploy would cut its own rollback short; when
+# its unit changed, the agent restarts itself once the deployment is recorded.
 { config, lib, pkgs, ... }:
 
 let
@@ -113,8 +114,10 @@ let
   keyFiles = map (k: "${keyFile k}") cfg.trustedKeys;
   trustFile = "/run/flotilla-agent/trusted-keys.pem";
 
-  # systemd expands %-specifiers inside ExecStart: escape them in our values.
-  arg = v: lib.escapeShellArg (builtins.replaceStrings [ "%" ] [ "%%" ] v);
+  # ExecStart is parsed by systemd, not a shell: quote like nixpkgs'
+  # utils.escapeSystemdExecArg (a JSON string, which systemd's C-style quoting reads;
+  # `%` doubled so no specifier expands, `$` doubled so no variable does).
+  arg = v: builtins.replaceStrings [ "%" "$" ] [ "%%" "$$" ] (builtins.toJSON v);
   agentArgs =
     map arg ([ "run" "--backend" "nixos" "--host" cfg.host "--broker" cfg.broker
                "--state-dir" cfg.stateDir "--trust-key" trustFile ]
@@ -183,6 +186,16 @@ in
       description = ''
         Controller public keys (ed25519 PEM) whose signatures the agent accepts:
         files (paths, or absolute path strings read at service start) or PEM text.
+      '';
+    };
+
+    tags = mkOption {
+      type = types.listOf (types.strMatching "[^,]+");
+      default = [ ];
+      example = [ "web" "eu" ];
+      description = ''
+        This host's tags in the fleet: with no fleet.toml, `fleetctl --flake REF` reads them
+        from each nixosConfiguration, so `@web` selects from the flake alone.
       '';
     };
 

@@ -203,6 +203,8 @@ def test_live_50_host_rollout_in_chromium(make_fleet, serve, browser, tmp_path: 
     assert bars == [[25, 25]] * 2
     assert page.locator("#failures .failure").count() == out["failed"]
     assert failed[0] in page.inner_text("#failures")
+    # with the last lines of its deployment log, as `fleetctl logs` shows them
+    assert "[switch] switch-to-configuration switch" in page.inner_text("#failures pre.log")
     detail = api(server, f"/api/rollouts/{rid}")
     show = finish(cli["show"])[1]
     assert {k: detail[k] for k in show} == show
@@ -282,6 +284,7 @@ def test_prompt_answered_by_clicking(make_fleet, serve, browser, tmp_path: Path)
     assert [a["by"] for a in answers] == ["web:local", "web:local"], answers
     page.wait_for_selector("#hostinfo.phase-succeeded")
     assert "No open prompt" in page.inner_text("#prompt")
+    assert "fleetctl logs pg1 --deployment" in page.inner_text("#hostlog")
     page.close()
 
 
