@@ -47,11 +47,13 @@ class ActiveDeployment:
     generation: int
     desired: bytes
     previous_system: str | None
+    previous_generation: int = 0
     started: set[str] = field(default_factory=set)
     done: dict[str, Any] = field(default_factory=dict)
     answers: dict[str, str] = field(default_factory=dict)
     answer_sources: dict[str, str] = field(default_factory=dict)
     prompts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    prompt_answers: dict[str, dict[str, str]] = field(default_factory=dict)
     closed_prompts: set[str] = field(default_factory=set)
     step_runs: dict[str, int] = field(default_factory=dict)
     notes: dict[str, Any] = field(default_factory=dict)
@@ -80,6 +82,7 @@ class JournalState:
             self.active = ActiveDeployment(
                 deployment_id=rec["deployment_id"], generation=rec["generation"],
                 desired=base64.b64decode(rec["desired"]), previous_system=rec.get("previous"),
+                previous_generation=rec.get("previous_generation", self.generation),
             )
             self.highest_generation = max(self.highest_generation, rec["generation"])
         elif kind == "result":
@@ -91,7 +94,10 @@ class JournalState:
             self.results[r.deployment_id] = r
             self.last_result = r
             self.highest_generation = max(self.highest_generation, r.generation)
-            if r.status == "succeeded" and r.system is not None:
+            if rec.get("installed") is not None:
+                # A rollback names what the host runs now, even "nothing we deployed".
+                self.system, self.generation = r.system, rec["installed"]
+            elif r.status == "succeeded" and r.system is not None:
                 self.system, self.generation = r.system, r.generation
             if a is not None and a.deployment_id == r.deployment_id:
                 self.last_deployment = a
@@ -114,8 +120,11 @@ class JournalState:
             a.prompts[rec["prompt_id"]] = rec["prompt"]
         elif kind == "answer":
             a.answers.update(rec["choices"])
+            a.prompt_answers.setdefault(rec["prompt_id"], {}).update(rec["choices"])
             for key in rec["choices"]:
                 a.answer_sources[key] = rec.get("source", "")
+            if rec.get("deferred_until") is not None:
+                a.notes["deferred_until"] = rec["deferred_until"]
             if rec.get("complete", True):
                 a.closed_prompts.add(rec["prompt_id"])
         elif kind == "note":
@@ -135,9 +144,10 @@ _REQUIRED: dict[str, dict[str, type]] = {
     "note": {"key": str},
 }
 _OPTIONAL: dict[str, dict[str, tuple[type, ...]]] = {
-    "accept": {"previous": (str, type(None))},
-    "result": {"message": (str,), "system": (str, type(None)), "needs_reboot": (bool,)},
-    "answer": {"source": (str,)},
+    "accept": {"previous": (str, type(None)), "previous_generation": (int,)},
+    "result": {"message": (str,), "system": (str, type(None)), "needs_reboot": (bool,),
+               "installed": (int,)},
+    "answer": {"source": (str,), "deferred_until": (int, float, type(None))},
 }
 
 

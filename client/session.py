@@ -47,7 +47,7 @@ class AgentSession:
 
     def __init__(
         self,
-        broker: BrokerCluster,
+        broker: BrokerCluster | BrokerAddress,
         client_id: str,
         subscriptions: list[tuple[str, int]],
         handler: Handler,
@@ -56,14 +56,14 @@ class AgentSession:
         extra_client_kwargs: dict[str, Any] | None = None,
         retry_latest: tuple[str, ...] = (),
     ) -> None:
-        self.broker = broker
+        self.broker = BrokerCluster.of(broker)  # a BrokerAddress is a one-node cluster
         self.client_id = client_id
         self.subscriptions = subscriptions
         self.handler = handler
         self.will = will
         self.on_connect = on_connect
         self.extra = extra_client_kwargs or {}
-        self.failover = Failover(len(broker.addresses))
+        self.failover = Failover(len(self.broker.addresses))
         self.connected = asyncio.Event()
         self._lost: asyncio.Future[None] | None = None  # resolves when this connection ends
         self.connections = 0

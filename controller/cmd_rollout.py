@@ -70,6 +70,10 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     comp = ss.add_parser("compact", parents=[common],
                          help="replace the log by one snapshot entry (atomic)")
     comp.set_defaults(func=cmd_state_compact)
+    rep = ss.add_parser("repair", parents=[common],
+                        help="rebuild a damaged log from every readable entry (the damaged "
+                             "file is kept aside)")
+    rep.set_defaults(func=cmd_state_repair)
 
 
 def _eventlog(args: argparse.Namespace) -> EventLog:
@@ -290,6 +294,20 @@ def cmd_state_show(args: argparse.Namespace) -> int:
         print(json.dumps(doc, separators=(",", ":")))
     else:
         print(json.dumps(doc, indent=2))
+    return cliutil.EXIT_OK
+
+
+def cmd_state_repair(args: argparse.Namespace) -> int:
+    report = _eventlog(args).repair()
+    if args.json:
+        cliutil.emit_json({"kept": report.kept, "skipped": report.skipped,
+                           "damaged_copy": str(report.damaged_copy)})
+    else:
+        print(f"rebuilt {_eventlog(args).path} from {report.kept} readable "
+              f"entr{'y' if report.kept == 1 else 'ies'}; skipped {len(report.skipped)}; "
+              f"the damaged file is kept as {report.damaged_copy}")
+        for line in report.skipped[:10]:
+            print(f"  skipped {line}")
     return cliutil.EXIT_OK
 
 

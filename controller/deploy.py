@@ -111,6 +111,9 @@ class ControllerContext:
     client_kwargs: dict[str, Any] = field(default_factory=dict)
     share_group: str | None = None
 
+    def __post_init__(self) -> None:
+        self.broker = BrokerCluster.of(self.broker)  # a BrokerAddress is a one-node cluster
+
     @property
     def eventlog(self) -> EventLog:
         return EventLog(self.state_dir)

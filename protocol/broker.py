@@ -226,6 +226,11 @@ class BrokerCluster:
             raise UsageError("no broker address given")
 
     @classmethod
+    def of(cls, broker: BrokerCluster | BrokerAddress) -> BrokerCluster:
+        """`broker` as a cluster (a single BrokerAddress: a cluster of one node)."""
+        return broker if isinstance(broker, BrokerCluster) else cls((broker,))
+
+    @classmethod
     def parse(cls, text: str, version: MqttVersion = DEFAULT_MQTT_VERSION,
               connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S) -> BrokerCluster:
         if not connect_timeout > 0:

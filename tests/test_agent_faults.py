@@ -7,6 +7,7 @@ agent keeps serving deploys with the right outcome.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -25,7 +26,11 @@ from typing import Any
 import pytest
 
 from client.control import ControlClient, ControlError, socket_path
-from tests.helpers import Fleet, deploy_bg, finish, wait_for
+from protocol.codec import decode, encode
+from protocol.models import Confirm
+from protocol.signing import sign
+from protocol.topics import Topics
+from tests.helpers import Fleet, Listener, deploy_bg, finish, publish, wait_for
 from tests.stepsys import script
 
 
@@ -239,3 +244,49 @@ def test_a_corrupt_journal_record_is_refused_and_repair_never_reruns_a_step(
     assert sorted(starts) == ["a start", "b start"]  # neither ran a second time
     _, rows = fleet.fleetctl_json("status", "h1")
     assert "interrupted while running" in rows[0]["message"]
+
+
+async def test_a_controller_confirm_from_another_round_is_refused(
+        make_fleet: Any, signing_key: Any) -> None:
+    """Issue 11 item 10: `--confirm controller` accepted any signed controller Confirm for
+    the generation. Here nobody runs the driver (--no-wait); the test replays a signed
+    controller Confirm for the right generation but another round's nonce: refused, so
+    the deploy rolls back; the same Confirm with this round's nonce is accepted."""
+    fleet = make_fleet({"h1": ["x"]})
+    fleet.start_agent("h1")
+    await asyncio.to_thread(online, fleet, "h1")
+    topic = Topics(fleet.prefix).confirm("h1")
+    async with Listener(fleet.broker_url, topic) as probes:
+        for system, replay, outcome in (("/sys/c-1", True, "rolled_back"),
+                                        ("/sys/c-2", False, "succeeded")):
+            seen = len(probes.raw)
+            _, rows = await asyncio.to_thread(fleet.fleetctl_json, "status", "h1")
+            before = rows[0]["deployment"]
+            rc, out = await asyncio.to_thread(
+                fleet.fleetctl_json, "deploy", "h1", "--system", system, "--confirm",
+                "controller", "--confirm-timeout", "8", "--no-wait")
+            assert rc == 0, out
+
+            def probe(seen: int = seen) -> Confirm | None:
+                for _, raw in probes.raw[seen:]:
+                    c: Confirm = decode(raw, expect=(Confirm,))
+                    if c.source == "agent":
+                        return c
+                return None
+
+            asked = await asyncio.to_thread(wait_for, probe, 30, 0.05, "the agent's probe")
+            nonce = "0123456789abcdef" * 2 if replay else asked.nonce
+            answer = sign(Confirm(host="h1", generation=asked.generation, nonce=nonce,
+                                  source="controller"), signing_key)
+            await publish(fleet.broker_url, topic, encode(answer))
+
+            def ended(before: Any = before) -> str | None:
+                _, rows = fleet.fleetctl_json("status", "h1")
+                row = rows[0]
+                new = row["deployment"] != before and row["phase"] not in (None, "acked")
+                terminal = row["result"] in ("succeeded", "rolled_back", "failed")
+                return row["result"] if new and terminal else None
+
+            row = await asyncio.to_thread(wait_for, ended, 60, 0.2, f"{system} to end")
+            assert row == outcome, (system, row)
+    assert "answers no open confirm round (replayed or late)" in agent_log(fleet, "h1")

@@ -340,3 +340,26 @@ def test_package_metadata_uses_an_spdx_license() -> None:
     # `license = {text = ...}` makes setuptools print a screen of deprecation warnings
     assert meta["project"]["license"] == "MIT"
     assert any(r.startswith("setuptools>=77") for r in meta["build-system"]["requires"])
+
+
+def test_state_repair_recovers_a_log_with_a_corrupt_middle_line(capsys, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from controller import store
+    from controller.eventlog import EventLog
+    log = EventLog(tmp_path)
+    for i in range(4):
+        log.append("rollout-created", store.create_rollout(
+            log.doc, f"r{i}", "@web", "/nix/store/x", "switch", {}, [["w1"]]))
+    lines = log.path.read_text().splitlines()
+    lines[2] = lines[2][:40] + "#garbage"  # a corrupt line in the middle
+    log.path.write_text("\n".join(lines) + "\n")
+    code, _, err = fleetctl_main(capsys, "rollouts", "--state-dir", str(tmp_path))
+    assert code == 2 and "fleetctl state repair" in err, err
+    # the README's old recipe, removing the line, left `index 3 follows 1`; repair works
+    code, out, err = fleetctl_main(capsys, "state", "repair", "--state-dir", str(tmp_path))
+    assert code == 0 and "skipped 1" in out, out + err
+    code, out, _ = fleetctl_main(capsys, "rollouts", "--json", "--state-dir", str(tmp_path))
+    assert code == 0 and [r["id"] for r in json.loads(out)] == ["r0", "r2", "r3"]
+    assert list(tmp_path.glob("state.jsonl.damaged-*"))
+    log.append("rollout-created", store.create_rollout(
+        EventLog(tmp_path).load(), "r9", "@web", "/nix/store/x", "switch", {}, [["w1"]]))
+    assert "r9" in EventLog(tmp_path).load()["rollouts"]
