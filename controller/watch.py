@@ -99,6 +99,7 @@ class Watcher:
             dep = hr.get("deployment_id")
             if dep is not None and dep != v.deployment_id:
                 self._new_attempt(v, dep, int(hr.get("generation") or 0), hr.get("started"))
+                v = self.views[h]
             if hr.get("result") is not None and v.result is None and dep == v.deployment_id:
                 v.result = v.phase = hr["result"]
                 v.message, v.finished = hr.get("message", ""), hr.get("finished")

@@ -676,7 +676,7 @@ AGENT_TOPICS = Topics("fleet/v1")
 AGENT_HOST = "a1"
 OWN_TOPICS = [AGENT_TOPICS.desired(AGENT_HOST), AGENT_TOPICS.answer(AGENT_HOST),
               AGENT_TOPICS.confirm(AGENT_HOST)]
-SIGNED = [encode(sign(m, KEY)) for m in (
+SIGNED_PAYLOADS = [encode(sign(m, KEY)) for m in (
     Desired(host=AGENT_HOST, deployment_id="d1", generation=1, system="/s", issued_at=1.0),
     Desired(host="other", deployment_id="d2", generation=2, system="/s", issued_at=1.0),
     Answer(host=AGENT_HOST, prompt_id="p", choices={"a.b": "c"}, issued_at=1.0),
@@ -726,10 +726,10 @@ def accepts(state_dir: Path) -> int:
 
 @PROFILE
 @given(st.sampled_from(OWN_TOPICS) | TOPIC_TEXT,
-       st.binary(max_size=300) | st.sampled_from(SIGNED) | ENVELOPES.map(msgpack.packb))
+       st.binary(max_size=300) | st.sampled_from(SIGNED_PAYLOADS) | ENVELOPES.map(msgpack.packb))
 @example(AGENT_TOPICS.desired(AGENT_HOST), b"")
-@example(AGENT_TOPICS.desired(AGENT_HOST), SIGNED[1])    # signed, but for another host
-@example(AGENT_TOPICS.confirm(AGENT_HOST), SIGNED[3])    # a confirm nobody asked for
+@example(AGENT_TOPICS.desired(AGENT_HOST), SIGNED_PAYLOADS[1])    # signed, but for another host
+@example(AGENT_TOPICS.confirm(AGENT_HOST), SIGNED_PAYLOADS[3])    # a confirm nobody asked for
 @counted
 def test_agent_handles_any_topic_and_payload(topic: str, payload: bytes) -> None:
     import aiomqtt
@@ -742,7 +742,7 @@ def test_agent_handles_any_topic_and_payload(topic: str, payload: bytes) -> None
     before, sent_before = accepts(state_dir), len(sent)
     loop.run_until_complete(agent._handle(message))
     if accepts(state_dir) > before:
-        assert (topic, payload) == (AGENT_TOPICS.desired(AGENT_HOST), SIGNED[0])
+        assert (topic, payload) == (AGENT_TOPICS.desired(AGENT_HOST), SIGNED_PAYLOADS[0])
     for sent_topic, _ in sent[sent_before:]:  # anything it said went to its own subtree
         assert sent_topic.startswith(f"fleet/v1/host/{AGENT_HOST}/")
 
