@@ -54,9 +54,10 @@ class Reporter:
         await self.event(Ack, deployment_id, generation)
 
     async def rejected(self, deployment_id: str | None, generation: int, reason: str,
-                       message: str) -> None:
+                       message: str, unverified: bool = False) -> None:
         log.warning("%s: rejected desired state (%s): %s", self.host, reason, message)
-        await self.event(Rejected, deployment_id, generation, reason=reason, message=message)
+        await self.event(Rejected, deployment_id, generation, reason=reason, message=message,
+                         unverified=unverified)
         if deployment_id is not None:
             await self.host_state(rejected=RejectNote(deployment_id=deployment_id,
                                                       generation=generation, reason=reason,

@@ -24,6 +24,7 @@ from controller.monitor import (
     render,
 )
 from controller.planner import RolloutPolicy
+from controller.systemref import check_system
 from protocol.errors import UsageError
 from protocol.models import DeployPolicy
 
@@ -117,7 +118,8 @@ def build_request(args: argparse.Namespace) -> DeployRequest:
     if args.timeout <= 0:
         raise UsageError("--timeout must be positive")
     return DeployRequest(
-        selector=args.selector, hosts=hosts, system=args.system, action=args.action,
+        selector=args.selector, hosts=hosts, system=check_system(args.system),
+        action=args.action,
         timeout=args.timeout, choices=parse_choices(args.choose),
         agent_policy=agent_policy(args), rollout=rollout_policy(args, inv.rollout),
         check_only=args.check, expires_in=args.expires_in)

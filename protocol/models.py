@@ -114,9 +114,14 @@ class Ack(Event):
 
 
 class Rejected(Event):
+    """A desired state (or answer) the agent refused. When its signature did not verify,
+    `deployment_id` and `generation` are still those its body claims, so the controller
+    can count that host as rejected at once; `unverified` says they are only claims."""
+
     TYPE: ClassVar[str] = "rejected"
     reason: str
     message: str
+    unverified: bool = False
 
 
 class Progress(Event):
