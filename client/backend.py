@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Protocol
 
 from protocol.errors import FlotillaError
+from protocol.models import BinaryCache
 
 log = logging.getLogger(__name__)
 ProgressFn = Callable[[str], Awaitable[None]]
@@ -46,11 +47,14 @@ class BackendError(FlotillaError):
 
 @dataclass(frozen=True)
 class SwitchOutcome:
-    """What switch-to-configuration said: exit 4 = some units failed, 100 = reboot."""
+    """What switch-to-configuration said: exit 4 = some units failed; `inhibited` = the
+    switch was refused by switch inhibitors (nothing activated; `boot` would work);
+    `reboot_required` = the backend knows a reboot must follow."""
 
     exit_code: int = 0
     units_failed: bool = False
     reboot_required: bool = False
+    inhibited: bool = False
 
 
 @dataclass(frozen=True)
@@ -87,11 +91,14 @@ class SystemBackend(Protocol):
     def boot_id(self) -> str:
         """Changes on every boot; a journaled reboot is complete when it differs."""
 
-    async def fetch(self, system: str, host: str, progress: ProgressFn) -> str:
-        """Make `system` (store path or flake ref) present; return its toplevel path."""
+    async def fetch(self, system: str, host: str, progress: ProgressFn,
+                    cache: BinaryCache | None = None) -> str:
+        """Make `system` (store path or flake ref) present, from `cache` (signatures
+        checked against its key) when given; return its toplevel path."""
 
-    async def switch(self, toplevel: str, action: str, progress: ProgressFn) -> SwitchOutcome:
-        """Activate `toplevel` with `action` (switch, boot, test)."""
+    async def switch(self, toplevel: str, action: str, progress: ProgressFn,
+                     install_bootloader: bool = False) -> SwitchOutcome:
+        """Activate `toplevel` with `action` (switch, boot, test, dry-activate)."""
 
     async def rollback(self, previous: str | None, progress: ProgressFn) -> None:
         """Return to the previous generation (profile and activation)."""

@@ -24,6 +24,7 @@ from client.backend import (
     SwitchOutcome,
     run_subprocess,
 )
+from protocol.models import BinaryCache
 
 
 @dataclass(frozen=True)
@@ -73,19 +74,24 @@ class SimulatedBackend:
             f.write_text(str(uuid.uuid4()))
         return f.read_text().strip()
 
-    async def fetch(self, system: str, host: str, progress: ProgressFn) -> str:
+    async def fetch(self, system: str, host: str, progress: ProgressFn,
+                    cache: BinaryCache | None = None) -> str:
         if self.settings.fetch_delay:
             await asyncio.sleep(self.settings.fetch_delay)
         if self._fails("fetch", system):
             raise BackendError(f"simulated fetch failure for {system}")
         return system
 
-    async def switch(self, toplevel: str, action: str, progress: ProgressFn) -> SwitchOutcome:
+    async def switch(self, toplevel: str, action: str, progress: ProgressFn,
+                     install_bootloader: bool = False) -> SwitchOutcome:
         if self.settings.switch_delay:
             await asyncio.sleep(self.settings.switch_delay)
         if self._fails("switch", toplevel):
             raise BackendError(f"simulated activation failure of {toplevel}")
         self.switches.append((toplevel, action))
+        if action == "dry-activate":
+            await progress(f"would activate {toplevel}")
+            return SwitchOutcome()
         if action != "test":
             (self.dir / "profile").write_text(toplevel)
         if action != "boot":

@@ -8,12 +8,14 @@ import re
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console, Group
 from rich.live import Live
 
 from controller import cliutil
+from controller.buildview import add_build_arguments, build_and_push
 from controller.deploy import AskContinue, DeployRequest, Outcome, RolloutDriver
 from controller.monitor import (
     ChangeTracker,
@@ -23,6 +25,7 @@ from controller.monitor import (
     refresh_interval,
     render,
 )
+from controller.nixbuild import load_systems
 from controller.planner import RolloutPolicy
 from controller.systemref import check_system
 from protocol.errors import UsageError
@@ -38,8 +41,20 @@ ROLLOUT_FLAGS = ("canary", "batch", "max_parallel", "max_failures", "min_execute
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("deploy", parents=[common], help="deploy a system to hosts")
     p.add_argument("selector", help="host, @tag or group; comma = union")
-    p.add_argument("--system", required=True, help="store path or flake ref")
-    p.add_argument("--action", choices=["switch", "boot", "test"], default="switch")
+    src = p.add_argument_group("what to deploy: --system, --systems or --flake")
+    src.add_argument("--system", help="one store path or flake ref for every selected host")
+    src.add_argument("--systems", type=Path, metavar="DEPLOY_JSON",
+                     help="each host its own store path: {agents: {host: path}, cache, "
+                          "cache_public_key} as written by 'fleetctl build'")
+    src.add_argument("--build-on", choices=["controller", "host"], default="controller",
+                     help="with --flake: build every host's toplevel here and ship it through "
+                          "--cache (default), or let each host build the flake itself")
+    add_build_arguments(p)
+    p.add_argument("--action", choices=["switch", "boot", "test", "dry-activate"],
+                   default="switch",
+                   help="dry-activate: fetch, check and report what a switch would restart")
+    p.add_argument("--install-bootloader", action="store_true",
+                   help="(re)install the boot loader (NIXOS_INSTALL_BOOTLOADER=1)")
     p.add_argument("--timeout", type=float, default=600.0,
                    help="seconds to wait for all hosts (default 600)")
     p.add_argument("--no-wait", action="store_true", help="return after publishing")
@@ -110,23 +125,68 @@ def agent_policy(args: argparse.Namespace) -> DeployPolicy:
         raise UsageError(f"invalid deploy option: {exc.errors()[0]['msg']}") from None
 
 
+def system_source(args: argparse.Namespace) -> str:
+    """Which of --system, --systems, --flake says what to deploy (exactly one)."""
+    given = [name for name, v in (("--system", args.system), ("--systems", args.systems))
+             if v is not None]
+    if not given:
+        if not args.flake:
+            raise UsageError("say what to deploy: --system PATH|REF, --systems deploy.json "
+                             "or --flake REF")
+        return "--flake"
+    if len(given) > 1:
+        raise UsageError("--system and --systems exclude each other")
+    return given[0]
+
+
 def build_request(args: argparse.Namespace) -> DeployRequest:
+    source = system_source(args)
     inv = cliutil.inventory(args)
     hosts = inv.resolve(args.selector)
     if not hosts:
         raise UsageError(f"selector {args.selector!r} matches no host")
     if args.timeout <= 0:
         raise UsageError("--timeout must be positive")
+    if args.install_bootloader and args.action not in ("switch", "boot"):
+        raise UsageError("--install-bootloader goes with --action switch or boot")
+    system, systems, cache = args.system, {}, None
+    if source == "--system":
+        system = check_system(args.system)
+    elif source == "--systems":
+        loaded = load_systems(args.systems)
+        systems, cache = loaded.for_hosts(hosts, str(args.systems)), loaded.cache
+        system = str(args.systems)
+    elif source == "--flake":
+        system = args.flake  # --build-on host: each host builds REF#nixosConfigurations.HOST
     return DeployRequest(
-        selector=args.selector, hosts=hosts, system=check_system(args.system),
-        action=args.action,
+        selector=args.selector, hosts=hosts, system=system, action=args.action,
         timeout=args.timeout, choices=parse_choices(args.choose),
         agent_policy=agent_policy(args), rollout=rollout_policy(args, inv.rollout),
-        check_only=args.check, expires_in=args.expires_in)
+        check_only=args.check, expires_in=args.expires_in, systems=systems, cache=cache,
+        install_bootloader=args.install_bootloader)
+
+
+async def build_on_controller(args: argparse.Namespace, req: DeployRequest) -> bool:
+    """--flake with --build-on controller: every host's toplevel, pushed to --cache.
+    A failed build or push stops the deploy before anything is published."""
+    run = await build_and_push(args, req.hosts)
+    if not run.ok:
+        for host, message in run.failed.items():
+            print(f"fleetctl: {host}: build failed: {message}", file=sys.stderr)
+        if run.push_message:
+            print(f"fleetctl: push failed: {run.push_message}", file=sys.stderr)
+        print("fleetctl: nothing was deployed", file=sys.stderr)
+        return False
+    req.systems, req.cache = run.systems, run.cache
+    req.system = f"{args.flake} (per host)"
+    return True
 
 
 async def cmd_deploy(args: argparse.Namespace) -> int:
     req = build_request(args)
+    if system_source(args) == "--flake" and args.build_on == "controller" and \
+            not await build_on_controller(args, req):
+        return cliutil.EXIT_FAILED
     ctx = cliutil.context(args, need_key=True)
     driver = RolloutDriver(ctx, req)
     outcome = await run_with_view(args, driver, wait=not args.no_wait)

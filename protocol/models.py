@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from protocol.outcomes import ResultStatus as ResultStatus  # the vocabulary lives there
 from protocol.topics import HOST_NAME_RE
 
-Action = Literal["switch", "boot", "test"]
+Action = Literal["switch", "boot", "test", "dry-activate"]
 Severity = Literal["error", "warning", "recommendation"]
 Stage = Literal[
     "fetch", "check", "choose", "approve", "dump", "migrate", "switch", "reboot", "confirm",
@@ -67,6 +67,18 @@ class DeployPolicy(Model):
         return v
 
 
+NIX_PUBLIC_KEY_RE = re.compile(r"^[A-Za-z0-9._+-]{1,128}:[A-Za-z0-9+/]{43}=$")
+
+
+class BinaryCache(Model):
+    """The binary cache a host fetches its closure from, and the one key (Nix's
+    `name:base64`) the closure must be signed with. Carried in the signed Desired, so a
+    host substitutes only from the cache the controller named."""
+
+    url: str = Field(min_length=1, max_length=2048, pattern=r"^[A-Za-z][A-Za-z0-9+.-]*://\S+$")
+    public_key: str = Field(pattern=NIX_PUBLIC_KEY_RE.pattern)
+
+
 class Desired(Model):
     """What the controller wants a host to run; signed, retained on `desired`."""
 
@@ -83,6 +95,8 @@ class Desired(Model):
     rollback: bool = False
     choices: dict[str, Id] = Field(default_factory=dict)
     policy: DeployPolicy = Field(default_factory=DeployPolicy)
+    cache: BinaryCache | None = None
+    install_bootloader: bool = False
     key_id: str = ""
     signature: bytes = b""
 
