@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 import uuid
 from collections.abc import Callable
@@ -58,7 +59,6 @@ class Watcher:
         self._tracker = ChangeTracker()
         self._changed: set[str] = set()
         self._marker: str | None = None
-        self._reader = MessageReader(ctx.topics)
         self._synced = asyncio.Event()
         self.on_host_change: Callable[[HostView], None] | None = None
         self.on_change: Callable[[Watcher], None] | None = None
@@ -121,6 +121,10 @@ class Watcher:
             self._apply_log(r)
 
     # -- messages ------------------------------------------------------------------------
+    @functools.cached_property
+    def _reader(self) -> MessageReader:
+        return MessageReader(self.ctx.topics)
+
     def on_message(self, message: aiomqtt.Message) -> None:
         topic = str(message.topic)
         if topic == self._marker:
