@@ -17,8 +17,9 @@ from client.backend import BackendError, SystemBackend
 from client.journal import JOURNAL_NAME, check_file, repair_file
 from client.notify import NotifyConfig
 from client.sim import SimSettings, SimulatedBackend
-from protocol.broker import BrokerAddress, parse_broker_url, read_password_file
-from protocol.errors import FlotillaError, UsageError
+from protocol.broker import BrokerCluster, read_password_file
+from protocol.errors import BrokerRefused, FlotillaError, UsageError
+from protocol.mqtt import DEFAULT_MQTT_VERSION, MqttVersion, parse_mqtt_version
 from protocol.prompts import DEFAULT_TONIGHT, parse_hhmm
 from protocol.signing import load_public_keys
 from protocol.topics import DEFAULT_PREFIX, Topics, validate_host
@@ -26,11 +27,23 @@ from protocol.topics import DEFAULT_PREFIX, Topics, validate_host
 EXIT_USAGE, EXIT_BROKER = 2, 3
 
 
+def mqtt_version_arg(text: str) -> MqttVersion:
+    try:
+        return parse_mqtt_version(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--broker", default=os.environ.get("FLEET_BROKER", "mqtt://127.0.0.1:1883"),
                    help="broker URL mqtt://[user[:password]@]host:port (mqtts:// for TLS, ws://,"
-                        " wss://). A password in the URL shows in process listings: use"
-                        " --password-file instead")
+                        " wss://); a cluster's nodes as comma-separated URLs (the first that"
+                        " answers is used, the next on failover). Env FLEET_BROKER. A password"
+                        " in the URL shows in process listings: use --password-file instead")
+    p.add_argument("--mqtt-version", type=mqtt_version_arg,
+                   default=os.environ.get("FLEET_MQTT_VERSION", DEFAULT_MQTT_VERSION),
+                   help="MQTT protocol: 5 (default) or 3.1.1 for brokers that speak only"
+                        " 3.1.1, such as NATS (env FLEET_MQTT_VERSION)")
     p.add_argument("--username", help="broker username (default: the host name)")
     p.add_argument("--password-file", type=Path,
                    help="file holding the broker password (recommended way to pass it)")
@@ -138,13 +151,14 @@ def journal_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _broker(args: argparse.Namespace, host: str) -> BrokerAddress:
-    address = parse_broker_url(args.broker)
+def _broker(args: argparse.Namespace, host: str) -> BrokerCluster:
+    broker = BrokerCluster.parse(args.broker, args.mqtt_version)
     password = None
     if args.password_file is not None:
         password = read_password_file(args.password_file)
-    username = args.username or (host if password and not address.username else None)
-    return address.with_credentials(username, password).with_tls(
+    username = args.username or (
+        host if password and not broker.addresses[0].username else None)
+    return broker.with_credentials(username, password).with_tls(
         args.ca_file, args.cert_file, args.key_file)
 
 
@@ -239,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise UsageError("--hosts needs at least one host name")
             agents = [make_agent(args, h, args.state_dir / h) for h in hosts]
         asyncio.run(_serve(agents))
+    except BrokerRefused as exc:  # retrying cannot help: stop (systemd shows the line)
+        print(f"fleet-agent: error: {exc}", file=sys.stderr)
+        return EXIT_BROKER
     except FlotillaError as exc:
         print(f"fleet-agent: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

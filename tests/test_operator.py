@@ -267,7 +267,7 @@ def test_rollouts_nobody_drives_are_shown_and_closed(  # type: ignore[no-untyped
     assert rows[-1]["status"] == "succeeded", rows
     # watch of a finished rollout: its own run time, the end line once, no broker needed
     code, w = ctl("watch", rid, "--broker", "mqtt://127.0.0.1:9")
-    assert code == 0 and w.count("rollout succeeded") == 1, w
+    assert code == 0 and w.count("rollout succeeded") == 1 and "succeeded 2" in w, w
     created, finished = rows[-1]["created"], rows[-1]["finished"]
     assert f"in {finished - created:.1f}s" in w, (w, finished - created)
     # Ctrl-C on a deploy that waits for an offline host names the resume command
@@ -311,7 +311,7 @@ def test_demo_shows_canary_prompt_failure_rollback_retry_and_keeps_its_state(cap
     first = out.index("4 agents online")
     assert "offline (queued)" not in out[first:]  # agents connected before the rollout
     assert "demo-0002 awaiting choice" in out and "fleetctl answer demo-0002" in out
-    assert "demo-0002 choose answered by deadline" in out  # the policy's default
+    assert re.search(r"demo-0002 choose .*deadline", out), out  # the policy's default
     assert "demo-0004 rolled_back" in out and "demo-0004 succeeded switch to generation 2" in out
     assert "ERROR: could not obtain lock on relation orders" in out  # its log, shown
     assert "[restore:db] restored schema 15" in out

@@ -28,7 +28,7 @@ import jinja2
 from aiohttp import web
 
 from controller import rollout_ops, store
-from controller.answers import check_choices, destructive_choices, send_answer
+from controller.answers import check_choices, destructive_choices, send_answer, send_cancel
 from controller.deploy import ControllerContext
 from controller.inventory import Inventory
 from controller.web import pages
@@ -104,10 +104,12 @@ class Dashboard:
         r.add_get("/hosts/{host}", self.host_page)
         r.add_post("/hosts/{host}/answer", self.answer)
         r.add_post("/hosts/{host}/approve", self.approve)
+        r.add_post("/hosts/{host}/cancel", self.cancel_host)
         r.add_get("/rollouts", self.rollouts_page)
         r.add_get("/rollouts/{id}", self.rollout_page)
         r.add_post("/rollouts/{id}/abort", self.abort)
         r.add_post("/rollouts/{id}/continue", self.cont)
+        r.add_post("/rollouts/{id}/cancel", self.cancel_rollout)
         r.add_get("/login", self.login_page)
         r.add_post("/login", self.login)
         r.add_post("/logout", self.logout)
@@ -304,6 +306,8 @@ class Dashboard:
                     "prompt": str(self.m.prompt(host, c["prompt"], self._csrf(request),
                                                 c["can_sign"])),
                     "hostlog": str(self.m.host_log(c["row"], c["log"])),
+                    "hostactions": str(self.m.host_actions(c["row"], self._csrf(request),
+                                                           c["can_sign"])),
                     "banner": str(self.m.banner(self._broker_error()))}, {}
         return await self._stream(request, build)
 
@@ -343,6 +347,15 @@ class Dashboard:
         ok, message = await send_answer(self.ctx, host, prompt_id, choices, approve, who)
         log.info("%s answered %s prompt %s: %s", who, host, prompt_id, message)
         return self._done(request, f"/hosts/{host}", ok, f"{host}: {message}")
+
+    async def cancel_host(self, request: web.Request) -> web.StreamResponse:
+        """`fleetctl cancel HOST`: withdraw its desired state and send a signed cancel."""
+        host = self._host(request)
+        who = request[IDENTITY].actor
+        await send_cancel(self.ctx, [host], f"cancelled from the dashboard by {who}", who)
+        log.info("%s cancelled the deployment on %s", who, host)
+        return self._done(request, f"/hosts/{host}", True,
+                          f"{host}: desired state withdrawn, cancel sent")
 
     def _done(self, request: web.Request, path: str, ok: bool, text: str
               ) -> web.StreamResponse:
@@ -392,6 +405,22 @@ class Dashboard:
                    f"no controller drives it now: `fleetctl rollout resume {rid}` winds "
                    "it down"))
         return self._done(request, f"/rollouts/{rid}", True, text)
+
+    async def cancel_rollout(self, request: web.Request) -> web.StreamResponse:
+        """Abort the rollout (no host starts any more) and cancel every host of it that
+        was sent a desired state and has no result yet."""
+        r = self._rollout(request)
+        who = request[IDENTITY].actor
+        rollout_ops.request_abort(self.feed.log, r["id"], who)
+        hosts = [h for h, hr in r.get("hosts", {}).items()
+                 if hr.get("deployment_id") is not None and hr.get("result") is None]
+        if hosts:
+            await send_cancel(self.ctx, hosts, f"rollout {r['id']} cancelled by {who}", who)
+        self.feed.refresh_log()
+        log.info("%s cancelled rollout %s (%d hosts)", who, r["id"], len(hosts))
+        return self._done(request, f"/rollouts/{r['id']}", True,
+                          f"rollout {r['id']} aborted; cancel sent to {len(hosts)} running "
+                          f"host(s)")
 
     async def cont(self, request: web.Request) -> web.StreamResponse:
         rid = self._rollout(request)["id"]
