@@ -53,6 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, get_args
 
+from protocol import prompts as P
 from protocol.models import (
     Answer as AnswerModel,
 )
@@ -74,8 +75,6 @@ ORIGIN_NAME = "flotilla"
 SUPPORT_URL = "https://github.com/flotilla/flotilla"
 TOKEN_FILE = "ha-token"
 TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{20,100}$")
-REBOOT_KEY = "deploy.reboot"  # the reboot prompt's item and its "now" choice
-REBOOT_NOW = "now"
 RELEASE_SUMMARY_MAX = 255  # Home Assistant cuts the summary here
 PHASES: tuple[str, ...] = get_args(HostPhase)
 RESULTS: tuple[str, ...] = (*sorted(AGENT_RESULTS), "none")
@@ -278,7 +277,7 @@ def prompt_select_messages(topics: Topics, host: str, prompt: Prompt | None, tok
     if prompt is None:
         return out
     for item in prompt.items:
-        if not item.choices or (item.key == REBOOT_KEY and not reboot_allowed):
+        if not item.choices or (item.key == P.REBOOT_KEY and not reboot_allowed):
             continue
         if not _answerable(item):
             log.warning("%s: prompt item %r has characters Home Assistant cannot carry;"
@@ -632,8 +631,8 @@ def authorize(cmd: Approve | Answer | Reboot, prompt: Prompt | None, *, reboot_a
               ) -> str | None:
     """Why the agent's own configuration refuses a (token-checked) command; None if it
     may go on to the prompt's own checks. Pure, like `client.decide.admit`."""
-    reboot = isinstance(cmd, Reboot) or (isinstance(cmd, Answer) and cmd.key == REBOOT_KEY
-                                         and cmd.choice == REBOOT_NOW)
+    reboot = isinstance(cmd, Reboot) or (isinstance(cmd, Answer) and cmd.key == P.REBOOT_KEY
+                                         and cmd.choice == P.REBOOT_NOW)
     if reboot and not reboot_allowed:
         return ("this agent does not take reboots from Home Assistant (start it with"
                 " --ha-reboot)")

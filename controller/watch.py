@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import functools
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -25,13 +24,14 @@ from typing import Any
 import aiomqtt
 
 from controller import store
-from controller.connection import make_client, sync_marker
+from controller.connection import connect, sync_marker
 from controller.deploy import ControllerContext, Outcome
 from controller.monitor import ChangeTracker
 from controller.reader import MessageReader
 from controller.view import HostView, fold_event, fold_state
 from protocol.errors import BrokerUnavailable, InputError, UsageError
 from protocol.models import Desired, Event, HostState
+from protocol.mqtt import random_client_id
 from protocol.outcomes import ROLLOUT_FINAL, rollout_result
 
 REFRESH_INTERVAL = 0.5
@@ -56,6 +56,8 @@ class Watcher:
         self.views: dict[str, HostView] = {}
         self.batches: list[list[str]] = []
         self.started = time.time()
+        self.created: float | None = None  # the rollout's own times, from the event log
+        self.closed: float | None = None
         self._tracker = ChangeTracker()
         self._changed: set[str] = set()
         self._marker: str | None = None
@@ -90,6 +92,7 @@ class Watcher:
 
     def _apply_log(self, r: dict[str, Any]) -> None:
         self.status, self.system = r.get("status", "running"), r.get("system", "")
+        self.created, self.closed = r.get("created"), r.get("finished")
         for h, hr in r.get("hosts", {}).items():
             v = self.views.get(h)
             if v is None:
@@ -97,6 +100,7 @@ class Watcher:
             dep = hr.get("deployment_id")
             if dep is not None and dep != v.deployment_id:
                 self._new_attempt(v, dep, int(hr.get("generation") or 0), hr.get("started"))
+                v = self.views[h]
             if hr.get("result") is not None and v.result is None and dep == v.deployment_id:
                 v.result = v.phase = hr["result"]
                 v.message, v.finished = hr.get("message", ""), hr.get("finished")
@@ -183,6 +187,11 @@ class Watcher:
             return rollout_result(v.result or "" for v in self.views.values())
         return self.status
 
+    def duration(self) -> float:
+        """The rollout's run time (not this watch's): from its creation to its end."""
+        begin = self.created or self.started
+        return (self.closed or time.time()) - begin
+
     def summary(self) -> dict[str, Any]:
         return Outcome(self.rollout_id, self.final_status(), self.views, self.started,
                        time.time()).summary()
@@ -192,24 +201,19 @@ class Watcher:
         t = self.ctx.topics
         filters = [t.all_hosts("desired"), t.all_hosts("state"), t.all_hosts("online"),
                    self.ctx.events_filter()]
-        client = make_client(self.ctx.broker, client_id=f"fleetctl-watch-{uuid.uuid4().hex[:8]}",
-                             **self.ctx.client_kwargs)
         deadline = time.monotonic() + timeout if timeout is not None else None
-        try:
-            async with client:
-                for f in filters:
-                    await client.subscribe(f, qos=1)
-                self._marker = await sync_marker(client, t)
-                reader = asyncio.create_task(self._read(client))
-                try:
-                    await self._follow(reader, deadline)
-                finally:
-                    reader.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
-                        await reader
-        except aiomqtt.MqttError as exc:
-            raise BrokerUnavailable(
-                f"cannot reach the MQTT broker at {self.ctx.broker}: {exc}") from None
+        async with connect(self.ctx.broker, client_id=random_client_id("fleetctl-watch"),
+                           **self.ctx.client_kwargs) as client:
+            for f in filters:
+                await client.subscribe(f, qos=1)
+            self._marker = await sync_marker(client, t)
+            reader = asyncio.create_task(self._read(client))
+            try:
+                await self._follow(reader, deadline)
+            finally:
+                reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                    await reader
         return WatchResult(self.rollout_id, self.final_status(), self.finished(),
                            self.summary())
 

@@ -48,6 +48,7 @@ class HostLive:
     prompt: Prompt | None = None
     view: HostView | None = None        # its current deployment
     rollout_id: str | None = None
+    version: int = 0                    # bumped on every change (render caches key on it)
 
 
 @dataclass(eq=False)
@@ -108,7 +109,11 @@ class Feed:
             return
         payload = message.payload if isinstance(message.payload, bytes) else b""
         msg = self._reader.read(topic, payload, self.hosts.__contains__)
-        if msg is not None and self._fold(self.hosts[msg.host], msg):
+        if msg is None:
+            return
+        h = self.hosts[msg.host]
+        if self._fold(h, msg):
+            h.version += 1
             self._notify()
 
     def _fold(self, h: HostLive, msg: HostMessage) -> bool:
