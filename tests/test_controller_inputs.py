@@ -26,7 +26,7 @@ from protocol.codec import encode
 from protocol.messages import BadHostMessage, host_message
 from protocol.models import HostState
 from protocol.topics import Topics
-from tests.helpers import Fleet, publish
+from tests.helpers import Fleet, deploy_bg, publish, wait_prompt
 
 
 def warnings_about(stderr: str, topic_part: str) -> list[str]:
@@ -133,21 +133,27 @@ def test_stray_retained_messages_are_skipped_by_every_reader(make_fleet) -> None
     r = fleet.fleetctl("status")  # the table says so too
     assert r.returncode == 0 and "unreadable" in r.stdout, r.stdout + r.stderr
 
-    r = fleet.fleetctl("deploy", "ok1", "--system", "/nix/store/after-stray", "--json",
-                       "--timeout", "60")
-    assert r.returncode == 0, r.stderr
-    out = json.loads(r.stdout.strip().splitlines()[-1])
-    assert out["hosts"] == {"ok1": "succeeded"}
-    assert len(warnings_about(r.stderr, "Web1/state")) == 1, r.stderr
-    rollout = out["rollout"]
-
-    r = fleet.fleetctl("watch", rollout, "--json", "--timeout", "30")
-    assert r.returncode == 0, r.stderr
-    assert len(warnings_about(r.stderr, "Web1/state")) == 1, r.stderr
-
+    # the deploy driver and a `watch` of the running rollout (both read the broker)
+    proc = deploy_bg(fleet, "ok1", "--system", "/nix/store/after-stray", "--approval", "ask",
+                     "--timeout", "60")
+    wait_prompt(fleet, "ok1", "approval")
+    watch = subprocess.Popen([sys.executable, "-m", "controller", "watch", "--json",
+                              "--timeout", "60"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=fleet.env())
     r = fleet.fleetctl("prompts", "--json")
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
     assert len(warnings_about(r.stderr, "Web1/prompt")) == 1, r.stderr
+    rc, _ = fleet.fleetctl_json("approve", "ok1")
+    assert rc == 0
+    out_text, err_text = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err_text
+    out = json.loads(out_text.strip().splitlines()[-1])
+    assert out["hosts"] == {"ok1": "succeeded"}
+    assert len(warnings_about(err_text, "Web1/state")) == 1, err_text
+    w_out, w_err = watch.communicate(timeout=60)
+    assert watch.returncode == 0, w_err
+    assert json.loads(w_out.strip().splitlines()[-1])["hosts"] == {"ok1": "succeeded"}
+    assert len(warnings_about(w_err, "Web1/state")) == 1, w_err
 
 
 # -- 8: --system is checked --------------------------------------------------------------------
