@@ -124,6 +124,9 @@ class Agent:
                     tg.create_task(self.ha.run(), name=f"homeassistant-{self.host}")
 
     async def close(self) -> None:
+        if self.session.connected.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.reporter.close(), 2.0)  # what it holds back
         await self.session.stop(graceful_payload=b"offline")
         self.journal.close()
 
