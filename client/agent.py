@@ -76,6 +76,7 @@ class Agent:
         self.ha: ha.HomeAssistantBridge | None = None
         if config.home_assistant:
             self.ha = ha.HomeAssistantBridge(self.topics, self.host, self._publish_retained,
+                                             ha.load_token(config.state_dir),
                                              reboot_allowed=config.ha_reboot)
             subscriptions += [(t, 1) for t in self.ha.subscriptions()]
         self.notifier = PromptNotifier(config.notify) if config.notify.enabled else None
@@ -153,23 +154,31 @@ class Agent:
             await self._on_home_assistant(topic, payload)
 
     async def _on_home_assistant(self, topic: str, payload: bytes) -> None:
-        """Commands from Home Assistant arrive unsigned: the broker ACL vouches for them."""
+        """Commands from Home Assistant are not signed: the broker ACL and the host's token
+        (only its own discovery announced it) vouch for where they come from, and this
+        agent's configuration (`ha.authorize`) says what they may do."""
         assert self.ha is not None
         cmd = await self.ha.on_message(topic, payload)
+        if cmd is None or isinstance(cmd, ha.Reannounce):
+            return
+        prompt = self.runner.prompt if self.runner else None
+        refusal = ha.authorize(cmd, prompt, reboot_allowed=self.config.ha_reboot)
+        if refusal is not None:
+            log.warning("%s: refused %s from Home Assistant: %s", self.host,
+                        type(cmd).__name__.lower(), refusal)
+            return
         if isinstance(cmd, ha.Approve):
             await self.approve("homeassistant")
         elif isinstance(cmd, ha.Answer):
             await self.submit_answer(ha.answer_model(cmd, self.host, time.time()), "homeassistant")
-        elif isinstance(cmd, ha.Reboot):
-            prompt = self.runner.prompt if self.runner else None
-            if prompt is not None and prompt.kind == "reboot":
-                await self.submit_answer(Answer(host=self.host, prompt_id=prompt.prompt_id,
-                                         choices={"deploy.reboot": "now"},
-                                         answered_by="homeassistant", issued_at=time.time()),
-                                  "homeassistant")
-            else:
-                log.warning("%s: reboot pressed in Home Assistant, but no reboot is pending",
-                            self.host)
+        elif prompt is not None and prompt.kind == "reboot":
+            await self.submit_answer(Answer(host=self.host, prompt_id=prompt.prompt_id,
+                                     choices={ha.REBOOT_KEY: ha.REBOOT_NOW},
+                                     answered_by="homeassistant", issued_at=time.time()),
+                                     "homeassistant")
+        else:
+            log.warning("%s: reboot pressed in Home Assistant, but no reboot is pending",
+                        self.host)
 
     async def _on_desired(self, payload: bytes) -> None:
         if not payload:

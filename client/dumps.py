@@ -4,6 +4,13 @@ A dump is either what the step's dump program wrote into FLOTILLA_DUMP_DIR, or a
 archive of the step's declared paths. Archives are zstandard-compressed tarballs,
 optionally encrypted to an age recipient (pyrage), written atomically (tmp, fsync,
 rename) so a half-written dump is never trusted. Only `retention` dumps per step stay.
+
+A step with a `user` runs its dump and restore programs as that user, who cannot enter
+the agent's state dir (0700 root, as the NixOS module makes it). Its FLOTILLA_DUMP_DIR
+is a fresh directory of its own under `scratch_base` (default /var/tmp, mode 1777):
+made 0700 by root, filled (restore) while still root's, and only then given to the
+user, so nothing the user does can make root write elsewhere; the agent archives it
+into the state dir and removes it.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import io
 import os
 import shutil
 import tarfile
+import tempfile
 from pathlib import Path
 
 import zstandard
@@ -19,12 +27,15 @@ import zstandard
 from client.backend import BackendError
 
 ARCHIVE = "dump.tar.zst"
+SCRATCH_BASE = Path("/var/tmp")
+Owner = tuple[int, int]  # (uid, gid) of a step's user, when its programs run as someone else
 
 
 class DumpStore:
     def __init__(self, state_dir: Path, retention: int = 3, age_recipient: str | None = None,
-                 age_identity: str | None = None) -> None:
+                 age_identity: str | None = None, scratch_base: Path = SCRATCH_BASE) -> None:
         self.root = state_dir / "dumps"
+        self.scratch_base = scratch_base
         self.retention = max(1, retention)
         self.age_recipient = age_recipient
         self.age_identity = age_identity
@@ -35,16 +46,56 @@ class DumpStore:
     def archive_path(self, slot: Path) -> Path:
         return slot / (ARCHIVE + (".age" if self.age_recipient else ""))
 
-    def scratch(self, slot: Path) -> Path:
+    def scratch(self, slot: Path, owner: Owner | None = None) -> Path:
         """Empty directory a dump program writes into (FLOTILLA_DUMP_DIR)."""
+        if owner is not None:
+            d = self._private_dir(f"flotilla-dump-{slot.parent.name}-")
+            _give(d, owner)
+            return d
         d = slot / "scratch"
         shutil.rmtree(d, ignore_errors=True)
         d.mkdir(parents=True)
         return d
 
+    def staging(self, archive: Path, owner: Owner | None = None) -> Path:
+        """The dump unpacked for a restore program (FLOTILLA_DUMP_DIR): in the slot, or
+        for a step's user a directory of its own, handed over only once filled."""
+        if owner is None:
+            d = archive.parent / "restore"
+            shutil.rmtree(d, ignore_errors=True)
+            d.mkdir(parents=True)
+            self.unpack(archive, d)
+            return d
+        d = self._private_dir(f"flotilla-restore-{archive.parent.parent.name}-")
+        try:
+            self.unpack(archive, d)
+            os.chmod(d, 0o700)  # the archived "." may have been looser
+            for sub, dirs, files in os.walk(d):
+                for name in dirs + files:
+                    os.lchown(os.path.join(sub, name), *owner)
+            _give(d, owner)
+        except BaseException:
+            shutil.rmtree(d, ignore_errors=True)
+            raise
+        return d
+
+    def _private_dir(self, prefix: str) -> Path:
+        try:
+            return Path(tempfile.mkdtemp(prefix=prefix, dir=self.scratch_base))
+        except OSError as exc:
+            raise BackendError(f"cannot make a scratch directory in {self.scratch_base}: "
+                               f"{exc.strerror}") from None
+
+    @staticmethod
+    def discard(scratch: Path) -> None:
+        shutil.rmtree(scratch, ignore_errors=True)
+
     def seal_dir(self, slot: Path, source: Path) -> Path:
-        """Archive a dump program's output directory."""
-        return self._write(slot, lambda tar: tar.add(source, arcname="."))
+        """Archive a dump program's output directory (then remove it)."""
+        try:
+            return self._write(slot, lambda tar: tar.add(source, arcname="."))
+        finally:
+            self.discard(source)
 
     def seal_paths(self, slot: Path, paths: list[str]) -> Path:
         """Archive declared paths (absent ones are recorded as absent)."""
@@ -111,6 +162,14 @@ class DumpStore:
                 Path(p).parent.mkdir(parents=True, exist_ok=True)
                 shutil.move(str(src), p)
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _give(d: Path, owner: Owner) -> None:
+    try:
+        os.chown(d, *owner)
+    except OSError as exc:
+        shutil.rmtree(d, ignore_errors=True)
+        raise BackendError(f"cannot give {d} to uid {owner[0]}: {exc.strerror}") from None
 
 
 def _arcname(path: str) -> str:

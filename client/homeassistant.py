@@ -24,6 +24,15 @@ Design choices (see docs-homeassistant.md):
   automations and dashboards working; a button that comes and goes would not.
 - Prompt selects are dynamic: one per open item with choices, removed with an empty
   retained config when the prompt closes, because choices differ per prompt.
+- Every command carries the host's Home Assistant token (`STATE_DIR/ha-token`, made
+  once, 0600): the agent puts it into its own discovery configs (`payload_install`,
+  `payload_press`, the selects' `command_template`) and refuses a command without it.
+  Under the shipped ACL no other host can read this host's discovery, so an entity that
+  another host announces with this host's `command_topic` commands nothing. The token
+  never appears in an entity's state or attributes (templates can read those).
+- What a command may do is the agent's own configuration, not Home Assistant's: reboots
+  only with `--ha-reboot` (the button, and the reboot prompt's select), Install only
+  while an approval waits, answers only to the open prompt (`authorize`).
 - The connectivity sensor reads the `online` topic itself and has no availability:
   with availability on the same topic it would turn "unavailable" instead of "off"
   exactly when it matters.
@@ -33,11 +42,15 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import json
 import logging
+import os
 import re
+import secrets
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, get_args
 
 from protocol.models import (
@@ -50,7 +63,7 @@ from protocol.models import (
     Prompt,
     ReportItem,
 )
-from protocol.outcomes import AGENT_RESULTS
+from protocol.outcomes import AGENT_RESULTS, result_of_phase
 from protocol.topics import Topics, validate_host
 
 log = logging.getLogger(__name__)
@@ -59,15 +72,13 @@ MANUFACTURER = "Flotilla"
 MODEL = "NixOS host (fleet-agent)"
 ORIGIN_NAME = "flotilla"
 SUPPORT_URL = "https://github.com/flotilla/flotilla"
-INSTALL_PAYLOAD = '{"action":"install"}'
-REBOOT_PAYLOAD = '{"action":"reboot"}'
+TOKEN_FILE = "ha-token"
+TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{20,100}$")
+REBOOT_KEY = "deploy.reboot"  # the reboot prompt's item and its "now" choice
+REBOOT_NOW = "now"
 RELEASE_SUMMARY_MAX = 255  # Home Assistant cuts the summary here
 PHASES: tuple[str, ...] = get_args(HostPhase)
 RESULTS: tuple[str, ...] = (*sorted(AGENT_RESULTS), "none")
-ACTIVE_PHASES = frozenset({
-    "received", "acked", "fetched", "checked", "dumped", "switched", "migrated", "confirmed",
-    "rolling_back",
-})
 SAFE_KEY = re.compile(r"^[A-Za-z0-9_.:@-]{1,200}$")
 SAFE_ID = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
 STORE_HASH = re.compile(r"^/nix/store/([0-9a-z]{32})-")
@@ -75,6 +86,36 @@ MAX_COMMAND_BYTES = 4096
 
 Publish = Callable[[str, bytes, bool], Awaitable[None]]
 Message = tuple[str, bytes]
+
+
+# -- the host's Home Assistant token ------------------------------------------------------
+
+def load_token(state_dir: Path) -> str:
+    """The host's token for Home Assistant commands: read, or made once (0600)."""
+    path = state_dir / TOKEN_FILE
+    try:
+        token = path.read_text().strip()
+    except FileNotFoundError:
+        token = ""
+    if TOKEN_RE.fullmatch(token):
+        return token
+    token = secrets.token_urlsafe(32)
+    tmp = path.with_name(f".{TOKEN_FILE}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return token
+
+
+def install_payload(token: str) -> str:
+    return _dumps({"action": "install", "token": token}).decode()
+
+
+def reboot_payload(token: str) -> str:
+    return _dumps({"action": "reboot", "token": token}).decode()
 
 
 # -- commands from Home Assistant ------------------------------------------------------
@@ -202,13 +243,13 @@ def _jinja_str(value: str) -> str:
 
 
 def _select_config(topics: Topics, host: str, prompt: Prompt, item: ReportItem,
-                   sw_version: str | None) -> dict[str, Any]:
+                   sw_version: str | None, token: str) -> dict[str, Any]:
     t = HaTopics.of(topics, host)
     key = item.key
     lit = _jinja_str(key)
     config = _entity(topics, host, "select", select_object_id(key), f"Choice {key}", sw_version)
     command = ('{"prompt_id":' + json.dumps(prompt.prompt_id) + ',"key":' + json.dumps(key)
-               + ',"choice":"{{ value }}"}')
+               + ',"choice":"{{ value }}","token":' + json.dumps(token) + '}')
     config.update({
         "icon": "mdi:help-rhombus",
         "options": [c.id for c in item.choices],
@@ -227,26 +268,30 @@ def _answerable(item: ReportItem) -> bool:
         SAFE_ID.fullmatch(c.id) for c in item.choices)
 
 
-def prompt_select_messages(topics: Topics, host: str, prompt: Prompt | None,
-                           sw_version: str | None = None) -> dict[str, bytes]:
-    """Discovery config per answerable item of the open prompt, keyed by config topic."""
+def prompt_select_messages(topics: Topics, host: str, prompt: Prompt | None, token: str,
+                           sw_version: str | None = None, *, reboot_allowed: bool = False
+                           ) -> dict[str, bytes]:
+    """Discovery config per answerable item of the open prompt, keyed by config topic.
+
+    The reboot question gets a select only when reboots from Home Assistant are allowed."""
     out: dict[str, bytes] = {}
     if prompt is None:
         return out
     for item in prompt.items:
-        if not item.choices:
+        if not item.choices or (item.key == REBOOT_KEY and not reboot_allowed):
             continue
         if not _answerable(item):
             log.warning("%s: prompt item %r has characters Home Assistant cannot carry;"
                         " answer it with `fleet-agent prompt`", host, item.key)
             continue
         topic = topics.ha_discovery("select", host, select_object_id(item.key))
-        out[topic] = _dumps(_select_config(topics, host, prompt, item, sw_version))
+        out[topic] = _dumps(_select_config(topics, host, prompt, item, sw_version, token))
     return out
 
 
 def discovery_messages(topics: Topics, host: str, *, reboot_allowed: bool,
-                       prompt: Prompt | None, sw_version: str | None = None) -> list[Message]:
+                       prompt: Prompt | None, token: str,
+                       sw_version: str | None = None) -> list[Message]:
     """Every retained discovery config for the host; an empty payload removes an entity.
 
     The reboot button is removed (empty config) when reboots from Home Assistant are
@@ -261,7 +306,7 @@ def discovery_messages(topics: Topics, host: str, *, reboot_allowed: bool,
         "icon": "mdi:nix",
         "state_topic": t.update,
         "command_topic": t.install,
-        "payload_install": INSTALL_PAYLOAD,
+        "payload_install": install_payload(token),
     })
     msgs.append((topics.ha_discovery("update", host, "system"), _dumps(update)))
 
@@ -321,13 +366,14 @@ def discovery_messages(topics: Topics, host: str, *, reboot_allowed: bool,
             "availability_mode": "all",
             "device_class": "restart",
             "command_topic": t.reboot,
-            "payload_press": REBOOT_PAYLOAD,
+            "payload_press": reboot_payload(token),
         })
         msgs.append((button_topic, _dumps(button)))
     else:
         msgs.append((button_topic, b""))
 
-    msgs.extend(prompt_select_messages(topics, host, prompt, sw_version).items())
+    msgs.extend(prompt_select_messages(topics, host, prompt, token, sw_version,
+                                       reboot_allowed=reboot_allowed).items())
     return msgs
 
 
@@ -364,17 +410,30 @@ def _reboot_policy(d: Mapping[str, Any]) -> str:
 
 
 def reboot_available(state: HostState, prompt: Prompt | None,
-                     desired: Desired | Mapping[str, Any] | None) -> bool:
-    """A reboot is pending and this deploy lets a person trigger it."""
-    if not state.needs_reboot:
+                     desired: Desired | Mapping[str, Any] | None, reboot_allowed: bool) -> bool:
+    """The Reboot button may be pressed: the agent takes reboots from Home Assistant, and
+    a reboot prompt is open, or a reboot is pending and the deploy's policy allows one."""
+    if not reboot_allowed:
         return False
     if prompt is not None and prompt.kind == "reboot":
         return True
-    return _reboot_policy(_desired_fields(desired)) != "never"
+    return state.needs_reboot and _reboot_policy(_desired_fields(desired)) != "never"
+
+
+def awaiting_approval(state: HostState, prompt: Prompt | None) -> bool:
+    return state.phase == "awaiting_approval" or (prompt is not None
+                                                 and prompt.kind == "approval")
+
+
+def in_progress(state: HostState, prompt: Prompt | None) -> bool:
+    """Home Assistant's `in_progress`: a deploy runs or waits for anything but approval
+    (a choice, a reboot); HA then refuses Install, which only means "approve"."""
+    at_rest = state.phase == "idle" or result_of_phase(state.phase) is not None
+    return not at_rest and not awaiting_approval(state, prompt)
 
 
 def _prompt_summary(prompt: Prompt | None, state: HostState) -> str:
-    if state.phase == "awaiting_approval" or (prompt is not None and prompt.kind == "approval"):
+    if awaiting_approval(state, prompt):
         return "waiting for approval (press Install)"
     if prompt is None:
         return ""
@@ -390,17 +449,21 @@ def update_payload(state: HostState, prompt: Prompt | None,
 
     Home Assistant drops the whole message on an unknown key or a null string, so
     every string is present and non-null; only `update_percentage` may be null.
+    Install means "approve", so Home Assistant is shown a newer `latest_version` (which
+    is when it offers Install) only while an approval waits; otherwise the installed
+    version, with what is going on in the summary. `in_progress` (and the percentage)
+    follow the deploy for Home Assistant versions that read them (2024.3 ignores both).
     """
     d = _desired_fields(desired)
     installed = _version(state.generation, state.system)
     d_gen = int(d.get("generation") or 0)
     desired_gen = max(d_gen, state.desired_generation)
-    if desired_gen > state.generation:
+    running = in_progress(state, prompt)
+    if desired_gen > state.generation and awaiting_approval(state, prompt):
         latest = _version(desired_gen, d.get("system") if d_gen == desired_gen else None)
     else:
-        latest = installed  # equal strings: HA shows "up to date"
-    in_progress = state.phase in ACTIVE_PHASES
-    percent = state.percent if in_progress and state.percent is not None else None
+        latest = installed  # equal strings: HA shows "up to date" and offers no Install
+    percent = state.percent if running and state.percent is not None else None
     parts = []
     rollout = d.get("rollout_id") or state.rollout_id
     if rollout:
@@ -409,7 +472,7 @@ def update_payload(state: HostState, prompt: Prompt | None,
         parts.append(f"deployment {d.get('deployment_id') or state.deployment_id}")
     if d.get("action"):
         parts.append(f"action {d['action']}")
-    if state.last_result and not in_progress:
+    if state.last_result and not running:
         parts.append(f"last result {state.last_result}")
     summary = _prompt_summary(prompt, state)
     if summary:
@@ -421,19 +484,20 @@ def update_payload(state: HostState, prompt: Prompt | None,
         "latest_version": latest,
         "title": f"NixOS system of {state.host}",
         "release_summary": "; ".join(parts)[:RELEASE_SUMMARY_MAX],
-        "in_progress": in_progress,
+        "in_progress": running,
         "update_percentage": None if percent is None else round(max(0.0, min(100.0, percent))),
     }
 
 
 def state_payload(state: HostState, prompt: Prompt | None,
-                  desired: Desired | Mapping[str, Any] | None) -> dict[str, Any]:
+                  desired: Desired | Mapping[str, Any] | None,
+                  reboot_allowed: bool = False) -> dict[str, Any]:
     """Sensors' JSON (also the phase sensor's attributes)."""
     return {
         "phase": state.phase,
         "last_result": state.last_result or "none",
         "needs_reboot": state.needs_reboot,
-        "reboot_available": reboot_available(state, prompt, desired),
+        "reboot_available": reboot_available(state, prompt, desired, reboot_allowed),
         "generation": state.generation,
         "desired_generation": state.desired_generation,
         "system": state.system,
@@ -479,12 +543,13 @@ def prompt_payload(prompt: Prompt | None,
 
 def entity_state_messages(topics: Topics, host: str, state: HostState, prompt: Prompt | None,
                           desired: Desired | Mapping[str, Any] | None,
-                          answered: Mapping[str, str] | None = None) -> list[Message]:
+                          answered: Mapping[str, str] | None = None,
+                          reboot_allowed: bool = False) -> list[Message]:
     """Retained JSON state of every entity (update, sensors, selects)."""
     t = HaTopics.of(topics, host)
     return [
         (t.update, _dumps(update_payload(state, prompt, desired))),
-        (t.state, _dumps(state_payload(state, prompt, desired))),
+        (t.state, _dumps(state_payload(state, prompt, desired, reboot_allowed))),
         (t.prompt, _dumps(prompt_payload(prompt, answered))),
     ]
 
@@ -512,48 +577,81 @@ def _json_object(payload: bytes, what: str) -> dict[str, Any] | None:
     return data
 
 
-def parse_command(topics: Topics, host: str, topic: str, payload: bytes) -> HaCommand | None:
-    """Typed command for a message on one of the bridge's topics; None (logged) otherwise."""
+def _token_ok(data: dict[str, Any], token: str, what: str) -> bool:
+    given = data.get("token")
+    if isinstance(given, str) and hmac.compare_digest(given.encode(), token.encode()):
+        return True
+    log.warning("ignoring %s from Home Assistant: missing or wrong token (not from this"
+                " host's own discovery)", what)
+    return False
+
+
+def _exact(data: dict[str, Any], keys: set[str], what: str) -> bool:
+    if set(data) == keys:
+        return True
+    log.warning("ignoring %s from Home Assistant: keys must be %s; got %s", what,
+                ", ".join(sorted(keys)), _clip(sorted(data)))
+    return False
+
+
+def _clip(value: object, limit: int = 120) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def parse_command(topics: Topics, host: str, topic: str, payload: bytes, token: str
+                  ) -> HaCommand | None:
+    """Typed command for a message on one of the bridge's topics; None (logged) otherwise.
+
+    Install, reboot and answers must carry `token`, which only this host's own discovery
+    announced: a command from an entity someone else announced is refused here."""
     t = HaTopics.of(topics, host)
     if topic == t.status:
         return Reannounce() if should_reannounce(topics, topic, payload) else None
-    if topic == t.install:
-        data = _json_object(payload, "install")
-        if data is None:
+    leaf = {t.install: "install", t.reboot: "reboot", t.answer: "answer"}.get(topic)
+    if leaf is None:
+        log.debug("%s: not a Home Assistant command topic: %s", host, topic)
+        return None
+    data = _json_object(payload, leaf)
+    if data is None or not _token_ok(data, token, leaf):
+        return None
+    if leaf in ("install", "reboot"):
+        if not _exact(data, {"action", "token"}, leaf) or data["action"] != leaf:
+            if set(data) == {"action", "token"}:
+                log.warning("ignoring %s from Home Assistant: action must be %r, got %s",
+                            leaf, leaf, _clip(data["action"]))
             return None
-        if data != {"action": "install"}:
-            log.warning("ignoring install from Home Assistant: expected %s, got %r",
-                        INSTALL_PAYLOAD, data)
-            return None
-        return Approve()
-    if topic == t.reboot:
-        data = _json_object(payload, "reboot")
-        if data is None:
-            return None
-        if data != {"action": "reboot"}:
-            log.warning("ignoring reboot from Home Assistant: expected %s, got %r",
-                        REBOOT_PAYLOAD, data)
-            return None
-        return Reboot()
-    if topic == t.answer:
-        data = _json_object(payload, "answer")
-        if data is None:
-            return None
-        if set(data) != {"prompt_id", "key", "choice"}:
-            log.warning("ignoring answer from Home Assistant: keys must be prompt_id, key,"
-                        " choice; got %s", sorted(data))
-            return None
-        prompt_id, key, choice = data["prompt_id"], data["key"], data["choice"]
-        if not all(isinstance(v, str) for v in (prompt_id, key, choice)):
-            log.warning("ignoring answer from Home Assistant: values must be strings")
-            return None
-        if not (SAFE_ID.fullmatch(prompt_id) and SAFE_KEY.fullmatch(key)
-                and SAFE_ID.fullmatch(choice)):
-            log.warning("ignoring answer from Home Assistant: invalid prompt id, key or choice"
-                        " %r", data)
-            return None
-        return Answer(prompt_id=prompt_id, key=key, choice=choice)
-    log.debug("%s: not a Home Assistant command topic: %s", host, topic)
+        return Approve() if leaf == "install" else Reboot()
+    if not _exact(data, {"prompt_id", "key", "choice", "token"}, leaf):
+        return None
+    prompt_id, key, choice = data["prompt_id"], data["key"], data["choice"]
+    if not all(isinstance(v, str) for v in (prompt_id, key, choice)):
+        log.warning("ignoring answer from Home Assistant: values must be strings")
+        return None
+    if not (SAFE_ID.fullmatch(prompt_id) and SAFE_KEY.fullmatch(key)
+            and SAFE_ID.fullmatch(choice)):
+        log.warning("ignoring answer from Home Assistant: invalid prompt id, key or choice"
+                    " %s", _clip({k: data[k] for k in ("prompt_id", "key", "choice")}))
+        return None
+    return Answer(prompt_id=prompt_id, key=key, choice=choice)
+
+
+def authorize(cmd: Approve | Answer | Reboot, prompt: Prompt | None, *, reboot_allowed: bool
+              ) -> str | None:
+    """Why the agent's own configuration refuses a (token-checked) command; None if it
+    may go on to the prompt's own checks. Pure, like `client.decide.admit`."""
+    reboot = isinstance(cmd, Reboot) or (isinstance(cmd, Answer) and cmd.key == REBOOT_KEY
+                                         and cmd.choice == REBOOT_NOW)
+    if reboot and not reboot_allowed:
+        return ("this agent does not take reboots from Home Assistant (start it with"
+                " --ha-reboot)")
+    if isinstance(cmd, Approve) and (prompt is None or prompt.kind != "approval"):
+        return "Install means approve, and no deployment is waiting for approval"
+    if isinstance(cmd, Answer):
+        if prompt is None or prompt.prompt_id != cmd.prompt_id:
+            return f"prompt {cmd.prompt_id} is not open"
+        if cmd.key not in {i.key for i in prompt.items if i.choices}:
+            return f"{cmd.key} is not asked in prompt {cmd.prompt_id}"
     return None
 
 
@@ -575,12 +673,13 @@ class HomeAssistantBridge:
     through the subscription to this host's own select configs).
     """
 
-    def __init__(self, topics: Topics, host: str, publish: Publish, *,
+    def __init__(self, topics: Topics, host: str, publish: Publish, token: str, *,
                  reboot_allowed: bool = False, sw_version: str | None = None) -> None:
         self.topics = topics
         self.host = validate_host(host)
         self.t = HaTopics.of(topics, host)
         self._publish = publish
+        self.token = token
         self.reboot_allowed = reboot_allowed
         self.sw_version = sw_version
         self.state: HostState | None = None
@@ -634,10 +733,10 @@ class HomeAssistantBridge:
             await self._announce()
 
     async def _announce(self) -> None:
-        current = prompt_select_messages(self.topics, self.host, self.prompt, self.sw_version)
+        current = self._selects_for(self.prompt)
         for topic, payload in discovery_messages(self.topics, self.host,
                                                  reboot_allowed=self.reboot_allowed,
-                                                 prompt=self.prompt,
+                                                 prompt=self.prompt, token=self.token,
                                                  sw_version=self.sw_version):
             await self._send(topic, payload, force=True)
         await self._remove_selects(set(current))
@@ -661,7 +760,7 @@ class HomeAssistantBridge:
         self.state, self.prompt = state, prompt
         if desired is not None:
             self.desired = desired
-        current = prompt_select_messages(self.topics, self.host, prompt, self.sw_version)
+        current = self._selects_for(prompt)
         for topic, payload in current.items():
             await self._send(topic, payload)
         await self._remove_selects(set(current))
@@ -676,7 +775,8 @@ class HomeAssistantBridge:
         if self.state is None:
             return
         for topic, payload in entity_state_messages(self.topics, self.host, self.state,
-                                                    self.prompt, self.desired, self.answered):
+                                                    self.prompt, self.desired, self.answered,
+                                                    self.reboot_allowed):
             await self._send(topic, payload, force=force)
 
     def handle(self, topic: str, payload: bytes) -> HaCommand | None:
@@ -685,7 +785,7 @@ class HomeAssistantBridge:
             if payload:
                 self._selects.add(topic)
             return None
-        return parse_command(self.topics, self.host, topic, payload)
+        return parse_command(self.topics, self.host, topic, payload, self.token)
 
     async def on_message(self, topic: str, payload: bytes) -> HaCommand | None:
         """`handle`, plus the bridge's own follow-ups (re-announce, stale select removal).
@@ -698,13 +798,15 @@ class HomeAssistantBridge:
             return None
         if self._is_own_select_config(topic) and payload and self.state is not None:
             async with self._lock:
-                current = prompt_select_messages(self.topics, self.host, self.prompt,
-                                                 self.sw_version)
-                if topic not in current:
+                if topic not in self._selects_for(self.prompt):
                     log.info("%s: removing stale Home Assistant select %s", self.host, topic)
                     await self._send(topic, b"", force=True)
                     self._selects.discard(topic)
         return cmd
+
+    def _selects_for(self, prompt: Prompt | None) -> dict[str, bytes]:
+        return prompt_select_messages(self.topics, self.host, prompt, self.token,
+                                      self.sw_version, reboot_allowed=self.reboot_allowed)
 
     def _is_own_select_config(self, topic: str) -> bool:
         head = f"{self.topics.ha_prefix}/select/flotilla_{self.host}/"

@@ -10,16 +10,25 @@ What `Desired.system` means (decided here, used by `classify_system`):
 
 - a *store path* is `$NIX_STORE_DIR/<32 base32 chars>-<name>` (store dir default
   `/nix/store`): fetched with `nix-store --realise PATH`, after
-  `nix copy --from URL PATH` when a cache URL is configured;
+  `nix copy --from URL PATH`. The URL is the binary cache the signed Desired names
+  (with the one key its closure must be signed by: `require-sigs` on, that key as the
+  only `trusted-public-keys`), else the agent's `--from-cache`;
 - anything else is a *flake ref* `REF` or `REF#NAME` (like `nixos-rebuild --flake`):
-  built with `nix build --no-link --print-out-paths
+  built with `nix build --no-link --json
   REF#nixosConfigurations.NAME.config.system.build.toplevel`, NAME defaulting to the
-  agent's host name. Like nixos-rebuild, every `nix` call passes
+  agent's host name (`--json`, not `--print-out-paths`, which Nix 2.8 lacks). Like
+  nixos-rebuild, every `nix` call passes
   `--extra-experimental-features 'nix-command flakes'`, so hosts need not enable them.
 
 Switch = `nix-env -p PROFILE --set PATH` (switch and boot only), then
 switch-to-configuration in a transient unit (`systemd-run ... --wait`), so the
-activation survives a restart of the agent itself.
+activation survives a restart of the agent itself; without `/run/systemd/system`
+(containers, chroots) it runs directly, as nixos-rebuild-ng does. Its exit codes are
+those of switch-to-configuration(-ng): 0 ok, 1 refused or failed before activating
+(pre-switch checks such as switch inhibitors, boot loader), 2 the activation script
+failed, 4 some units failed. There is no "reboot required" code (100 is nixops'
+own convention, not switch-to-configuration's): a reboot is needed when the boot files
+differ. `dry-activate` switches nothing and says what would be restarted.
 """
 
 from __future__ import annotations
@@ -30,33 +39,49 @@ import json
 import logging
 import os
 import re
+import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from client.backend import (
     BackendError,
+    LineFn,
     ProgramResult,
     ProgressFn,
     SwitchOutcome,
     read_boot_id,
     run_subprocess,
 )
+from protocol.models import BinaryCache
+from protocol.nixref import (
+    NIX_FLAGS,
+    build_command,
+    copy_from_command,
+    explain_fetch_failure,
+    out_path_of_build,
+    toplevel_installable,
+)
 
 log = logging.getLogger(__name__)
 
-NIX_FLAGS = ("--extra-experimental-features", "nix-command flakes")
 SWITCH_UNIT = "flotilla-switch-to-configuration"
 BOOT_FILES = ("kernel", "initrd", "kernel-modules")
-ACTIONS = ("switch", "boot", "test")
-EXIT_UNITS_FAILED, EXIT_REBOOT_REQUIRED = 4, 100
+ACTIONS = ("switch", "boot", "test", "dry-activate")
+PROFILE_ACTIONS = ("switch", "boot")
+EXIT_REFUSED, EXIT_ACTIVATION_FAILED, EXIT_UNITS_FAILED = 1, 2, 4
+INHIBITOR_MARKERS = ("switch inhibitors", "switchInhibitors")
 STORE_NAME_RE = re.compile(r"^[0-9a-z]{32}-[A-Za-z0-9+._?=-]+$")
 FLAKE_NAME_RE = re.compile(r"^[A-Za-z0-9_.'-]+$")
-NIX_IDENT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_'-]*$")
 ANSI_RE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 RECORD_NAME = "nixos-switch.json"
 TAIL_LINES = 8
 MAX_LINE = 1000
+
+
+def systemd_runs(root: Path) -> bool:
+    """sd_booted(): systemd is PID 1 (and systemd-run is there to ask it for a scope)."""
+    return (root / "run/systemd/system").is_dir() and shutil.which("systemd-run") is not None
 
 
 def default_store_dir() -> str:
@@ -78,8 +103,7 @@ class FlakeRef:
 
     @property
     def installable(self) -> str:
-        attr = self.name if NIX_IDENT_RE.fullmatch(self.name) else f'"{self.name}"'
-        return f"{self.ref}#nixosConfigurations.{attr}.config.system.build.toplevel"
+        return toplevel_installable(self.ref, self.name)
 
 
 def classify_system(system: str, store_dir: str, host: str) -> StorePath | FlakeRef:
@@ -102,43 +126,60 @@ def classify_system(system: str, store_dir: str, host: str) -> StorePath | Flake
     return FlakeRef(ref, name or host)
 
 
-def fetch_commands(target: StorePath | FlakeRef, from_cache: str | None) -> list[list[str]]:
-    """The commands that make `target` present, in order (the last one prints the path)."""
+def fetch_commands(target: StorePath | FlakeRef, from_cache: str | None,
+                   cache: BinaryCache | None = None) -> list[list[str]]:
+    """The commands that make `target` present, in order (a build prints its path as
+    JSON). The cache named by the signed Desired wins over the agent's --from-cache."""
     if isinstance(target, FlakeRef):
-        return [["nix", *NIX_FLAGS, "build", "--no-link", "--print-out-paths",
-                 target.installable]]
+        return [build_command(target.installable)]
     cmds = []
-    if from_cache:
+    if cache is not None:
+        cmds.append(copy_from_command(cache, target.path))
+    elif from_cache:
         cmds.append(["nix", *NIX_FLAGS, "copy", "--from", from_cache, target.path])
     cmds.append(["nix-store", "--realise", target.path])
     return cmds
 
 
-def activation_command(toplevel: str, action: str) -> list[str]:
-    """switch-to-configuration in a transient unit, exactly as nixos-rebuild runs it."""
+def activation_command(toplevel: str, action: str, systemd: bool = True) -> list[str]:
+    """switch-to-configuration in a transient unit, exactly as nixos-rebuild runs it;
+    directly when the host does not run systemd (no /run/systemd/system)."""
+    stc = [f"{toplevel}/bin/switch-to-configuration", action]
+    if not systemd:
+        return stc
     return ["systemd-run", "-E", "LOCALE_ARCHIVE", "-E", "NIXOS_INSTALL_BOOTLOADER",
             "--collect", "--no-ask-password", "--pipe", "--quiet", "--service-type=exec",
-            f"--unit={SWITCH_UNIT}", "--wait", f"{toplevel}/bin/switch-to-configuration",
-            action]
+            f"--unit={SWITCH_UNIT}", "--wait", *stc]
 
 
-def switch_commands(profile: str, toplevel: str, action: str) -> list[list[str]]:
-    """The profile is set only for switch and boot; test leaves the boot menu alone."""
+def activation_env(install_bootloader: bool) -> dict[str, str]:
+    """nixos-rebuild-ng always sets NIXOS_INSTALL_BOOTLOADER, to 1 or 0."""
+    return {"NIXOS_INSTALL_BOOTLOADER": "1" if install_bootloader else "0"}
+
+
+def switch_commands(profile: str, toplevel: str, action: str,
+                    systemd: bool = True) -> list[list[str]]:
+    """The profile is set only for switch and boot; test and dry-activate leave it."""
     if action not in ACTIONS:
-        raise BackendError(f"unknown action {action!r}: want switch, boot or test")
-    cmds = [["nix-env", "-p", profile, "--set", toplevel]] if action in ("switch", "boot") else []
-    return [*cmds, activation_command(toplevel, action)]
+        raise BackendError(f"unknown action {action!r}: want switch, boot, test or "
+                           "dry-activate")
+    cmds = [["nix-env", "-p", profile, "--set", toplevel]] if action in PROFILE_ACTIONS else []
+    return [*cmds, activation_command(toplevel, action, systemd)]
 
 
 def interpret_switch_exit(code: int, action: str, tail: Sequence[str]) -> SwitchOutcome:
-    """Exit 4 and 100 are results with meaning; any other failure is an error."""
+    """Exit 4 (units failed) is a result with meaning, and so is a switch refused by
+    switch inhibitors (exit 1 from the pre-switch check; `boot` is not checked, so it is
+    the way out). Anything else non-zero is an error."""
     if code == 0:
         return SwitchOutcome()
     if code == EXIT_UNITS_FAILED:
         return SwitchOutcome(exit_code=code, units_failed=True)
-    if code == EXIT_REBOOT_REQUIRED:
-        return SwitchOutcome(exit_code=code, reboot_required=True)
-    raise BackendError(f"switch-to-configuration {action} failed (exit {code})"
+    if code == EXIT_REFUSED and action != "boot" and any(
+            m in line for line in tail for m in INHIBITOR_MARKERS):
+        return SwitchOutcome(exit_code=code, inhibited=True)
+    what = " (the activation script failed)" if code == EXIT_ACTIVATION_FAILED else ""
+    raise BackendError(f"switch-to-configuration {action} failed (exit {code}){what}"
                        + summarize(tail))
 
 
@@ -202,12 +243,14 @@ class Completed:
     tail: list[str]
 
 
-async def stream_command(argv: Sequence[str], progress: ProgressFn) -> Completed:
+async def stream_command(argv: Sequence[str], progress: ProgressFn,
+                         env: Mapping[str, str] | None = None) -> Completed:
     """Run argv, send each stdout/stderr line to `progress`; keep stdout and a tail."""
     try:
         proc = await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE, limit=1 << 20)
+            stderr=asyncio.subprocess.PIPE, limit=1 << 20,
+            env={**os.environ, **env} if env else None)
     except FileNotFoundError:
         raise BackendError(f"{argv[0]} not found on PATH (is this a NixOS host?)") from None
     except OSError as exc:
@@ -260,6 +303,7 @@ class NixosBackend:
         self.current = self.root / "run/current-system"
         self.profile = self.root / "nix/var/nix/profiles/system"
         self.boot_id_file = self.root / "proc/sys/kernel/random/boot_id"
+        self.use_scope = systemd_runs(self.root)
 
     # -- host facts ------------------------------------------------------------------
     def current_system(self) -> str | None:
@@ -293,37 +337,56 @@ class NixosBackend:
         return out
 
     # -- fetch -----------------------------------------------------------------------
-    async def fetch(self, system: str, host: str, progress: ProgressFn) -> str:
+    async def fetch(self, system: str, host: str, progress: ProgressFn,
+                    cache: BinaryCache | None = None) -> str:
         target = classify_system(system, self.store_dir, host)
         done: Completed | None = None
-        for argv in fetch_commands(target, self.from_cache):
+        for argv in fetch_commands(target, self.from_cache, cache):
             done = await stream_command(argv, progress)
             if done.code != 0:
-                raise BackendError(f"{_what(argv)} failed (exit {done.code})"
+                refused = (explain_fetch_failure(target.path, cache, done.tail)
+                           if cache is not None and isinstance(target, StorePath) else None)
+                raise BackendError(refused or f"{_what(argv)} failed (exit {done.code})"
                                    + summarize(done.tail))
         if isinstance(target, StorePath):
             return target.path
         assert done is not None
-        out = [ln.strip() for ln in done.stdout if ln.strip()]
-        path = out[-1] if out else ""
+        path = out_path_of_build("\n".join(done.stdout)) or ""
         if not isinstance(_store_or_none(path, self.store_dir), StorePath):
             raise BackendError(f"nix build of {target.installable} printed no store path"
                                + summarize(done.tail))
         return path
 
     # -- switch ----------------------------------------------------------------------
-    async def switch(self, toplevel: str, action: str, progress: ProgressFn) -> SwitchOutcome:
-        cmds = switch_commands(str(self.profile), toplevel, action)
+    @property
+    def runs_systemd(self) -> bool:
+        """Whether this host's PID 1 is systemd (nixos-rebuild-ng's `test -d`)."""
+        return (self.root / "run/systemd/system").is_dir()
+
+    async def switch(self, toplevel: str, action: str, progress: ProgressFn,
+                     install_bootloader: bool = False) -> SwitchOutcome:
+        cmds = switch_commands(str(self.profile), toplevel, action, self.runs_systemd)
         stc = Path(toplevel) / "bin/switch-to-configuration"
         if not os.access(stc, os.X_OK):
             raise BackendError(f"{toplevel} is not a NixOS system: no executable "
                                "bin/switch-to-configuration")
-        self._write_record(SwitchRecord(toplevel, action, _resolve(self.profile)))
+        profile_before = _resolve(self.profile)
+        if action in PROFILE_ACTIONS:
+            self._write_record(SwitchRecord(toplevel, action, profile_before))
         *profile_cmds, activate = cmds
         for argv in profile_cmds:
             await self._run_ok(argv, progress)
-        done = await stream_command(activate, progress)
-        return interpret_switch_exit(done.code, action, done.tail)
+        done = await stream_command(activate, progress, activation_env(install_bootloader))
+        outcome = interpret_switch_exit(done.code, action, done.tail)
+        if outcome.inhibited and profile_cmds and profile_before is not None:
+            # Refused before anything was activated: the boot default goes back too.
+            cmd = profile_rollback_command(str(self.profile), self._read_record(),
+                                           _resolve(self.profile), profile_before,
+                                           self.generations())
+            if cmd is not None:
+                await self._run_ok(cmd, progress)
+            self._clear_record()
+        return outcome
 
     async def rollback(self, previous: str | None, progress: ProgressFn) -> None:
         if previous is None:
@@ -336,12 +399,11 @@ class NixosBackend:
                                        _resolve(self.profile), previous, self.generations())
         if cmd is not None:
             await self._run_ok(cmd, progress)
-        done = await stream_command(activation_command(previous, "switch"), progress)
+        done = await stream_command(activation_command(previous, "switch", self.runs_systemd),
+                                    progress, activation_env(False))
         outcome = interpret_switch_exit(done.code, "switch", done.tail)
         if outcome.units_failed:
             await progress("rollback activated, but some units failed (exit 4)")
-        if outcome.reboot_required:
-            await progress("rollback activated; a reboot is required to complete it (exit 100)")
         self._clear_record()
 
     # -- reboot and programs ---------------------------------------------------------------
@@ -357,9 +419,13 @@ class NixosBackend:
                            f"host is still up after {self.reboot_grace_s:.0f}s")
 
     async def run_program(
-        self, argv: Sequence[str], env: Mapping[str, str], user: str | None, timeout: float
+        self, argv: Sequence[str], env: Mapping[str, str], user: str | None, timeout: float,
+        on_line: LineFn | None = None,
     ) -> ProgramResult:
-        return await run_subprocess(argv, env, timeout, user=user)
+        """In its own systemd scope where systemd runs (every descendant is killed with
+        it), else in its own session; see `run_subprocess`."""
+        return await run_subprocess(argv, env, timeout, user=user, on_line=on_line,
+                                    scope=self.use_scope)
 
     # -- helpers ---------------------------------------------------------------------------
     async def _run_ok(self, argv: Sequence[str], progress: ProgressFn) -> None:

@@ -8,7 +8,7 @@ budget per deploy (a quick deploy sends an Ack, its Log lines, a Result and one 
 HostState):
 
 - Progress and Log events are *held*: at most one goes out per `hold` seconds after the
-  previous event, each at most `hold` late. A held Progress is replaced by a newer one
+  previous event, each at most `hold` late (a Progress that opens a prompt goes at once). A held Progress is replaced by a newer one
   and dropped once the deployment ends (the Result carries the last lines); held Log
   lines are merged and always sent, before the next event that is not held.
 - An empty CheckReport of a deployment that is not check-only says nothing anyone
@@ -95,7 +95,7 @@ class Reporter:
                     **fields: Any) -> None:
         """Send an event now (after any held Log lines); Progress and Log are held."""
         msg = {"cls": cls, "deployment_id": deployment_id, "generation": generation, **fields}
-        if cls is Progress:
+        if cls is Progress and fields.get("prompt_id") is None:
             self._held_progress = msg
             self._arm_events()
             return
@@ -112,7 +112,9 @@ class Reporter:
             self._arm_events()
             return
         await self._flush_log()
-        if cls in (Result, Rejected) and self._held_progress is not None and \
+        if cls is Progress:  # it opens a prompt: someone waits for it, and it supersedes
+            self._held_progress = None
+        elif cls in (Result, Rejected) and self._held_progress is not None and \
                 self._held_progress["deployment_id"] == deployment_id:
             self._held_progress = None  # the deployment ended: its progress is moot
         await self._send(msg)
@@ -163,9 +165,12 @@ class Reporter:
                                                       message=message[:500]))
 
     async def progress(self, deployment_id: str, generation: int, stage: str, message: str = "",
-                       percent: float | None = None, step: str | None = None) -> None:
+                       percent: float | None = None, step: str | None = None,
+                       prompt: Prompt | None = None) -> None:
         await self.event(Progress, deployment_id, generation, stage=stage, message=message,
-                         percent=percent, step=step)
+                         percent=percent, step=step,
+                         prompt_id=prompt.prompt_id if prompt else None,
+                         prompt_kind=prompt.kind if prompt else None)
 
     async def check_report(self, deployment_id: str, generation: int, items: list[ReportItem],
                            open_choices: list[str], check_only: bool) -> None:

@@ -106,13 +106,13 @@ class DeploymentRunner:
 
     # -- reporting and journaling helpers -------------------------------------------
     async def progress(self, stage: str, message: str = "", step: str | None = None,
-                       percent: float | None = None) -> None:
+                       percent: float | None = None, prompt: Prompt | None = None) -> None:
         if message:
             self.output.line("agent", stage.split(":")[0] + (f":{step}" if step else ""),
                              message)
         pct = percent if percent is not None else STAGE_PERCENT.get(stage)
         await self.ctx.reporter.progress(self.d.deployment_id, self.d.generation,
-                                         stage.split(":")[0], message, pct, step)
+                                         stage.split(":")[0], message, pct, step, prompt)
 
     async def phase(self, phase: str, **extra: Any) -> None:
         """Update the HostState. Passing phases (fetched, checked, ...) are only published
@@ -191,6 +191,11 @@ class DeploymentRunner:
                 return await self.finish("failed", message)
             if d.check_only:
                 return await self.finish("succeeded", "checks ran; nothing was switched")
+            if d.action == "dry-activate":
+                would = (self.active.done.get("dry-activate") or {}).get("would") or []
+                return await self.finish("succeeded", "dry-activate: " + (
+                    "; ".join(would) if would else "nothing would change") +
+                    " (nothing was switched)")
             if d.rollback:
                 prev = self.active.done.get("rollback-previous") or {}
                 return await self.finish("succeeded", prev.get("message", "rolled back"),
@@ -224,6 +229,9 @@ class DeploymentRunner:
         await self.stage("check", self.check)
         await self.phase("checked")
         if self.d.check_only:
+            return
+        if self.d.action == "dry-activate":
+            await self.stage("dry-activate", lambda: self.dry_activate(toplevel))
             return
         items, answers = self.items, self.answers
         await self.stage("choose", self.choose, needed=bool(
@@ -264,7 +272,8 @@ class DeploymentRunner:
 
         line = self._program_lines("fetch")
 
-        toplevel = await self.ctx.backend.fetch(self.d.system, self.ctx.host, line)
+        toplevel = await self.ctx.backend.fetch(self.d.system, self.ctx.host, line,
+                                                cache=self.d.cache)
         await self.phase("fetched")
         return toplevel
 
@@ -397,7 +406,13 @@ class DeploymentRunner:
         line = self._program_lines("switch")
 
         backend = self.ctx.backend
-        outcome = await backend.switch(toplevel, self.d.action, line)
+        outcome = await backend.switch(toplevel, self.d.action, line,
+                                       install_bootloader=self.d.install_bootloader)
+        if outcome.inhibited:
+            raise DeployFailed(
+                f"switch-to-configuration {self.d.action} refused by switch inhibitors "
+                "(nothing was activated; the boot default is unchanged): deploy with "
+                "--action boot and reboot to take this system", status="blocked")
         needs_reboot = activation_needs_reboot(self.d.action, outcome.reboot_required,
                                                backend.needs_reboot(toplevel),
                                                backend.current_system(), toplevel)
@@ -406,6 +421,20 @@ class DeploymentRunner:
             raise DeployFailed("activation finished but some units failed (exit 4)",
                                rollback=True)
         return {"exit_code": outcome.exit_code, "needs_reboot": needs_reboot}
+
+    async def dry_activate(self, toplevel: str) -> dict[str, Any]:
+        """switch-to-configuration dry-activate: what a switch would stop, restart, start
+        or reload, reported; nothing is switched and the profile is untouched."""
+        await self.progress("switch", "switch-to-configuration dry-activate")
+        would: list[str] = []
+
+        async def line(msg: str) -> None:
+            if msg.startswith("would "):
+                would.append(msg)
+            await self.progress("switch", msg)
+
+        await self.ctx.backend.switch(toplevel, "dry-activate", line)
+        return {"would": would}
 
     async def reboot(self, toplevel: str) -> dict[str, Any]:
         """Reboot when needed and the policy says so. The boot id is journaled first, so
@@ -503,6 +532,11 @@ class DeploymentRunner:
             phase = "awaiting_approval" if kind == "approval" else "awaiting_choice"
             await self.phase(phase, open_prompt=prompt_id,
                              message=f"waiting for an answer to {prompt_id}")
+            # Also as an event: a controller following events (not retained states)
+            # learns that this host now waits, and for which prompt.
+            stage = {"approval": "approve", "reboot": "reboot"}.get(kind, "choose")
+            await self.progress(stage, f"waiting for an answer to {prompt_id}",
+                                prompt=self.prompt)
             for cb in self.on_prompt:
                 await cb(self.prompt)
             await self._wait_for_answer(self.prompt)

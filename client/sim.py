@@ -3,7 +3,8 @@
 Fetch and switch sleep for configurable delays and fail on demand, so tests, the
 demo and the benchmark exercise the real agent code. The "current system" and boot
 id live in files under the agent's state dir, so they survive agent restarts.
-State-step programs really run (as this user), so migration tests are real.
+State-step programs really run (as the step's `user` when the agent is root), so
+migration, dump and restore tests are real.
 """
 
 from __future__ import annotations
@@ -15,7 +16,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from client.backend import BackendError, ProgramResult, ProgressFn, SwitchOutcome, run_subprocess
+from client.backend import (
+    BackendError,
+    LineFn,
+    ProgramResult,
+    ProgressFn,
+    SwitchOutcome,
+    run_subprocess,
+)
+from protocol.models import BinaryCache
 
 
 @dataclass(frozen=True)
@@ -65,19 +74,24 @@ class SimulatedBackend:
             f.write_text(str(uuid.uuid4()))
         return f.read_text().strip()
 
-    async def fetch(self, system: str, host: str, progress: ProgressFn) -> str:
+    async def fetch(self, system: str, host: str, progress: ProgressFn,
+                    cache: BinaryCache | None = None) -> str:
         if self.settings.fetch_delay:
             await asyncio.sleep(self.settings.fetch_delay)
         if self._fails("fetch", system):
             raise BackendError(f"simulated fetch failure for {system}")
         return system
 
-    async def switch(self, toplevel: str, action: str, progress: ProgressFn) -> SwitchOutcome:
+    async def switch(self, toplevel: str, action: str, progress: ProgressFn,
+                     install_bootloader: bool = False) -> SwitchOutcome:
         if self.settings.switch_delay:
             await asyncio.sleep(self.settings.switch_delay)
         if self._fails("switch", toplevel):
             raise BackendError(f"simulated activation failure of {toplevel}")
         self.switches.append((toplevel, action))
+        if action == "dry-activate":
+            await progress(f"would activate {toplevel}")
+            return SwitchOutcome()
         if action != "test":
             (self.dir / "profile").write_text(toplevel)
         if action != "boot":
@@ -108,6 +122,8 @@ class SimulatedBackend:
         raise BackendError("simulated reboot: the agent was not restarted")
 
     async def run_program(
-        self, argv: Sequence[str], env: Mapping[str, str], user: str | None, timeout: float
+        self, argv: Sequence[str], env: Mapping[str, str], user: str | None, timeout: float,
+        on_line: LineFn | None = None,
     ) -> ProgramResult:
-        return await run_subprocess(argv, env, timeout, user=None)
+        """As the step's user, like on a real host (when the agent runs as root)."""
+        return await run_subprocess(argv, env, timeout, user=user, on_line=on_line)

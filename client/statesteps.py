@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import graphlib
 import json
-import shutil
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,13 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from client.backend import BackendError, ProgramResult, SystemBackend
+from client.backend import (
+    STDOUT_CAP,
+    BackendError,
+    ProgramResult,
+    SystemBackend,
+    program_owner,
+)
 from client.dumps import DumpStore
 from client.plan import Migration, dependents
 from protocol.models import Desired, ReportItem
@@ -61,8 +66,12 @@ class StepEnv:
 
 
 def _tail(result: ProgramResult, n: int = 400) -> str:
-    text = (result.stderr or result.stdout).decode(errors="replace").strip()
-    return text[-n:].replace("\n", " | ")
+    return result.tail_text(n)
+
+
+def _leftovers(program: str, result: ProgramResult) -> str:
+    n = result.leftovers
+    return f"{program} left {n} background process{'es' if n != 1 else ''} behind; killed"
 
 
 async def run_check(backend: SystemBackend, step: StepDecl, env: StepEnv) -> list[ReportItem]:
@@ -79,14 +88,21 @@ async def run_check(backend: SystemBackend, step: StepDecl, env: StepEnv) -> lis
         return error("check-failed", str(exc))
     if result.timed_out:
         return error("check-timeout", f"check {step.check} timed out after {CHECK_TIMEOUT:.0f}s")
+    left = ([ReportItem(step=step.name, id="check-left-processes", severity="warning",
+                        message=_leftovers(f"check {step.check}", result))]
+            if result.leftovers else [])
+    if result.stdout_overflow:
+        return left + error("check-output-too-large",
+                            f"check {step.check} printed {result.stdout_size} bytes on stdout,"
+                            f" more than the {STDOUT_CAP} a report may have")
     try:
         output = CheckOutput.model_validate_json(result.stdout or b"{}")
     except ValidationError as exc:
         first = exc.errors()[0]
-        return error("check-invalid-output",
-                     f"check {step.check} printed invalid output ({first['msg']}); "
-                     f"exit {result.exit_code}: {_tail(result)}")
-    items = [ReportItem(step=step.name, id=i.id, severity=i.severity, message=i.message,
+        return left + error("check-invalid-output",
+                            f"check {step.check} printed invalid output ({first['msg']}); "
+                            f"exit {result.exit_code}: {_tail(result)}")
+    items = left + [ReportItem(step=step.name, id=i.id, severity=i.severity, message=i.message,
                         choices=list(i.choices), default=i.default) for i in output.items]
     if result.exit_code != 0:
         items += error("check-failed", f"check {step.check} exited {result.exit_code}: "
@@ -114,10 +130,11 @@ async def dump_step(backend: SystemBackend, store: DumpStore, step: StepDecl, re
     """Make the rollback point of one step; returns the archive path."""
     slot = store.slot(step.name, revision, env.desired.generation)
     if step.dump is not None:
-        scratch = store.scratch(slot)
+        scratch = await asyncio.to_thread(store.scratch, slot, program_owner(step.user))
         result = await backend.run_program([step.dump], env.for_step(step, dump_dir=str(scratch)),
                                            step.user, PROGRAM_TIMEOUT)
         if result.exit_code != 0 or result.timed_out:
+            await asyncio.to_thread(store.discard, scratch)
             raise BackendError(f"dump of {step.name} failed: {_tail(result)}")
         archive = await asyncio.to_thread(store.seal_dir, slot, scratch)
     else:
@@ -129,21 +146,17 @@ async def restore_step(backend: SystemBackend, store: DumpStore, step: StepDecl,
                        env: StepEnv) -> None:
     path = Path(archive)
     if step.restore is not None:
-        staging = path.parent / "restore"
-        await asyncio.to_thread(_fresh_dir, staging)
-        await asyncio.to_thread(store.unpack, path, staging)
-        result = await backend.run_program([step.restore],
-                                           env.for_step(step, dump_dir=str(staging)),
-                                           step.user, PROGRAM_TIMEOUT)
+        staging = await asyncio.to_thread(store.staging, path, program_owner(step.user))
+        try:
+            result = await backend.run_program([step.restore],
+                                               env.for_step(step, dump_dir=str(staging)),
+                                               step.user, PROGRAM_TIMEOUT)
+        finally:
+            await asyncio.to_thread(store.discard, staging)
         if result.exit_code != 0 or result.timed_out:
             raise BackendError(f"restore of {step.name} failed: {_tail(result)}")
     else:
         await asyncio.to_thread(store.restore_paths, path, list(step.paths))
-
-
-def _fresh_dir(p: Path) -> None:
-    shutil.rmtree(p, ignore_errors=True)
-    p.mkdir(parents=True)
 
 
 async def run_graph(graph: dict[str, set[str]], parallel: int,

@@ -16,13 +16,23 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from controller import cmd_deploy, cmd_fleet, cmd_logs, cmd_rollout, cmd_security, cmd_steps
+from controller import (
+    cmd_build,
+    cmd_deploy,
+    cmd_fleet,
+    cmd_logs,
+    cmd_rollout,
+    cmd_security,
+    cmd_serve,
+    cmd_steps,
+)
 from controller.cliutil import EXIT_BROKER, EXIT_OK, EXIT_USAGE
 from controller.keys import init_keys
 from protocol.errors import BrokerUnavailable, FlotillaError
 from protocol.topics import DEFAULT_PREFIX
 
-COMMAND_MODULES = (cmd_deploy, cmd_fleet, cmd_logs, cmd_rollout, cmd_security, cmd_steps)
+COMMAND_MODULES = (cmd_build, cmd_deploy, cmd_fleet, cmd_logs, cmd_rollout, cmd_security,
+                   cmd_serve, cmd_steps)
 
 
 class Parser(argparse.ArgumentParser):
@@ -58,6 +68,11 @@ def _common() -> Parser:
                    help="TLS: the client certificate's private key (env FLEET_KEY_FILE)")
     p.add_argument("--inventory", type=Path,
                    default=Path(os.environ.get("FLEET_INVENTORY", "./fleet.toml")))
+    p.add_argument("--flake", default=os.environ.get("FLEET_FLAKE"), metavar="REF",
+                   help="the fleet's flake (env FLEET_FLAKE): hosts are its "
+                        "nixosConfigurations, tags their services.flotilla-agent.tags, when "
+                        "there is no inventory file (which wins); `build` and `deploy` build "
+                        "each host's toplevel from it")
     p.add_argument("--state-dir", type=Path, default=Path(os.environ.get(
         "FLEET_STATE_DIR", Path.home() / ".local/state/flotilla")))
     p.add_argument("--topic-prefix", default=os.environ.get("FLEET_TOPIC_PREFIX",
@@ -70,6 +85,8 @@ def _common() -> Parser:
 def build_parser() -> argparse.ArgumentParser:
     common = _common()
     parser = Parser(prog="fleetctl", description="Deploy NixOS systems to a fleet over MQTT.")
+    parser.add_argument("--flake", dest="top_flake", metavar="REF",
+                        help="as the commands' --flake (`fleetctl --flake REF hosts`)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     for module in COMMAND_MODULES:
         module.register(sub, common)
@@ -92,6 +109,8 @@ def cmd_keys_init(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "top_flake", None) and not getattr(args, "flake", None):
+        args.flake = args.top_flake
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("aiomqtt").setLevel(logging.CRITICAL)

@@ -68,4 +68,9 @@ def table(columns: list[str], rows: list[list[str]]) -> Table:
 
 
 def inventory(args: argparse.Namespace) -> Inventory:
+    """fleet.toml; without one, the hosts and tags of `--flake` (a fleet.toml wins)."""
+    flake = getattr(args, "flake", None)
+    if flake and not args.inventory.exists():
+        from controller.nixbuild import flake_inventory
+        return flake_inventory(flake)
     return load_inventory(args.inventory)

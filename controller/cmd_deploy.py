@@ -7,19 +7,31 @@ import asyncio
 import re
 import sys
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console, Group
 from rich.live import Live
 
 from controller import cliutil
+from controller.buildview import add_build_arguments, build_and_push
 from controller.deploy import AskContinue, DeployRequest, Outcome, RolloutDriver
-from controller.monitor import print_summary, refresh_interval, render
+from controller.monitor import (
+    ChangeTracker,
+    host_line,
+    plain_line,
+    print_summary,
+    refresh_interval,
+    render,
+)
+from controller.nixbuild import load_systems
 from controller.planner import RolloutPolicy
 from protocol.errors import UsageError
 from protocol.models import DeployPolicy
 
 CHOICE_RE = re.compile(r"^([A-Za-z0-9_.-]+)\.([A-Za-z0-9_:-]+)=([A-Za-z0-9._:@-]+)$")
+LINE_INTERVAL = 0.5  # seconds between checks for host changes (plain and --stream lines)
 ROLLOUT_FLAGS = ("canary", "batch", "max_parallel", "max_failures", "min_executed",
                  "host_timeout", "retries", "pause_between_batches", "confirm_batches",
                  "offline")
@@ -28,11 +40,26 @@ ROLLOUT_FLAGS = ("canary", "batch", "max_parallel", "max_failures", "min_execute
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("deploy", parents=[common], help="deploy a system to hosts")
     p.add_argument("selector", help="host, @tag or group; comma = union")
-    p.add_argument("--system", required=True, help="store path or flake ref")
-    p.add_argument("--action", choices=["switch", "boot", "test"], default="switch")
+    src = p.add_argument_group("what to deploy: --system, --systems or --flake")
+    src.add_argument("--system", help="one store path or flake ref for every selected host")
+    src.add_argument("--systems", type=Path, metavar="DEPLOY_JSON",
+                     help="each host its own store path: {agents: {host: path}, cache, "
+                          "cache_public_key} as written by 'fleetctl build'")
+    src.add_argument("--build-on", choices=["controller", "host"], default="controller",
+                     help="with --flake: build every host's toplevel here and ship it through "
+                          "--cache (default), or let each host build the flake itself")
+    add_build_arguments(p)
+    p.add_argument("--action", choices=["switch", "boot", "test", "dry-activate"],
+                   default="switch",
+                   help="dry-activate: fetch, check and report what a switch would restart")
+    p.add_argument("--install-bootloader", action="store_true",
+                   help="(re)install the boot loader (NIXOS_INSTALL_BOOTLOADER=1)")
     p.add_argument("--timeout", type=float, default=600.0,
                    help="seconds to wait for all hosts (default 600)")
     p.add_argument("--no-wait", action="store_true", help="return after publishing")
+    p.add_argument("--stream", action="store_true",
+                   help="with --json: one JSON line per host change (as `watch --json`) "
+                        "before the summary line")
     p.add_argument("--check", action="store_true",
                    help="only predict: fetch and run state checks, do not switch")
     p.add_argument("--choose", action="append", default=[], metavar="STEP.ITEM=CHOICE",
@@ -97,22 +124,66 @@ def agent_policy(args: argparse.Namespace) -> DeployPolicy:
         raise UsageError(f"invalid deploy option: {exc.errors()[0]['msg']}") from None
 
 
+def system_source(args: argparse.Namespace) -> str:
+    """Which of --system, --systems, --flake says what to deploy (exactly one)."""
+    given = [name for name, v in (("--system", args.system), ("--systems", args.systems))
+             if v is not None]
+    if not given:
+        if not args.flake:
+            raise UsageError("say what to deploy: --system PATH|REF, --systems deploy.json "
+                             "or --flake REF")
+        return "--flake"
+    if len(given) > 1:
+        raise UsageError("--system and --systems exclude each other")
+    return given[0]
+
+
 def build_request(args: argparse.Namespace) -> DeployRequest:
+    source = system_source(args)
     inv = cliutil.inventory(args)
     hosts = inv.resolve(args.selector)
     if not hosts:
         raise UsageError(f"selector {args.selector!r} matches no host")
     if args.timeout <= 0:
         raise UsageError("--timeout must be positive")
+    if args.install_bootloader and args.action not in ("switch", "boot"):
+        raise UsageError("--install-bootloader goes with --action switch or boot")
+    system, systems, cache = args.system, {}, None
+    if source == "--systems":
+        loaded = load_systems(args.systems)
+        systems, cache = loaded.for_hosts(hosts, str(args.systems)), loaded.cache
+        system = str(args.systems)
+    elif source == "--flake":
+        system = args.flake  # --build-on host: each host builds REF#nixosConfigurations.HOST
     return DeployRequest(
-        selector=args.selector, hosts=hosts, system=args.system, action=args.action,
+        selector=args.selector, hosts=hosts, system=system, action=args.action,
         timeout=args.timeout, choices=parse_choices(args.choose),
         agent_policy=agent_policy(args), rollout=rollout_policy(args, inv.rollout),
-        check_only=args.check, expires_in=args.expires_in)
+        check_only=args.check, expires_in=args.expires_in, systems=systems, cache=cache,
+        install_bootloader=args.install_bootloader)
+
+
+async def build_on_controller(args: argparse.Namespace, req: DeployRequest) -> bool:
+    """--flake with --build-on controller: every host's toplevel, pushed to --cache.
+    A failed build or push stops the deploy before anything is published."""
+    run = await build_and_push(args, req.hosts)
+    if not run.ok:
+        for host, message in run.failed.items():
+            print(f"fleetctl: {host}: build failed: {message}", file=sys.stderr)
+        if run.push_message:
+            print(f"fleetctl: push failed: {run.push_message}", file=sys.stderr)
+        print("fleetctl: nothing was deployed", file=sys.stderr)
+        return False
+    req.systems, req.cache = run.systems, run.cache
+    req.system = f"{args.flake} (per host)"
+    return True
 
 
 async def cmd_deploy(args: argparse.Namespace) -> int:
     req = build_request(args)
+    if system_source(args) == "--flake" and args.build_on == "controller" and \
+            not await build_on_controller(args, req):
+        return cliutil.EXIT_FAILED
     ctx = cliutil.context(args, need_key=True)
     driver = RolloutDriver(ctx, req)
     outcome = await run_with_view(args, driver, wait=not args.no_wait)
@@ -189,8 +260,50 @@ async def run_with_view(args: argparse.Namespace, driver: RolloutDriver, wait: b
     interactive = not args.json and sys.stdin.isatty() and sys.stdout.isatty()
     if interactive and driver.req.rollout.confirm_batches:
         driver.ask_continue = tty_asker(live)
-    if live is None:
+    try:
+        if live is None:
+            return await _run_lines(args, driver, wait)
+        return await _run_live(live, view, driver, wait)
+    except asyncio.CancelledError:  # Ctrl-C: the rollout is left without a driver
+        if driver.created and driver.status == "running":
+            print(f"\nfleetctl: interrupted; rollout {driver.rollout_id} has no controller "
+                  f"now: continue it with `fleetctl rollout resume {driver.rollout_id}` "
+                  f"(or stop it: `fleetctl rollout abort {driver.rollout_id}`)",
+                  file=sys.stderr, flush=True)
+        raise
+
+
+async def _run_lines(args: argparse.Namespace, driver: RolloutDriver, wait: bool) -> Outcome:
+    """Not a terminal: one timestamped line per host change (`--json --stream`: the same
+    JSON lines as `watch --json`), then the summary."""
+    stream = wait and (not args.json or getattr(args, "stream", False))
+    if not stream:
         return await driver.run(wait=wait)
+    tracker = ChangeTracker()
+
+    def emit() -> None:
+        for v in tracker.changes(driver.views.values()):
+            if args.json:
+                cliutil.emit_json(host_line(driver.rollout_id, v))
+            else:
+                print(plain_line(v), flush=True)
+
+    async def ticker() -> None:
+        while True:
+            await asyncio.sleep(LINE_INTERVAL)
+            emit()
+
+    task = asyncio.create_task(ticker())
+    try:
+        outcome = await driver.run(wait=wait)
+    finally:
+        task.cancel()
+    emit()
+    return outcome
+
+
+async def _run_live(live: Live, view: Callable[[], Group], driver: RolloutDriver,
+                    wait: bool) -> Outcome:
     last = 0.0
     interval = refresh_interval(len(driver.views))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -27,11 +28,24 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("status", parents=[common], help="show hosts' reported state")
     p.add_argument("selector", nargs="?", help="host, @tag or group (default: all)")
     p.set_defaults(func=cmd_status)
-    d = sub.add_parser("demo", parents=[common],
-                       help="local deploy: Mosquitto + N simulated agents + a rollout")
-    d.add_argument("--hosts", type=int, default=8)
-    d.add_argument("--fail-rate", type=float, default=0.0)
-    d.add_argument("--delay", type=float, default=0.3, help="simulated fetch/switch seconds")
+    d = sub.add_parser(
+        "demo", parents=[common], help="watch a simulated rollout: canary, batches, a prompt, "
+        "a failure that rolls back, a retry",
+        description="Start a private Mosquitto (from mosquitto.conf) and N simulated agents, "
+                    "then deploy a system whose state step offers a choice on one host "
+                    "(answered by the policy's default after a short deadline) and fails "
+                    "on another (rolled back, log shown, retried). The state directory is "
+                    "kept, so `fleetctl rollouts`, `watch` and `logs` work on it afterwards. "
+                    "Exit code: 0 if the rollout succeeded, 1 if not (as `deploy`).")
+    d.add_argument("--hosts", type=int, default=12, help="simulated hosts (default: 12)")
+    d.add_argument("--fail-rate", type=float, default=0.0,
+                   help="share of hosts whose migration always fails, chosen with the seed "
+                        "(default: 0; one more host fails once and is retried)")
+    d.add_argument("--delay", type=float, default=0.3,
+                   help="simulated fetch/switch seconds (default: 0.3)")
+    d.add_argument("--seed", type=int, help="repeat a run (default: random; printed)")
+    d.add_argument("--prompt-deadline", type=float, default=4.0,
+                   help="seconds before the demo prompt takes its default (default: 4)")
     d.set_defaults(func=cmd_demo)
 
 
@@ -52,55 +66,99 @@ async def cmd_status(args: argparse.Namespace) -> int:
 
 
 async def cmd_demo(args: argparse.Namespace) -> int:
+    from controller import demo
+    from controller.cmd_deploy import report, run_with_view
+
     if not 1 <= args.hosts <= 10000:
         raise UsageError("--hosts must be between 1 and 10000")
     if not 0 <= args.fail_rate <= 1:
         raise UsageError("--fail-rate must be between 0 and 1")
+    if args.prompt_deadline <= 0 or args.delay < 0:
+        raise UsageError("--prompt-deadline must be positive and --delay not negative")
+    seed = args.seed if args.seed is not None else secrets.randbelow(100_000)
     console = Console(stderr=args.json)
-    with tempfile.TemporaryDirectory(prefix="flotilla-demo-") as tmp:
-        work = Path(tmp)
-        with running_mosquitto(work / "broker") as broker:
-            console.print(f"[dim]mosquitto from mosquitto.conf on {broker.url}[/]")
-            state = work / "controller"
-            _, pub = init_keys(state)
-            names = [f"demo-{i:04d}" for i in range(1, args.hosts + 1)]
-            roles = ("web", "db", "cache")
-            inv = work / "fleet.toml"
-            inv.write_text(render_inventory(
-                {n: ["demo", roles[i % 3]] for i, n in enumerate(names)},
-                {"everything": ["@demo"]}))
-            agents = subprocess.Popen(
-                [sys.executable, "-m", "client", "simulate", "--hosts", ",".join(names),
-                 "--state-dir", str(work / "agents"), "--trust-key", str(pub),
-                 "--broker", broker.url, "--sim-fetch-delay", str(args.delay),
-                 "--sim-switch-delay", str(args.delay), "--sim-fail-rate", str(args.fail_rate),
-                 "--sim-seed", "demo"],
-                stdout=subprocess.DEVNULL, stderr=open(work / "agents.log", "wb"),  # noqa: SIM115
-                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    work = Path(tempfile.mkdtemp(prefix="flotilla-demo-"))
+    plan = demo.plan_demo(args.hosts, args.fail_rate, seed)
+    system = demo.make_system(work, plan, pace=max(0.1, args.delay))
+    state, inv = work / "controller", work / "fleet.toml"
+    _, pub = init_keys(state)
+    roles = ("web", "db", "cache")
+    inv.write_text(render_inventory({n: ["demo", roles[i % 3]] for i, n in enumerate(plan.hosts)},
+                                    {"everything": ["@demo"]}))
+    console.print(f"[bold]flotilla demo[/] seed {seed} (--seed {seed} repeats it): "
+                  f"{args.hosts} simulated hosts; canary {plan.canary}; "
+                  f"a choice on {plan.choice_host or '-'}; "
+                  f"{plan.retry_host or '-'} fails once and is retried; "
+                  f"always failing: {', '.join(sorted(plan.failing)) or 'none'}")
+    with running_mosquitto(work / "broker") as broker:
+        console.print(f"[dim]mosquitto from mosquitto.conf on {broker.url}; "
+                      f"state in {work}[/]")
+        agents = subprocess.Popen(
+            [sys.executable, "-m", "client", "simulate", "--hosts", ",".join(plan.hosts),
+             "--state-dir", str(work / "agents"), "--trust-key", str(pub),
+             "--broker", broker.url, "--sim-fetch-delay", str(args.delay),
+             "--sim-switch-delay", str(args.delay)],
+            stdout=subprocess.DEVNULL, stderr=open(work / "agents.log", "wb"),  # noqa: SIM115
+            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        try:
+            ns = argparse.Namespace(**{**vars(args), "broker": broker.url,
+                                       "state_dir": state, "inventory": inv})
+            ctx = cliutil.context(ns, need_key=True)
+            await wait_online(ctx, plan.hosts, agents)
+            console.print(f"[dim]{len(plan.hosts)} agents online[/]")
+            req = DeployRequest(selector="@demo", hosts=plan.hosts, system=str(system),
+                                timeout=120, rollout=demo.rollout_policy(args.hosts),
+                                agent_policy=demo.agent_policy(args.prompt_deadline))
+            driver = RolloutDriver(ctx, req)
+            outcome = await run_with_view(ns, driver, wait=True)
+        finally:
+            agents.terminate()
             try:
-                ns = argparse.Namespace(**{**vars(args), "broker": broker.url,
-                                           "state_dir": state, "inventory": inv})
-                ctx = cliutil.context(ns, need_key=True)
-                req = DeployRequest(selector="@demo", hosts=names,
-                                    system="/nix/store/demo-nixos-system-25.11", timeout=120)
-                driver = RolloutDriver(ctx, req)
-                from controller.cmd_deploy import run_with_view
-                started = time.monotonic()
-                outcome = await run_with_view(ns, driver, wait=True)
-                duration = time.monotonic() - started
-            finally:
-                agents.terminate()
-                try:
-                    agents.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    agents.kill()
-    counts = outcome.counts()
-    failed = counts["failed"] + counts["timed_out"] + counts["not_started"]
-    if args.json:
-        cliutil.emit_json({"hosts": args.hosts, "succeeded": counts["succeeded"],
-                           "failed": failed, "duration_s": round(duration, 3)})
-    else:
-        from controller.monitor import print_summary
-        print_summary(console, outcome.views.values(), outcome.status, duration)
-    await asyncio.sleep(0)
-    return cliutil.EXIT_OK
+                agents.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                agents.kill()
+    code = report(ns, outcome, batches=len(driver.batches))
+    if not args.json:
+        epilogue(console, state, outcome.rollout_id, driver, work)
+    return code
+
+
+def epilogue(console: Console, state: Path, rollout_id: str, driver: RolloutDriver,
+             work: Path) -> None:
+    """Retried hosts with their first attempt's log, and how to look further."""
+    from controller import logs
+
+    for host, attempts in sorted(driver.progress.attempts.items()):
+        if attempts < 2:
+            continue
+        v = driver.views[host]
+        console.print(f"[yellow]{host}[/]: attempt 1 rolled back; retry: {v.result}. "
+                      "Its first attempt's log:")
+        for rec in logs.read_lines(state, rollout_id, host, rollout_id)[-6:]:
+            console.print(f"    {logs.format_line(rec)}", markup=False, highlight=False)
+    env = f"FLEET_STATE_DIR={state} FLEET_INVENTORY={work / 'fleet.toml'}"
+    console.print(f"state kept in {work}; try:\n  {env} fleetctl rollouts\n"
+                  f"  {env} fleetctl rollout show {rollout_id}\n"
+                  f"  {env} fleetctl logs HOST --deployment {rollout_id}\n"
+                  f"  {env} fleetctl watch {rollout_id}", markup=False, highlight=False)
+
+
+async def wait_online(ctx: Any, hosts: list[str], agents: subprocess.Popen[bytes],
+                      timeout: float = 60.0) -> None:
+    """Start the rollout only once every simulated agent is connected."""
+    from controller.connection import connect, read_retained
+
+    deadline = time.monotonic() + timeout
+    while True:
+        async with connect(ctx.broker) as client:
+            msgs = await read_retained(client, ctx.topics, [ctx.topics.all_hosts("online")])
+        online = {ctx.topics.parse(str(m.topic))[0] for m in msgs if m.payload == b"online"}
+        if online >= set(hosts):
+            return
+        if agents.poll() is not None:
+            raise UsageError(f"the simulated agents exited (code {agents.returncode}); "
+                             "see agents.log in the demo's state directory")
+        if time.monotonic() > deadline:
+            raise UsageError(f"only {len(online)} of {len(hosts)} agents came online "
+                             f"in {timeout:.0f}s")
+        await asyncio.sleep(0.3)

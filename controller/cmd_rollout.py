@@ -13,13 +13,12 @@ from typing import Any
 from rich.console import Console, Group
 from rich.text import Text
 
-from controller import cliutil, store
+from controller import cliutil, rollout_ops, store
 from controller.cmd_deploy import report, run_with_view
-from controller.deploy import DriverLock, RolloutDriver
+from controller.deploy import RolloutDriver
 from controller.eventlog import EventLog
-from controller.monitor import print_summary, refresh_interval, render
-from controller.view import HostView
-from controller.watch import Watcher, host_line
+from controller.monitor import host_line, plain_line, print_summary, refresh_interval, render
+from controller.watch import Watcher
 from protocol import outcomes
 from protocol.errors import InputError, UsageError
 
@@ -72,23 +71,11 @@ def _eventlog(args: argparse.Namespace) -> EventLog:
 
 
 def _existing_log(args: argparse.Namespace) -> EventLog:
-    log = _eventlog(args)
-    if not log.exists():
-        raise InputError(f"no controller state at {log.path} (set --state-dir or "
-                         "FLEET_STATE_DIR); nothing was deployed from here yet")
-    return log
+    return rollout_ops.existing_log(_eventlog(args))
 
 
 def _doc(args: argparse.Namespace) -> dict[str, Any]:
     return _existing_log(args).load()
-
-
-def _running(doc: dict[str, Any], ident: str) -> dict[str, Any]:
-    """The rollout `ident` (a unique prefix will do), which must still be running."""
-    r = store.find_rollout(doc, ident)
-    if r.get("status") != "running":
-        raise UsageError(f"rollout {r['id']} already finished ({r.get('status')})")
-    return r
 
 
 def _console() -> Console:
@@ -100,25 +87,15 @@ def _fmt_time(t: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
 
 
-def _status(r: dict[str, Any]) -> str:
-    status = str(r.get("status"))
-    if status == "running" and r.get("abort_requested"):
-        return "aborting"
-    return status
-
-
 def cmd_rollouts(args: argparse.Namespace) -> int:
     if args.limit < 0:
         raise UsageError("--limit must not be negative")
     log = _eventlog(args)
     doc = log.load() if log.exists() else {}
-    rollouts = sorted(doc.get("rollouts", {}).values(), key=lambda r: r.get("created", 0))
+    rollouts = store.rollouts_by_age(doc)
     if args.limit:
         rollouts = rollouts[-args.limit:]
-    rows = [{"id": r["id"], "selector": r.get("selector"), "system": r.get("system"),
-             "status": _status(r), "counts": store.rollout_counts(r),
-             "hosts": len(r.get("hosts", {})), "created": r.get("created"),
-             "finished": r.get("finished")} for r in rollouts]
+    rows = [store.rollout_row(r) for r in rollouts]
     if args.json:
         cliutil.emit_json(rows)
         return cliutil.EXIT_OK
@@ -139,11 +116,11 @@ def cmd_show(args: argparse.Namespace) -> int:
     r = store.find_rollout(_doc(args), args.id)
     counts = store.rollout_counts(r)
     if args.json:
-        cliutil.emit_json({**r, "status": _status(r), "counts": counts})
+        cliutil.emit_json(store.rollout_detail(r))
         return cliutil.EXIT_OK
     console = _console()
     pol = r.get("policy", {}).get("rollout", {})
-    console.print(f"[bold]rollout {r['id']}[/] {_status(r)}: {r.get('selector')} -> "
+    console.print(f"[bold]rollout {r['id']}[/] {store.display_status(r)}: {r.get('selector')} -> "
                   f"{r.get('system')} ({r.get('action')})")
     console.print(f"created {_fmt_time(r.get('created'))}, finished "
                   f"{_fmt_time(r.get('finished'))}; {r.get('batches')} batch(es); "
@@ -166,51 +143,37 @@ def cmd_show(args: argparse.Namespace) -> int:
     return cliutil.EXIT_OK
 
 
+def _operator() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "an operator"
+
+
 def cmd_abort(args: argparse.Namespace) -> int:
-    with _existing_log(args).transaction() as txn:
-        r = _running(txn.doc, args.id)
-        already = bool(r.get("abort_requested"))
-        if not already:
-            try:
-                user = getpass.getuser()
-            except (KeyError, OSError):
-                user = "an operator"
-            txn.add("abort-requested", store.request_abort(r["id"], user))
-    driven = DriverLock(args.state_dir, r["id"]).held_elsewhere()
+    out = rollout_ops.request_abort(_eventlog(args), args.id, _operator())
+    rid = out.rollout_id
     if args.json:
-        cliutil.emit_json({"rollout": r["id"], "abort_requested": True,
-                           "already_requested": already, "driver_running": driven})
-    elif driven:
-        print(f"abort of rollout {r['id']} recorded; its controller stops starting hosts "
+        cliutil.emit_json({"rollout": rid, "abort_requested": True,
+                           "already_requested": out.already_requested,
+                           "driver_running": out.driver_running})
+    elif out.driver_running:
+        print(f"abort of rollout {rid} recorded; its controller stops starting hosts "
               "within a second, running hosts finish")
     else:
-        print(f"abort of rollout {r['id']} recorded; no controller is driving it now: "
-              f"`fleetctl rollout resume {r['id']}` winds it down (withdraws desired states "
+        print(f"abort of rollout {rid} recorded; no controller is driving it now: "
+              f"`fleetctl rollout resume {rid}` winds it down (withdraws desired states "
               "not yet acknowledged, waits for running hosts)")
     return cliutil.EXIT_OK
 
 
 def cmd_continue(args: argparse.Namespace) -> int:
-    with _existing_log(args).transaction() as txn:
-        r = _running(txn.doc, args.id)
-        if not r.get("policy", {}).get("rollout", {}).get("confirm_batches"):
-            raise UsageError(f"rollout {r['id']} does not wait for confirmation "
-                             "(it was not started with --confirm-batches)")
-        total = int(r.get("batches", 0))
-        if args.batch is not None:
-            if not 2 <= args.batch <= total:
-                raise UsageError(f"--batch must be between 2 and {total} for rollout {r['id']}")
-            index: int | None = args.batch - 1
-        else:
-            index = store.next_batch_to_continue(r)
-            if index is None:
-                raise UsageError(f"rollout {r['id']} has no batch left to release")
-        assert index is not None
-        txn.add("batch-continued", store.continue_batch(txn.doc, r["id"], index))
+    out = rollout_ops.release_batch(_eventlog(args), args.id, args.batch)
     if args.json:
-        cliutil.emit_json({"rollout": r["id"], "batch": index + 1, "batches": total})
+        cliutil.emit_json({"rollout": out.rollout_id, "batch": out.batch + 1,
+                           "batches": out.batches})
     else:
-        print(f"batch {index + 1}/{total} of rollout {r['id']} released")
+        print(f"batch {out.batch + 1}/{out.batches} of rollout {out.rollout_id} released")
     return cliutil.EXIT_OK
 
 
@@ -232,9 +195,9 @@ async def cmd_watch(args: argparse.Namespace) -> int:
     watcher = Watcher(ctx, args.id)
     live = cliutil.live_view(args, lambda: _watch_view(watcher))
     if args.json:
-        watcher.on_host_change = lambda v: cliutil.emit_json(host_line(watcher, v))
+        watcher.on_host_change = lambda v: cliutil.emit_json(host_line(watcher.rollout_id, v))
     elif live is None:
-        watcher.on_host_change = lambda v: _plain_line(watcher, v)
+        watcher.on_host_change = lambda v: print(plain_line(v), flush=True)
     if live is not None:
         last = 0.0
 
@@ -268,11 +231,6 @@ def _watch_view(w: Watcher) -> Group:
     if w.finished():
         return Group(base, Text(f"rollout {w.final_status()}", style="bold"))
     return base
-
-
-def _plain_line(w: Watcher, v: HostView) -> None:
-    label = v.result or v.phase
-    print(f"{time.strftime('%H:%M:%S')} {v.host} {label} {v.message}".rstrip(), flush=True)
 
 
 def cmd_state_show(args: argparse.Namespace) -> int:

@@ -19,6 +19,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+
 from controller import certs, cliutil
 from controller.inventory import parse_inventory
 from protocol.broker import parse_broker_url
@@ -32,8 +34,11 @@ AGENT_ETC = Path("/etc/flotilla")
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
-    hosts = sub.add_parser("hosts", parents=[common], help="manage hosts and their credentials")
-    hosts_sub = hosts.add_subparsers(dest="hosts_command", required=True,
+    hosts = sub.add_parser("hosts", parents=[common],
+                           help="list the inventory's hosts (fleet.toml or --flake); manage "
+                                "hosts and their credentials")
+    hosts.set_defaults(func=cmd_hosts_list)
+    hosts_sub = hosts.add_subparsers(dest="hosts_command", required=False,
                                      parser_class=type(hosts))
     add = hosts_sub.add_parser(
         "add", parents=[common],
@@ -195,6 +200,17 @@ def agent_config(args: argparse.Namespace, name: str) -> tuple[list[str], str]:
         "};"
     )
     return argv, nixos
+
+
+def cmd_hosts_list(args: argparse.Namespace) -> int:
+    """`fleetctl hosts`: every host and its tags (from fleet.toml, else the flake)."""
+    inv = cliutil.inventory(args)
+    if args.json:
+        cliutil.emit_json([{"host": h, "tags": list(t)} for h, t in inv.hosts.items()])
+    else:
+        Console().print(cliutil.table(["host", "tags"],
+                                      [[h, ", ".join(t)] for h, t in inv.hosts.items()]))
+    return cliutil.EXIT_OK
 
 
 def cmd_hosts_add(args: argparse.Namespace) -> int:

@@ -3,25 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import getpass
 import socket
-import time
 from typing import Any
 
-import aiomqtt
 from rich.console import Console
 
 from controller import cliutil
+from controller.answers import open_prompts, prompt_row, send_answer
 from controller.cmd_deploy import parse_choices
-from controller.connection import connect, read_retained
-from protocol.codec import decode, encode
-from protocol.errors import InputError, ProtocolError, UsageError
-from protocol.models import Answer, Prompt, Rejected
-from protocol.signing import sign
+from protocol.errors import InputError, UsageError
 from protocol.topics import validate_host
-
-ANSWER_WAIT_S = 10.0
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -47,35 +39,18 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     b.set_defaults(func=cmd_rollback)
 
 
-async def open_prompts(args: argparse.Namespace, hosts: list[str]) -> dict[str, Prompt]:
-    ctx = cliutil.context(args)
-    t = ctx.topics
-    async with connect(ctx.broker, **ctx.client_kwargs) as client:
-        messages = await read_retained(client, t, [t.all_hosts("prompt")])
-    wanted = set(hosts)
-    prompts: dict[str, Prompt] = {}
-    for m in messages:
-        payload = m.payload if isinstance(m.payload, bytes) else b""
-        try:
-            host, _ = t.parse(str(m.topic))
-            if host in wanted and payload:
-                prompts[host] = decode(payload, expect=(Prompt,))
-        except (ProtocolError, InputError):
-            continue
-    return prompts
+def _answered_by() -> str:
+    try:
+        return f"fleetctl:{getpass.getuser()}@{socket.gethostname()}"
+    except (KeyError, OSError):
+        return f"fleetctl:?@{socket.gethostname()}"
 
 
 async def cmd_prompts(args: argparse.Namespace) -> int:
     inv = cliutil.inventory(args)
     hosts = inv.resolve(args.selector) if args.selector else list(inv.hosts)
-    prompts = await open_prompts(args, hosts)
-    rows: list[dict[str, Any]] = [
-            {"host": h, "prompt_id": p.prompt_id, "kind": p.kind, "deadline": p.deadline,
-             "items": [{"step": i.step, "id": i.id, "message": i.message,
-                        "severity": i.severity,
-                        "choices": [c.model_dump() for c in i.choices], "default": i.default}
-                       for i in p.items]}
-            for h, p in sorted(prompts.items())]
+    prompts = await open_prompts(cliutil.context(args), hosts)
+    rows: list[dict[str, Any]] = [prompt_row(h, p) for h, p in sorted(prompts.items())]
     if args.json:
         cliutil.emit_json(rows)
         return cliutil.EXIT_OK
@@ -95,52 +70,6 @@ async def cmd_prompts(args: argparse.Namespace) -> int:
     return cliutil.EXIT_OK
 
 
-async def send_answer(args: argparse.Namespace, host: str, prompt_id: str,
-                      choices: dict[str, str], approve: bool) -> tuple[bool, str]:
-    """Publish a signed answer and wait briefly to learn whether the agent took it."""
-    ctx = cliutil.context(args, need_key=True)
-    assert ctx.key is not None
-    t = ctx.topics
-    answer = sign(Answer(host=host, prompt_id=prompt_id, choices=choices, approve=approve,
-                         answered_by=f"fleetctl:{getpass.getuser()}@{socket.gethostname()}",
-                         issued_at=time.time()), ctx.key)
-    async with connect(ctx.broker, **ctx.client_kwargs) as client:
-        await client.subscribe(t.events(host), qos=1)
-        await client.subscribe(t.prompt(host), qos=1)
-        await client.publish(t.answer(host), encode(answer), qos=1)
-        try:
-            return await asyncio.wait_for(_outcome(client, t.prompt(host), prompt_id),
-                                          ANSWER_WAIT_S)
-        except TimeoutError:
-            return True, "sent; the host has not confirmed yet (offline?)"
-
-
-async def _outcome(client: aiomqtt.Client, prompt_topic: str, prompt_id: str
-                   ) -> tuple[bool, str]:
-    async for m in client.messages:
-        payload = m.payload if isinstance(m.payload, bytes) else b""
-        if str(m.topic) == prompt_topic:
-            if m.retain:
-                continue  # the state before our answer
-            if not payload:
-                return True, "accepted"
-            try:
-                p: Prompt = decode(payload, expect=(Prompt,))
-            except ProtocolError:
-                continue
-            if p.prompt_id != prompt_id:
-                return True, "accepted"
-            continue
-        try:
-            ev: Any = decode(payload)
-        except ProtocolError:
-            continue
-        if isinstance(ev, Rejected) and ev.reason == "answer_refused" \
-                and prompt_id in ev.message:
-            return False, ev.message
-    return False, "connection closed"
-
-
 async def cmd_answer(args: argparse.Namespace) -> int:
     validate_host(args.host)
     if args.host not in cliutil.inventory(args).hosts:
@@ -148,7 +77,8 @@ async def cmd_answer(args: argparse.Namespace) -> int:
     choices = parse_choices(args.choices, "an answer")
     if not choices and not args.approve:
         raise UsageError("give at least one STEP.ITEM=CHOICE (or --approve)")
-    ok, message = await send_answer(args, args.host, args.prompt_id, choices, args.approve)
+    ok, message = await send_answer(cliutil.context(args, need_key=True), args.host,
+                                    args.prompt_id, choices, args.approve, _answered_by())
     if args.json:
         cliutil.emit_json({"host": args.host, "prompt_id": args.prompt_id, "accepted": ok,
                            "message": message})
@@ -159,11 +89,13 @@ async def cmd_answer(args: argparse.Namespace) -> int:
 
 async def cmd_approve(args: argparse.Namespace) -> int:
     hosts = cliutil.inventory(args).resolve(args.selector)
-    prompts = {h: p for h, p in (await open_prompts(args, hosts)).items()
+    ctx = cliutil.context(args, need_key=True)
+    prompts = {h: p for h, p in (await open_prompts(ctx, hosts)).items()
                if p.kind == "approval"}
     results = {}
     for host, prompt in sorted(prompts.items()):
-        results[host] = await send_answer(args, host, prompt.prompt_id, {}, True)
+        results[host] = await send_answer(ctx, host, prompt.prompt_id, {}, True,
+                                          _answered_by())
     if args.json:
         cliutil.emit_json({h: {"accepted": ok, "message": m} for h, (ok, m) in results.items()})
     else:

@@ -56,7 +56,16 @@ from protocol import outcomes
 from protocol.broker import BrokerAddress
 from protocol.codec import decode, encode
 from protocol.errors import BrokerUnavailable, InputError, ProtocolError, UsageError
-from protocol.models import EVENT_TYPES, Confirm, DeployPolicy, Desired, Event, HostState, Log
+from protocol.models import (
+    EVENT_TYPES,
+    BinaryCache,
+    Confirm,
+    DeployPolicy,
+    Desired,
+    Event,
+    HostState,
+    Log,
+)
 from protocol.signing import sign
 from protocol.topics import Topics
 
@@ -116,12 +125,23 @@ class DeployRequest:
     check_only: bool = False
     rollback: bool = False
     expires_in: float | None = None
+    # Per-host store paths (deploy.json, or built from the flake), the cache they are
+    # fetched from, and whether a boot deploy installs the boot loader.
+    systems: dict[str, str] = field(default_factory=dict)
+    cache: BinaryCache | None = None
+    install_bootloader: bool = False
+
+    def system_for(self, host: str) -> str:
+        return self.systems.get(host, self.system)
 
     def policy_record(self) -> dict[str, Any]:
         return {"rollout": self.rollout.as_dict(), "agent": self.agent_policy.model_dump(),
                 "check_only": self.check_only, "rollback": self.rollback,
                 "timeout": self.timeout,
-                "choices": dict(self.choices), "expires_in": self.expires_in}
+                "choices": dict(self.choices), "expires_in": self.expires_in,
+                "systems": dict(self.systems),
+                "cache": self.cache.model_dump() if self.cache else None,
+                "install_bootloader": self.install_bootloader}
 
 
 @dataclass
@@ -249,7 +269,10 @@ class RolloutDriver:
                 agent_policy=DeployPolicy(**pol.get("agent", {})),
                 rollout=RolloutPolicy.from_dict(pol.get("rollout", {})),
                 check_only=bool(pol.get("check_only", False)),
-                rollback=bool(pol.get("rollback", False)), expires_in=pol.get("expires_in"))
+                rollback=bool(pol.get("rollback", False)), expires_in=pol.get("expires_in"),
+                systems=dict(pol.get("systems") or {}),
+                cache=BinaryCache(**pol["cache"]) if pol.get("cache") else None,
+                install_bootloader=bool(pol.get("install_bootloader", False)))
         except (KeyError, TypeError, ValueError) as exc:
             raise InputError(f"rollout {r['id']} in {ctx.eventlog.path} cannot be resumed: "
                              f"{exc}") from None
@@ -316,10 +339,12 @@ class RolloutDriver:
         now = time.time()
         desired = Desired(
             host=host, deployment_id=deployment_id, rollout_id=self.rollout_id,
-            generation=generation, system=self.req.system, action=self.req.action,  # type: ignore[arg-type]
+            generation=generation, system=self.req.system_for(host),
+            action=self.req.action,  # type: ignore[arg-type]
             issued_at=now, expires_at=now + self.req.expires_in if self.req.expires_in else None,
             check_only=self.req.check_only, rollback=self.req.rollback,
-            choices=self.req.choices, policy=self.req.agent_policy,
+            choices=self.req.choices, policy=self.req.agent_policy, cache=self.req.cache,
+            install_bootloader=self.req.install_bootloader,
         )
         return encode(sign(desired, self.ctx.key))
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Iterable
+from typing import Any
 
 from rich.console import Console, Group
 from rich.progress_bar import ProgressBar
@@ -22,7 +23,8 @@ from protocol.outcomes import counts_as_failure
 
 PHASE_STYLE = {"succeeded": "green", "failed": "red", "rolled_back": "yellow",
                "timed_out": "red", "rejected": "red", "awaiting choice": "magenta",
-               "awaiting_approval": "magenta", "cancelled": "dim", "skipped": "dim",
+               "awaiting approval": "magenta", "awaiting reboot": "magenta",
+               "awaiting decision": "magenta", "cancelled": "dim", "skipped": "dim",
                "not started": "dim", "offline (queued)": "yellow"}
 MAX_ROWS = 15
 MAX_BATCH_ROWS = 6
@@ -35,11 +37,20 @@ def refresh_interval(hosts: int) -> float:
     return 0.2 if hosts <= 1000 else min(2.0, 0.2 * hosts / 1000)
 
 
+AWAITING = {"choice": "awaiting choice", "approval": "awaiting approval",
+            "reboot": "awaiting reboot", "step_failure": "awaiting decision"}
+MAX_HINTS = 5
+
+
 def phase_label(v: HostView) -> str:
     if v.result is not None:
         return v.result
-    if v.phase in ("awaiting_choice", "choose"):
+    if v.prompt_id is not None:
+        return AWAITING.get(v.prompt_kind or "choice", "awaiting choice")
+    if v.phase == "awaiting_choice":
         return "awaiting choice"
+    if v.phase == "awaiting_approval":
+        return "awaiting approval"
     if v.phase in ("migrate", "migrating") and v.step:
         return f"migrating {v.step}"
     if v.deployment_id is None:
@@ -47,6 +58,66 @@ def phase_label(v: HostView) -> str:
     if v.online is not True and v.phase == "published":
         return "offline (queued)"
     return v.phase
+
+
+def answer_hint(v: HostView) -> str | None:
+    """The exact command that answers what this host waits for (None if it waits not)."""
+    if v.result is not None or v.prompt_id is None:
+        return None
+    h, pid = v.host, v.prompt_id
+    if v.prompt_kind == "approval":
+        return f"{h} awaits approval: fleetctl approve {h}"
+    if v.prompt_kind == "reboot":
+        return f"{h} awaits a reboot decision: fleetctl answer {h} {pid} deploy.reboot=now|later"
+    if v.prompt_kind == "step_failure":
+        return (f"{h}: a migration failed: fleetctl answer {h} {pid} STEP.failed="
+                "retry|skip|rollback (fleetctl prompts " + h + " names the steps)")
+    wanted = set(v.open_choices)
+    items = [i for i in v.check_items if i.choices and (not wanted or i.key in wanted)]
+    args = " ".join(f"{i.key}={'|'.join(c.id for c in i.choices)}" for i in items) \
+        or "STEP.ITEM=CHOICE"
+    return f"{h} awaits a choice: fleetctl answer {h} {pid} {args} (fleetctl prompts {h})"
+
+
+def answer_hints(hosts: Iterable[HostView]) -> list[str]:
+    hints = [x for x in (answer_hint(v) for v in hosts) if x is not None]
+    if len(hints) > MAX_HINTS:
+        return [*hints[:MAX_HINTS], f"… and {len(hints) - MAX_HINTS} more waiting: "
+                                    "fleetctl prompts lists them all"]
+    return hints
+
+
+class ChangeTracker:
+    """Which hosts changed deployment, phase or result since they were last reported:
+    one line per host change for `watch` and `deploy` when stdout is not a terminal."""
+
+    def __init__(self) -> None:
+        self._emitted: dict[str, tuple[str | None, str, str | None]] = {}
+
+    def changes(self, views: Iterable[HostView]) -> list[HostView]:
+        out = []
+        for v in views:
+            key = (v.deployment_id, phase_label(v), v.result)
+            if self._emitted.get(v.host) != key:
+                self._emitted[v.host] = key
+                out.append(v)
+        return out
+
+
+def host_line(rollout_id: str, v: HostView) -> dict[str, Any]:
+    """One JSON line per host change (`watch --json`, `deploy --json --stream`)."""
+    return {"type": "host", "rollout": rollout_id, "host": v.host,
+            "deployment_id": v.deployment_id, "generation": v.generation,
+            "phase": phase_label(v), "result": v.result, "online": v.online,
+            "message": v.message, "prompt_id": v.prompt_id, "answer": answer_hint(v),
+            "elapsed": round(v.elapsed(), 3), "time": time.time()}
+
+
+def plain_line(v: HostView) -> str:
+    """One timestamped line per host change when stdout is not a terminal."""
+    line = f"{time.strftime('%H:%M:%S')} {v.host} {phase_label(v)} {v.message}".rstrip()
+    hint = answer_hint(v)
+    return f"{line}\n{time.strftime('%H:%M:%S')}   {hint}" if hint else line
 
 
 def _bar(label: str, total: int, finished: int, failed: int) -> Table:
@@ -86,7 +157,7 @@ def render(views: Iterable[HostView], title: str, batches: list[list[str]] | Non
         parts.append(Text(f"  … {len(rest)} more batch(es), {sum(s[1] for s in rest)} hosts",
                           style="dim"))
     parts.append(Text("  ".join(f"{k}: {n}" for k, n in sorted(counts.items()))))
-    for note in notes or []:
+    for note in [*(notes or []), *answer_hints(hosts)]:
         parts.append(Text(note, style="bold yellow"))
     # Slowest running hosts first, then the most recently finished.
     running = sorted((v for v in hosts if v.result is None and v.deployment_id is not None),

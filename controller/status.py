@@ -37,20 +37,22 @@ async def fetch_states(ctx: ControllerContext, hosts: list[str]) -> list[dict[st
                 prompts[host] = decode(payload, expect=(Prompt,))
             except ProtocolError:
                 continue
-    rows = []
-    for h in hosts:
-        st = states.get(h)
-        rows.append({
-            "host": h,
-            "online": online.get(h, False),
-            "system": st.system if st else None,
-            "generation": st.generation if st else 0,
-            "phase": st.phase if st else None,
-            "result": st.last_result if st else None,
-            "needs_reboot": st.needs_reboot if st else False,
-            "deployment": st.deployment_id if st else None,
-            "message": st.message if st else "",
-            "open_prompt": prompts[h].prompt_id if h in prompts else None,
-            "updated_at": st.updated_at if st else None,
-        })
-    return rows
+    return [host_row(h, states.get(h), online.get(h, False), prompts.get(h)) for h in hosts]
+
+
+def host_row(host: str, st: HostState | None, online: bool, prompt: Prompt | None
+             ) -> dict[str, Any]:
+    """One host as `fleetctl status --json` (and the web API) show it."""
+    return {
+        "host": host,
+        "online": online,
+        "system": st.system if st else None,
+        "generation": st.generation if st else 0,
+        "phase": st.phase if st else None,
+        "result": st.last_result if st else None,
+        "needs_reboot": st.needs_reboot if st else False,
+        "deployment": st.deployment_id if st else None,
+        "message": st.message if st else "",
+        "open_prompt": prompt.prompt_id if prompt is not None else None,
+        "updated_at": st.updated_at if st else None,
+    }

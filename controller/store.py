@@ -145,6 +145,31 @@ def rollout_counts(r: dict[str, Any]) -> dict[str, int]:
     return counts
 
 
+def display_status(r: dict[str, Any]) -> str:
+    """A rollout's status as shown: `aborting` while an abort request is winding it down."""
+    status = str(r.get("status"))
+    if status == "running" and r.get("abort_requested"):
+        return "aborting"
+    return status
+
+
+def rollouts_by_age(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    return sorted(doc.get("rollouts", {}).values(), key=lambda r: r.get("created", 0))
+
+
+def rollout_row(r: dict[str, Any]) -> dict[str, Any]:
+    """One rollout as `fleetctl rollouts --json` (and the web API) list it."""
+    return {"id": r["id"], "selector": r.get("selector"), "system": r.get("system"),
+            "status": display_status(r), "counts": rollout_counts(r),
+            "hosts": len(r.get("hosts", {})), "created": r.get("created"),
+            "finished": r.get("finished")}
+
+
+def rollout_detail(r: dict[str, Any]) -> dict[str, Any]:
+    """One rollout as `fleetctl rollout show --json` (and the web API) show it."""
+    return {**r, "status": display_status(r), "counts": rollout_counts(r)}
+
+
 def host_batches(r: dict[str, Any]) -> list[list[str]]:
     """The rollout's batches (host lists), rebuilt from each host's batch index."""
     out: list[list[str]] = [[] for _ in range(int(r.get("batches", 0)))]

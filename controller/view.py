@@ -50,6 +50,8 @@ class HostView:
     check_items: list[ReportItem] = field(default_factory=list)
     open_choices: list[str] = field(default_factory=list)
     checked: bool = False
+    prompt_id: str | None = None  # the open prompt this host waits on, if any
+    prompt_kind: str | None = None
 
     @property
     def done(self) -> bool:
@@ -76,6 +78,7 @@ def fold_event(view: HostView, ev: Event, received: float | None = None) -> bool
         view.phase = "acked"
     elif isinstance(ev, Progress):
         view.phase = ev.stage
+        view.prompt_id, view.prompt_kind = ev.prompt_id, ev.prompt_kind
         view.stage, view.step = ev.stage, ev.step
         if ev.percent is not None:
             view.percent = ev.percent
@@ -94,6 +97,7 @@ def fold_event(view: HostView, ev: Event, received: float | None = None) -> bool
         view.result, view.message, view.system = ev.status, ev.message, ev.system
         view.needs_reboot = ev.needs_reboot
         view.phase, view.finished, view.percent = ev.status, ev.time, 100.0
+        view.prompt_id = view.prompt_kind = None
         if ev.log_tail:
             view.log_tail = list(ev.log_tail[-10:])
     elif isinstance(ev, Rejected):
@@ -123,6 +127,10 @@ def fold_state(view: HostView, st: HostState, received: float | None = None) -> 
         view.needs_reboot, view.finished = st.needs_reboot, st.updated_at
     elif st.phase not in ("idle",):
         view.phase = st.phase
+        view.prompt_id = st.open_prompt
+        view.prompt_kind = None if st.open_prompt is None else (
+            "approval" if st.phase == "awaiting_approval" else
+            view.prompt_kind if view.prompt_kind not in (None, "approval") else "choice")
         view.percent = st.percent if st.percent is not None else view.percent
         view.step = st.step
     return True

@@ -26,7 +26,7 @@ import aiomqtt
 from controller import store
 from controller.connection import make_client, sync_marker
 from controller.deploy import ControllerContext, Outcome
-from controller.monitor import phase_label
+from controller.monitor import ChangeTracker
 from controller.view import HostView, fold_event, fold_state
 from protocol.codec import decode
 from protocol.errors import BrokerUnavailable, InputError, ProtocolError, UsageError
@@ -55,7 +55,7 @@ class Watcher:
         self.views: dict[str, HostView] = {}
         self.batches: list[list[str]] = []
         self.started = time.time()
-        self._emitted: dict[str, tuple[Any, ...]] = {}
+        self._tracker = ChangeTracker()
         self._changed: set[str] = set()
         self._marker: str | None = None
         self._synced = asyncio.Event()
@@ -172,13 +172,7 @@ class Watcher:
 
     def changes(self) -> list[HostView]:
         """Hosts whose deployment, phase or result changed since the last call."""
-        out = []
-        for h in sorted(self._changed):
-            v = self.views[h]
-            key = (v.deployment_id, phase_label(v), v.result)
-            if self._emitted.get(h) != key:
-                self._emitted[h] = key
-                out.append(v)
+        out = self._tracker.changes(self.views[h] for h in sorted(self._changed))
         self._changed.clear()
         return out
 
@@ -266,10 +260,3 @@ class Watcher:
             reader.result()  # the connection broke: raise MqttError
             raise BrokerUnavailable("the broker closed the connection")
 
-
-def host_line(w: Watcher, v: HostView) -> dict[str, Any]:
-    """One JSON line for `fleetctl watch --json`."""
-    return {"type": "host", "rollout": w.rollout_id, "host": v.host,
-            "deployment_id": v.deployment_id, "generation": v.generation,
-            "phase": phase_label(v), "result": v.result, "online": v.online,
-            "message": v.message, "elapsed": round(v.elapsed(), 3), "time": time.time()}

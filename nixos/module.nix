@@ -113,8 +113,10 @@ let
   keyFiles = map (k: "${keyFile k}") cfg.trustedKeys;
   trustFile = "/run/flotilla-agent/trusted-keys.pem";
 
-  # systemd expands %-specifiers inside ExecStart: escape them in our values.
-  arg = v: lib.escapeShellArg (builtins.replaceStrings [ "%" ] [ "%%" ] v);
+  # ExecStart is parsed by systemd, not a shell: quote like nixpkgs'
+  # utils.escapeSystemdExecArg (a JSON string, which systemd's C-style quoting reads;
+  # `%` doubled so no specifier expands, `$` doubled so no variable does).
+  arg = v: builtins.replaceStrings [ "%" "$" ] [ "%%" "$$" ] (builtins.toJSON v);
   agentArgs =
     map arg ([ "run" "--backend" "nixos" "--host" cfg.host "--broker" cfg.broker
                "--state-dir" cfg.stateDir "--trust-key" trustFile ]
@@ -169,6 +171,16 @@ in
       description = ''
         Controller public keys (ed25519 PEM) whose signatures the agent accepts:
         files (paths, or absolute path strings read at service start) or PEM text.
+      '';
+    };
+
+    tags = mkOption {
+      type = types.listOf (types.strMatching "[^,]+");
+      default = [ ];
+      example = [ "web" "eu" ];
+      description = ''
+        This host's tags in the fleet: with no fleet.toml, `fleetctl --flake REF` reads them
+        from each nixosConfiguration, so `@web` selects from the flake alone.
       '';
     };
 

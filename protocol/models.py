@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from protocol.outcomes import ResultStatus as ResultStatus  # the vocabulary lives there
 from protocol.topics import HOST_NAME_RE
 
-Action = Literal["switch", "boot", "test"]
+Action = Literal["switch", "boot", "test", "dry-activate"]
 Severity = Literal["error", "warning", "recommendation"]
 Stage = Literal[
     "fetch", "check", "choose", "approve", "dump", "migrate", "switch", "reboot", "confirm",
@@ -29,6 +29,7 @@ HostPhase = Literal[
 WAITING_PHASES: frozenset[str] = frozenset({"awaiting_choice", "awaiting_approval",
                                            "awaiting_reboot"})
 """Phases in which a deployment waits for someone (an answer) or something (a reboot)."""
+PromptKind = Literal["choice", "step_failure", "approval", "reboot"]
 Host = Annotated[str, Field(pattern=HOST_NAME_RE.pattern)]
 Id = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:@-]+$")]
 HHMM = r"([01]\d|2[0-3]):[0-5]\d"
@@ -69,6 +70,18 @@ class DeployPolicy(Model):
         return v
 
 
+NIX_PUBLIC_KEY_RE = re.compile(r"^[A-Za-z0-9._+-]{1,128}:[A-Za-z0-9+/]{43}=$")
+
+
+class BinaryCache(Model):
+    """The binary cache a host fetches its closure from, and the one key (Nix's
+    `name:base64`) the closure must be signed with. Carried in the signed Desired, so a
+    host substitutes only from the cache the controller named."""
+
+    url: str = Field(min_length=1, max_length=2048, pattern=r"^[A-Za-z][A-Za-z0-9+.-]*://\S+$")
+    public_key: str = Field(pattern=NIX_PUBLIC_KEY_RE.pattern)
+
+
 class Desired(Model):
     """What the controller wants a host to run; signed, retained on `desired`."""
 
@@ -85,6 +98,8 @@ class Desired(Model):
     rollback: bool = False
     choices: dict[str, Id] = Field(default_factory=dict)
     policy: DeployPolicy = Field(default_factory=DeployPolicy)
+    cache: BinaryCache | None = None
+    install_bootloader: bool = False
     key_id: str = ""
     signature: bytes = b""
 
@@ -127,6 +142,9 @@ class Progress(Event):
     message: str = ""
     percent: float | None = Field(default=None, ge=0, le=100)
     step: str | None = None
+    # Set while the deployment waits for an answer to this prompt (who answers how).
+    prompt_id: Id | None = None
+    prompt_kind: PromptKind | None = None
 
 
 class ReportItem(Model):
@@ -189,7 +207,7 @@ class Prompt(Model):
     prompt_id: Id
     deployment_id: Id
     generation: int
-    kind: Literal["choice", "step_failure", "approval", "reboot"] = "choice"
+    kind: PromptKind = "choice"
     items: list[ReportItem] = Field(default_factory=list)
     created_at: float
     deadline: float | None = None

@@ -22,6 +22,7 @@ import pytest
 from controller.broker import Mosquitto, mosquitto_binary
 from controller.keys import init_keys, load_key
 from protocol.signing import load_public_keys
+from tests.fakeroot import FakeRoot
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -192,3 +193,12 @@ def make_fleet(tmp_path: Path, broker: Mosquitto, controller_dir: Path, prefix: 
     yield make
     for f in fleets:
         f.stop()
+
+
+@pytest.fixture
+def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeRoot:
+    """A fake NixOS host (tests/fakeroot.py) whose fake commands are first on PATH."""
+    fr = FakeRoot(tmp_path)
+    for key, value in fr.env().items():
+        monkeypatch.setenv(key, value)
+    return fr

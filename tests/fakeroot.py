@@ -24,13 +24,16 @@ class FakeRoot:
         self.root = base / "root"
         self.store = base / "store"
         self.store.mkdir(parents=True)
-        for d in ("run", "nix/var/nix/profiles", "proc/sys/kernel/random", "fakenix"):
+        # run/systemd/system: this fake host runs systemd (activation goes through
+        # systemd-run, as on NixOS); remove it to be a container without systemd.
+        for d in ("run/systemd/system", "nix/var/nix/profiles", "proc/sys/kernel/random",
+                  "fakenix"):
             (self.root / d).mkdir(parents=True)
         self.new_boot_id()
 
     # -- building the host ------------------------------------------------------------
     def system(self, name: str, kernel: str = "6.6.1", initrd: str | None = None,
-               stc_exit: int | None = None) -> str:
+               stc_exit: int | None = None, inhibited: bool = False) -> str:
         """A fake system toplevel with bin/switch-to-configuration and boot files."""
         top = self.store / f"{store_hash(name)}-nixos-system-{name}"
         (top / "bin").mkdir(parents=True)
@@ -41,6 +44,8 @@ class FakeRoot:
         (top / "flotilla").mkdir()
         if stc_exit is not None:
             (top / "stc-exit").write_text(str(stc_exit))
+        if inhibited:
+            (top / "stc-inhibited").touch()
         return str(top)
 
     def store_path(self, name: str, file: str | None) -> Path:
@@ -96,6 +101,14 @@ class FakeRoot:
         if not log.exists():
             return []
         return [json.loads(line)["argv"] for line in log.read_text().splitlines()]
+
+    def stc_env(self) -> list[str | None]:
+        """NIXOS_INSTALL_BOOTLOADER as each switch-to-configuration run saw it."""
+        log = self.root / "fakenix.log"
+        entries = [json.loads(line) for line in log.read_text().splitlines()] \
+            if log.exists() else []
+        return [e.get("NIXOS_INSTALL_BOOTLOADER") for e in entries
+                if e["argv"][0] == "switch-to-configuration"]
 
     def clear_calls(self) -> None:
         (self.root / "fakenix.log").unlink(missing_ok=True)

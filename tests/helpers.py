@@ -63,10 +63,12 @@ class Fleet:
     def state_dir(self, host: str) -> Path:
         return self.root / "agents" / host
 
-    def start_agent(self, host: str, *extra: str) -> subprocess.Popen[bytes]:
+    def start_agent(self, host: str, *extra: str, env: dict[str, str] | None = None
+                    ) -> subprocess.Popen[bytes]:
         self.state_dir(host).mkdir(parents=True, exist_ok=True)
         log = open(self.root / "agents" / f"{host}.log", "ab")  # noqa: SIM115
-        proc = subprocess.Popen(self.agent_argv(host, *extra), stdout=log, stderr=log)
+        proc = subprocess.Popen(self.agent_argv(host, *extra), stdout=log, stderr=log,
+                                env=env)
         self.procs.append(proc)
         return proc
 

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import pwd
+import shutil
+import stat
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyrage
@@ -10,6 +16,11 @@ import pytest
 
 from client.backend import BackendError
 from client.dumps import DumpStore
+from client.sim import SimulatedBackend
+from client.statesteps import StepEnv, dump_step, restore_step
+from protocol.models import Desired
+from protocol.steps import StepDecl
+from tests.stepsys import script
 
 
 def make_tree(root: Path) -> dict[str, bytes]:
@@ -85,3 +96,91 @@ def test_corrupt_dump_is_a_clear_error(tmp_path: Path) -> None:
     archive.write_bytes(archive.read_bytes()[:10])
     with pytest.raises(BackendError, match="corrupt"):
         store.restore_paths(archive, [str(src)])
+
+
+# -- issue 11 item 5: dumps and restores of a step that runs as its own user ------------------
+
+def module_state_dir_rule() -> tuple[int, str, str]:
+    """(mode, owner, group) the NixOS module gives the agent's state dir (tmpfiles rule),
+    evaluated with the real nixpkgs lib, with a step that declares `user`."""
+    from tests.test_nix_module import TWO_STEPS, eval_module
+    kind, _path, mode, owner, group, *_ = eval_module(TWO_STEPS)["tmpfiles"][0].split()
+    assert kind == "d"
+    return int(mode, 8), owner, group
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[Path]:
+    """A directory every user can enter (like /nix/store for programs, /var/tmp)."""
+    d = Path(tempfile.mkdtemp(prefix="flotilla-test-", dir="/var/tmp"))
+    d.chmod(0o755)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_dump_and_restore_run_as_the_steps_user_under_the_modules_modes(
+        tmp_path: Path, world: Path) -> None:
+    """The README's postgresql case: `dump of postgresql failed: … Permission denied`,
+    because the dump dir sat inside the 0700 root state dir. Now the programs run as
+    `nobody` (a real second uid) with a FLOTILLA_DUMP_DIR of their own."""
+    if os.geteuid() != 0:
+        pytest.fail("this test needs root, as the agent runs (make test runs as root)")
+    nobody = pwd.getpwnam("nobody")
+    mode, owner, group = module_state_dir_rule()
+    assert (mode, owner, group) == (0o700, "root", "root")
+    state = tmp_path / "state"
+    state.mkdir()
+    state.chmod(mode)
+    db = world / "db"
+    db.mkdir()
+    (db / "data").write_text("version 15\n")
+    os.chown(db, nobody.pw_uid, nobody.pw_gid)
+    os.chown(db / "data", nobody.pw_uid, nobody.pw_gid)
+    dump = script(world / "dump", 'id -un > "$FLOTILLA_DUMP_DIR/by"; '
+                                  f'cp {db}/data "$FLOTILLA_DUMP_DIR/data"\n')
+    restore = script(world / "restore", f'cp "$FLOTILLA_DUMP_DIR/data" {db}/data; '
+                                        f'id -un > {db}/restored-by\n')
+    scratch = world / "tmp"
+    scratch.mkdir()
+    scratch.chmod(0o1777)
+    step = StepDecl(name="postgresql", user="nobody", dump=dump, restore=restore)
+    backend = SimulatedBackend(state, "h1")
+    store = DumpStore(state, scratch_base=scratch)
+    env = StepEnv("h1", None, Desired(host="h1", deployment_id="d1", generation=2,
+                                      system="/s", issued_at=1.0))
+
+    archive = Path(asyncio.run(dump_step(backend, store, step, "16", env)))
+    assert archive.parent == state / "dumps/postgresql/16-2"
+    assert archive.stat().st_uid == 0
+    (db / "data").write_text("version 16, half migrated\n")
+    asyncio.run(restore_step(backend, store, step, str(archive), env))
+    assert (db / "data").read_text() == "version 15\n"
+    assert (db / "restored-by").read_text() == "nobody\n"
+    unpacked = tmp_path / "unpacked"
+    store.unpack(archive, unpacked)
+    assert (unpacked / "by").read_text() == "nobody\n"
+    assert list(scratch.iterdir()) == []  # scratch and staging dirs are gone
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700  # the state dir was left alone
+
+
+def test_a_step_user_cannot_redirect_the_restore(tmp_path: Path, world: Path) -> None:
+    """The staging dir is filled while only root can enter it, then handed over."""
+    if os.geteuid() != 0:
+        pytest.fail("this test needs root, as the agent runs (make test runs as root)")
+    nobody = pwd.getpwnam("nobody")
+    store = DumpStore(tmp_path / "state", scratch_base=world)
+    slot = store.slot("s", "1", 1)
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub" / "f").write_text("x")
+    archive = store.seal_dir(slot, src)
+    staging = store.staging(archive, (nobody.pw_uid, nobody.pw_gid))
+    try:
+        for p in [staging, staging / "sub", staging / "sub" / "f"]:
+            assert (p.stat().st_uid, p.stat().st_gid) == (nobody.pw_uid, nobody.pw_gid)
+        assert stat.S_IMODE(staging.stat().st_mode) == 0o700
+    finally:
+        store.discard(staging)
+    assert not src.exists()  # sealed dirs are removed

@@ -7,6 +7,7 @@ Targets and the only exception each may raise:
   controller parse_inventory     fleet.toml text                     InputError
   protocol.broker.parse_broker_url   --broker URLs                   UsageError
   client.journal.Journal.open    the agent's journal file            StateError
+  client.homeassistant.parse_command + authorize   Home Assistant commands  (none: None)
 
 Profiles (registered here, not in the shared conftest): `ci` (the default, used by
 `make test`, a few hundred examples per test) and `fuzz` (HYPOTHESIS_PROFILE=fuzz, used
@@ -33,6 +34,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from client import homeassistant as ha
 from client.journal import Journal
 from controller.inventory import Inventory, parse_inventory
 from protocol import models
@@ -594,3 +596,68 @@ def test_journal_open_trusts_only_well_formed_records(raw: bytes) -> None:
         again.close()
         assert state2.results.keys() == state.results.keys()
         assert state2.highest_generation == state.highest_generation
+
+
+# -- Home Assistant commands ------------------------------------------------------------------
+# What reaches the agent on its `ha/...` command topics is whatever a Home Assistant user
+# (or an entity someone else announced) publishes: it is parsed to a command or refused
+# with a log line (None), never an exception; without this host's token nothing passes,
+# and `authorize` keeps reboots behind --ha-reboot whatever the payload says.
+HA_HOST = "h1"
+HA_TOKEN = "tok_" + "z" * 40
+HA_TOPICS = ha.HaTopics.of(Topics(), HA_HOST)
+HA_LEAVES = [HA_TOPICS.install, HA_TOPICS.reboot, HA_TOPICS.answer, HA_TOPICS.status,
+             HA_TOPICS.update, "homeassistant/select/flotilla_h1/x/config"]
+JSONISH = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | TEXT,
+                       lambda inner: st.lists(inner, max_size=3)
+                       | st.dictionaries(TEXT, inner, max_size=3), max_leaves=8)
+HA_FIELDS = st.fixed_dictionaries({}, optional={
+    "action": st.sampled_from(["install", "reboot", "answer"]) | JSONISH,
+    "token": st.sampled_from([HA_TOKEN, HA_TOKEN[:-1], HA_TOKEN + "x", "", HA_TOKEN.upper()])
+             | JSONISH,
+    "prompt_id": IDS | JSONISH, "key": st.sampled_from(["deploy.reboot", "db.major"]) | TEXT,
+    "choice": st.sampled_from(["now", "later", "upgrade"]) | JSONISH,
+    "extra": JSONISH,
+})
+HA_PAYLOADS = st.one_of(st.binary(max_size=300), HA_FIELDS.map(lambda d: json.dumps(d).encode()),
+                        JSONISH.map(lambda v: json.dumps(v).encode()))
+HA_PROMPTS = st.none() | st.builds(
+    Prompt, host=st.just(HA_HOST), prompt_id=IDS, deployment_id=IDS, generation=st.just(1),
+    kind=st.sampled_from(["choice", "step_failure", "approval", "reboot"]),
+    items=st.lists(st.builds(ReportItem, step=st.sampled_from(["deploy", "db"]),
+                             id=st.sampled_from(["reboot", "approve", "major"]),
+                             severity=st.just("warning"), message=TEXT,
+                             choices=st.lists(CHOICES, max_size=2)), max_size=2),
+    created_at=FINITE)
+
+
+@PROFILE
+@given(st.sampled_from(HA_LEAVES), HA_PAYLOADS, HA_PROMPTS, st.booleans())
+@example(HA_TOPICS.reboot, b'{"action":"reboot"}', None, True)
+@example(HA_TOPICS.reboot, json.dumps({"action": "reboot", "token": HA_TOKEN}).encode(), None,
+         False)
+@example(HA_TOPICS.answer, json.dumps({"prompt_id": "p", "key": "deploy.reboot",
+                                       "choice": "now", "token": HA_TOKEN}).encode(), None, False)
+@example(HA_TOPICS.install, b"{" * 5000, None, True)
+@counted
+def test_home_assistant_commands_parse_or_are_refused(topic: str, payload: bytes,
+                                                      prompt: Prompt | None,
+                                                      reboot_allowed: bool) -> None:
+    cmd = ha.parse_command(Topics(), HA_HOST, topic, payload, HA_TOKEN)
+    if cmd is None or isinstance(cmd, ha.Reannounce):
+        return
+    # only a payload carrying exactly this host's token becomes a command
+    assert json.loads(payload)["token"] == HA_TOKEN
+    why = ha.authorize(cmd, prompt, reboot_allowed=reboot_allowed)
+    reboots = isinstance(cmd, ha.Reboot) or (isinstance(cmd, ha.Answer)
+                                             and cmd.key == "deploy.reboot"
+                                             and cmd.choice == "now")
+    if reboots and not reboot_allowed:
+        assert why is not None and "--ha-reboot" in why
+    if isinstance(cmd, ha.Approve) and (prompt is None or prompt.kind != "approval"):
+        assert why is not None
+    if isinstance(cmd, ha.Answer) and why is None:
+        assert prompt is not None and prompt.prompt_id == cmd.prompt_id
+        assert cmd.key in {i.key for i in prompt.items if i.choices}
+    if why is not None:
+        one_line(ValueError(why))

@@ -3,8 +3,8 @@
 Every discovery payload is validated against tests/schemas/<component>.json. The
 templates Home Assistant evaluates are rendered with Jinja's immutable sandbox (the
 environment HA uses), so a template that reads the wrong key fails here, not in a
-living room. The end-to-end test runs a real Mosquitto with a plain MQTT client
-acting as Home Assistant.
+living room. The end-to-end tests run a real Home Assistant core
+(tests/test_ha_real.py).
 """
 
 from __future__ import annotations
@@ -13,25 +13,22 @@ import asyncio
 import contextlib
 import json
 import logging
-import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import aiomqtt
 import jsonschema
 import pytest
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from referencing import Registry, Resource
 
 from client import homeassistant as ha
-from protocol.broker import parse_broker_url
 from protocol.models import Choice, DeployPolicy, Desired, HostState, Prompt, ReportItem
 from protocol.topics import Topics
 
 SCHEMAS = Path(__file__).parent / "schemas"
 COMPONENTS = ("update", "binary_sensor", "sensor", "button", "select")
 HOST = "web-1"
+TOKEN = "tok_" + "x" * 40
 SYSTEM_OLD = "/nix/store/" + "a" * 32 + "-nixos-system-web-1-25.05"
 SYSTEM_NEW = "/nix/store/" + "b" * 32 + "-nixos-system-web-1-25.11"
 
@@ -128,7 +125,8 @@ def test_schemas_are_valid_draft_2020_12() -> None:
 
 
 def _good_sensor(topics: Topics) -> dict[str, Any]:
-    msgs = dict(ha.discovery_messages(topics, HOST, reboot_allowed=False, prompt=None))
+    msgs = dict(ha.discovery_messages(topics, HOST, reboot_allowed=False, prompt=None,
+                                        token=TOKEN))
     return dict(json.loads(msgs[topics.ha_discovery("sensor", HOST, "phase")]))
 
 
@@ -171,7 +169,8 @@ def test_update_state_schema_rejects(payload: dict[str, Any], why: str) -> None:
 def test_every_discovery_payload_matches_its_schema(topics: Topics, reboot_allowed: bool,
                                                     with_prompt: bool) -> None:
     prompt = make_prompt() if with_prompt else None
-    msgs = ha.discovery_messages(topics, HOST, reboot_allowed=reboot_allowed, prompt=prompt)
+    msgs = ha.discovery_messages(topics, HOST, reboot_allowed=reboot_allowed, prompt=prompt,
+                                  token=TOKEN)
     seen: dict[str, int] = {}
     unique_ids: set[str] = set()
     entity_ids: set[str] = set()
@@ -202,37 +201,46 @@ def test_every_discovery_payload_matches_its_schema(topics: Topics, reboot_allow
 
 
 def test_update_entity_config(topics: Topics) -> None:
-    msgs = dict(ha.discovery_messages(topics, HOST, reboot_allowed=False, prompt=None))
+    msgs = dict(ha.discovery_messages(topics, HOST, reboot_allowed=False, prompt=None,
+                                        token=TOKEN))
     config = json.loads(msgs[topics.ha_discovery("update", HOST, "system")])
     assert config["state_topic"] == topics.ha_host(HOST, "update")
     assert config["command_topic"] == topics.ha_host(HOST, "update/install")
-    assert json.loads(config["payload_install"]) == {"action": "install"}
+    assert json.loads(config["payload_install"]) == {"action": "install", "token": TOKEN}
     # title and summary live in the state JSON: in a config they would freeze them
     assert "title" not in config and "release_summary" not in config
 
 
 def test_reboot_button_is_unavailable_unless_a_reboot_may_be_taken(topics: Topics) -> None:
-    msgs = dict(ha.discovery_messages(topics, HOST, reboot_allowed=True, prompt=None))
+    msgs = dict(ha.discovery_messages(topics, HOST, reboot_allowed=True, prompt=None,
+                                        token=TOKEN))
     button = json.loads(msgs[topics.ha_discovery("button", HOST, "reboot")])
     assert button["availability_mode"] == "all"
     gate = button["availability"][1]
     assert gate["topic"] == topics.ha_host(HOST, "state")
     desired = make_desired(policy=DeployPolicy(reboot="ask"))
-    cases = [
-        (make_state(needs_reboot=False), desired, "offline"),
-        (make_state(needs_reboot=True), desired, "online"),
-        (make_state(needs_reboot=True), make_desired(), "offline"),  # policy reboot=never
-        (make_state(needs_reboot=True), None, "offline"),
+    reboot_prompt = make_prompt(kind="reboot")
+    cases = [  # state, open prompt, desired, agent takes reboots from HA, button
+        (make_state(needs_reboot=False), None, desired, True, "offline"),
+        (make_state(needs_reboot=True), None, desired, True, "online"),
+        (make_state(needs_reboot=True), None, make_desired(), True, "offline"),  # never
+        (make_state(needs_reboot=True), None, None, True, "offline"),
+        # the reboot prompt is open: available whatever needs_reboot says
+        (make_state(needs_reboot=False), reboot_prompt, desired, True, "online"),
+        (make_state(needs_reboot=True), make_prompt(), desired, True, "online"),
+        # no --ha-reboot: never
+        (make_state(needs_reboot=True), reboot_prompt, desired, False, "offline"),
+        (make_state(needs_reboot=True), None, desired, False, "offline"),
     ]
-    for state, d, expected in cases:
-        payload = json.dumps(ha.state_payload(state, None, d))
-        assert render(gate["value_template"], payload) == expected, (state, d)
-    assert json.loads(button["payload_press"]) == {"action": "reboot"}
+    for state, prompt, d, allowed, expected in cases:
+        payload = json.dumps(ha.state_payload(state, prompt, d, allowed))
+        assert render(gate["value_template"], payload) == expected, (state, prompt, d, allowed)
+    assert json.loads(button["payload_press"]) == {"action": "reboot", "token": TOKEN}
 
 
 def test_prompt_selects(topics: Topics) -> None:
     prompt = make_prompt()
-    selects = ha.prompt_select_messages(topics, HOST, prompt)
+    selects = ha.prompt_select_messages(topics, HOST, prompt, TOKEN)
     by_key = {}
     for payload in selects.values():
         config = json.loads(payload)
@@ -242,7 +250,8 @@ def test_prompt_selects(topics: Topics) -> None:
     assert pg["options"] == ["migrate", "fresh"]
     # what HA publishes when a person picks "fresh"
     command = json.loads(render(pg["command_template"], value="fresh"))
-    assert command == {"prompt_id": "p-1", "key": "postgres.major-upgrade", "choice": "fresh"}
+    assert command == {"prompt_id": "p-1", "key": "postgres.major-upgrade", "choice": "fresh",
+                       "token": TOKEN}
     # state: nothing chosen yet -> 'None' (HA: no current option); then the answer
     state = ha.prompt_payload(prompt)
     assert render(pg["value_template"], json.dumps(state)) == "None"
@@ -269,12 +278,13 @@ def test_items_ha_cannot_carry_are_skipped(topics: Topics, caplog: pytest.LogCap
                     items=[ReportItem(step="s", id='we"ird', severity="error", message="m",
                                       choices=[Choice(id="x")])])
     with caplog.at_level(logging.WARNING):
-        assert ha.prompt_select_messages(topics, HOST, prompt) == {}
+        assert ha.prompt_select_messages(topics, HOST, prompt, TOKEN) == {}
     assert "fleet-agent prompt" in caplog.text
 
 
 def test_sensor_templates_read_the_state_json(topics: Topics) -> None:
-    msgs = dict(ha.discovery_messages(topics, HOST, reboot_allowed=False, prompt=None))
+    msgs = dict(ha.discovery_messages(topics, HOST, reboot_allowed=False, prompt=None,
+                                        token=TOKEN))
     cfg = {obj: json.loads(msgs[topics.ha_discovery(comp, HOST, obj)])
            for comp, obj in [("sensor", "phase"), ("sensor", "last_result"),
                              ("binary_sensor", "needs_reboot")]}
@@ -316,9 +326,16 @@ def test_update_state_in_progress_and_open_choices() -> None:
     payload = ha.update_payload(state, None, make_desired())
     validator("update_state").validate(payload)
     assert payload["in_progress"] is True and payload["update_percentage"] == 62
-    waiting = ha.update_payload(make_state(phase="awaiting_choice", desired_generation=7,
-                                           percent=40.0), make_prompt(), make_desired())
-    assert waiting["in_progress"] is False and waiting["update_percentage"] is None
+    # only approval offers Install: versions differ only then; every other wait (a
+    # choice, a reboot) and every running phase (migrating too) is "in progress"
+    for phase, prompt in [("awaiting_choice", make_prompt()), ("migrating", None),
+                          ("awaiting_reboot", make_prompt(kind="reboot")), ("switched", None)]:
+        waiting = ha.update_payload(make_state(phase=phase, desired_generation=7,
+                                               percent=40.0), prompt, make_desired())
+        assert waiting["in_progress"] is True, phase
+        assert waiting["latest_version"] == waiting["installed_version"], phase
+    waiting = ha.update_payload(make_state(phase="awaiting_choice", desired_generation=7),
+                                make_prompt(), make_desired())
     assert "open choices: postgres.major-upgrade, nextcloud.apps" in waiting["release_summary"]
 
 
@@ -327,7 +344,8 @@ def test_update_state_summary_fits_home_assistant() -> None:
     payload = ha.update_payload(state, None, None)
     validator("update_state").validate(payload)
     assert len(payload["release_summary"]) == 255
-    assert payload["latest_version"] == "7"  # desired known only from HostState
+    # a failed deploy: nothing to Install (the summary says what happened)
+    assert payload["latest_version"] == payload["installed_version"] == "6 (aaaaaaa)"
 
 
 def test_update_state_for_a_host_never_deployed() -> None:
@@ -358,30 +376,116 @@ def test_entity_state_messages_are_json_on_the_ha_topics(topics: Topics) -> None
 
 # -- commands -------------------------------------------------------------------------------
 
+def _cmd(**fields: Any) -> bytes:
+    return json.dumps(fields).encode()
+
+
 @pytest.mark.parametrize(("leaf", "payload", "expected"), [
-    ("update/install", b'{"action":"install"}', ha.Approve()),
-    ("update/install", b'{"action": "install"}', ha.Approve()),
+    ("update/install", _cmd(action="install", token=TOKEN), ha.Approve()),
+    ("update/install", b'{"action": "install", "token": "' + TOKEN.encode() + b'"}',
+     ha.Approve()),
+    ("update/install", b'{"action":"install"}', None),                   # no token
+    ("update/install", _cmd(action="install", token="tok_" + "y" * 40), None),  # not ours
+    ("update/install", _cmd(action="install", token=7), None),
+    ("update/install", _cmd(action="install", token=TOKEN, x=1), None),
     ("update/install", b"install", None),
-    ("update/install", b'{"action":"reboot"}', None),
+    ("update/install", _cmd(action="reboot", token=TOKEN), None),
     ("update/install", b"[1]", None),
     ("update/install", b"\xff\xfe", None),
-    ("reboot/press", b'{"action":"reboot"}', ha.Reboot()),
+    ("reboot/press", _cmd(action="reboot", token=TOKEN), ha.Reboot()),
+    ("reboot/press", b'{"action":"reboot"}', None),
     ("reboot/press", b"PRESS", None),
-    ("prompt/answer", b'{"prompt_id":"p-1","key":"pg.x","choice":"migrate"}',
+    ("prompt/answer", _cmd(prompt_id="p-1", key="pg.x", choice="migrate", token=TOKEN),
      ha.Answer("p-1", "pg.x", "migrate")),
-    ("prompt/answer", b'{"prompt_id":"p-1","key":"pg.x"}', None),
-    ("prompt/answer", b'{"prompt_id":"p-1","key":"pg.x","choice":1}', None),
-    ("prompt/answer", b'{"prompt_id":"p-1","key":"pg.x","choice":"a b"}', None),
-    ("prompt/answer", b'{"prompt_id":"p-1","key":"pg.x","choice":"a","by":"me"}', None),
+    ("prompt/answer", _cmd(prompt_id="p-1", key="pg.x", choice="migrate"), None),
+    ("prompt/answer", _cmd(prompt_id="p-1", key="pg.x", token=TOKEN), None),
+    ("prompt/answer", _cmd(prompt_id="p-1", key="pg.x", choice=1, token=TOKEN), None),
+    ("prompt/answer", _cmd(prompt_id="p-1", key="pg.x", choice="a b", token=TOKEN), None),
+    ("prompt/answer", _cmd(prompt_id="p-1", key="pg.x", choice="a", by="me", token=TOKEN),
+     None),
     ("prompt/answer", b"{" * 5000, None),
-    ("prompt", b'{"action":"install"}', None),  # our own state topic is no command
+    ("prompt", _cmd(action="install", token=TOKEN), None),  # our own state topic
 ])
 def test_parse_command(topics: Topics, leaf: str, payload: bytes, expected: Any,
                        caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.DEBUG):
-        assert ha.parse_command(topics, HOST, topics.ha_host(HOST, leaf), payload) == expected
+        assert ha.parse_command(topics, HOST, topics.ha_host(HOST, leaf), payload,
+                                TOKEN) == expected
     if expected is None and leaf != "prompt":
         assert "ignoring" in caplog.text  # a refused command always says why
+    assert TOKEN not in caplog.text  # nor does a log line show the token
+
+
+REBOOT_PROMPT = Prompt(host=HOST, prompt_id="d-7.reboot", deployment_id="d-7", generation=7,
+                       kind="reboot", created_at=0, items=[ReportItem(
+                           step="deploy", id="reboot", severity="recommendation", message="m",
+                           choices=[Choice(id="now"), Choice(id="later")])])
+APPROVAL_PROMPT = make_prompt(prompt_id="d-7.approve", kind="approval")
+NOW = ha.Answer("d-7.reboot", "deploy.reboot", "now")
+LATER = ha.Answer("d-7.reboot", "deploy.reboot", "later")
+PG = ha.Answer("p-1", "postgres.major-upgrade", "fresh")
+AUTHORIZE = [  # command, open prompt, --ha-reboot, refused because (None: allowed)
+    (ha.Reboot(), REBOOT_PROMPT, True, None),
+    (ha.Reboot(), REBOOT_PROMPT, False, "--ha-reboot"),
+    (ha.Reboot(), None, False, "--ha-reboot"),
+    (NOW, REBOOT_PROMPT, True, None),
+    (NOW, REBOOT_PROMPT, False, "--ha-reboot"),      # the reboot prompt's select: same gate
+    (LATER, REBOOT_PROMPT, False, None),             # not rebooting is always allowed
+    (ha.Approve(), APPROVAL_PROMPT, False, None),
+    (ha.Approve(), make_prompt(), True, "waiting for approval"),   # Install is not "answer"
+    (ha.Approve(), REBOOT_PROMPT, True, "waiting for approval"),   # ...nor "reboot"
+    (ha.Approve(), None, True, "waiting for approval"),
+    (PG, make_prompt(), False, None),
+    (PG, None, False, "not open"),
+    (ha.Answer("p-2", "postgres.major-upgrade", "fresh"), make_prompt(), False, "not open"),
+    (ha.Answer("p-1", "nginx.note", "x"), make_prompt(), False, "not asked"),  # no choices
+    (ha.Answer("p-1", "deploy.approve", "approve"), make_prompt(), False, "not asked"),
+]
+
+
+@pytest.mark.parametrize(("cmd", "prompt", "reboot_allowed", "refused"), AUTHORIZE)
+def test_authorize(cmd: Any, prompt: Prompt | None, reboot_allowed: bool,
+                   refused: str | None) -> None:
+    why = ha.authorize(cmd, prompt, reboot_allowed=reboot_allowed)
+    if refused is None:
+        assert why is None
+    else:
+        assert why is not None and refused in why
+
+
+def test_token_is_made_once_private_and_kept(tmp_path: Path) -> None:
+    token = ha.load_token(tmp_path)
+    path = tmp_path / ha.TOKEN_FILE
+    assert ha.TOKEN_RE.fullmatch(token) and path.stat().st_mode & 0o777 == 0o600
+    assert ha.load_token(tmp_path) == token  # persisted: HA's entities keep working
+    path.write_text("short\n")  # damaged: a new one (the agent re-announces with it)
+    again = ha.load_token(tmp_path)
+    assert again != token and ha.TOKEN_RE.fullmatch(again)
+    (tmp_path / "other").mkdir()
+    assert ha.load_token(tmp_path / "other") != again  # every host its own
+
+
+def test_token_never_reaches_entity_state(topics: Topics) -> None:
+    """Templates (another host's entity's too) read states and attributes: no token."""
+    for prompt in (None, make_prompt(), REBOOT_PROMPT):
+        msgs = ha.entity_state_messages(topics, HOST, make_state(needs_reboot=True), prompt,
+                                        make_desired(), {"postgres.major-upgrade": "fresh"},
+                                        True)
+        for _topic, payload in msgs:
+            assert TOKEN.encode() not in payload
+    configs = ha.discovery_messages(topics, HOST, reboot_allowed=True, prompt=make_prompt(),
+                                    token=TOKEN)
+    for _topic, payload in configs:
+        if payload:
+            config = json.loads(payload)
+            assert TOKEN not in json.dumps(config["device"])
+
+
+def test_reboot_question_gets_a_select_only_with_ha_reboot(topics: Topics) -> None:
+    assert ha.prompt_select_messages(topics, HOST, REBOOT_PROMPT, TOKEN) == {}
+    selects = ha.prompt_select_messages(topics, HOST, REBOOT_PROMPT, TOKEN,
+                                        reboot_allowed=True)
+    assert [json.loads(p)["options"] for p in selects.values()] == [["now", "later"]]
 
 
 @pytest.mark.parametrize(("topic", "payload", "expected"), [
@@ -423,7 +527,7 @@ class Recorder:
 
 async def test_bridge_publishes_only_changes_and_removes_closed_selects(topics: Topics) -> None:
     rec = Recorder()
-    bridge = ha.HomeAssistantBridge(topics, HOST, rec, reboot_allowed=False)
+    bridge = ha.HomeAssistantBridge(topics, HOST, rec, TOKEN, reboot_allowed=False)
     await bridge.update(make_state(), None)
     first = len(rec.sent)
     assert first == 3 and all(retain for _, _, retain in rec.sent)
@@ -431,7 +535,7 @@ async def test_bridge_publishes_only_changes_and_removes_closed_selects(topics: 
     assert len(rec.sent) == first
     prompt = make_prompt()
     await bridge.update(make_state(phase="awaiting_choice"), prompt)
-    select_topics = set(ha.prompt_select_messages(topics, HOST, prompt))
+    select_topics = set(ha.prompt_select_messages(topics, HOST, prompt, TOKEN))
     assert select_topics <= set(rec.topics()[first:])
     mark = len(rec.sent)
     await bridge.update(make_state(phase="dumped"), None)
@@ -441,7 +545,7 @@ async def test_bridge_publishes_only_changes_and_removes_closed_selects(topics: 
 
 async def test_bridge_removes_stale_selects_from_an_earlier_run(topics: Topics) -> None:
     rec = Recorder()
-    bridge = ha.HomeAssistantBridge(topics, HOST, rec)
+    bridge = ha.HomeAssistantBridge(topics, HOST, rec, TOKEN)
     await bridge.update(make_state(), None)
     stale = topics.ha_discovery("select", HOST, "choice_old_12345678")
     assert await bridge.on_message(stale, b'{"name":"old"}') is None
@@ -454,7 +558,7 @@ async def test_bridge_removes_stale_selects_from_an_earlier_run(topics: Topics) 
 
 async def test_bridge_reannounces_on_home_assistant_online(topics: Topics) -> None:
     rec = Recorder()
-    bridge = ha.HomeAssistantBridge(topics, HOST, rec)
+    bridge = ha.HomeAssistantBridge(topics, HOST, rec, TOKEN)
     await bridge.update(make_state(), None)
     await bridge.announce()
     n = len(rec.sent)
@@ -469,7 +573,7 @@ async def test_bridge_reannounces_on_home_assistant_online(topics: Topics) -> No
 async def test_bridge_submit_and_run_coalesce_bursts(topics: Topics) -> None:
     """Reporter.listeners are synchronous: they submit, one task publishes the latest."""
     rec = Recorder()
-    bridge = ha.HomeAssistantBridge(topics, HOST, rec)
+    bridge = ha.HomeAssistantBridge(topics, HOST, rec, TOKEN)
     task = asyncio.create_task(bridge.run())
     try:
         for pct in range(0, 100, 10):  # a burst of progress between two loop turns
@@ -491,156 +595,3 @@ async def test_bridge_submit_and_run_coalesce_bursts(topics: Topics) -> None:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-
-
-# -- end to end through a real broker ------------------------------------------------------
-
-class FakeHomeAssistant:
-    """A plain MQTT client that reads discovery and state and presses things (JSON only)."""
-
-    def __init__(self, client: aiomqtt.Client, topics: Topics) -> None:
-        self.client = client
-        self.topics = topics
-        self.last: dict[str, bytes] = {}
-        self.count: dict[str, int] = {}
-
-    async def run(self) -> None:
-        async for m in self.client.messages:
-            payload = m.payload if isinstance(m.payload, bytes) else b""
-            topic = str(m.topic)
-            self.last[topic] = payload
-            self.count[topic] = self.count.get(topic, 0) + 1
-
-    async def wait(self, predicate: Any, what: str, timeout: float = 10) -> Any:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = predicate()
-            if value:
-                return value
-            await asyncio.sleep(0.02)
-        raise AssertionError(f"Home Assistant never saw {what}")
-
-    def config(self, component: str, obj: str) -> dict[str, Any] | None:
-        payload = self.last.get(self.topics.ha_discovery(component, HOST, obj))
-        return json.loads(payload) if payload else None
-
-
-@contextlib.asynccontextmanager
-async def agent_side(url: str, bridge_box: list[ha.HomeAssistantBridge], topics: Topics,
-                     commands: asyncio.Queue[ha.HaCommand], reboot_allowed: bool = True
-                     ) -> AsyncIterator[ha.HomeAssistantBridge]:
-    """An MQTT client standing in for the agent: it only wires the bridge."""
-    address = parse_broker_url(url)
-    async with aiomqtt.Client(**address.client_kwargs(), identifier="agent",
-                              protocol=aiomqtt.ProtocolVersion.V5) as client:
-        async def publish(topic: str, payload: bytes, retain: bool) -> None:
-            await client.publish(topic, payload, qos=1, retain=retain)
-
-        bridge = ha.HomeAssistantBridge(topics, HOST, publish, reboot_allowed=reboot_allowed)
-        bridge_box.append(bridge)
-        for topic in bridge.subscriptions():
-            await client.subscribe(topic, qos=1)
-        await client.publish(topics.online(HOST), b"online", qos=1, retain=True)
-
-        async def loop() -> None:
-            async for m in client.messages:
-                payload = m.payload if isinstance(m.payload, bytes) else b""
-                cmd = await bridge.on_message(str(m.topic), payload)
-                if cmd is not None:
-                    commands.put_nowait(cmd)
-
-        task = asyncio.create_task(loop())
-        try:
-            yield bridge
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-
-async def test_end_to_end_with_a_home_assistant_client(broker, topics: Topics) -> None:  # type: ignore[no-untyped-def]
-    commands: asyncio.Queue[ha.HaCommand] = asyncio.Queue()
-    address = parse_broker_url(broker.url)
-    # a stale select from an earlier run of the agent, still retained at the broker
-    stale = topics.ha_discovery("select", HOST, "choice_gone_0000abcd")
-    async with aiomqtt.Client(**address.client_kwargs(), identifier="old-agent") as old:
-        await old.publish(stale, b'{"name":"gone"}', qos=1, retain=True)
-
-    async with aiomqtt.Client(**address.client_kwargs(), identifier="homeassistant",
-                              protocol=aiomqtt.ProtocolVersion.V5) as client:
-        hass = FakeHomeAssistant(client, topics)
-        await client.subscribe(f"{topics.ha_prefix}/#", qos=1)
-        await client.subscribe(f"{topics.prefix}/host/{HOST}/#", qos=1)
-        ha_task = asyncio.create_task(hass.run())
-        box: list[ha.HomeAssistantBridge] = []
-        try:
-            async with agent_side(broker.url, box, topics, commands) as bridge:
-                prompt = make_prompt()
-                state = make_state(phase="awaiting_approval", desired_generation=7,
-                                   deployment_id="d-7", rollout_id="r-3")
-                await bridge.update(state, prompt, make_desired(
-                    policy=DeployPolicy(approval="ask", reboot="ask")))
-                await bridge.announce()
-
-                # discovery arrives, valid, and points at JSON state HA can read
-                update_cfg = await hass.wait(lambda: hass.config("update", "system"),
-                                             "the update entity")
-                validator("update").validate(update_cfg)
-                update_state = json.loads(await hass.wait(
-                    lambda: hass.last.get(update_cfg["state_topic"]), "update state"))
-                validator("update_state").validate(update_state)
-                assert update_state["latest_version"] != update_state["installed_version"]
-                assert update_state["in_progress"] is False
-                assert hass.last[topics.online(HOST)] == b"online"
-
-                # the stale select from the earlier run is removed
-                await hass.wait(lambda: hass.last.get(stale) == b"", "the stale select removed")
-
-                # Home Assistant restarts: it says online, the agent re-announces
-                before = hass.count[topics.ha_discovery("update", HOST, "system")]
-                await client.publish(topics.ha_status(), b"online", qos=1)
-                await hass.wait(lambda: hass.count[topics.ha_discovery("update", HOST, "system")]
-                                > before, "a re-announcement")
-
-                # install pressed on the update entity -> the waiting deploy is approved
-                await client.publish(update_cfg["command_topic"],
-                                     update_cfg["payload_install"].encode(), qos=1)
-                assert await asyncio.wait_for(commands.get(), 10) == ha.Approve()
-
-                # a select set to "fresh" -> an Answer for that item of that prompt
-                obj = ha.select_object_id("postgres.major-upgrade")
-                select_cfg = await hass.wait(lambda: hass.config("select", obj), "the select")
-                validator("select").validate(select_cfg)
-                payload = render(select_cfg["command_template"], value="fresh")
-                await client.publish(select_cfg["command_topic"], payload.encode(), qos=1)
-                assert await asyncio.wait_for(commands.get(), 10) == ha.Answer(
-                    "p-1", "postgres.major-upgrade", "fresh")
-
-                # the reboot button: available only once a reboot is pending
-                button = await hass.wait(lambda: hass.config("button", "reboot"), "the button")
-                gate = button["availability"][1]
-                assert render(gate["value_template"], hass.last[gate["topic"]]) == "offline"
-                await bridge.update(make_state(phase="awaiting_reboot", generation=7,
-                                               system=SYSTEM_NEW, desired_generation=7,
-                                               needs_reboot=True), None)
-                await hass.wait(lambda: render(gate["value_template"], hass.last[gate["topic"]])
-                                == "online", "the reboot button available")
-                await client.publish(button["command_topic"], button["payload_press"].encode(),
-                                     qos=1)
-                assert await asyncio.wait_for(commands.get(), 10) == ha.Reboot()
-
-                # the prompt closed above (prompt=None): its selects are gone
-                await hass.wait(lambda: hass.last.get(topics.ha_discovery("select", HOST, obj))
-                                == b"", "the select removed")
-                done = json.loads(hass.last[topics.ha_host(HOST, "update")])
-                assert done["installed_version"] == done["latest_version"] == "7 (bbbbbbb)"
-
-                # garbage from "Home Assistant" changes nothing and crashes nothing
-                await client.publish(update_cfg["command_topic"], b"\x00garbage", qos=1)
-                await client.publish(select_cfg["command_topic"], b'{"key":1}', qos=1)
-                await asyncio.sleep(0.3)
-                assert commands.empty()
-        finally:
-            ha_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await ha_task

@@ -1,8 +1,12 @@
-"""Issue 4: the NixOS module, flake and examples, checked with nix-instantiate.
+"""Issues 4 and 12: the NixOS module, flake and examples, checked with nix-instantiate.
 
-No nixpkgs on the test machines: every .nix file is parsed, and nixos/module.nix is
-*evaluated* with the minimal lib and fake pkgs in tests/nix/ (no store, no daemon:
-`--store dummy://`). The example steps' check programs are then run for real.
+Every .nix file is parsed, and nixos/module.nix is *evaluated* by the real nixpkgs lib
+(`lib.evalModules`: merging, priorities, types, assertions as on a NixOS host) next to
+declarations of the NixOS options it touches (tests/nix/nixos-options.nix) and fake
+pkgs (tests/nix/pkgs.nix; no store, no daemon: `--store dummy://`). `<nixpkgs>` is
+whatever NIX_PATH names (a real nixpkgs where there is one), else the copy of nixpkgs'
+lib in /work/shared/nixpkgs-lib (FLOTILLA_NIXPKGS_LIB). The example steps' check
+programs are then run for real.
 """
 
 from __future__ import annotations
@@ -34,11 +38,27 @@ def nix_instantiate() -> str:
     return path
 
 
+NIXPKGS_LIB = Path(os.environ.get("FLOTILLA_NIXPKGS_LIB", "/work/shared/nixpkgs-lib"))
+
+
+def nix_path() -> str:
+    """NIX_PATH with a `nixpkgs=` entry: the caller's (a real nixpkgs) or the lib copy."""
+    current = os.environ.get("NIX_PATH", "")
+    if any(e.startswith("nixpkgs=") for e in current.split(":")):
+        return current
+    if not (NIXPKGS_LIB / "lib" / "default.nix").exists():
+        pytest.fail(f"no nixpkgs lib: set NIX_PATH=nixpkgs=/path/to/nixpkgs (or "
+                    f"FLOTILLA_NIXPKGS_LIB to a folder holding nixpkgs' lib/; {NIXPKGS_LIB} "
+                    "has none)")
+    return f"nixpkgs={NIXPKGS_LIB}" + (f":{current}" if current else "")
+
+
 def run_nix(*args: str) -> subprocess.CompletedProcess[str]:
     """nix-instantiate without a daemon or a real store (works as any user)."""
     return subprocess.run([nix_instantiate(), "--store", "dummy://", *args],
                           capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "NIX_REMOTE": ""}, cwd=REPO)
+                          env={**os.environ, "NIX_REMOTE": "", "NIX_PATH": nix_path()},
+                          cwd=REPO)
 
 
 def nix_files() -> list[str]:
@@ -118,6 +138,44 @@ def test_module_renders_steps_json_into_the_toplevel() -> None:
         "mkdir -p $out/flotilla", f"cp {out['stepsFile']} $out/flotilla/steps.json"]
 
 
+CREDENTIALS = "/run/credentials/flotilla-agent.service"
+C_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", '"': '"', "'": "'", "/": "/",
+             "b": "\b", "f": "\f"}
+
+
+def systemd_split(line: str) -> list[str]:
+    """argv of an ExecStart= line as systemd makes it (systemd.service(5)): specifiers
+    first (%% is %, %d the credentials directory), then words with "…"/'…' quoting and
+    C escapes, then $$ → $ (a lone $VAR would expand: the test fails on one)."""
+    line = line.replace("%%", "\0PCT").replace("%d", CREDENTIALS)
+    assert "%" not in line.replace("\0PCT", ""), f"unescaped specifier in {line!r}"
+    words, i = [], 0
+    while i < len(line):
+        if line[i].isspace():
+            i += 1
+            continue
+        word: list[str] = []
+        quote = line[i] if line[i] in "\"'" else None
+        i += 1 if quote else 0
+        while i < len(line) and (line[i] != quote if quote else not line[i].isspace()):
+            if line[i] == "\\" and quote:
+                esc = line[i + 1]
+                if esc == "u":
+                    word.append(chr(int(line[i + 2:i + 6], 16)))
+                    i += 6
+                    continue
+                word.append(C_ESCAPES[esc])
+                i += 2
+                continue
+            word.append(line[i])
+            i += 1
+        i += 1 if quote else 0
+        text = "".join(word)
+        assert "$" not in text.replace("$$", ""), f"unescaped variable in {text!r}"
+        words.append(text.replace("$$", "$").replace("\0PCT", "%"))
+    return words
+
+
 def test_module_defines_a_service_a_switch_never_restarts() -> None:
     out = eval_module(TWO_STEPS)
     svc = out["service"]
@@ -127,7 +185,7 @@ def test_module_defines_a_service_a_switch_never_restarts() -> None:
     assert "network-online.target" in svc["after"] and "network-online.target" in svc["wants"]
     assert any(p.endswith("-nix-2.24.10") for p in svc["path"])
     assert any(p.endswith("-systemd-256.8") for p in svc["path"])
-    assert shlex.split(svc["serviceConfig"]["ExecStart"]) == [
+    assert systemd_split(svc["serviceConfig"]["ExecStart"]) == [
         f"{out['package']}/bin/fleet-agent", "run", "--backend", "nixos", "--host", "web1",
         "--broker", "mqtts://mqtt.example.org:8883", "--state-dir", "/var/lib/flotilla",
         "--trust-key", "/run/flotilla-agent/trusted-keys.pem"]
@@ -149,12 +207,13 @@ def test_module_credentials_keys_and_extra_args() -> None:
       extraArgs = [ "--from-cache" "https://cache.example.org/?priority=10%" ];
     }""", host_name="ignored")
     svc = out["service"]
-    argv = shlex.split(svc["serviceConfig"]["ExecStart"])
+    argv = systemd_split(svc["serviceConfig"]["ExecStart"])
     assert argv[1:] == ["run", "--backend", "nixos", "--host", "db-1",
                         "--broker", "mqtt://10.0.0.1:1883", "--state-dir", "/srv/flotilla",
                         "--trust-key", "/run/flotilla-agent/trusted-keys.pem",
-                        "--username", "db-1", "--password-file", "%d/broker-password",
-                        "--from-cache", "https://cache.example.org/?priority=10%%"]
+                        "--username", "db-1", "--password-file",
+                        f"{CREDENTIALS}/broker-password",
+                        "--from-cache", "https://cache.example.org/?priority=10%"]
     assert svc["serviceConfig"]["LoadCredential"] == [
         "broker-password:/run/secrets/mqtt-password"]
     cat = shlex.split(svc["preStart"].splitlines()[0])
@@ -162,6 +221,69 @@ def test_module_credentials_keys_and_extra_args() -> None:
                                            "/run/flotilla-agent/trusted-keys.pem.tmp"]
     assert cat[1].startswith("/nix/store/") and cat[1].endswith("-flotilla-trusted-key.pem")
     assert out["tmpfiles"] == ["d /srv/flotilla 0700 root root - -"]
+
+
+def test_exec_start_survives_systemd_quoting_specifiers_and_variables() -> None:
+    """Issue 12: escaped like nixpkgs' utils.escapeSystemdExecArg, `$` included (shell
+    quoting is wrong for systemd: '\\'' and a bare $HOME would break or expand)."""
+    nasty = ["a b", "it's", 'say "hi"', "back\\slash", "$HOME", "${USER}x", "100%", "%n",
+             "semi;colon", "tab\there", "ünï"]
+    out = eval_module(f"""{{
+      enable = true; trustedKeys = [ "/k.pem" ]; broker = {nix_list(["mqtt://b/$x%y z"])[2:-2]};
+      extraArgs = {nix_list(nasty)};
+    }}""")
+    argv = systemd_split(out["service"]["serviceConfig"]["ExecStart"])
+    assert argv[argv.index("--broker") + 1] == "mqtt://b/$x%y z"
+    assert argv[-len(nasty):] == nasty
+
+
+def nix_list(items: list[str]) -> str:
+    return "[ " + " ".join(json.dumps(i, ensure_ascii=False).replace("${", "\\${")
+                           for i in items) + " ]"
+
+
+MERGING = [
+    # a flake's module gives the package with mkDefault (as flake.nix does)
+    '{ lib, pkgs, ... }: { services.flotilla-agent.package = lib.mkDefault'
+    ' (pkgs.writeText "from-the-flake" ""); }',
+    # two modules each add steps, and both add to one step's `after`
+    '{ services.flotilla-agent.steps.pg = { check = "/bin/pg-check"; after = [ "net" ]; }; }',
+    '{ services.flotilla-agent.steps.net.paths = [ "/var/lib/net" ];'
+    '  services.flotilla-agent.steps.pg.after = [ "net" "app" ];'
+    '  services.flotilla-agent.steps.app.migrations."*" = "/bin/app"; }',
+    # a user's mkForce beats a plain definition elsewhere
+    '{ lib, ... }: { services.flotilla-agent.broker = lib.mkForce "mqtts://forced:8883"; }',
+    # assertions of other modules are kept next to ours
+    '{ assertions = [ { assertion = false; message = "another module says no"; } ]; }',
+    # lines from two modules are joined with newlines
+    '{ system.systemBuilderCommands = "echo other module"; }',
+]
+
+
+def test_modules_merge_with_priorities_and_assertions_as_on_a_host() -> None:
+    """Issue 12: the real module system: definitions merge across modules, mkDefault
+    loses to a definition, mkForce beats one, lines get newlines, assertions combine."""
+    settings = '{ enable = true; trustedKeys = [ "/k.pem" ]; broker = "mqtt://plain:1883";' \
+        ' tags = [ "web" "eu" ]; }'
+    modules = "[ " + " ".join(f"({m})" for m in MERGING) + " ]"
+    out = evaluate("eval-module.nix", settings=settings, modules=modules)
+    assert out["package"].endswith("-from-the-flake")
+    assert out["options"]["broker"] == "mqtts://forced:8883"
+    assert out["options"]["tags"] == ["web", "eu"]
+    steps = {s["name"]: s for s in json.loads(out["stepsText"])["steps"]}
+    assert sorted(steps) == ["app", "net", "pg"]
+    assert sorted(steps["pg"]["after"]) == ["app", "net", "net"]  # lists concatenate
+    assert steps["pg"]["check"] == "/bin/pg-check" and steps["net"]["paths"] == ["/var/lib/net"]
+    assert out["failedAssertions"] == ["another module says no"]
+    lines = out["systemBuilderCommands"].splitlines()
+    assert "echo other module" in lines and "mkdir -p $out/flotilla" in lines
+    # without mkDefault the flake's package and the module's default would not clash,
+    # but two plain definitions of a single-valued option do:
+    r = run_nix("--eval", "--strict", "--json", "-E", "(import ./tests/nix/eval.nix { modules = ["
+                f" {{ services.flotilla-agent = {{ {BASE} }}; }}"
+                ' { services.flotilla-agent.broker = "mqtt://other"; } ];'
+                " }).config.services.flotilla-agent.broker")
+    assert r.returncode != 0 and "conflicting definition values" in r.stderr, r.stderr
 
 
 def test_steps_are_rendered_without_the_service_and_nothing_without_steps() -> None:

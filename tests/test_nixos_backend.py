@@ -28,6 +28,7 @@ from client.nixos import (
     profile_rollback_command,
     switch_commands,
 )
+from protocol.models import BinaryCache
 from tests.fakeroot import FakeRoot, activation, store_hash
 from tests.helpers import wait_for
 
@@ -77,10 +78,10 @@ def test_classify_system_refuses_bad_input(system: str, fragment: str) -> None:
         [*NIX, "copy", "--from", "https://cache.acme", f"{S}/{H}-sys"],
         ["nix-store", "--realise", f"{S}/{H}-sys"]]),
     (FlakeRef("github:acme/fleet", "web1"), "https://ignored", [
-        [*NIX, "build", "--no-link", "--print-out-paths",
+        [*NIX, "build", "--no-link", "--json",
          f"github:acme/fleet#nixosConfigurations.web1{TOPLEVEL}"]]),
     (FlakeRef(".", "1web"), None, [
-        [*NIX, "build", "--no-link", "--print-out-paths",
+        [*NIX, "build", "--no-link", "--json",
          f'.#nixosConfigurations."1web"{TOPLEVEL}']]),
 ])
 def test_fetch_commands(target: StorePath | FlakeRef, cache: str | None,
@@ -88,28 +89,65 @@ def test_fetch_commands(target: StorePath | FlakeRef, cache: str | None,
     assert fetch_commands(target, cache) == expected
 
 
+KEY = "cache-1:" + "A" * 43 + "="
+
+
+def test_the_cache_named_by_the_desired_wins_and_checks_signatures() -> None:
+    """Issue 12: only the controller's cache, only its key, signatures required."""
+    named = BinaryCache(url="file:///srv/cache", public_key=KEY)
+    assert fetch_commands(StorePath(f"{S}/{H}-sys"), "https://agent-default", named) == [
+        [*NIX, "copy", "--from", "file:///srv/cache", "--option", "require-sigs", "true",
+         "--option", "trusted-public-keys", KEY, f"{S}/{H}-sys"],
+        ["nix-store", "--realise", f"{S}/{H}-sys"]]
+
+
 @pytest.mark.parametrize(("code", "expected"), [
     (0, SwitchOutcome()),
     (4, SwitchOutcome(exit_code=4, units_failed=True)),
-    (100, SwitchOutcome(exit_code=100, reboot_required=True)),
 ])
 def test_switch_exit_codes_with_meaning(code: int, expected: SwitchOutcome) -> None:
     assert interpret_switch_exit(code, "switch", ["line"]) == expected
 
 
-@pytest.mark.parametrize("code", [1, 2, 127, -9])
-def test_other_switch_exit_codes_are_errors_with_the_last_lines(code: int) -> None:
+INHIBITED = ["Checking switch inhibitors...", "Found diff in switch inhibitors:",
+             "The new configuration contains changes to packages that were",
+             "listed as switch inhibitors.", "Pre-switch checks failed"]
+
+
+@pytest.mark.parametrize(("code", "action", "tail", "expected"), [
+    # switch-to-configuration(-ng) exits 1 when a pre-switch check (the inhibitors) fails
+    (1, "switch", INHIBITED, SwitchOutcome(exit_code=1, inhibited=True)),
+    (1, "test", INHIBITED, SwitchOutcome(exit_code=1, inhibited=True)),
+])
+def test_a_switch_refused_by_inhibitors_is_its_own_outcome(
+        code: int, action: str, tail: list[str], expected: SwitchOutcome) -> None:
+    assert interpret_switch_exit(code, action, tail) == expected
+
+
+@pytest.mark.parametrize(("code", "what"), [
+    (1, ""), (2, " (the activation script failed)"), (127, ""), (-9, ""),
+    # 100 is no switch-to-configuration exit code (nixops' convention): an error like any
+    (100, ""),
+])
+def test_other_switch_exit_codes_are_errors_with_the_last_lines(code: int, what: str) -> None:
     tail = ["activating...", "", "error: the activation script failed"]
     with pytest.raises(BackendError) as exc:
         interpret_switch_exit(code, "boot", tail)
     msg = str(exc.value)
-    assert msg == (f"switch-to-configuration boot failed (exit {code}): activating... | "
+    assert msg == (f"switch-to-configuration boot failed (exit {code}){what}: activating... | "
                    "error: the activation script failed")
+    with pytest.raises(BackendError):  # boot is not checked by inhibitors: exit 1 is an error
+        interpret_switch_exit(1, "boot", INHIBITED)
 
 
 def test_switch_commands_refuse_unknown_actions() -> None:
-    with pytest.raises(BackendError, match="unknown action 'dry-activate'"):
-        switch_commands("/p", f"{S}/{H}-sys", "dry-activate")
+    with pytest.raises(BackendError, match="unknown action 'reboot'"):
+        switch_commands("/p", f"{S}/{H}-sys", "reboot")
+    assert switch_commands("/p", f"{S}/{H}-sys", "dry-activate") == [
+        activation(f"{S}/{H}-sys", "dry-activate")]  # profile untouched
+    assert switch_commands("/p", f"{S}/{H}-sys", "boot", systemd=False) == [
+        ["nix-env", "-p", "/p", "--set", f"{S}/{H}-sys"],
+        [f"{S}/{H}-sys/bin/switch-to-configuration", "boot"]]
 
 
 PROFILE = "/nix/var/nix/profiles/system"
@@ -158,14 +196,6 @@ def test_boot_files_differ(new: dict[str, str | None], differ: bool) -> None:
 # -- the backend against a fake root --------------------------------------------------------
 
 @pytest.fixture
-def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeRoot:
-    fr = FakeRoot(tmp_path)
-    for key, value in fr.env().items():
-        monkeypatch.setenv(key, value)
-    return fr
-
-
-@pytest.fixture
 def backend(fake: FakeRoot, tmp_path: Path) -> NixosBackend:
     return NixosBackend(root=fake.root, state_dir=tmp_path / "state")
 
@@ -198,9 +228,8 @@ async def test_switch_runs_exactly_what_nixos_rebuild_runs(
 
 @pytest.mark.parametrize(("code", "expected"), [
     (4, SwitchOutcome(exit_code=4, units_failed=True)),
-    (100, SwitchOutcome(exit_code=100, reboot_required=True)),
 ])
-async def test_switch_exit_4_and_100_are_outcomes(
+async def test_switch_exit_4_is_an_outcome(
         fake: FakeRoot, backend: NixosBackend, code: int, expected: SwitchOutcome) -> None:
     fake.install(fake.system("old"))
     new = fake.system("new", stc_exit=code)
@@ -208,6 +237,46 @@ async def test_switch_exit_4_and_100_are_outcomes(
     assert await backend.switch(new, "switch", progress) == expected
     if code == 4:
         assert "warning: the following units failed: broken.service" in progress.lines
+
+
+async def test_inhibited_switch_restores_the_boot_default(
+        fake: FakeRoot, backend: NixosBackend) -> None:
+    """Issue 12: refused by switch inhibitors = nothing activated, profile back as it was."""
+    old = fake.system("old")
+    fake.install(old)
+    new = fake.system("new", inhibited=True)
+    outcome = await backend.switch(new, "switch", Lines())
+    assert outcome == SwitchOutcome(exit_code=1, inhibited=True)
+    assert fake.profile_target == old and fake.current == old
+    assert fake.calls()[-1] == ["nix-env", "-p", str(fake.profile), "--switch-generation", "1"]
+    # boot is not checked by the inhibitors: it is the way to take this system
+    assert await backend.switch(new, "boot", Lines()) == SwitchOutcome()
+    assert fake.profile_target == new and fake.current == old
+
+
+async def test_install_bootloader_no_systemd_and_dry_activate(
+        fake: FakeRoot, backend: NixosBackend) -> None:
+    """NIXOS_INSTALL_BOOTLOADER is 1 or 0 (as nixos-rebuild-ng sets it); without
+    /run/systemd/system switch-to-configuration runs directly; dry-activate touches
+    neither the profile nor the running system."""
+    old, new = fake.system("old"), fake.system("new")
+    fake.install(old)
+    progress = Lines()
+    assert await backend.switch(new, "dry-activate", progress) == SwitchOutcome()
+    assert fake.calls() == [activation(new, "dry-activate"),
+                            ["switch-to-configuration", "dry-activate"]]
+    assert "would restart the following units: nginx.service" in progress.lines
+    assert fake.profile_target == old and fake.current == old
+    fake.clear_calls()
+    await backend.switch(new, "boot", Lines(), install_bootloader=True)
+    (fake.root / "run/systemd/system").rmdir()  # a container: no systemd as PID 1
+    await backend.switch(new, "switch", Lines())
+    assert fake.calls() == [["nix-env", "-p", str(fake.profile), "--set", new],
+                            activation(new, "boot"), ["switch-to-configuration", "boot"],
+                            ["nix-env", "-p", str(fake.profile), "--set", new],
+                            ["switch-to-configuration", "switch"]]
+    assert fake.stc_env() == ["1", "0"]
+    assert fake.current == new
 
 
 async def test_switch_failure_is_one_line_with_the_output_tail(
@@ -255,9 +324,9 @@ async def test_fetch_flake_ref_builds_the_host_toplevel(
     assert await backend.fetch("github:acme/fleet", "web1", progress) == built
     assert await backend.fetch("/srv/fleet#db-2", "web1", progress) == built
     assert fake.calls() == [
-        [*NIX, "build", "--no-link", "--print-out-paths",
+        [*NIX, "build", "--no-link", "--json",
          f"github:acme/fleet#nixosConfigurations.web1{TOPLEVEL}"],
-        [*NIX, "build", "--no-link", "--print-out-paths",
+        [*NIX, "build", "--no-link", "--json",
          f"/srv/fleet#nixosConfigurations.db-2{TOPLEVEL}"]]
     assert any(line.startswith("building '") for line in progress.lines)
 

@@ -147,6 +147,9 @@ async def test_phases_someone_waits_on_are_published_at_once_passing_ones_folded
     await r.host_state(phase="acked", open_prompt=None)
     await r.prompt(None)  # a prompt was set: it is cleared
     assert [k for k, _ in wire.sent].count("prompt") == 2
+    await r.progress(DEP, GEN, "check", "running checks")  # held, then superseded:
+    await r.progress(DEP, GEN, "choose", "waiting for an answer to p2", prompt=prompt)
+    assert [(e.stage, e.prompt_id) for e in wire.events()] == [("choose", "p1")]
     await r.host_state(phase="awaiting_reboot")
     await r.host_state(phase="failed", last_result="failed")
     assert wire.states() == ["awaiting_choice", "awaiting_reboot", "failed"]

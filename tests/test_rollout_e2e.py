@@ -77,7 +77,7 @@ def test_abort_at_threshold_leaves_unstarted_hosts_untouched(make_fleet: Any) ->
                                   "--timeout", "60")
     assert rc == 1
     assert set(out) == {"rollout", "status", "succeeded", "failed", "timed_out",
-                        "not_started", "hosts"}
+                        "not_started", "hosts", "logs"}
     assert out["status"] == "aborted"
     first, rest = HOSTS[:5], HOSTS[5:]
     # the first batch was running when the threshold tripped: it finished, not cancelled

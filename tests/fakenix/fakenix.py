@@ -9,6 +9,7 @@ exits with a code the test chooses:
   $FAKENIX_ROOT/fakenix/exit-<command>   exit code of that command (default 0)
   $FAKENIX_ROOT/fakenix/flake.json       {"installable": "out path"} for `nix build`
   TOPLEVEL/stc-exit                      exit code of that system's switch-to-configuration
+  TOPLEVEL/stc-inhibited                 its switch inhibitors refuse switch/test (exit 1)
 
 nix-env really maintains the profile's `system-N-link` generations, systemd-run really
 execs its command, and switch-to-configuration updates ROOT/run/current-system (switch,
@@ -119,18 +120,32 @@ def nix(args: list[str]) -> int:
             ref, _, attr = installable.partition("#")
             err(f"error: flake '{ref}' does not provide attribute '{attr}'")
             return 1
-        print(outputs[installable], flush=True)
+        out = outputs[installable]
+        if "--json" in rest:
+            print(json.dumps([{"drvPath": out + ".drv", "outputs": {"out": out}}]), flush=True)
+        else:
+            print(out, flush=True)
         return 0
     err("fakenix: unsupported nix call")
     return 2
 
 
 def systemd_run(args: list[str]) -> int:
+    """Exec the command (looked up on PATH, like systemd-run), as --uid/--gid if given."""
     i = 0
     while i < len(args) and args[i].startswith("-"):
+        if args[i] == "--":
+            i += 1
+            break
         i += 2 if args[i] in ("-E", "-p", "--setenv", "--property") else 1
     command = args[i:]
-    os.execv(command[0], command)
+    opts = dict(a[2:].split("=", 1) for a in args[:i] if a.startswith("--") and "=" in a)
+    if "gid" in opts:
+        os.setgroups([])
+        os.setgid(int(opts["gid"]))
+    if "uid" in opts:
+        os.setuid(int(opts["uid"]))
+    os.execvp(command[0], command)
     return 127  # not reached
 
 
@@ -139,6 +154,14 @@ def switch_to_configuration(argv0: str, args: list[str]) -> int:
     action = args[0] if args else ""
     code_file = toplevel / "stc-exit"
     code = int(code_file.read_text().strip()) if code_file.exists() else 0
+    if (toplevel / "stc-inhibited").exists() and action != "boot":
+        err("Checking switch inhibitors...", "Found diff in switch inhibitors:",
+            "The new configuration contains changes to packages that were",
+            "listed as switch inhibitors.", "Pre-switch checks failed")
+        return 1
+    if action == "dry-activate":
+        err("would restart the following units: nginx.service")
+        return 0
     err("activating the configuration...", "setting up /etc...")
     if code == 4:
         err("warning: the following units failed: broken.service")
@@ -154,7 +177,8 @@ def main() -> int:
     name = os.path.basename(sys.argv[0])
     args = sys.argv[1:]
     if name == "switch-to-configuration":
-        log({"argv": [name, *args], "toplevel": str(Path(sys.argv[0]).parent.parent)})
+        log({"argv": [name, *args], "toplevel": str(Path(sys.argv[0]).parent.parent),
+             "NIXOS_INSTALL_BOOTLOADER": os.environ.get("NIXOS_INSTALL_BOOTLOADER")})
     else:
         log({"argv": [name, *args]})
     forced = chosen_exit(name)

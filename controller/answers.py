@@ -1,0 +1,115 @@
+"""Reading open prompts and sending signed answers: shared by `fleetctl prompts|answer|
+approve` and the web dashboard (`fleetctl serve`), so both sign exactly the same way."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import aiomqtt
+
+from controller.connection import connect, read_retained
+from controller.deploy import ControllerContext
+from protocol.codec import decode, encode
+from protocol.errors import InputError, ProtocolError, UsageError
+from protocol.models import Answer, Prompt, Rejected
+from protocol.signing import sign
+
+ANSWER_WAIT_S = 10.0
+
+
+async def open_prompts(ctx: ControllerContext, hosts: list[str]) -> dict[str, Prompt]:
+    """The retained open prompt of each of `hosts` that has one."""
+    t = ctx.topics
+    async with connect(ctx.broker, **ctx.client_kwargs) as client:
+        messages = await read_retained(client, t, [t.all_hosts("prompt")])
+    wanted = set(hosts)
+    prompts: dict[str, Prompt] = {}
+    for m in messages:
+        payload = m.payload if isinstance(m.payload, bytes) else b""
+        try:
+            host, _ = t.parse(str(m.topic))
+            if host in wanted and payload:
+                prompts[host] = decode(payload, expect=(Prompt,))
+        except (ProtocolError, InputError):
+            continue
+    return prompts
+
+
+def prompt_row(host: str, p: Prompt) -> dict[str, Any]:
+    """One prompt as `fleetctl prompts --json` (and the web API) show it."""
+    return {"host": host, "prompt_id": p.prompt_id, "kind": p.kind, "deadline": p.deadline,
+            "items": [{"step": i.step, "id": i.id, "message": i.message,
+                       "severity": i.severity,
+                       "choices": [c.model_dump() for c in i.choices], "default": i.default}
+                      for i in p.items]}
+
+
+def check_choices(prompt: Prompt, choices: dict[str, str]) -> None:
+    """UsageError unless every STEP.ITEM names an item of `prompt` and one of its choices
+    (the agent checks again; this gives a clear message before anything is sent)."""
+    items = {i.key: i for i in prompt.items}
+    for key, choice in choices.items():
+        item = items.get(key)
+        if item is None:
+            raise UsageError(f"prompt {prompt.prompt_id} has no item {key!r}")
+        if choice not in {c.id for c in item.choices}:
+            raise UsageError(f"{key}: {choice!r} is not one of "
+                             f"{', '.join(c.id for c in item.choices) or 'no choices'}")
+
+
+def destructive_choices(prompt: Prompt, choices: dict[str, str]) -> list[str]:
+    """The `STEP.ITEM=CHOICE` picks among `choices` that are marked destructive."""
+    out = []
+    for item in prompt.items:
+        for c in item.choices:
+            if choices.get(item.key) == c.id and c.destructive:
+                out.append(f"{item.key}={c.id}")
+    return out
+
+
+async def send_answer(ctx: ControllerContext, host: str, prompt_id: str,
+                      choices: dict[str, str], approve: bool, answered_by: str
+                      ) -> tuple[bool, str]:
+    """Publish a signed answer and wait briefly to learn whether the agent took it."""
+    if ctx.key is None:
+        raise UsageError("no signing key: run `fleetctl keys init`")
+    t = ctx.topics
+    answer = sign(Answer(host=host, prompt_id=prompt_id, choices=choices, approve=approve,
+                         answered_by=answered_by, issued_at=time.time()), ctx.key)
+    async with connect(ctx.broker, **ctx.client_kwargs) as client:
+        await client.subscribe(t.events(host), qos=1)
+        await client.subscribe(t.prompt(host), qos=1)
+        await client.publish(t.answer(host), encode(answer), qos=1)
+        try:
+            return await asyncio.wait_for(_outcome(client, t.prompt(host), prompt_id),
+                                          ANSWER_WAIT_S)
+        except TimeoutError:
+            return True, "sent; the host has not confirmed yet (offline?)"
+
+
+async def _outcome(client: aiomqtt.Client, prompt_topic: str, prompt_id: str
+                   ) -> tuple[bool, str]:
+    async for m in client.messages:
+        payload = m.payload if isinstance(m.payload, bytes) else b""
+        if str(m.topic) == prompt_topic:
+            if m.retain:
+                continue  # the state before our answer
+            if not payload:
+                return True, "accepted"
+            try:
+                p: Prompt = decode(payload, expect=(Prompt,))
+            except ProtocolError:
+                continue
+            if p.prompt_id != prompt_id:
+                return True, "accepted"
+            continue
+        try:
+            ev: Any = decode(payload)
+        except ProtocolError:
+            continue
+        if isinstance(ev, Rejected) and ev.reason == "answer_refused" \
+                and prompt_id in ev.message:
+            return False, ev.message
+    return False, "connection closed"

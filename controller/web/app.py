@@ -1,0 +1,548 @@
+"""The dashboard's HTTP side (aiohttp): pages, actions, the JSON API and live streams.
+
+Pages are rendered on the server from `controller.web.pages` data with Jinja templates
+(autoescaped). Each page has a stream (`/stream/...`, Server-Sent Events) that sends the
+page's fragments again whenever the feed changes, only those whose HTML changed; the
+page's script swaps them in by element id. `/api/events` is the same for programs: JSON
+host and rollout rows as they change.
+
+Actions (answer, approve, abort, continue) are POSTs that need the session's CSRF
+token; answers are signed with the controller key by `controller.answers`, exactly as
+`fleetctl answer` signs them, and name `web:<token name>` as who answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import jinja2
+from aiohttp import web
+
+from controller import rollout_ops, store
+from controller.answers import check_choices, destructive_choices, send_answer
+from controller.deploy import ControllerContext
+from controller.inventory import Inventory
+from controller.web import pages
+from controller.web.auth import SESSION_COOKIE, Guard, Identity, is_loopback
+from controller.web.feed import Feed
+from protocol.errors import FlotillaError, InputError, UsageError
+
+log = logging.getLogger(__name__)
+HERE = Path(__file__).parent
+COALESCE_S = 0.03
+KEEPALIVE_S = 15.0
+FLASH_TTL_S = 120.0
+IDENTITY = web.RequestKey("identity", Identity)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Fragments = tuple[dict[str, str], dict[str, list[str]]]
+
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+       "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
+SECURITY_HEADERS = {"Content-Security-Policy": CSP, "X-Frame-Options": "DENY",
+                    "X-Content-Type-Options": "nosniff", "Referrer-Policy": "same-origin",
+                    "Cache-Control": "no-store"}
+
+
+def _clock(t: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
+
+
+def _duration(s: float | None) -> str:
+    if s is None:
+        return "-"
+    if s < 60:
+        return f"{s:.1f} s"
+    return f"{int(s // 60)} min {int(s % 60)} s"
+
+
+def _css(value: object) -> str:
+    return "".join(c if c.isalnum() else "_" for c in str(value or "none"))
+
+
+def templates() -> jinja2.Environment:
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"),
+                             autoescape=True, trim_blocks=False, lstrip_blocks=False)
+    env.filters.update(clock=_clock, duration=_duration, css=_css,
+                       shortsys=pages.short_system)
+    return env
+
+
+def sse(event: str, data: Any) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+class Dashboard:
+    def __init__(self, ctx: ControllerContext, inventory: Inventory, feed: Feed,
+                 guard: Guard) -> None:
+        self.ctx = ctx
+        self.inventory = inventory
+        self.feed = feed
+        self.guard = guard
+        self.env = templates()
+        self.m: Any = self.env.get_template("macros.html").module
+        self._flash: dict[str, tuple[float, str, str]] = {}
+
+    # -- the application -----------------------------------------------------------
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self._security, self._errors])
+        r = app.router
+        r.add_get("/", self.fleet_page)
+        r.add_get("/hosts/{host}", self.host_page)
+        r.add_post("/hosts/{host}/answer", self.answer)
+        r.add_post("/hosts/{host}/approve", self.approve)
+        r.add_get("/rollouts", self.rollouts_page)
+        r.add_get("/rollouts/{id}", self.rollout_page)
+        r.add_post("/rollouts/{id}/abort", self.abort)
+        r.add_post("/rollouts/{id}/continue", self.cont)
+        r.add_get("/login", self.login_page)
+        r.add_post("/login", self.login)
+        r.add_post("/logout", self.logout)
+        r.add_get("/stream/fleet", self.fleet_stream)
+        r.add_get("/stream/hosts/{host}", self.host_stream)
+        r.add_get("/stream/rollouts", self.rollouts_stream)
+        r.add_get("/stream/rollouts/{id}", self.rollout_stream)
+        r.add_get("/api/hosts", self.api_hosts)
+        r.add_get("/api/prompts", self.api_prompts)
+        r.add_get("/api/rollouts", self.api_rollouts)
+        r.add_get("/api/rollouts/{id}", self.api_rollout)
+        r.add_get("/api/events", self.api_events)
+        r.add_static("/static", HERE / "static", show_index=False)
+        return app
+
+    # -- middleware: who, CSRF, headers, errors ------------------------------------
+    @web.middleware
+    async def _security(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if not self._host_allowed(request):
+            return self._refuse(request, 421, "this dashboard answers only to its own "
+                                "address (Host header refused)")
+        public = request.path.startswith("/static/") or request.path == "/login"
+        ident = self.guard.identify(request.headers.get("Authorization"),
+                                    request.cookies.get(SESSION_COOKIE))
+        if ident is None and not public:
+            if request.headers.get("Authorization"):
+                return self._refuse(request, 401, "invalid token")
+            if self._wants_json(request) or request.method != "GET":
+                return self._refuse(request, 401, "sign in first (a bearer token or the "
+                                    "login form)")
+            raise web.HTTPSeeOther(f"/login?next={quote(request.path_qs, safe='')}")
+        if ident is not None:
+            request[IDENTITY] = ident
+        if request.method not in ("GET", "HEAD", "OPTIONS"):
+            problem = await self._csrf_problem(request, ident)
+            if problem:
+                log.warning("refused %s %s: %s", request.method, request.path, problem)
+                return self._refuse(request, 403, problem)
+        response = await handler(request)
+        if not response.prepared:  # streams send theirs when they start
+            for k, v in SECURITY_HEADERS.items():
+                response.headers.setdefault(k, v)
+        return response
+
+    def _host_allowed(self, request: web.Request) -> bool:
+        """Without tokens (loopback only) the Host must be a loopback name: a page on
+        another site whose name resolves to 127.0.0.1 (DNS rebinding) is refused."""
+        if self.guard.tokens_required:
+            return True
+        host = urlsplit(f"//{request.host}").hostname or ""
+        return is_loopback(host)
+
+    async def _csrf_problem(self, request: web.Request, ident: Identity | None) -> str | None:
+        origin = request.headers.get("Origin")
+        if origin is not None and origin != self._origin(request):
+            return f"cross-site request refused (Origin {origin})"
+        if ident is not None and ident.bearer:
+            return None
+        form = await request.post()
+        given = form.get("csrf")
+        session = ident.session if ident is not None else "login"
+        if not isinstance(given, str) or not self.guard.csrf_ok(session, given):
+            return "missing or invalid CSRF token: reload the page and try again"
+        return None
+
+    @staticmethod
+    def _origin(request: web.Request) -> str:
+        scheme = request.headers.get("X-Forwarded-Proto", request.scheme)
+        return f"{scheme}://{request.host}"
+
+    @staticmethod
+    def _wants_json(request: web.Request) -> bool:
+        return request.path.startswith(("/api/", "/stream/")) or \
+            "application/json" in request.headers.get("Accept", "")
+
+    def _refuse(self, request: web.Request, status: int, message: str) -> web.Response:
+        if self._wants_json(request):
+            resp = web.json_response({"error": message}, status=status)
+        else:
+            resp = self._html(request, "error.html", status=status, title=f"{status} refused",
+                              message=message)
+        if status == 401:
+            resp.headers["WWW-Authenticate"] = 'Bearer realm="flotilla"'
+        return resp
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except FlotillaError as exc:
+            if self._wants_json(request):
+                return web.json_response({"error": str(exc)}, status=400)
+            return self._html(request, "error.html", status=400, title="Not done",
+                              message=str(exc), back=request.headers.get("Referer"))
+
+    # -- rendering -------------------------------------------------------------------
+    def _csrf(self, request: web.Request) -> str:
+        ident = request.get(IDENTITY)
+        return self.guard.csrf_token(ident.session if ident is not None else "login")
+
+    def _html(self, request: web.Request, template: str, status: int = 200,
+              **context: Any) -> web.Response:
+        ident = request.get(IDENTITY)
+        flash = self._pop_flash(request.query.get("flash"))
+        base = {"csrf": self._csrf(request), "identity": ident.name if ident else None,
+                "logout": ident is not None and ident.session.startswith("session:"),
+                "broker_error": self._broker_error(), "stream": None, "notice": flash}
+        body = self.env.get_template(template).render(**{**base, **context})
+        return web.Response(text=body, status=status, content_type="text/html")
+
+    def _broker_error(self) -> str | None:
+        if self.feed.connected:
+            return None
+        return self.feed.error or "connecting to the broker…"
+
+    def _flash_url(self, path: str, kind: str, text: str) -> str:
+        now = time.time()
+        self._flash = {k: v for k, v in self._flash.items() if v[0] > now}
+        key = secrets.token_urlsafe(8)
+        self._flash[key] = (now + FLASH_TTL_S, kind, text)
+        return f"{path}?flash={key}"
+
+    def _pop_flash(self, key: str | None) -> dict[str, str] | None:
+        item = self._flash.pop(key, None) if key else None
+        return {"kind": item[1], "text": item[2]} if item else None
+
+    # -- fleet -------------------------------------------------------------------------
+    def _fleet_rows(self, request: web.Request) -> tuple[list[dict[str, Any]], str, str]:
+        select = request.query.get("select", "").strip()
+        sort = request.query.get("sort", "host")
+        if sort not in pages.SORT_KEYS:
+            raise UsageError(f"sort must be one of {', '.join(pages.SORT_KEYS)}")
+        hosts = pages.select_hosts(self.feed, self.inventory, select or None)
+        rows = pages.sort_rows([pages.fleet_host(h) for h in hosts], sort)
+        return rows, select, sort
+
+    async def fleet_page(self, request: web.Request) -> web.Response:
+        try:
+            rows, select, sort = self._fleet_rows(request)
+            error = None
+        except InputError as exc:
+            rows, select, sort, error = [], request.query.get("select", ""), "host", str(exc)
+        return self._html(request, "fleet.html", title="Fleet", rows=rows, select=select,
+                          sort=sort, sort_keys=pages.SORT_KEYS,
+                          counts=pages.phase_counts(rows),
+                          stream=f"/stream/fleet?{request.query_string}" if not error else None,
+                          notice={"kind": "error", "text": error} if error else None)
+
+    def _fleet_fragments(self, request: web.Request) -> Fragments:
+        rows, _, sort = self._fleet_rows(request)
+        frags = {f"host-{r['host']}": str(self.m.host_row(r)) for r in rows}
+        frags["counts"] = str(self.m.counts(pages.phase_counts(rows), len(rows)))
+        frags["banner"] = str(self.m.banner(self._broker_error()))
+        order = {"hosts": [f"host-{r['host']}" for r in rows]} if sort != "host" else {}
+        return frags, order
+
+    async def fleet_stream(self, request: web.Request) -> web.StreamResponse:
+        self._fleet_rows(request)  # a bad selector is a 400 before the stream starts
+        return await self._stream(request, lambda: self._fleet_fragments(request))
+
+    # -- one host and its prompt -------------------------------------------------------
+    def _host(self, request: web.Request) -> str:
+        host = request.match_info["host"]
+        if host not in self.feed.hosts:
+            raise web.HTTPNotFound(text=f"unknown host {host!r} (not in the inventory)")
+        return host
+
+    def _host_context(self, request: web.Request, host: str) -> dict[str, Any]:
+        h = self.feed.hosts[host]
+        return {"host": host, "row": pages.fleet_host(h), "prompt": pages.host_prompt(h),
+                "can_sign": self.ctx.key is not None}
+
+    async def host_page(self, request: web.Request) -> web.Response:
+        host = self._host(request)
+        return self._html(request, "host.html", title=host, stream=f"/stream/hosts/{host}",
+                          **self._host_context(request, host))
+
+    async def host_stream(self, request: web.Request) -> web.StreamResponse:
+        host = self._host(request)
+
+        def build() -> Fragments:
+            c = self._host_context(request, host)
+            return {"hostinfo": str(self.m.host_info(c["row"])),
+                    "prompt": str(self.m.prompt(host, c["prompt"], self._csrf(request),
+                                                c["can_sign"])),
+                    "banner": str(self.m.banner(self._broker_error()))}, {}
+        return await self._stream(request, build)
+
+    def _open_prompt(self, host: str, prompt_id: object) -> Any:
+        p = self.feed.hosts[host].prompt
+        if p is None or p.prompt_id != prompt_id:
+            raise UsageError(f"{host} has no open prompt {prompt_id!s} any more "
+                             "(answered meanwhile, or replaced)")
+        return p
+
+    async def answer(self, request: web.Request) -> web.StreamResponse:
+        host = self._host(request)
+        form = await request.post()
+        prompt = self._open_prompt(host, form.get("prompt_id"))
+        choices = {k[len("choice:"):]: str(v) for k, v in form.items()
+                   if k.startswith("choice:")}
+        if not choices:
+            raise UsageError("pick a choice for at least one item")
+        check_choices(prompt, choices)
+        risky = destructive_choices(prompt, choices)
+        if risky and form.get("confirm_destructive") != "yes":
+            raise UsageError(f"{', '.join(risky)} is destructive: tick the confirmation "
+                             "box to send it")
+        return await self._send(request, host, prompt.prompt_id, choices, approve=False)
+
+    async def approve(self, request: web.Request) -> web.StreamResponse:
+        host = self._host(request)
+        form = await request.post()
+        prompt = self._open_prompt(host, form.get("prompt_id"))
+        if prompt.kind != "approval":
+            raise UsageError(f"the open prompt of {host} is a {prompt.kind}, not an approval")
+        return await self._send(request, host, prompt.prompt_id, {}, approve=True)
+
+    async def _send(self, request: web.Request, host: str, prompt_id: str,
+                    choices: dict[str, str], approve: bool) -> web.StreamResponse:
+        who = request[IDENTITY].actor
+        ok, message = await send_answer(self.ctx, host, prompt_id, choices, approve, who)
+        log.info("%s answered %s prompt %s: %s", who, host, prompt_id, message)
+        return self._done(request, f"/hosts/{host}", ok, f"{host}: {message}")
+
+    def _done(self, request: web.Request, path: str, ok: bool, text: str
+              ) -> web.StreamResponse:
+        if self._wants_json(request):
+            return web.json_response({"ok": ok, "message": text}, status=200 if ok else 409)
+        raise web.HTTPSeeOther(self._flash_url(path, "ok" if ok else "error", text))
+
+    # -- rollouts ----------------------------------------------------------------------
+    def _rollout(self, request: web.Request) -> dict[str, Any]:
+        self.feed.refresh_log()
+        return store.find_rollout(self.feed.doc, request.match_info["id"])
+
+    async def rollouts_page(self, request: web.Request) -> web.Response:
+        return self._html(request, "rollouts.html", title="Rollouts",
+                          rows=pages.rollout_list(self.feed), stream="/stream/rollouts")
+
+    async def rollouts_stream(self, request: web.Request) -> web.StreamResponse:
+        return await self._stream(request, lambda: (
+            {"rollouts": str(self.m.rollouts_table(pages.rollout_list(self.feed))),
+             "banner": str(self.m.banner(self._broker_error()))}, {}))
+
+    async def rollout_page(self, request: web.Request) -> web.Response:
+        r = pages.rollout_page(self.feed, self._rollout(request))
+        return self._html(request, "rollout.html", title=f"rollout {r['id']}", r=r,
+                          stream=f"/stream/rollouts/{r['id']}")
+
+    async def rollout_stream(self, request: web.Request) -> web.StreamResponse:
+        rid = self._rollout(request)["id"]
+
+        def build() -> Fragments:
+            r = pages.rollout_page(self.feed, self.feed.rollouts()[rid])
+            frags = {f"rh-{h['host']}": str(self.m.rollout_host(h)) for h in r["live"]}
+            frags.update(summary=str(self.m.rollout_summary(r, self._csrf(request))),
+                         batches=str(self.m.batches(r["batch_bars"])),
+                         failures=str(self.m.failures(r["failures"])),
+                         banner=str(self.m.banner(self._broker_error())))
+            return frags, {}
+        return await self._stream(request, build)
+
+    async def abort(self, request: web.Request) -> web.StreamResponse:
+        rid = self._rollout(request)["id"]
+        out = rollout_ops.request_abort(self.feed.log, rid, request[IDENTITY].actor)
+        self.feed.refresh_log()
+        text = (f"abort of rollout {rid} recorded; "
+                + ("its controller stops starting hosts within a second"
+                   if out.driver_running else
+                   f"no controller drives it now: `fleetctl rollout resume {rid}` winds "
+                   "it down"))
+        return self._done(request, f"/rollouts/{rid}", True, text)
+
+    async def cont(self, request: web.Request) -> web.StreamResponse:
+        rid = self._rollout(request)["id"]
+        out = rollout_ops.release_batch(self.feed.log, rid)
+        self.feed.refresh_log()
+        return self._done(request, f"/rollouts/{rid}", True,
+                          f"batch {out.batch + 1}/{out.batches} of rollout {rid} released")
+
+    # -- sign in -----------------------------------------------------------------------
+    async def login_page(self, request: web.Request) -> web.Response:
+        nxt = request.query.get("next", "/")
+        return self._html(request, "login.html", title="Sign in", next=_local_path(nxt))
+
+    async def login(self, request: web.Request) -> web.StreamResponse:
+        form = await request.post()
+        token = form.get("token")
+        result = self.guard.login(token) if isinstance(token, str) else None
+        if result is None:
+            log.warning("failed sign-in from %s", request.remote)
+            return self._html(request, "login.html", status=401, title="Sign in",
+                              next=_local_path(str(form.get("next", "/"))),
+                              notice={"kind": "error", "text": "wrong token"})
+        sid, name = result
+        log.info("%s signed in from %s", name, request.remote)
+        resp = web.HTTPSeeOther(_local_path(str(form.get("next", "/"))))
+        secure = self._origin(request).startswith("https:")
+        resp.set_cookie(SESSION_COOKIE, sid, httponly=True, samesite="Strict",
+                        secure=secure, path="/")
+        raise resp
+
+    async def logout(self, request: web.Request) -> web.StreamResponse:
+        self.guard.logout(request.cookies.get(SESSION_COOKIE))
+        resp = web.HTTPSeeOther("/login")
+        resp.del_cookie(SESSION_COOKIE, path="/")
+        raise resp
+
+    # -- JSON API ----------------------------------------------------------------------
+    async def api_hosts(self, request: web.Request) -> web.Response:
+        rows, _, _ = self._fleet_rows(request)
+        return web.json_response(rows)
+
+    async def api_prompts(self, request: web.Request) -> web.Response:
+        return web.json_response([p for h in sorted(self.feed.hosts)
+                                  if (p := pages.host_prompt(self.feed.hosts[h]))])
+
+    async def api_rollouts(self, request: web.Request) -> web.Response:
+        self.feed.refresh_log()
+        return web.json_response(pages.rollout_list(self.feed))
+
+    async def api_rollout(self, request: web.Request) -> web.Response:
+        return web.json_response(pages.rollout_page(self.feed, self._rollout(request)))
+
+    async def api_events(self, request: web.Request) -> web.StreamResponse:
+        """`event: host` (a /api/hosts row) and `event: rollout` (an /api/rollouts row)
+        for everything on connect, then for each one that changes."""
+        sent: dict[str, str] = {}
+        resp = await self._open_stream(request)
+        lst = self.feed.listen()
+        try:
+            while True:
+                lst.wake.clear()
+                items = [("host", r["host"], r)
+                         for r in (pages.fleet_host(h) for h in self.feed.hosts.values())]
+                items += [("rollout", r["id"], r) for r in pages.rollout_list(self.feed)]
+                for kind, key, row in items:
+                    text = json.dumps(row, separators=(",", ":"), sort_keys=True)
+                    if sent.get(f"{kind}:{key}") != text:
+                        sent[f"{kind}:{key}"] = text
+                        await resp.write(f"event: {kind}\ndata: {text}\n\n".encode())
+                if not await self._wait(lst.wake, resp):
+                    return resp
+        finally:
+            self.feed.unlisten(lst)
+
+    # -- streams -----------------------------------------------------------------------
+    async def _open_stream(self, request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={
+            "Content-Type": "text/event-stream", "Cache-Control": "no-store",
+            "X-Accel-Buffering": "no", **{k: v for k, v in SECURITY_HEADERS.items()
+                                          if k != "Cache-Control"}})
+        await resp.prepare(request)
+        await resp.write(b"retry: 1000\n\n")
+        return resp
+
+    @staticmethod
+    async def _wait(wake: asyncio.Event, resp: web.StreamResponse) -> bool:
+        """Until the feed changes (then a short pause so a burst is sent as one
+        message); a comment line now and then keeps proxies from closing the stream."""
+        while True:
+            try:
+                await asyncio.wait_for(wake.wait(), KEEPALIVE_S)
+                await asyncio.sleep(COALESCE_S)
+                return True
+            except TimeoutError:
+                try:
+                    await resp.write(b": keepalive\n\n")
+                except (ConnectionError, RuntimeError):
+                    return False
+
+    async def _stream(self, request: web.Request, build: Callable[[], Fragments]
+                      ) -> web.StreamResponse:
+        resp = await self._open_stream(request)
+        lst = self.feed.listen()
+        sent: dict[str, str] = {}
+        sent_order: dict[str, list[str]] = {}
+        try:
+            while True:
+                lst.wake.clear()
+                frags, order = build()
+                changed = {k: v for k, v in frags.items() if sent.get(k) != v}
+                new_order = {k: v for k, v in order.items() if sent_order.get(k) != v}
+                if changed or new_order:
+                    sent.update(changed)
+                    sent_order.update(new_order)
+                    try:
+                        await resp.write(sse("fragments", {"fragments": changed,
+                                                           "order": new_order}))
+                    except (ConnectionError, RuntimeError):
+                        return resp
+                if not await self._wait(lst.wake, resp):
+                    return resp
+        finally:
+            self.feed.unlisten(lst)
+
+
+def _local_path(target: str) -> str:
+    """Only redirect within this site (no `//evil.example` or `https://…`)."""
+    parts = urlsplit(target)
+    if parts.scheme or parts.netloc or not target.startswith("/") or target.startswith("//"):
+        return "/"
+    return target
+
+
+async def serve(ctx: ControllerContext, inventory: Inventory, guard: Guard, host: str,
+                port: int, announce: Callable[[str], None], stop: asyncio.Event) -> None:
+    """Run until `stop` is set. BrokerUnavailable if the broker cannot be reached at
+    start; OSError-based InputError if the address cannot be bound."""
+    feed = Feed(ctx, inventory)
+    ready = asyncio.Event()
+    follower = asyncio.create_task(feed.run(ready), name="web-feed")
+    waiter = asyncio.create_task(ready.wait())
+    await asyncio.wait([follower, waiter], return_when=asyncio.FIRST_COMPLETED)
+    if follower.done():
+        waiter.cancel()
+        follower.result()  # raises BrokerUnavailable
+    feed.refresh_log()
+    dash = Dashboard(ctx, inventory, feed, guard)
+    runner = web.AppRunner(dash.app(), handle_signals=False, shutdown_timeout=1.0,
+                           access_log_format='%a "%r" %s %b %Tfs')
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise InputError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+        bound = runner.addresses[0] if runner.addresses else (host, port)
+        shown = f"[{host}]" if ":" in host else host
+        announce(f"http://{shown}:{bound[1]}/")
+        stopper = asyncio.create_task(stop.wait())
+        await asyncio.wait([follower, stopper], return_when=asyncio.FIRST_COMPLETED)
+        stopper.cancel()
+        if follower.done():
+            follower.result()
+    finally:
+        follower.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await follower
+        await runner.cleanup()
+

@@ -1,0 +1,232 @@
+"""The dashboard's live picture of the fleet: the broker and the event log, folded.
+
+One MQTT connection subscribes to every host's retained `desired`, `state`, `prompt`
+and `online` topics and to the live `events`; each host's current deployment is a
+`HostView` folded with `controller.view` exactly as the rollout driver and `fleetctl
+watch` fold it. The controller's event log (rollouts, what the driver decided) is
+followed incrementally. Every change wakes the listeners (one per open page stream),
+which re-render what they show and send what changed.
+
+The connection is kept up: on loss it reconnects (with backoff) and catches up from
+the retained messages; the pages show that the broker is unreachable meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiomqtt
+
+from controller.connection import make_client
+from controller.deploy import ControllerContext
+from controller.eventlog import EventLog
+from controller.inventory import Inventory
+from controller.view import HostView, fold_event, fold_state
+from protocol.codec import decode
+from protocol.errors import BrokerUnavailable, FlotillaError, ProtocolError
+from protocol.models import EVENT_TYPES, Desired, Event, HostState, Prompt
+
+log = logging.getLogger(__name__)
+LOG_POLL_S = 0.25
+SYNC_TIMEOUT_S = 30.0
+
+
+@dataclass
+class HostLive:
+    """Everything known about one inventory host."""
+
+    host: str
+    tags: tuple[str, ...]
+    state: HostState | None = None
+    online: bool | None = None
+    prompt: Prompt | None = None
+    view: HostView | None = None        # its current deployment
+    rollout_id: str | None = None
+
+
+@dataclass(eq=False)
+class Listener:
+    """One open stream, woken on every change (it re-renders and sends what differs)."""
+
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class Feed:
+    def __init__(self, ctx: ControllerContext, inventory: Inventory) -> None:
+        self.ctx = ctx
+        self.hosts = {h: HostLive(h, tags) for h, tags in inventory.hosts.items()}
+        self.log = EventLog(ctx.state_dir)
+        self.doc: dict[str, Any] = {}
+        self.connected = False
+        self.synced = asyncio.Event()
+        self.error: str | None = None
+        self._listeners: set[Listener] = set()
+        self._marker: str | None = None
+
+    # -- listeners -------------------------------------------------------------------
+    def listen(self) -> Listener:
+        lst = Listener()
+        self._listeners.add(lst)
+        return lst
+
+    def unlisten(self, lst: Listener) -> None:
+        self._listeners.discard(lst)
+
+    def _notify(self) -> None:
+        for lst in self._listeners:
+            lst.wake.set()
+
+    # -- the event log ---------------------------------------------------------------
+    def refresh_log(self) -> bool:
+        """Catch up with the controller's event log; True if it changed."""
+        if not self.log.exists():
+            return False
+        before = self.log.index
+        self.doc = self.log.refresh()
+        if self.log.index != before:
+            self._notify()
+            return True
+        return False
+
+    def rollouts(self) -> dict[str, dict[str, Any]]:
+        r: dict[str, dict[str, Any]] = self.doc.get("rollouts", {})
+        return r
+
+    # -- MQTT ----------------------------------------------------------------------------
+    def on_message(self, message: aiomqtt.Message) -> None:
+        topic = str(message.topic)
+        if topic == self._marker:
+            self.synced.set()
+            self._notify()
+            return
+        try:
+            host, kind = self.ctx.topics.parse(topic)
+        except ProtocolError:
+            return
+        h = self.hosts.get(host)
+        if h is None:
+            return
+        payload = message.payload if isinstance(message.payload, bytes) else b""
+        try:
+            changed = self._fold(h, kind, payload)
+        except ProtocolError as exc:
+            log.debug("ignoring a malformed %s message from %s: %s", kind, host, exc)
+            return
+        if changed:
+            self._notify()
+
+    def _fold(self, h: HostLive, kind: str, payload: bytes) -> bool:
+        if kind == "online":
+            online = payload == b"online"
+            changed = h.online != online
+            h.online = online
+            if h.view is not None:
+                h.view.online = online
+            return changed
+        if kind == "prompt":
+            h.prompt = decode(payload, expect=(Prompt,)) if payload else None
+            return True
+        if not payload:
+            return False
+        if kind == "desired":
+            d: Desired = decode(payload, expect=(Desired,))
+            self._attempt(h, d.deployment_id, d.generation, d.issued_at)
+            h.rollout_id = d.rollout_id
+            return True
+        if kind == "state":
+            st: HostState = decode(payload, expect=(HostState,))
+            h.state = st
+            if st.deployment_id is not None and (
+                    h.view is None or (h.view.deployment_id != st.deployment_id
+                                       and st.desired_generation > h.view.generation)):
+                self._attempt(h, st.deployment_id, st.desired_generation or st.generation,
+                              None)
+                h.rollout_id = st.rollout_id
+            if h.view is not None:
+                fold_state(h.view, st)
+            return True
+        if kind == "events":
+            ev: Event = decode(payload, expect=EVENT_TYPES)
+            return h.view is not None and fold_event(h.view, ev)
+        return False
+
+    @staticmethod
+    def _attempt(h: HostLive, deployment_id: str, generation: int, started: float | None
+                 ) -> None:
+        v = h.view
+        if v is not None and v.deployment_id == deployment_id:
+            return
+        if v is not None and generation < v.generation:
+            return  # an older deployment's retained message
+        h.view = HostView(h.host, deployment_id=deployment_id, generation=generation,
+                          started=started, phase="published", online=h.online)
+
+    async def run(self, ready: asyncio.Event) -> None:
+        """Follow the broker and the event log until cancelled. The first connection's
+        failure raises BrokerUnavailable; later losses reconnect."""
+        poller = asyncio.create_task(self._poll_log())
+        try:
+            await self._follow_broker(ready)
+        finally:
+            poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await poller
+
+    async def _poll_log(self) -> None:
+        while True:
+            try:
+                self.refresh_log()
+            except FlotillaError as exc:
+                log.warning("cannot read the event log: %s", exc)
+            await asyncio.sleep(LOG_POLL_S)
+
+    async def _follow_broker(self, ready: asyncio.Event) -> None:
+        t = self.ctx.topics
+        filters = [t.all_hosts("desired"), t.all_hosts("state"), t.all_hosts("prompt"),
+                   t.all_hosts("online"), t.all_hosts("events")]
+        delay = 0.2
+        while True:
+            try:
+                client = make_client(self.ctx.broker,
+                                     client_id=f"fleetctl-serve-{uuid.uuid4().hex[:8]}",
+                                     **self.ctx.client_kwargs)
+                async with client:
+                    for f in filters:
+                        await client.subscribe(f, qos=1)
+                    self.synced.clear()
+                    self._marker = f"{t.prefix}/controller/sync/{uuid.uuid4().hex}"
+                    await client.subscribe(self._marker, qos=1)
+                    await client.publish(self._marker, b"sync", qos=1)
+                    reader = asyncio.create_task(self._read(client))
+                    try:
+                        await asyncio.wait_for(asyncio.shield(self.synced.wait()),
+                                               SYNC_TIMEOUT_S)
+                        self.connected, self.error, delay = True, None, 0.2
+                        self._notify()
+                        ready.set()
+                        await reader
+                    finally:
+                        reader.cancel()
+                        with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                            await reader
+            except (aiomqtt.MqttError, TimeoutError) as exc:
+                if not ready.is_set():
+                    raise BrokerUnavailable(
+                        f"cannot reach the MQTT broker at {self.ctx.broker}: {exc}") from None
+                self.error = f"broker {self.ctx.broker} unreachable: {exc}"
+                log.warning("%s; reconnecting", self.error)
+            finally:
+                if self.connected:
+                    self.connected = False
+                    self._notify()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    async def _read(self, client: aiomqtt.Client) -> None:
+        async for message in client.messages:
+            self.on_message(message)
