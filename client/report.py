@@ -8,9 +8,10 @@ budget per deploy (a quick deploy sends an Ack, its Log lines, a Result and one 
 HostState):
 
 - Progress and Log events are *held*: at most one goes out per `hold` seconds after the
-  previous event, each at most `hold` late (a Progress that opens a prompt goes at once). A held Progress is replaced by a newer one
-  and dropped once the deployment ends (the Result carries the last lines); held Log
-  lines are merged and always sent, before the next event that is not held.
+  previous event, each at most `hold` late (a Progress that opens a prompt goes at once).
+  A held Progress is replaced by a newer one and dropped once the deployment ends (the
+  Result carries the last lines); held Log lines are merged and always sent, before the
+  next event that is not held.
 - An empty CheckReport of a deployment that is not check-only says nothing anyone
   reads: it is not sent (`deploy --check` and reports with items are).
 - The retained HostState is published at once when its phase is one someone waits on
