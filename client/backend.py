@@ -103,6 +103,13 @@ class SystemBackend(Protocol):
     async def rollback(self, previous: str | None, progress: ProgressFn) -> None:
         """Return to the previous generation (profile and activation)."""
 
+    def agent_unit_changed(self, previous: str | None, toplevel: str) -> bool:
+        """True when `toplevel` carries another unit file for the agent than `previous`
+        (a switch does not restart the agent: it restarts itself once done)."""
+
+    async def restart_agent(self) -> None:
+        """Have the service manager restart the agent (after a finished deployment)."""
+
     def needs_reboot(self, toplevel: str) -> bool:
         """True when the booted kernel, initrd or modules differ from `toplevel`'s."""
 

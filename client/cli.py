@@ -13,7 +13,8 @@ from pathlib import Path
 
 from client import prompt_tui
 from client.agent import Agent, AgentConfig
-from client.backend import SystemBackend
+from client.backend import BackendError, SystemBackend
+from client.journal import JOURNAL_NAME, check_file, repair_file
 from client.notify import NotifyConfig
 from client.sim import SimSettings, SimulatedBackend
 from protocol.broker import BrokerAddress, parse_broker_url, read_password_file
@@ -40,17 +41,24 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--key-file", type=Path, help="TLS: the client certificate's private key")
     p.add_argument("--trust-key", type=Path, required=True,
                    help="controller public key(s) (PEM) that sign desired states and answers")
-    p.add_argument("--topic-prefix", default=DEFAULT_PREFIX)
-    p.add_argument("--backend", choices=["sim", "nixos"], default="sim")
+    p.add_argument("--topic-prefix", default=DEFAULT_PREFIX,
+                   help="MQTT topic prefix shared with the controller")
+    p.add_argument("--backend", choices=["sim", "nixos"], default="sim",
+                   help="nixos: really fetch and switch this host; sim: pretend (tests, demo)")
     p.add_argument("--root", type=Path, default=Path("/"),
                    help="nixos backend: prefix for /run and /nix/var paths (tests)")
     p.add_argument("--from-cache", metavar="URL",
                    help="nixos backend: binary cache to 'nix copy --from' before realising")
-    p.add_argument("--sim-fetch-delay", type=float, default=0.0)
-    p.add_argument("--sim-switch-delay", type=float, default=0.0)
-    p.add_argument("--sim-fail-rate", type=float, default=0.0)
-    p.add_argument("--sim-fail-stage", choices=["fetch", "switch"], default="switch")
-    p.add_argument("--sim-seed", default="")
+    p.add_argument("--sim-fetch-delay", type=float, default=0.0,
+                   help="sim backend: seconds a fetch takes")
+    p.add_argument("--sim-switch-delay", type=float, default=0.0,
+                   help="sim backend: seconds a switch takes")
+    p.add_argument("--sim-fail-rate", type=float, default=0.0,
+                   help="sim backend: share of hosts whose fetch or switch fails (per "
+                        "host and system, from --sim-seed)")
+    p.add_argument("--sim-fail-stage", choices=["fetch", "switch"], default="switch",
+                   help="sim backend: which stage --sim-fail-rate fails")
+    p.add_argument("--sim-seed", default="", help="sim backend: seed of --sim-fail-rate")
     p.add_argument("--home-assistant", action="store_true",
                    help="announce this host to Home Assistant (MQTT discovery)")
     p.add_argument("--ha-prefix", default="homeassistant", help="discovery prefix")
@@ -66,26 +74,63 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--age-recipient", help="encrypt dumps to this age recipient (pyrage)")
     p.add_argument("--age-identity", help="file with the age identity that decrypts dumps "
                                           "on rollback")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+class _RawDefaults(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fleet-agent", description=__doc__)
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(prog="fleet-agent", description=__doc__,
+                                     formatter_class=fmt)
+    parser.add_argument("--version", action="version", version=f"fleet-agent {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run the agent for this host")
-    run.add_argument("--host", required=True)
-    run.add_argument("--state-dir", type=Path, default=Path("/var/lib/flotilla"))
+    run = sub.add_parser("run", help="run the agent for this host", formatter_class=fmt)
+    run.add_argument("--host", required=True, help="this host's name (as in the inventory)")
+    run.add_argument("--state-dir", type=Path, default=Path("/var/lib/flotilla"),
+                     help="journal, dumps, deployment logs and the control socket")
     _common(run)
-    sim = sub.add_parser("simulate", help="run many simulated agents in one process")
+    sim = sub.add_parser("simulate", help="run many simulated agents in one process",
+                         formatter_class=fmt)
     sim.add_argument("--hosts", required=True, help="comma-separated host names")
     sim.add_argument("--state-dir", type=Path, required=True,
                      help="parent dir; each host gets STATE_DIR/HOST")
     _common(sim)
     prompt = sub.add_parser("prompt", help="answer this host's open prompts (local socket)",
                             description=prompt_tui.__doc__,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+                            formatter_class=_RawDefaults)
     prompt_tui.add_arguments(prompt)
+    jr = sub.add_parser("journal", help="check or repair the agent's journal",
+                        description="check: report unreadable records (exit 1 when the agent"
+                        " would refuse to start). repair (agent stopped): keep the damaged"
+                        " file aside, keep every readable record; steps of the running"
+                        " deployment not recorded as done count as interrupted",
+                        formatter_class=fmt)
+    jr.add_argument("action", choices=["check", "repair"], help="check or repair")
+    jr.add_argument("--state-dir", type=Path, default=Path("/var/lib/flotilla"),
+                    help="the agent's state directory (holds journal.jsonl)")
     return parser
+
+
+def _steps_of(toplevel: str) -> list[str]:
+    from client.statesteps import load_steps
+    try:
+        return [s.name for s in load_steps(toplevel).steps]
+    except BackendError as exc:
+        print(f"fleet-agent: warning: {exc}", file=sys.stderr)
+        return []
+
+
+def journal_command(args: argparse.Namespace) -> int:
+    path = args.state_dir / JOURNAL_NAME
+    if args.action == "check":
+        ok, lines = check_file(path)
+        print("\n".join(lines))
+        return 0 if ok else 1
+    print("\n".join(repair_file(path, _steps_of)))
+    return 0
 
 
 def _broker(args: argparse.Namespace, host: str) -> BrokerAddress:
@@ -141,10 +186,24 @@ async def _serve(agents: list[Agent]) -> None:
             raise t.exception()  # type: ignore[misc]
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("flotilla")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "prompt":
         return prompt_tui.run(args)
+    if args.command == "journal":
+        try:
+            return journal_command(args)
+        except FlotillaError as exc:
+            print(f"fleet-agent: error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("aiomqtt").setLevel(logging.WARNING)

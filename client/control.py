@@ -11,15 +11,25 @@ Protocol: one JSON object per line each way.
     {"op": "list_prompts"}                                -> {"ok": true, "prompts": [PROMPT]}
     {"op": "answer", "prompt_id": P, "choices": {K: C}}   -> {"ok": bool, "message": str}
     {"op": "approve"}                                     -> {"ok": bool, "message": str}
+    {"op": "approve", "defer": "defer-1h"}                -> {"ok": bool, "message": str}
     {"op": "status"}                                      -> {"ok": true, "state": HOST_STATE}
 
 Any malformed request gets {"ok": false, "error": "..."}; the server never dies of one.
+
+Limits, so local clients cannot exhaust the agent (its MQTT side shares the process's
+descriptors and event loop): at most MAX_CLIENTS connections at once. A newcomer beyond
+that takes the place of the connection idle the longest (so idle clients cannot keep
+anyone out), or is told so and closed when every slot is busy with a request. A
+connection idle for IDLE_TIMEOUT, or whose request or reply takes longer than
+REQUEST_TIMEOUT, is closed. When the process is out of descriptors, accepting
+pauses (logged once, and once when it works again) instead of spinning.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import grp
 import json
 import logging
@@ -33,6 +43,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from protocol.models import HostState, Prompt
+from protocol.prompts import DEFERRALS
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +52,11 @@ SOCKET_MODE = 0o660
 DEFAULT_GROUP = "wheel"
 MAX_LINE = 64 * 1024
 CLIENT_TIMEOUT = 30.0
+MAX_CLIENTS = 32
+IDLE_TIMEOUT = 10.0
+REQUEST_TIMEOUT = 10.0
+ACCEPT_RETRY = 0.5  # pause of accepting while out of descriptors
+OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 
 class AgentControl(Protocol):
@@ -53,7 +69,9 @@ class AgentControl(Protocol):
         """First answer wins; later ones get (False, "already answered by ...")."""
         ...
 
-    async def approve(self, source: str) -> tuple[bool, str]: ...
+    async def approve(self, source: str, defer: str | None = None) -> tuple[bool, str]:
+        """Approve (or start a pending reboot now); `defer` puts an approval off."""
+        ...
 
     async def status(self) -> HostState: ...
 
@@ -121,7 +139,10 @@ async def dispatch(handler: AgentControl, request: Any, source: str) -> dict[str
             state = await handler.status()
             return {"ok": True, "state": state.model_dump(mode="json")}
         if op == "approve":
-            ok, message = await handler.approve(source)
+            defer = request.get("defer")
+            if defer is not None and defer not in DEFERRALS:
+                return _error(f"defer must be one of {', '.join(DEFERRALS)}")
+            ok, message = await handler.approve(source, defer)
             return {"ok": bool(ok), "message": message}
         if op == "answer":
             prompt_id = request.get("prompt_id")
@@ -141,13 +162,22 @@ async def dispatch(handler: AgentControl, request: Any, source: str) -> dict[str
 class ControlServer:
     """Serves `AgentControl` on a Unix socket until closed."""
 
-    def __init__(self, path: Path, handler: AgentControl, group: str | None = DEFAULT_GROUP
-                 ) -> None:
+    def __init__(self, path: Path, handler: AgentControl, group: str | None = DEFAULT_GROUP,
+                 max_clients: int = MAX_CLIENTS, idle_timeout: float = IDLE_TIMEOUT,
+                 request_timeout: float = REQUEST_TIMEOUT) -> None:
         self.path = Path(path)
         self.handler = handler
         self.group_name = group
         self.gid: int | None = None
-        self._server: asyncio.base_events.Server | None = None
+        self.max_clients = max_clients
+        self.idle_timeout = idle_timeout
+        self.request_timeout = request_timeout
+        self._sock: socket.socket | None = None
+        self._acceptor: asyncio.Task[None] | None = None
+        self._clients: set[asyncio.Task[None]] = set()
+        self._idle_since: dict[asyncio.Task[None], float] = {}  # waiting for a request
+        self.refused = 0  # connections turned away: MAX_CLIENTS were busy
+        self.evicted = 0  # idle connections closed to make room for a newcomer
 
     async def start(self) -> None:
         """Bind under a temporary name, set mode and group, then rename into place.
@@ -172,16 +202,16 @@ class ControlServer:
                 gid = own
                 os.chown(tmp, -1, gid)
             os.replace(tmp, self.path)
-            sock.listen(16)
+            sock.listen(64)
             sock.setblocking(False)
-            self._server = await asyncio.start_unix_server(self._serve, sock=sock,
-                                                           limit=MAX_LINE)
         except BaseException:
             sock.close()
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
             raise
         self.gid = gid
+        self._sock = sock
+        self._acceptor = asyncio.create_task(self._accept_loop(sock), name="control-accept")
         self._warn_if_unreachable(gid)
         log.info("control socket at %s (mode %o, group %s)", self.path, SOCKET_MODE, group)
 
@@ -217,12 +247,74 @@ class ControlServer:
                         " `fleet-agent prompt` to work", parent, stat.S_IMODE(st.st_mode), gid)
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None
+        tasks = [t for t in (self._acceptor, *self._clients) if t is not None]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._acceptor = None
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
+
+    @property
+    def clients(self) -> int:
+        return len(self._clients)
+
+    async def _accept_loop(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        starved = crowded = False
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(sock)
+            except OSError as exc:
+                if exc.errno not in OUT_OF_RESOURCES:
+                    raise
+                if not starved:
+                    log.warning("control socket: cannot accept local clients (%s); pausing"
+                                " until descriptors are free again", exc.strerror)
+                    starved = True
+                await asyncio.sleep(ACCEPT_RETRY)
+                continue
+            if starved:
+                log.info("control socket: accepting local clients again")
+                starved = False
+            if len(self._clients) >= self.max_clients and not self._evict_idlest():
+                self.refused += 1
+                if not crowded:
+                    log.warning("control socket: %d clients busy; refusing more until some"
+                                " finish", len(self._clients))
+                crowded = True
+                _refuse(conn, f"the agent serves {self.max_clients} local clients already;"
+                              " try again later")
+                continue
+            crowded = False
+            task = asyncio.create_task(self._client(conn), name="control-client")
+            self._clients.add(task)
+            task.add_done_callback(self._forget)
+
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        self._clients.discard(task)
+        self._idle_since.pop(task, None)
+
+    def _evict_idlest(self) -> bool:
+        """Close the connection idle the longest; False when none is idle."""
+        if not self._idle_since:
+            return False
+        task = min(self._idle_since, key=self._idle_since.__getitem__)
+        self._forget(task)  # its slot is free now; the task closes its socket as it ends
+        task.cancel()
+        self.evicted += 1
+        return True
+
+    async def _client(self, conn: socket.socket) -> None:
+        try:
+            reader, writer = await asyncio.open_unix_connection(sock=conn, limit=MAX_LINE)
+        except OSError:
+            conn.close()
+            return
+        await self._serve(reader, writer)
 
     async def __aenter__(self) -> ControlServer:
         await self.start()
@@ -233,15 +325,23 @@ class ControlServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         source = peer_source(writer.get_extra_info("socket"))
+        me = asyncio.current_task()
+        loop = asyncio.get_running_loop()
         try:
             while True:
+                if me is not None and me in self._clients:
+                    self._idle_since[me] = loop.time()
                 try:
-                    line = await reader.readline()
+                    line = await asyncio.wait_for(reader.readline(), self.idle_timeout)
                 except (ValueError, asyncio.LimitOverrunError):
                     await self._reply(writer, _error(f"request longer than {MAX_LINE} bytes"))
                     return
+                except TimeoutError:
+                    return  # idle (or trickling a line byte by byte): the slot is freed
                 if not line:
                     return
+                if me is not None:
+                    self._idle_since.pop(me, None)
                 if not line.strip():
                     continue
                 try:
@@ -249,18 +349,32 @@ class ControlServer:
                 except (ValueError, UnicodeDecodeError):
                     await self._reply(writer, _error("request is not valid JSON"))
                     continue
-                await self._reply(writer, await dispatch(self.handler, request, source))
-        except (ConnectionError, BrokenPipeError):
+                try:
+                    reply = await asyncio.wait_for(dispatch(self.handler, request, source),
+                                                   self.request_timeout)
+                except TimeoutError:
+                    reply = _error(f"the agent did not handle the request within "
+                                   f"{self.request_timeout:g}s")
+                await self._reply(writer, reply)
+        except (ConnectionError, BrokenPipeError, TimeoutError):
             pass
         finally:
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
 
-    @staticmethod
-    async def _reply(writer: asyncio.StreamWriter, reply: dict[str, Any]) -> None:
+    async def _reply(self, writer: asyncio.StreamWriter, reply: dict[str, Any]) -> None:
+        """A client that does not read its reply is dropped after REQUEST_TIMEOUT."""
         writer.write(json.dumps(reply, separators=(",", ":")).encode() + b"\n")
-        await writer.drain()
+        await asyncio.wait_for(writer.drain(), self.request_timeout)
+
+
+def _refuse(conn: socket.socket, message: str) -> None:
+    """One error line (if the client's buffer takes it without waiting), then close."""
+    with conn:
+        conn.setblocking(False)
+        with contextlib.suppress(OSError):
+            conn.send(json.dumps(_error(message)).encode() + b"\n")
 
 
 class ControlError(Exception):
@@ -331,6 +445,7 @@ class ControlClient:
         reply = self.request({"op": "answer", "prompt_id": prompt_id, "choices": choices})
         return bool(reply.get("ok")), str(reply.get("message") or reply.get("error") or "")
 
-    def approve(self) -> tuple[bool, str]:
-        reply = self.request({"op": "approve"})
+    def approve(self, defer: str | None = None) -> tuple[bool, str]:
+        reply = self.request({"op": "approve"} if defer is None
+                             else {"op": "approve", "defer": defer})
         return bool(reply.get("ok")), str(reply.get("message") or reply.get("error") or "")

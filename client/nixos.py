@@ -75,13 +75,9 @@ STORE_NAME_RE = re.compile(r"^[0-9a-z]{32}-[A-Za-z0-9+._?=-]+$")
 FLAKE_NAME_RE = re.compile(r"^[A-Za-z0-9_.'-]+$")
 ANSI_RE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 RECORD_NAME = "nixos-switch.json"
+AGENT_UNIT = "flotilla-agent.service"
 TAIL_LINES = 8
 MAX_LINE = 1000
-
-
-def systemd_runs(root: Path) -> bool:
-    """sd_booted(): systemd is PID 1 (and systemd-run is there to ask it for a scope)."""
-    return (root / "run/systemd/system").is_dir() and shutil.which("systemd-run") is not None
 
 
 def default_store_dir() -> str:
@@ -292,18 +288,18 @@ class NixosBackend:
     def __init__(self, root: Path, state_dir: Path, from_cache: str | None = None,
                  store_dir: str | None = None,
                  reboot_command: Sequence[str] = ("systemctl", "reboot"),
-                 reboot_grace_s: float = 600.0) -> None:
+                 reboot_grace_s: float = 600.0, agent_unit: str = AGENT_UNIT) -> None:
         self.root = Path(root)
         self.state_dir = Path(state_dir)
         self.from_cache = from_cache or None
         self.store_dir = store_dir or default_store_dir()
         self.reboot_command = list(reboot_command)
         self.reboot_grace_s = reboot_grace_s
+        self.agent_unit = agent_unit
         self.booted = self.root / "run/booted-system"
         self.current = self.root / "run/current-system"
         self.profile = self.root / "nix/var/nix/profiles/system"
         self.boot_id_file = self.root / "proc/sys/kernel/random/boot_id"
-        self.use_scope = systemd_runs(self.root)
 
     # -- host facts ------------------------------------------------------------------
     def current_system(self) -> str | None:
@@ -363,6 +359,11 @@ class NixosBackend:
         """Whether this host's PID 1 is systemd (nixos-rebuild-ng's `test -d`)."""
         return (self.root / "run/systemd/system").is_dir()
 
+    @property
+    def use_scope(self) -> bool:
+        """Programs get a transient scope where systemd runs and systemd-run is there."""
+        return self.runs_systemd and shutil.which("systemd-run") is not None
+
     async def switch(self, toplevel: str, action: str, progress: ProgressFn,
                      install_bootloader: bool = False) -> SwitchOutcome:
         cmds = switch_commands(str(self.profile), toplevel, action, self.runs_systemd)
@@ -387,6 +388,27 @@ class NixosBackend:
                 await self._run_ok(cmd, progress)
             self._clear_record()
         return outcome
+
+    def agent_unit_changed(self, previous: str | None, toplevel: str) -> bool:
+        """The agent's unit file (`etc/systemd/system/UNIT` of each system, a store path)
+        differs: the module sets restartIfChanged = false, so the switch left the old
+        agent running and the agent restarts itself once the deployment is recorded."""
+        def unit(system: str | None) -> str | None:
+            return _resolve(Path(system) / "etc/systemd/system" / self.agent_unit) \
+                if system else None
+        new = unit(toplevel)
+        return new is not None and new != unit(previous)
+
+    async def restart_agent(self) -> None:
+        """Queue a restart of our own unit and return (`--no-block`): systemd stops this
+        process after the job is queued, never during a switch (those run in their own
+        transient unit and are finished by now)."""
+        argv = ["systemctl", "--no-block", "restart", self.agent_unit]
+        result = await run_subprocess(argv, {}, timeout=60)
+        if result.exit_code != 0:
+            tail = (result.stderr or result.stdout).decode(errors="replace").splitlines()
+            raise BackendError(f"systemctl restart {self.agent_unit} failed "
+                               f"(exit {result.exit_code})" + summarize(tail))
 
     async def rollback(self, previous: str | None, progress: ProgressFn) -> None:
         if previous is None:

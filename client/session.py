@@ -6,6 +6,10 @@
 - Manual acks: a QoS1 message is acknowledged only after its handler returned (the
   handler journals with fsync first), so a crash in between means redelivery.
 - `publish()` waits for a connection and retries across reconnects.
+- Latest-value topics (`retry_latest`, QoS 0: the broker redelivers them only on a
+  re-subscribe) are never dropped by a handler that fails: the message is handled again,
+  with backoff, until the handler returns (it journaled or refused it with a reason) or
+  a newer message on that topic replaces it.
 """
 
 from __future__ import annotations
@@ -63,6 +67,7 @@ class AgentSession:
         will: Retained,
         on_connect: Callable[[], Awaitable[None]] | None = None,
         extra_client_kwargs: dict[str, Any] | None = None,
+        retry_latest: tuple[str, ...] = (),
     ) -> None:
         self.address = address
         self.client_id = client_id
@@ -77,6 +82,9 @@ class AgentSession:
         self.connections = 0
         self._client: aiomqtt.Client | None = None
         self._stopping = False
+        self.retry_latest = set(retry_latest)
+        self._retries: dict[str, asyncio.Task[None]] = {}
+        self.retry_backoff = Backoff(base=0.5, cap=30.0)
 
     def _make_client(self) -> aiomqtt.Client:
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
@@ -125,15 +133,43 @@ class AgentSession:
                 self._client = None
 
     async def _dispatch(self, client: aiomqtt.Client, message: aiomqtt.Message) -> None:
+        topic = str(message.topic)
+        superseded = self._retries.pop(topic, None)
+        if superseded is not None:
+            superseded.cancel()
         try:
             await self.handler(message)
         except aiomqtt.MqttError:
             raise
         except Exception:  # a handler bug must not kill the session; nothing is acked
             log.exception("%s: handler failed for %s", self.client_id, message.topic)
+            if topic in self.retry_latest:
+                self._retries[topic] = asyncio.create_task(self._retry(topic, message),
+                                                           name=f"retry-{topic}")
             return
         if message.qos > 0:
             client._client.ack(message.mid, message.qos)
+
+    async def _retry(self, topic: str, message: aiomqtt.Message) -> None:
+        """Handle `message` again until the handler returns (cancelled by a newer one)."""
+        backoff = Backoff(self.retry_backoff.base, self.retry_backoff.cap)
+        try:
+            while True:
+                delay = backoff.next_delay()
+                log.warning("%s: handling %s again in %.1fs", self.client_id, topic, delay)
+                await asyncio.sleep(delay)
+                try:
+                    await self.handler(message)
+                    log.info("%s: %s handled on retry %d", self.client_id, topic,
+                             backoff.attempt)
+                    return
+                except aiomqtt.MqttError as exc:
+                    log.warning("%s: retry of %s: broker error (%s)", self.client_id, topic, exc)
+                except Exception as exc:
+                    log.warning("%s: retry of %s failed: %s", self.client_id, topic, exc)
+        finally:
+            if self._retries.get(topic) is asyncio.current_task():
+                del self._retries[topic]
 
     async def publish(
         self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False
@@ -174,3 +210,5 @@ class AgentSession:
             except aiomqtt.MqttError:
                 pass
         self._stopping = True
+        for task in self._retries.values():
+            task.cancel()

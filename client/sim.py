@@ -98,6 +98,12 @@ class SimulatedBackend:
             (self.dir / "current-system").write_text(toplevel)
         return SwitchOutcome()
 
+    def agent_unit_changed(self, previous: str | None, toplevel: str) -> bool:
+        return False
+
+    async def restart_agent(self) -> None:
+        return None
+
     async def rollback(self, previous: str | None, progress: ProgressFn) -> None:
         await progress(f"rolling back to {previous or 'nothing'}")
         for name in ("current-system", "profile"):

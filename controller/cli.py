@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from controller import (
     cmd_build,
@@ -35,7 +35,24 @@ COMMAND_MODULES = (cmd_build, cmd_deploy, cmd_fleet, cmd_logs, cmd_rollout, cmd_
                    cmd_serve, cmd_steps)
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default (unless it has none or says it)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = COMMON_DEFAULTS.get(action.dest, action.default) \
+            if action.default is argparse.SUPPRESS else action.default
+        if "default" in text or not action.option_strings or default in (None, False) \
+                or isinstance(action, argparse._HelpAction | argparse._VersionAction):
+            return text
+        return f"{text} (default: {str(default).replace('%', '%%')})"
+
+
 class Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> NoReturn:
         print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
         sys.exit(EXIT_USAGE)
@@ -46,56 +63,101 @@ def _env_path(name: str) -> Path | None:
     return Path(value) if value else None
 
 
+# The options every command takes, before or after the command name. Their parsers
+# default to SUPPRESS (so a subcommand's defaults never overwrite a value given before
+# it); `main` fills in these defaults afterwards.
+COMMON_DEFAULTS: dict[str, Any] = {}
+
+
 def _common() -> Parser:
     p = Parser(add_help=False)
-    p.add_argument("--broker", default=os.environ.get("FLEET_BROKER", "mqtt://127.0.0.1:1883"),
-                   help="broker URL (env FLEET_BROKER): mqtt://[user[:password]@]host:port, "
-                        "mqtts:// (TLS), ws://, wss://. A password in the URL shows in process "
-                        "listings: use --password-file instead")
-    p.add_argument("--username", default=os.environ.get("FLEET_USERNAME"),
-                   help="broker username (env FLEET_USERNAME; default flotilla-controller "
-                        "with --password-file)")
-    p.add_argument("--password-file", type=Path, default=_env_path("FLEET_PASSWORD_FILE"),
-                   help="file holding the broker password (env FLEET_PASSWORD_FILE); the "
-                        "recommended way to pass it")
-    p.add_argument("--ca-file", type=Path, default=_env_path("FLEET_CA_FILE"),
-                   help="TLS: CA certificate the broker's certificate must chain to "
-                        "(env FLEET_CA_FILE; default: the system's CAs)")
-    p.add_argument("--cert-file", type=Path, default=_env_path("FLEET_CERT_FILE"),
-                   help="TLS: client certificate, when the broker requires one "
-                        "(env FLEET_CERT_FILE)")
-    p.add_argument("--key-file", type=Path, default=_env_path("FLEET_KEY_FILE"),
-                   help="TLS: the client certificate's private key (env FLEET_KEY_FILE)")
-    p.add_argument("--inventory", type=Path,
-                   default=Path(os.environ.get("FLEET_INVENTORY", "./fleet.toml")))
-    p.add_argument("--flake", default=os.environ.get("FLEET_FLAKE"), metavar="REF",
-                   help="the fleet's flake (env FLEET_FLAKE): hosts are its "
-                        "nixosConfigurations, tags their services.flotilla-agent.tags, when "
-                        "there is no inventory file (which wins); `build` and `deploy` build "
-                        "each host's toplevel from it")
-    p.add_argument("--state-dir", type=Path, default=Path(os.environ.get(
-        "FLEET_STATE_DIR", Path.home() / ".local/state/flotilla")))
-    p.add_argument("--topic-prefix", default=os.environ.get("FLEET_TOPIC_PREFIX",
-                                                            DEFAULT_PREFIX))
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("-v", "--verbose", action="store_true")
+
+    def opt(*names: str, default: Any, **kw: Any) -> None:
+        action = p.add_argument(*names, default=argparse.SUPPRESS, **kw)
+        COMMON_DEFAULTS[action.dest] = default
+
+    opt("--broker", default=os.environ.get("FLEET_BROKER", "mqtt://127.0.0.1:1883"),
+        help="broker URL (env FLEET_BROKER): mqtt://[user[:password]@]host:port, "
+             "mqtts:// (TLS), ws://, wss://. A password in the URL shows in process "
+             "listings: use --password-file instead")
+    opt("--username", default=os.environ.get("FLEET_USERNAME"),
+        help="broker username (env FLEET_USERNAME; default: flotilla-controller "
+             "with --password-file)")
+    opt("--password-file", type=Path, default=_env_path("FLEET_PASSWORD_FILE"),
+        help="file holding the broker password (env FLEET_PASSWORD_FILE); the "
+             "recommended way to pass it")
+    opt("--ca-file", type=Path, default=_env_path("FLEET_CA_FILE"),
+        help="TLS: CA certificate the broker's certificate must chain to "
+             "(env FLEET_CA_FILE; default: the system's CAs)")
+    opt("--cert-file", type=Path, default=_env_path("FLEET_CERT_FILE"),
+        help="TLS: client certificate, when the broker requires one (env FLEET_CERT_FILE)")
+    opt("--key-file", type=Path, default=_env_path("FLEET_KEY_FILE"),
+        help="TLS: the client certificate's private key (env FLEET_KEY_FILE)")
+    opt("--inventory", type=Path, default=Path(os.environ.get("FLEET_INVENTORY", "fleet.toml")),
+        help="the fleet.toml naming hosts, tags, groups and [rollout] defaults "
+             "(env FLEET_INVENTORY)")
+    opt("--flake", default=os.environ.get("FLEET_FLAKE"), metavar="REF",
+        help="the fleet's flake (env FLEET_FLAKE): hosts are its nixosConfigurations, tags "
+             "their services.flotilla-agent.tags, when there is no inventory file (which "
+             "wins); `build` and `deploy` build each host's toplevel from it")
+    opt("--state-dir", type=Path, default=Path(os.environ.get(
+        "FLEET_STATE_DIR", Path.home() / ".local/state/flotilla")),
+        help="the controller's keys, event log (state.jsonl), logs and locks "
+             "(env FLEET_STATE_DIR)")
+    opt("--topic-prefix", default=os.environ.get("FLEET_TOPIC_PREFIX", DEFAULT_PREFIX),
+        help="MQTT topic prefix shared with the agents (env FLEET_TOPIC_PREFIX)")
+    opt("--json", action="store_true", default=False, help="machine-readable output")
+    opt("-v", "--verbose", action="store_true", default=False,
+        help="debug logging on stderr")
     return p
 
 
 def build_parser() -> argparse.ArgumentParser:
     common = _common()
-    parser = Parser(prog="fleetctl", description="Deploy NixOS systems to a fleet over MQTT.")
-    parser.add_argument("--flake", dest="top_flake", metavar="REF",
-                        help="as the commands' --flake (`fleetctl --flake REF hosts`)")
+    parser = Parser(prog="fleetctl", description="Deploy NixOS systems to a fleet over MQTT.",
+                    parents=[common], epilog="Exit codes: 0 ok; 1 a deploy, check, watch or "
+                    "answer did not succeed; 2 usage or input error; 3 broker unreachable; "
+                    "130 interrupted (Ctrl-C).")
+    parser.add_argument("--version", action="version", version=f"fleetctl {version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     for module in COMMAND_MODULES:
         module.register(sub, common)
     keys = sub.add_parser("keys", help="controller signing keys", parents=[common])
     keys_sub = keys.add_subparsers(dest="keys_command", required=True, parser_class=Parser)
     init = keys_sub.add_parser("init", help="create the signing key pair", parents=[common])
-    init.add_argument("--force", action="store_true")
+    init.add_argument("--force", action="store_true", help="replace an existing key pair")
     init.set_defaults(func=cmd_keys_init)
     return parser
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+    try:
+        return dist_version("flotilla")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def with_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    for key, value in COMMON_DEFAULTS.items():
+        if not hasattr(args, key):
+            setattr(args, key, value)
+    return args
+
+
+HOSTS_COMMANDS = ("add", "list")
+
+
+def default_hosts_list(argv: list[str]) -> list[str]:
+    """`fleetctl hosts [SELECTOR]` lists hosts: insert the implicit `list`."""
+    if "hosts" not in argv:
+        return argv
+    i = argv.index("hosts")
+    rest = argv[i + 1:]
+    if rest and rest[0] in (*HOSTS_COMMANDS, "-h", "--help"):
+        return argv
+    return [*argv[:i + 1], "list", *rest]
 
 
 def cmd_keys_init(args: argparse.Namespace) -> int:
@@ -108,9 +170,8 @@ def cmd_keys_init(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if getattr(args, "top_flake", None) and not getattr(args, "flake", None):
-        args.flake = args.top_flake
+    argv = default_hosts_list(list(sys.argv[1:] if argv is None else argv))
+    args = with_defaults(build_parser().parse_args(argv))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("aiomqtt").setLevel(logging.CRITICAL)
@@ -128,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fleetctl: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `fleetctl logs … | head`: the reader left; not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
 
 
 if __name__ == "__main__":

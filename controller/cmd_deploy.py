@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import re
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,17 +22,19 @@ from controller.monitor import (
     ChangeTracker,
     host_line,
     plain_line,
+    plural,
     print_summary,
     refresh_interval,
     render,
 )
 from controller.nixbuild import load_systems
 from controller.planner import RolloutPolicy
-from protocol.errors import UsageError
+from controller.view import HostView
+from protocol.errors import InputError, UsageError
 from protocol.models import DeployPolicy
 
 CHOICE_RE = re.compile(r"^([A-Za-z0-9_.-]+)\.([A-Za-z0-9_:-]+)=([A-Za-z0-9._:@-]+)$")
-LINE_INTERVAL = 0.5  # seconds between checks for host changes (plain and --stream lines)
+MAX_RETRY_NOTES = 3
 ROLLOUT_FLAGS = ("canary", "batch", "max_parallel", "max_failures", "min_executed",
                  "host_timeout", "retries", "pause_between_batches", "confirm_batches",
                  "offline")
@@ -51,43 +54,63 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     add_build_arguments(p)
     p.add_argument("--action", choices=["switch", "boot", "test", "dry-activate"],
                    default="switch",
-                   help="dry-activate: fetch, check and report what a switch would restart")
+                   help="switch-to-configuration action: switch (now and at boot), boot "
+                        "(next boot), test (now, not at boot), dry-activate (fetch, check and "
+                        "report what a switch would restart)")
     p.add_argument("--install-bootloader", action="store_true",
                    help="(re)install the boot loader (NIXOS_INSTALL_BOOTLOADER=1)")
     p.add_argument("--timeout", type=float, default=600.0,
-                   help="seconds to wait for all hosts (default 600)")
+                   help="seconds to wait for all hosts")
     p.add_argument("--no-wait", action="store_true", help="return after publishing")
     p.add_argument("--stream", action="store_true",
                    help="with --json: one JSON line per host change (as `watch --json`) "
                         "before the summary line")
     p.add_argument("--check", action="store_true",
-                   help="only predict: fetch and run state checks, do not switch")
+                   help="only predict: fetch and run state checks, do not switch (recorded "
+                        "as a check; the hosts' status stays as it was)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved hosts, systems, batches and policy; contact "
+                        "nothing, record nothing")
     p.add_argument("--choose", action="append", default=[], metavar="STEP.ITEM=CHOICE",
                    help="pre-answer a migration choice (repeatable)")
     p.add_argument("--expires-in", type=float, help="agents ignore the deploy after S seconds")
     g = p.add_argument_group("rollout (defaults from [rollout] in the inventory)")
-    g.add_argument("--canary", type=int)
+    g.add_argument("--canary", type=int,
+                   help="hosts in a first batch that must succeed before the rest start "
+                        "(default: [rollout] canary, else 0)")
     g.add_argument("--batch", help="N hosts or P%% per batch")
-    g.add_argument("--max-parallel", type=int)
+    g.add_argument("--max-parallel", type=int,
+                   help="hosts deploying at once (default: [rollout] max_parallel, else a "
+                        "whole batch)")
     g.add_argument("--max-failures", help="N or P%%: abort beyond this")
     g.add_argument("--min-executed", type=int, help="hosts finished before judging failures")
     g.add_argument("--host-timeout", type=float, help="per-host in-progress timeout (s)")
     g.add_argument("--retries", type=int, help="retries for failed or timed-out hosts")
-    g.add_argument("--pause-between-batches", type=float)
-    g.add_argument("--confirm-batches", action="store_true", default=None)
-    g.add_argument("--offline", choices=["wait", "skip"])
+    g.add_argument("--pause-between-batches", type=float,
+                   help="seconds to wait after a batch finishes (default: [rollout], else 0)")
+    g.add_argument("--confirm-batches", action="store_true", default=None,
+                   help="ask before each batch after the first (y/n on a terminal, or "
+                        "`fleetctl rollout continue ID`)")
+    g.add_argument("--offline", choices=["wait", "skip"],
+                   help="hosts offline when their batch starts: wait for them (the retained "
+                        "desired state is queued) or skip them (default: [rollout], else "
+                        "wait)")
     g.add_argument("--share-group", help="MQTT 5 shared subscription group for events")
     a = p.add_argument_group("on the host")
-    a.add_argument("--approval", choices=["none", "ask"], default="none")
+    a.add_argument("--approval", choices=["none", "ask"], default="none",
+                   help="ask: each host waits for `fleetctl approve HOST` before it dumps "
+                        "and switches")
     a.add_argument("--confirm", choices=["broker", "controller", "none"], default="broker",
                    help="how the agent proves it still reaches the broker after switching")
-    a.add_argument("--confirm-timeout", type=float, default=60.0)
+    a.add_argument("--confirm-timeout", type=float, default=60.0,
+                   help="seconds for that proof; without it the host rolls back")
     a.add_argument("--reboot", default="never", help="never, ask, now or 'window HH:MM-HH:MM'")
     a.add_argument("--prompt-deadline", type=float, help="seconds before a prompt times out")
     a.add_argument("--take-default", action="store_true",
                    help="after the prompt deadline, take each item's default")
     a.add_argument("--on-step-failure", choices=["ask", "retry", "skip", "rollback"],
-                   default="ask")
+                   default="ask", help="when a migration fails: ask the operator (a prompt), "
+                                       "retry it, skip it, or roll the host back")
     p.set_defaults(func=cmd_deploy)
 
 
@@ -104,6 +127,11 @@ def parse_choices(items: list[str], what: str = "--choose") -> dict[str, str]:
 
 def rollout_policy(args: argparse.Namespace, defaults: dict[str, Any]) -> RolloutPolicy:
     values = {k.replace("-", "_"): v for k, v in defaults.items()}
+    try:  # the inventory's own values first, so an error names its key, not a flag
+        RolloutPolicy.from_dict(dict(values))
+    except (UsageError, TypeError) as exc:
+        text = re.sub(r"--([a-z-]+)", lambda m: m.group(1).replace("-", "_"), str(exc))
+        raise InputError(f"{args.inventory}: [rollout] {text}") from None
     for name in ROLLOUT_FLAGS:
         if getattr(args, name, None) is not None:
             values[name] = getattr(args, name)
@@ -155,6 +183,10 @@ def build_request(args: argparse.Namespace) -> DeployRequest:
         system = str(args.systems)
     elif source == "--flake":
         system = args.flake  # --build-on host: each host builds REF#nixosConfigurations.HOST
+        if args.build_on == "controller" and not args.cache:
+            raise UsageError("deploy --flake builds on the controller: give --cache URL and "
+                             "--sign-key FILE to ship the closures to the hosts (or "
+                             "--build-on host)")
     return DeployRequest(
         selector=args.selector, hosts=hosts, system=system, action=args.action,
         timeout=args.timeout, choices=parse_choices(args.choose),
@@ -181,6 +213,8 @@ async def build_on_controller(args: argparse.Namespace, req: DeployRequest) -> b
 
 async def cmd_deploy(args: argparse.Namespace) -> int:
     req = build_request(args)
+    if args.dry_run:
+        return dry_run(args, req)
     if system_source(args) == "--flake" and args.build_on == "controller" and \
             not await build_on_controller(args, req):
         return cliutil.EXIT_FAILED
@@ -188,6 +222,38 @@ async def cmd_deploy(args: argparse.Namespace) -> int:
     driver = RolloutDriver(ctx, req)
     outcome = await run_with_view(args, driver, wait=not args.no_wait)
     return report(args, outcome, check=req.check_only, batches=len(driver.batches))
+
+
+def dry_run(args: argparse.Namespace, req: DeployRequest) -> int:
+    """What `deploy` would do, resolved: contacts nothing, records nothing."""
+    batches = req.rollout.batches(req.hosts)
+    canary = bool(req.rollout.canary)
+    listed: list[dict[str, Any]] = [{"batch": i + 1, "canary": i == 0 and canary, "hosts": b}
+                                    for i, b in enumerate(batches)]
+    plan: dict[str, Any] = {"dry_run": True, "selector": req.selector, "hosts": req.hosts,
+            "systems": {h: req.system_for(h) for h in req.hosts}, "action": req.action,
+            "check_only": req.check_only,
+            "batches": listed,
+            "policy": {"rollout": req.rollout.as_dict(),
+                       "agent": req.agent_policy.model_dump(), "timeout": req.timeout,
+                       "choices": req.choices, "expires_in": req.expires_in},
+            "failure_threshold": req.rollout.describe_threshold()}
+    if args.json:
+        cliutil.emit_json(plan)
+        return cliutil.EXIT_OK
+    what = "check" if req.check_only else req.action
+    print(f"dry run: {what} {req.system} on {plural(len(req.hosts), 'host')} matching "
+          f"{req.selector!r}; nothing is contacted or recorded")
+    for b in listed:
+        label = "canary" if b["canary"] else f"batch {b['batch']}"
+        print(f"  {label} ({len(b['hosts'])}): {', '.join(b['hosts'])}")
+    pol = {k: v for k, v in req.rollout.as_dict().items() if v not in (None, 0, 0.0, False)}
+    print("  rollout: " + (", ".join(f"{k}={v}" for k, v in pol.items()) or "defaults")
+          + f"; abort beyond {req.rollout.describe_threshold()}; timeout {req.timeout:g}s")
+    agent = req.agent_policy.model_dump(exclude_defaults=True)
+    print("  on the host: " + (", ".join(f"{k}={v}" for k, v in agent.items()) or "defaults")
+          + (f"; pre-answers {req.choices}" if req.choices else ""))
+    return cliutil.EXIT_OK
 
 
 def driver_notes(d: RolloutDriver, now: float | None = None) -> list[str]:
@@ -202,6 +268,11 @@ def driver_notes(d: RolloutDriver, now: float | None = None) -> list[str]:
     elif d.pause_until is not None and d.req.rollout.pause_between_batches and not any(
             v.deployment_id is not None and v.result is None for v in d.views.values()):
         notes.append(f"pausing between batches: next one in {max(0, d.pause_until - now):.0f}s")
+    retrying = [(h, n) for h, n in d.progress.attempts.items()
+                if n > 1 and d.views[h].result is None]
+    for h, n in retrying[:MAX_RETRY_NOTES]:
+        notes.append(f"retrying {h} (attempt {n}): attempt {n - 1} failed; its log: "
+                     f"fleetctl logs {h} --deployment {d.rollout_id}.{n - 1}")
     return notes
 
 
@@ -223,43 +294,68 @@ async def read_stdin_line() -> str | None:
     return line or None
 
 
-def tty_asker(live: Live | None) -> AskContinue:
-    """--confirm-batches on a terminal: ask y/n; `fleetctl rollout continue` also works."""
+def tty_asker(live: Live | None, questions: list[str]) -> AskContinue:
+    """--confirm-batches on a terminal: ask y/n; `fleetctl rollout continue` also works.
+    The question is a line of the live view (stopping and restarting the view printed
+    the table twice around it) and the typed answer is not echoed into the view."""
 
     async def ask(d: RolloutDriver, batch: int) -> bool | None:
         size = len(d.batches[batch]) if batch < len(d.batches) else 0
-        if live is not None:
-            live.stop()
-        try:
-            while True:
-                print(f"\nstart batch {batch + 1}/{len(d.batches)} ({size} hosts)? [y/n] "
-                      f"(or from any terminal: fleetctl rollout continue {d.rollout_id}) ",
-                      end="", flush=True)
-                line = await read_stdin_line()
-                if line is None:
-                    return None
-                answer = line.strip().lower()
-                if answer in ("y", "yes"):
-                    return True
-                if answer in ("n", "no"):
-                    return False
-        finally:
-            if live is not None:
-                live.start()
+        question = (f"start batch {batch + 1}/{len(d.batches)} ({plural(size, 'host')})? "
+                    f"[y/n] + Enter (or from any terminal: fleetctl rollout continue "
+                    f"{d.rollout_id})")
+        questions.append(question)
+        with _no_echo():
+            try:
+                while True:
+                    if live is None:
+                        print(question, flush=True)
+                    line = await read_stdin_line()
+                    if line is None:
+                        return None
+                    answer = line.strip().lower()
+                    if answer in ("y", "yes"):
+                        return True
+                    if answer in ("n", "no"):
+                        return False
+            finally:
+                questions.remove(question)
 
     return ask
+
+
+@contextlib.contextmanager
+def _no_echo() -> Iterator[None]:
+    """Keystrokes typed at a question are not echoed (the live view owns the screen)."""
+    try:
+        import termios
+        fd = sys.stdin.fileno()
+        old = termios.tcgetattr(fd)
+    except (ImportError, OSError, ValueError):
+        yield
+        return
+    new = [*old]
+    new[3] = new[3] & ~termios.ECHO
+    try:
+        termios.tcsetattr(fd, termios.TCSANOW, new)
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSANOW, old)
 
 
 async def run_with_view(args: argparse.Namespace, driver: RolloutDriver, wait: bool) -> Outcome:
     title = f"rollout {driver.rollout_id}: {driver.req.system}"
 
+    questions: list[str] = []
+
     def view() -> Group:
-        return render(driver.views.values(), title, driver.batches, notes=driver_notes(driver))
+        return render(driver.views.values(), title, driver.batches,
+                      notes=[*driver_notes(driver), *questions])
 
     live = cliutil.live_view(args, view)
     interactive = not args.json and sys.stdin.isatty() and sys.stdout.isatty()
     if interactive and driver.req.rollout.confirm_batches:
-        driver.ask_continue = tty_asker(live)
+        driver.ask_continue = tty_asker(live, questions)
     try:
         if live is None:
             return await _run_lines(args, driver, wait)
@@ -281,24 +377,16 @@ async def _run_lines(args: argparse.Namespace, driver: RolloutDriver, wait: bool
         return await driver.run(wait=wait)
     tracker = ChangeTracker()
 
-    def emit() -> None:
-        for v in tracker.changes(driver.views.values()):
+    def emit(views: Iterable[HostView]) -> None:
+        for v in tracker.changes(views):
             if args.json:
                 cliutil.emit_json(host_line(driver.rollout_id, v))
             else:
                 print(plain_line(v), flush=True)
 
-    async def ticker() -> None:
-        while True:
-            await asyncio.sleep(LINE_INTERVAL)
-            emit()
-
-    task = asyncio.create_task(ticker())
-    try:
-        outcome = await driver.run(wait=wait)
-    finally:
-        task.cancel()
-    emit()
+    driver.on_host = lambda v: emit((v,))  # each change as it happens, even a brief one
+    outcome = await driver.run(wait=wait)
+    emit(driver.views.values())
     return outcome
 
 
@@ -339,12 +427,13 @@ def report(args: argparse.Namespace, outcome: Outcome, check: bool = False,
         else:
             more = (f"; batches 2-{batches} start with: fleetctl rollout resume "
                     f"{outcome.rollout_id}") if batches > 1 else ""
-            print(f"rollout {outcome.rollout_id} published to {len(sent)} host(s){more}; "
+            print(f"rollout {outcome.rollout_id} published to {plural(len(sent), 'host')}{more}; "
                   f"follow it with: fleetctl watch {outcome.rollout_id}")
         return cliutil.EXIT_OK
     if args.json:
         cliutil.emit_json(outcome.summary())
     else:
-        print_summary(Console(file=sys.stdout), outcome.views.values(), outcome.status,
+        print_summary(Console(file=sys.stdout, soft_wrap=True), outcome.views.values(),
+                      outcome.status,
                       outcome.finished - outcome.started)
     return cliutil.EXIT_OK if outcome.status == "succeeded" else cliutil.EXIT_FAILED

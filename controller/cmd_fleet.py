@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import secrets
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +34,8 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         "demo", parents=[common], help="watch a simulated rollout: canary, batches, a prompt, "
         "a failure that rolls back, a retry",
         description="Start a private Mosquitto (from mosquitto.conf) and N simulated agents, "
-                    "then deploy a system whose state step offers a choice on one host "
+                    "then deploy to them in a canary batch and then batches a system whose "
+                    "state step offers a choice on one host "
                     "(answered by the policy's default after a short deadline) and fails "
                     "on another (rolled back, log shown, retried). The state directory is "
                     "kept, so `fleetctl rollouts`, `watch` and `logs` work on it afterwards. "
@@ -46,6 +49,10 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     d.add_argument("--seed", type=int, help="repeat a run (default: random; printed)")
     d.add_argument("--prompt-deadline", type=float, default=4.0,
                    help="seconds before the demo prompt takes its default (default: 4)")
+    d.add_argument("--serve", metavar="HOST:PORT",
+                   help="also show the rollout on the web dashboard at this loopback address "
+                        "(on a terminal: Enter starts the rollout, and Enter after it ends "
+                        "stops the dashboard)")
     d.set_defaults(func=cmd_demo)
 
 
@@ -76,7 +83,7 @@ async def cmd_demo(args: argparse.Namespace) -> int:
     if args.prompt_deadline <= 0 or args.delay < 0:
         raise UsageError("--prompt-deadline must be positive and --delay not negative")
     seed = args.seed if args.seed is not None else secrets.randbelow(100_000)
-    console = Console(stderr=args.json)
+    console = Console(stderr=args.json, soft_wrap=True)
     work = Path(tempfile.mkdtemp(prefix="flotilla-demo-"))
     plan = demo.plan_demo(args.hosts, args.fail_rate, seed)
     system = demo.make_system(work, plan, pace=max(0.1, args.delay))
@@ -110,7 +117,13 @@ async def cmd_demo(args: argparse.Namespace) -> int:
                                 timeout=120, rollout=demo.rollout_policy(args.hosts),
                                 agent_policy=demo.agent_policy(args.prompt_deadline))
             driver = RolloutDriver(ctx, req)
-            outcome = await run_with_view(ns, driver, wait=True)
+            async with contextlib.AsyncExitStack() as stack:
+                if args.serve:
+                    await stack.enter_async_context(demo_dashboard(ns, ctx, console))
+                outcome = await run_with_view(ns, driver, wait=True)
+                if args.serve and sys.stdin.isatty():
+                    await asyncio.to_thread(input, "rollout finished; press Enter to stop "
+                                            "the dashboard ")
         finally:
             agents.terminate()
             try:
@@ -121,6 +134,25 @@ async def cmd_demo(args: argparse.Namespace) -> int:
     if not args.json:
         epilogue(console, state, outcome.rollout_id, driver, work)
     return code
+
+
+@contextlib.asynccontextmanager
+async def demo_dashboard(args: argparse.Namespace, ctx: Any, console: Console
+                         ) -> AsyncIterator[None]:
+    """`demo --serve`: the web dashboard on the demo's broker and state, loopback only."""
+    from controller.web.app import running
+    from controller.web.auth import Guard, TokenFile, is_loopback, parse_listen
+
+    host, port = parse_listen(args.serve)
+    if not is_loopback(host):
+        raise UsageError("demo --serve listens on a loopback address only (the demo has no "
+                         "access tokens); use fleetctl serve for anything else")
+    guard = Guard(TokenFile(args.state_dir / "web-tokens.json"), loopback_listener=True)
+    async with running(ctx, cliutil.inventory(args), guard, host, port) as (url, _):
+        console.print(f"[bold]dashboard:[/] {url}")
+        if sys.stdin.isatty():
+            await asyncio.to_thread(input, "open it, then press Enter to start the rollout ")
+        yield
 
 
 def epilogue(console: Console, state: Path, rollout_id: str, driver: RolloutDriver,
@@ -134,13 +166,16 @@ def epilogue(console: Console, state: Path, rollout_id: str, driver: RolloutDriv
         v = driver.views[host]
         console.print(f"[yellow]{host}[/]: attempt 1 rolled back; retry: {v.result}. "
                       "Its first attempt's log:")
-        for rec in logs.read_lines(state, rollout_id, host, rollout_id)[-6:]:
+        output = [r for r in logs.read_lines(state, rollout_id, host, rollout_id)
+                  if r.stream != "agent"]
+        for rec in output[-6:]:
             console.print(f"    {logs.format_line(rec)}", markup=False, highlight=False)
-    env = f"FLEET_STATE_DIR={state} FLEET_INVENTORY={work / 'fleet.toml'}"
-    console.print(f"state kept in {work}; try:\n  {env} fleetctl rollouts\n"
-                  f"  {env} fleetctl rollout show {rollout_id}\n"
-                  f"  {env} fleetctl logs HOST --deployment {rollout_id}\n"
-                  f"  {env} fleetctl watch {rollout_id}", markup=False, highlight=False)
+    console.print(f"state kept in {work}; look around with:\n"
+                  f"  export FLEET_STATE_DIR={state} FLEET_INVENTORY={work / 'fleet.toml'}\n"
+                  f"  fleetctl rollouts\n  fleetctl rollout show {rollout_id}\n"
+                  f"  fleetctl watch {rollout_id}\n"
+                  f"  fleetctl logs HOST [--deployment {rollout_id}]",
+                  markup=False, highlight=False)
 
 
 async def wait_online(ctx: Any, hosts: list[str], agents: subprocess.Popen[bytes],

@@ -11,13 +11,19 @@ import time
 from typing import Any
 
 from rich.console import Console, Group
-from rich.text import Text
 
 from controller import cliutil, rollout_ops, store
 from controller.cmd_deploy import report, run_with_view
 from controller.deploy import RolloutDriver
 from controller.eventlog import EventLog
-from controller.monitor import host_line, plain_line, print_summary, refresh_interval, render
+from controller.monitor import (
+    host_line,
+    plain_line,
+    plural,
+    print_summary,
+    refresh_interval,
+    render,
+)
 from controller.watch import Watcher
 from protocol import outcomes
 from protocol.errors import InputError, UsageError
@@ -64,6 +70,10 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     comp = ss.add_parser("compact", parents=[common],
                          help="replace the log by one snapshot entry (atomic)")
     comp.set_defaults(func=cmd_state_compact)
+    rep = ss.add_parser("repair", parents=[common],
+                        help="rebuild a damaged log from every readable entry (the damaged "
+                             "file is kept aside)")
+    rep.set_defaults(func=cmd_state_repair)
 
 
 def _eventlog(args: argparse.Namespace) -> EventLog:
@@ -92,10 +102,12 @@ def cmd_rollouts(args: argparse.Namespace) -> int:
         raise UsageError("--limit must not be negative")
     log = _eventlog(args)
     doc = log.load() if log.exists() else {}
+    if close_finished(log, doc):
+        doc = log.load()
     rollouts = store.rollouts_by_age(doc)
     if args.limit:
         rollouts = rollouts[-args.limit:]
-    rows = [store.rollout_row(r) for r in rollouts]
+    rows = [rollout_ops.with_driver(log, store.rollout_row(r)) for r in rollouts]
     if args.json:
         cliutil.emit_json(rows)
         return cliutil.EXIT_OK
@@ -103,27 +115,47 @@ def cmd_rollouts(args: argparse.Namespace) -> int:
         print("no rollouts recorded yet")
         return cliutil.EXIT_OK
     t = cliutil.table(
-        ["id", "status", "selector", "hosts", "ok", "failed", "timed out", "not started",
-         "running", "created", "system"],
-        [[r["id"], r["status"], str(r["selector"]), str(r["hosts"]),
+        ["id", "kind", "status", "selector", "hosts", "ok", "failed", "timed out",
+         "not started", "running", "created", "system"],
+        [[r["id"], r["kind"], r["status"] + ("" if r["driven"] is not False
+                                             else " (no controller)"),
+          str(r["selector"]), str(r["hosts"]),
           *(str(r["counts"][k]) for k in (*outcomes.COUNT_KEYS, "running")),
           _fmt_time(r["created"]), str(r["system"])] for r in rows])
     _console().print(t)
+    for r in rows:
+        if r["driven"] is False:
+            print(rollout_ops.undriven_note(r["id"]))
     return cliutil.EXIT_OK
 
 
+def close_finished(log: EventLog, doc: dict[str, Any]) -> list[str]:
+    """Running rollouts nobody drives whose every host has a result are closed now."""
+    return [rid for rid, r in doc.get("rollouts", {}).items() if r.get("status") == "running"
+            and rollout_ops.close_if_complete(log, rid) is not None]
+
+
 def cmd_show(args: argparse.Namespace) -> int:
-    r = store.find_rollout(_doc(args), args.id)
+    log = _existing_log(args)
+    r = store.find_rollout(log.load(), args.id)
+    if r.get("status") == "running" and rollout_ops.close_if_complete(log, r["id"]):
+        r = store.find_rollout(log.load(), r["id"])
     counts = store.rollout_counts(r)
+    detail = rollout_ops.with_driver(log, store.rollout_detail(r))
+    driven = detail["driven"]
     if args.json:
-        cliutil.emit_json(store.rollout_detail(r))
+        cliutil.emit_json(detail)
         return cliutil.EXIT_OK
     console = _console()
     pol = r.get("policy", {}).get("rollout", {})
     console.print(f"[bold]rollout {r['id']}[/] {store.display_status(r)}: {r.get('selector')} -> "
-                  f"{r.get('system')} ({r.get('action')})")
+                  f"{r.get('system')} ({store.rollout_kind(r.get('policy', {}))}"
+                  + ("" if store.rollout_kind(r.get("policy", {})) == "check"
+                     else f", {r.get('action')}") + ")")
+    if driven is False:
+        console.print(rollout_ops.undriven_note(r["id"]), markup=False)
     console.print(f"created {_fmt_time(r.get('created'))}, finished "
-                  f"{_fmt_time(r.get('finished'))}; {r.get('batches')} batch(es); "
+                  f"{_fmt_time(r.get('finished'))}; {plural(int(r.get('batches') or 0), 'batch')}; "
                   + ", ".join(f"{k} {v}" for k, v in counts.items()))
     opts = ", ".join(f"{k}={v}" for k, v in pol.items() if v not in (None, 0, 0.0, False)
                      and not (k == "offline" and v == "wait"))
@@ -193,7 +225,15 @@ async def cmd_watch(args: argparse.Namespace) -> int:
         raise UsageError("--timeout must be positive")
     ctx = cliutil.context(args)
     watcher = Watcher(ctx, args.id)
-    live = cliutil.live_view(args, lambda: _watch_view(watcher))
+    log = ctx.eventlog
+    if watcher.from_log and watcher.status in outcomes.ROLLOUT_FINAL:
+        return _finished_watch(args, watcher)  # nothing to follow: no broker needed
+    notes: list[str] = []
+    if watcher.from_log and not rollout_ops.driven(log, watcher.rollout_id):
+        notes.append(rollout_ops.undriven_note(watcher.rollout_id))
+        if not args.json and not sys.stdout.isatty():
+            print(notes[0], flush=True)
+    live = cliutil.live_view(args, lambda: _watch_view(watcher, notes))
     if args.json:
         watcher.on_host_change = lambda v: cliutil.emit_json(host_line(watcher.rollout_id, v))
     elif live is None:
@@ -205,32 +245,47 @@ async def cmd_watch(args: argparse.Namespace) -> int:
             nonlocal last
             if time.monotonic() - last > refresh_interval(len(w.views)):
                 last = time.monotonic()
-                live.update(_watch_view(w))
+                live.update(_watch_view(w, notes))
 
         watcher.on_change = refresh
         with live:
             result = await watcher.run(args.timeout)
-            live.update(_watch_view(watcher))
+            live.update(_watch_view(watcher, notes))
     else:
         result = await watcher.run(args.timeout)
+    if result.finished and watcher.from_log and watcher.status == "running":
+        seen = {h: (v.result, v.message) for h, v in watcher.views.items()
+                if v.result is not None}
+        closed = rollout_ops.close_if_complete(log, watcher.rollout_id, seen)
+        if closed is not None and not args.json:
+            print(f"every host has a result: rollout {watcher.rollout_id} closed as {closed}")
     if args.json:
         cliutil.emit_json({"type": "end", **result.summary,
                            "watch_timeout": not result.finished})
     else:
         print_summary(Console(file=sys.stdout), watcher.views.values(),
                       result.status if result.finished else f"{result.status} (watch timed out)",
-                      time.time() - watcher.started)
+                      watcher.duration())
     return cliutil.EXIT_OK if result.finished and result.status == "succeeded" \
         else cliutil.EXIT_FAILED
 
 
-def _watch_view(w: Watcher) -> Group:
+def _finished_watch(args: argparse.Namespace, w: Watcher) -> int:
+    """A rollout the event log says has ended: its summary, its own run time."""
+    if args.json:
+        for v in w.views.values():
+            cliutil.emit_json(host_line(w.rollout_id, v))
+        cliutil.emit_json({"type": "end", **w.summary(), "watch_timeout": False})
+    else:
+        print_summary(Console(file=sys.stdout), w.views.values(), w.status, w.duration())
+    return cliutil.EXIT_OK if w.status == "succeeded" else cliutil.EXIT_FAILED
+
+
+def _watch_view(w: Watcher, extra: list[str]) -> Group:
     title = f"rollout {w.rollout_id}: {w.system}" + ("" if w.from_log else " (from the broker)")
     notes = [] if w.status in ("running", *outcomes.ROLLOUT_FINAL) else [w.status]
-    base = render(w.views.values(), title, w.batches or None, notes=notes)
-    if w.finished():
-        return Group(base, Text(f"rollout {w.final_status()}", style="bold"))
-    return base
+    # The end line is printed once, by the summary after the live view.
+    return render(w.views.values(), title, w.batches or None, notes=[*notes, *extra])
 
 
 def cmd_state_show(args: argparse.Namespace) -> int:
@@ -239,6 +294,20 @@ def cmd_state_show(args: argparse.Namespace) -> int:
         print(json.dumps(doc, separators=(",", ":")))
     else:
         print(json.dumps(doc, indent=2))
+    return cliutil.EXIT_OK
+
+
+def cmd_state_repair(args: argparse.Namespace) -> int:
+    report = _eventlog(args).repair()
+    if args.json:
+        cliutil.emit_json({"kept": report.kept, "skipped": report.skipped,
+                           "damaged_copy": str(report.damaged_copy)})
+    else:
+        print(f"rebuilt {_eventlog(args).path} from {report.kept} readable "
+              f"entr{'y' if report.kept == 1 else 'ies'}; skipped {len(report.skipped)}; "
+              f"the damaged file is kept as {report.damaged_copy}")
+        for line in report.skipped[:10]:
+            print(f"  skipped {line}")
     return cliutil.EXIT_OK
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import secrets
 import shlex
 import shutil
@@ -22,12 +21,11 @@ from typing import Any
 from rich.console import Console
 
 from controller import certs, cliutil
-from controller.inventory import parse_inventory
+from controller.inventory import check_tag, parse_inventory
 from protocol.broker import parse_broker_url
 from protocol.errors import InputError, StateError, UsageError
 from protocol.topics import validate_host
 
-TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}$")
 # Broker users named in the shipped mosquitto.acl: a host of that name would get their rights.
 RESERVED_USERS = (cliutil.DEFAULT_CONTROLLER_USER, "homeassistant")
 AGENT_ETC = Path("/etc/flotilla")
@@ -35,23 +33,32 @@ AGENT_ETC = Path("/etc/flotilla")
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
     hosts = sub.add_parser("hosts", parents=[common],
-                           help="list the inventory's hosts (fleet.toml or --flake); manage "
-                                "hosts and their credentials")
-    hosts.set_defaults(func=cmd_hosts_list)
-    hosts_sub = hosts.add_subparsers(dest="hosts_command", required=False,
+                           help="list the inventory's hosts (fleet.toml or --flake) with their "
+                                "state: `fleetctl hosts [SELECTOR]`; add one: `hosts add`")
+    hosts_sub = hosts.add_subparsers(dest="hosts_command", required=True,
                                      parser_class=type(hosts))
+    ls = hosts_sub.add_parser(
+        "list", parents=[common], help="inventory hosts with tags and their reported state "
+        "(online, generation, system, phase, last result); `fleetctl hosts` alone lists all")
+    ls.add_argument("selector", nargs="?", help="host, @tag or group (default: all)")
+    ls.set_defaults(func=cmd_hosts_list)
     add = hosts_sub.add_parser(
         "add", parents=[common],
         help="add a host: inventory entry, broker password, agent configuration")
     add.add_argument("name", help="host name (also its broker username)")
     add.add_argument("--tags", default="", help="comma-separated tags, e.g. web,eu")
-    add.add_argument("--passwd-file", type=Path,
+    add.add_argument("--mosquitto-passwd", dest="passwd_file", type=Path,
                      default=Path(os.environ.get("FLEET_PASSWD_FILE", "mosquitto.passwd")),
-                     help="Mosquitto password_file to add the user to (env FLEET_PASSWD_FILE,"
-                          " default ./mosquitto.passwd; created if missing)")
-    add.add_argument("--password-file-out", type=Path,
-                     help="write the generated password here (0600) instead of printing it "
-                          "once; required with --json")
+                     help="Mosquitto's password_file to add the host's user to (env "
+                          "FLEET_PASSWD_FILE; created if missing)")
+    add.add_argument("--save-password", dest="password_file_out", type=Path,
+                     help="write the generated password to this new file (0600) instead of "
+                          "printing it once; required with --json")
+    # The former spellings, which sat next to the global --password-file, still work.
+    add.add_argument("--passwd-file", dest="passwd_file", type=Path,
+                     default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    add.add_argument("--password-file-out", dest="password_file_out", type=Path,
+                     default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     add.add_argument("--agent-broker",
                      help="broker URL as the host sees it (default: --broker without "
                           "credentials)")
@@ -61,7 +68,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     c_sub = c.add_subparsers(dest="certs_command", required=True, parser_class=type(c))
     init = c_sub.add_parser("init", parents=[common],
                             help="create the CA (STATE_DIR/pki/ca.key, ca.crt)")
-    init.add_argument("--days", type=int, default=3650)
+    init.add_argument("--days", type=int, default=3650, help="validity of the CA certificate")
     init.add_argument("--force", action="store_true", help="replace an existing CA")
     init.set_defaults(func=cmd_certs_init)
     host = c_sub.add_parser("host", parents=[common],
@@ -71,17 +78,20 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
                       help="a broker certificate: SAN NAME, localhost and 127.0.0.1")
     host.add_argument("--san", action="append", default=[], metavar="DNS-OR-IP",
                       help="extra subjectAltName (repeatable)")
-    host.add_argument("--days", type=int, default=825)
+    host.add_argument("--days", type=int, default=825, help="validity of the certificate")
     host.add_argument("--force", action="store_true", help="replace existing files")
     host.set_defaults(func=cmd_certs_host)
 
 
 # -- hosts add -----------------------------------------------------------------------------
 def parse_tags(text: str) -> list[str]:
-    tags = [t.strip() for t in text.split(",") if t.strip()]
-    for t in tags:
-        if not TAG_RE.fullmatch(t):
-            raise UsageError(f"invalid tag {t!r}: use letters, digits, '_', '.', '-'")
+    """`--tags web,eu`: the inventory's tag rules; an empty tag (`web,,eu`) is an error."""
+    if not text.strip():
+        return []
+    try:
+        tags = [check_tag(t.strip(), "--tags") for t in text.split(",")]
+    except InputError as exc:
+        raise UsageError(str(exc)) from None
     return list(dict.fromkeys(tags))
 
 
@@ -202,14 +212,20 @@ def agent_config(args: argparse.Namespace, name: str) -> tuple[list[str], str]:
     return argv, nixos
 
 
-def cmd_hosts_list(args: argparse.Namespace) -> int:
-    """`fleetctl hosts`: every host and its tags (from fleet.toml, else the flake)."""
+async def cmd_hosts_list(args: argparse.Namespace) -> int:
+    from controller.status import fetch_states
     inv = cliutil.inventory(args)
+    hosts = inv.resolve(args.selector) if args.selector else list(inv.hosts)
+    rows = [{**r, "tags": list(inv.hosts[r["host"]])}
+            for r in await fetch_states(cliutil.context(args), hosts)]
     if args.json:
-        cliutil.emit_json([{"host": h, "tags": list(t)} for h, t in inv.hosts.items()])
-    else:
-        Console().print(cliutil.table(["host", "tags"],
-                                      [[h, ", ".join(t)] for h, t in inv.hosts.items()]))
+        cliutil.emit_json(rows)
+        return cliutil.EXIT_OK
+    Console().print(cliutil.table(
+        ["host", "tags", "online", "generation", "system", "phase", "last result"],
+        [[r["host"], ",".join(r["tags"]), "yes" if r["online"] else "no",
+          str(r["generation"] or "-"), str(r["system"] or "-"), str(r["phase"] or "-"),
+          str(r["result"] or "-")] for r in rows]))
     return cliutil.EXIT_OK
 
 

@@ -12,11 +12,9 @@ from typing import Any
 
 from controller import cliutil
 from controller.keys import KEY_NAME, load_key
-from controller.web.app import serve
-from controller.web.auth import Guard, TokenFile, is_loopback
+from controller.web.auth import DEFAULT_LISTEN, Guard, TokenFile, is_loopback, parse_listen
 from protocol.errors import UsageError
 
-DEFAULT_LISTEN = "127.0.0.1:8470"
 TOKEN_FILE_NAME = "web-tokens.json"
 
 
@@ -33,20 +31,6 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     s.add_argument("--revoke-token", metavar="NAME", help="delete the token NAME and exit")
     s.add_argument("--list-tokens", action="store_true", help="list token names and exit")
     s.set_defaults(func=cmd_serve)
-
-
-def parse_listen(value: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not host:
-        raise UsageError(f"--listen {value!r}: give HOST:PORT, e.g. {DEFAULT_LISTEN}")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    try:
-        number = int(port)
-    except ValueError:
-        number = -1
-    if not 0 <= number <= 65535:
-        raise UsageError(f"--listen {value!r}: port must be 0-65535")
-    return host, number
 
 
 def _token_file(args: argparse.Namespace) -> TokenFile:
@@ -79,6 +63,8 @@ def _tokens_command(args: argparse.Namespace, tokens: TokenFile) -> int:
 
 
 async def cmd_serve(args: argparse.Namespace) -> int:
+    from controller.web.app import serve  # aiohttp and jinja: only for this command
+
     tokens = _token_file(args)
     if args.new_token or args.revoke_token or args.list_tokens:
         return _tokens_command(args, tokens)

@@ -230,6 +230,7 @@ class RolloutDriver:
         self.logs = LogStore(ctx.state_dir)
         self.views: dict[str, HostView] = {h: HostView(h) for h in req.hosts}
         self.on_change = on_change
+        self.on_host: Callable[[HostView], None] | None = None  # each host's view changed
         self.started = time.time()
         self.status = "running"
         self._dirty: list[tuple[str, Patch]] = []
@@ -629,6 +630,8 @@ class RolloutDriver:
         """Every change to a view the planner reads goes through here."""
         if self.planner is not None:
             self.planner.update(view)
+        if self.on_host is not None:
+            self.on_host(view)
 
     async def _drive(self, deadline: float, wait: bool) -> str:
         pr = self.progress

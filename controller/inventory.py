@@ -26,6 +26,33 @@ from protocol.errors import InputError, UnknownHostError
 from protocol.topics import HOST_NAME_RE
 
 GROUP_RE = r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,62}$"
+TAG_RE = HOST_NAME_RE  # tags follow the host-name rules: a-z, 0-9, '-'
+HOST_KEYS = ("tags",)
+ROLLOUT_KEYS = ("canary", "batch", "max_parallel", "max_failures", "min_executed",
+                "host_timeout", "retries", "pause_between_batches", "confirm_batches",
+                "offline")
+
+
+def check_tag(tag: object, where: str) -> str:
+    """A tag as the inventory and `hosts add` accept it; InputError naming `where`."""
+    if not isinstance(tag, str) or not tag:
+        raise InputError(f"{where}: empty tag (remove it)")
+    if not TAG_RE.fullmatch(tag):
+        raise InputError(f"{where}: invalid tag {tag!r}: tags are like host names "
+                         "(a-z, 0-9, '-'; starting with a letter or digit)")
+    return tag
+
+
+def check_keys(keys: object, known: tuple[str, ...], where: str, what: str = "key") -> None:
+    """Unknown keys are errors naming the key (and a close match), never ignored."""
+    for key in keys if isinstance(keys, dict) else []:
+        norm = str(key).replace("-", "_")
+        if norm not in known:
+            close = difflib.get_close_matches(norm, known, n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else \
+                f" (known: {', '.join(known)})"
+            shown = key if str(key).isprintable() else repr(key)
+            raise InputError(f"{where}: unknown {what} {shown!r}{hint}")
 MAX_GROUP_DEPTH = 32
 
 
@@ -85,10 +112,7 @@ def parse_inventory(text: str, source: str = "inventory") -> Inventory:
         raise InputError(f"{source}: invalid TOML: {exc}") from None
     except RecursionError:
         raise InputError(f"{source}: invalid TOML: nested too deeply") from None
-    unknown = set(data) - {"hosts", "groups", "rollout"}
-    if unknown:
-        names = ", ".join(t if t.isprintable() else repr(t) for t in sorted(unknown))
-        raise InputError(f"{source}: unknown table(s) {names} (known: hosts, groups, rollout)")
+    check_keys(data, ("hosts", "groups", "rollout"), source, "table")
     hosts_raw = data.get("hosts", {})
     if not isinstance(hosts_raw, dict):
         raise InputError(f"{source}: [hosts] must be a table of [hosts.NAME] tables")
@@ -98,12 +122,11 @@ def parse_inventory(text: str, source: str = "inventory") -> Inventory:
             raise InputError(f"{source}: invalid host name {name!r} (use a-z, 0-9, '-')")
         if not isinstance(spec, dict):
             raise InputError(f"{source}: [hosts.{name}] must be a table")
+        check_keys(spec, HOST_KEYS, f"{source}: [hosts.{name}]")
         tags = spec.get("tags", [])
-        if not isinstance(tags, list) or not all(
-            isinstance(t, str) and t and "," not in t for t in tags
-        ):
+        if not isinstance(tags, list):
             raise InputError(f"{source}: hosts.{name}.tags must be a list of tag names")
-        hosts[name] = tuple(tags)
+        hosts[name] = tuple(check_tag(t, f"{source}: hosts.{name}.tags") for t in tags)
     groups_raw = data.get("groups", {})
     if not isinstance(groups_raw, dict):
         raise InputError(f"{source}: [groups] must map names to lists of selectors")
@@ -120,6 +143,7 @@ def parse_inventory(text: str, source: str = "inventory") -> Inventory:
     rollout = data.get("rollout", {})
     if not isinstance(rollout, dict):
         raise InputError(f"{source}: [rollout] must be a table")
+    check_keys(rollout, ROLLOUT_KEYS, f"{source}: [rollout]")
     inv = Inventory(hosts=hosts, groups=groups, rollout=rollout)
     for name in groups:  # every group must resolve, so typos surface at load time
         try:

@@ -32,6 +32,13 @@ MAX_FAILURES = 5
 LOG_LINES = 5  # last output lines of each failed host in the final summary
 
 
+def plural(n: int, word: str) -> str:
+    """`1 host`, `2 hosts`, `1 batch`, `3 batches`."""
+    if n == 1:
+        return f"{n} {word}"
+    return f"{n} {word}es" if word.endswith(("s", "ch", "sh", "x")) else f"{n} {word}s"
+
+
 def refresh_interval(hosts: int) -> float:
     """Seconds between live redraws: a redraw is O(hosts), keep it a small CPU share."""
     return 0.2 if hosts <= 1000 else min(2.0, 0.2 * hosts / 1000)
@@ -146,7 +153,7 @@ def render(views: Iterable[HostView], title: str, batches: list[list[str]] | Non
         stats.append((i, len(members), finished, failed, started))
     complete = [s for s in stats if s[2] == s[1]]
     if len(complete) > 1:
-        parts.append(_bar(f"{len(complete)} batches done", sum(s[1] for s in complete),
+        parts.append(_bar(f"{plural(len(complete), 'batch')} done", sum(s[1] for s in complete),
                           sum(s[2] for s in complete), sum(s[3] for s in complete)))
         stats = [s for s in stats if s[2] != s[1]]
     shown = stats[:MAX_BATCH_ROWS]
@@ -154,7 +161,8 @@ def render(views: Iterable[HostView], title: str, batches: list[list[str]] | Non
         parts.append(_bar(f"batch {i + 1:>2}", total, finished, failed))
     if len(stats) > len(shown):
         rest = stats[len(shown):]
-        parts.append(Text(f"  … {len(rest)} more batch(es), {sum(s[1] for s in rest)} hosts",
+        parts.append(Text(f"  … {plural(len(rest), 'more batch')}, "
+                          f"{plural(sum(s[1] for s in rest), 'host')}",
                           style="dim"))
     parts.append(Text("  ".join(f"{k}: {n}" for k, n in sorted(counts.items()))))
     for note in [*(notes or []), *answer_hints(hosts)]:
@@ -177,7 +185,7 @@ def render(views: Iterable[HostView], title: str, batches: list[list[str]] | Non
                       f"{v.elapsed(now):.1f}s", v.message[:60])
     if len(hosts) > len(rows):
         table.caption = (f"{len(running)} running (slowest first); "
-                         f"{len(hosts) - len(rows)} more hosts not shown")
+                         f"{plural(len(hosts) - len(rows), 'more host')} not shown")
     parts.append(table)
     failures = sorted((v for v in hosts if counts_as_failure(v.result)),
                       key=lambda v: -(v.finished or 0))[:MAX_FAILURES]

@@ -12,6 +12,7 @@ from typing import Any
 from controller import store
 from controller.deploy import DriverLock
 from controller.eventlog import EventLog
+from protocol import outcomes
 from protocol.errors import InputError, UsageError
 
 
@@ -74,3 +75,48 @@ def release_batch(log: EventLog, ident: str, batch: int | None = None) -> Contin
         assert index is not None
         txn.add("batch-continued", store.continue_batch(txn.doc, r["id"], index))
     return ContinueOutcome(r["id"], index, total)
+
+
+def driven(log: EventLog, rollout_id: str) -> bool:
+    """True while some fleetctl process drives the rollout (holds its lock)."""
+    return DriverLock(log.dir, rollout_id).held_elsewhere()
+
+
+def with_driver(log: EventLog, row: dict[str, Any]) -> dict[str, Any]:
+    """`row` plus `driven`: for a running rollout, whether a fleetctl process drives it
+    now (None once it finished)."""
+    running = row["status"] in ("running", "aborting")
+    return {**row, "driven": driven(log, row["id"]) if running else None}
+
+
+def undriven_note(rollout_id: str) -> str:
+    return (f"no controller is driving rollout {rollout_id}: "
+            f"`fleetctl rollout resume {rollout_id}`")
+
+
+def close_if_complete(log: EventLog, rollout_id: str,
+                      seen: dict[str, tuple[str, str]] | None = None) -> str | None:
+    """Close a running rollout nobody drives once every host has a result (from the log,
+    or `seen` {host: (result, message)} learnt from the broker by `watch`): record the
+    results and the rollout's final status. Returns that status, or None if left open."""
+    if not log.exists() or driven(log, rollout_id):
+        return None
+    with log.transaction() as txn:
+        r = txn.doc.get("rollouts", {}).get(rollout_id)
+        if r is None or r.get("status") != "running":
+            return None
+        results: dict[str, str] = {}
+        for h, hr in r.get("hosts", {}).items():
+            if hr.get("result") is not None:
+                results[h] = hr["result"]
+            elif seen and h in seen and hr.get("deployment_id") is not None:
+                result, message = seen[h]
+                txn.add(f"host-{result}", store.host_update(txn.doc, rollout_id, h, result,
+                                                            message))
+                results[h] = result
+            else:
+                return None
+        status = "aborted" if r.get("abort_requested") or r.get("abort_reason") else \
+            outcomes.rollout_result(results.values())
+        txn.add("rollout-finished", store.finish_rollout(rollout_id, status))
+    return status

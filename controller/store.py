@@ -56,11 +56,19 @@ def create_rollout(doc: dict[str, Any], rollout_id: str, selector: str, system: 
                  "finished": None, "batch": i}
              for i, batch in enumerate(batches) for h in batch}
     value = {"id": rollout_id, "selector": selector, "system": system, "action": action,
-             "status": "running", "created": time.time(), "finished": None,
+             "kind": rollout_kind(policy), "status": "running", "created": time.time(),
+             "finished": None,
              "policy": policy, "batches": len(batches), "continued": [], "batch_done": {},
              "awaiting_batch": None, "abort_requested": None, "abort_reason": None,
              "hosts": hosts}
     return [{"op": "add", "path": _r(rollout_id), "value": value}]
+
+
+def rollout_kind(policy: dict[str, Any]) -> str:
+    """deploy, check (`deploy --check`) or rollback (`fleetctl rollback`)."""
+    if policy.get("check_only"):
+        return "check"
+    return "rollback" if policy.get("rollback") else "deploy"
 
 
 def start_host(doc: dict[str, Any], rollout_id: str, host: str, attempt: int,
@@ -70,8 +78,15 @@ def start_host(doc: dict[str, Any], rollout_id: str, host: str, attempt: int,
     dep = deployment_id(rollout_id, attempt)
     generation = host_generation(doc, host) + 1
     r = _rh(rollout_id, host)
-    entry = {"generation": generation, "deployment_id": dep, "rollout_id": rollout_id,
-             "result": None, "system": doc.get("hosts", {}).get(host, {}).get("system")}
+    before = doc.get("hosts", {}).get(host, {})
+    if rollout_kind(doc["rollouts"][rollout_id].get("policy", {})) == "check":
+        # A check uses up a generation (agents want them increasing) but is no deploy:
+        # the host's last deployment, result and system stay as they were.
+        entry = {"deployment_id": None, "rollout_id": None, "result": None, "system": None,
+                 **before, "generation": generation}
+    else:
+        entry = {"generation": generation, "deployment_id": dep, "rollout_id": rollout_id,
+                 "result": None, "system": before.get("system")}
     # Two operations per host (not one per field): 10,000 hosts start in one append.
     rollout_host = {**doc["rollouts"][rollout_id]["hosts"][host],
                     "generation": generation, "deployment_id": dep, "status": "published",
@@ -160,7 +175,8 @@ def rollouts_by_age(doc: dict[str, Any]) -> list[dict[str, Any]]:
 def rollout_row(r: dict[str, Any]) -> dict[str, Any]:
     """One rollout as `fleetctl rollouts --json` (and the web API) list it."""
     return {"id": r["id"], "selector": r.get("selector"), "system": r.get("system"),
-            "status": display_status(r), "counts": rollout_counts(r),
+            "kind": rollout_kind(r.get("policy", {})), "status": display_status(r),
+            "counts": rollout_counts(r),
             "hosts": len(r.get("hosts", {})), "created": r.get("created"),
             "finished": r.get("finished")}
 

@@ -55,6 +55,8 @@ class Watcher:
         self.views: dict[str, HostView] = {}
         self.batches: list[list[str]] = []
         self.started = time.time()
+        self.created: float | None = None  # the rollout's own times, from the event log
+        self.closed: float | None = None
         self._tracker = ChangeTracker()
         self._changed: set[str] = set()
         self._marker: str | None = None
@@ -89,6 +91,7 @@ class Watcher:
 
     def _apply_log(self, r: dict[str, Any]) -> None:
         self.status, self.system = r.get("status", "running"), r.get("system", "")
+        self.created, self.closed = r.get("created"), r.get("finished")
         for h, hr in r.get("hosts", {}).items():
             v = self.views.get(h)
             if v is None:
@@ -96,6 +99,7 @@ class Watcher:
             dep = hr.get("deployment_id")
             if dep is not None and dep != v.deployment_id:
                 self._new_attempt(v, dep, int(hr.get("generation") or 0), hr.get("started"))
+                v = self.views[h]
             if hr.get("result") is not None and v.result is None and dep == v.deployment_id:
                 v.result = v.phase = hr["result"]
                 v.message, v.finished = hr.get("message", ""), hr.get("finished")
@@ -187,6 +191,11 @@ class Watcher:
         if self.finished():
             return rollout_result(v.result or "" for v in self.views.values())
         return self.status
+
+    def duration(self) -> float:
+        """The rollout's run time (not this watch's): from its creation to its end."""
+        begin = self.created or self.started
+        return (self.closed or time.time()) - begin
 
     def summary(self) -> dict[str, Any]:
         return Outcome(self.rollout_id, self.final_status(), self.views, self.started,

@@ -3,7 +3,8 @@
 # Steps are rendered to $toplevel/flotilla/steps.json (the schema of protocol/steps.py),
 # so the agent can run the *new* system's checks before switching to it. The service is
 # never restarted or stopped by a switch (like system.autoUpgrade): the agent is the one
-# running that switch, and a restart mid-deploy would cut its own rollback short.
+# running that switch, and a restart mid-deploy would cut its own rollback short; when
+# its unit changed, the agent restarts itself once the deployment is recorded.
 { config, lib, pkgs, ... }:
 
 let

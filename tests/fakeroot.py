@@ -33,7 +33,8 @@ class FakeRoot:
 
     # -- building the host ------------------------------------------------------------
     def system(self, name: str, kernel: str = "6.6.1", initrd: str | None = None,
-               stc_exit: int | None = None, inhibited: bool = False) -> str:
+               stc_exit: int | None = None, inhibited: bool = False,
+               agent_unit: str | None = None) -> str:
         """A fake system toplevel with bin/switch-to-configuration and boot files."""
         top = self.store / f"{store_hash(name)}-nixos-system-{name}"
         (top / "bin").mkdir(parents=True)
@@ -46,6 +47,11 @@ class FakeRoot:
             (top / "stc-exit").write_text(str(stc_exit))
         if inhibited:
             (top / "stc-inhibited").touch()
+        if agent_unit is not None:  # the agent's unit file, a store path of its own
+            (top / "etc/systemd/system").mkdir(parents=True)
+            unit = self.store_path(f"unit-flotilla-agent-{agent_unit}", "flotilla-agent.service")
+            unit.write_text(f"[Service]\nExecStart=/bin/fleet-agent {agent_unit}\n")
+            (top / "etc/systemd/system/flotilla-agent.service").symlink_to(unit)
         return str(top)
 
     def store_path(self, name: str, file: str | None) -> Path:

@@ -60,7 +60,7 @@ class InTestAgent:
             self.answered[prompt_id] = (choices, source)
             return True, f"recorded {prompt_id}"
 
-    async def approve(self, source: str) -> tuple[bool, str]:
+    async def approve(self, source: str, defer: str | None = None) -> tuple[bool, str]:
         if self.approved_by is not None:
             return False, f"already approved by {self.approved_by}"
         self.approved_by = source
@@ -303,3 +303,65 @@ async def test_a_uid_outside_the_group_is_denied(
     assert rc == 0, out
     assert json.loads(out)["ok"] is True
     assert agent.answered["p-1"][1] == "local:nobody"
+
+
+# -- issue 11 item 6: limits, so local clients cannot exhaust the agent ------------------------
+
+@pytest.fixture
+async def small(open_dir: Path) -> AsyncIterator[tuple[ControlServer, InTestAgent]]:
+    agent = InTestAgent()
+    server = ControlServer(socket_path(open_dir), agent, group=spare_group()[1],
+                           max_clients=3, idle_timeout=60, request_timeout=0.5)
+    await server.start()
+    yield server, agent
+    await server.close()
+
+
+async def idle_client(server: ControlServer) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_unix_connection(str(server.path))
+
+
+async def test_idle_clients_cannot_keep_a_newcomer_out(
+        small: tuple[ControlServer, InTestAgent]) -> None:
+    server, _ = small
+    idle = [await idle_client(server) for _ in range(10)]
+    reply = await call(server, {"op": "status"})
+    assert reply["ok"] is True
+    assert server.clients <= 3 and server.evicted >= 8
+    closed = 0
+    for reader, _writer in idle[:8]:  # the oldest were evicted: their connection is closed
+        if await asyncio.wait_for(reader.read(), 10) == b"":
+            closed += 1
+    for _, writer in idle:
+        writer.close()
+    assert closed == 8
+
+
+async def test_idle_connections_are_closed_after_the_idle_timeout(open_dir: Path) -> None:
+    server = ControlServer(socket_path(open_dir), InTestAgent(), group=spare_group()[1],
+                           idle_timeout=0.3)
+    await server.start()
+    try:
+        reader, writer = await idle_client(server)
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+        writer.close()
+        assert (await call(server, {"op": "status"}))["ok"] is True
+    finally:
+        await server.close()
+
+
+async def test_a_hung_request_gets_an_error_and_busy_slots_refuse_with_a_reason(
+        small: tuple[ControlServer, InTestAgent]) -> None:
+    server, agent = small
+    hang = asyncio.Event()
+
+    async def status() -> HostState:
+        await hang.wait()
+        raise AssertionError("not reached")
+
+    agent.status = status  # type: ignore[method-assign]
+    replies = await asyncio.gather(*(call(server, {"op": "status"}) for _ in range(5)))
+    errors = sorted(r["error"] for r in replies)
+    assert errors.count("the agent did not handle the request within 0.5s") >= 3
+    assert all("did not handle" in e or "serves 3 local clients already" in e for e in errors)
+    assert (await call(server, {"op": "list_prompts"}))["ok"] is True  # the server lives on

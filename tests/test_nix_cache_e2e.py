@@ -80,7 +80,8 @@ def test_three_hosts_deploy_from_the_flake_through_a_signed_cache(
     cache = f"file://{tmp_path / 'cache'}"
     # Hosts and tags come from the flake: @web is web1-3, not db1.
     rc, hosts = fleet.fleetctl_json("hosts", "--flake", flake.ref)
-    assert rc == 0 and hosts == [{"host": h, "tags": t} for h, t in  # Nix sorts names
+    assert rc == 0 and [{"host": r["host"], "tags": r["tags"]} for r in hosts] == [
+        {"host": h, "tags": t} for h, t in  # Nix sorts names
                                  sorted({**WEB, "db1": ["db"]}.items())]
     rc, out = fleet.fleetctl_json("deploy", "@web", "--flake", flake.ref, "--cache", cache,
                                   "--sign-key", str(secret), "--no-wait", timeout=300)
@@ -106,6 +107,14 @@ def test_three_hosts_deploy_from_the_flake_through_a_signed_cache(
         assert nh.stc_log == [f"switch NIXOS_INSTALL_BOOTLOADER=0 {paths[h]}"]
         assert Path(paths[h], "nixos-version").read_text().startswith(f"25.11-{h}-")
         assert nh.fake.profile_target == paths[h]
+    # --build-on host keeps the comin-style path: the host builds its own toplevel
+    # (`nix build --json`, which Nix 2.8 has and --print-out-paths is not).
+    db1 = start_nix_agents(fleet, tmp_path, ["db1"])["db1"]
+    rc, out = fleet.fleetctl_json("deploy", "db1", "--flake", flake.ref, "--build-on", "host",
+                                  timeout=120)
+    assert rc == 0 and out["hosts"] == {"db1": "succeeded"}, out
+    assert "-nixos-system-db1-" in db1.current and db1.current.startswith("/nix/store/")
+    assert db1.stc_log == [f"switch NIXOS_INSTALL_BOOTLOADER=0 {db1.current}"]
 
 
 def test_build_writes_deploy_json_and_a_failed_host_does_not_stop_the_others(
@@ -135,6 +144,9 @@ def test_build_writes_deploy_json_and_a_failed_host_does_not_stop_the_others(
                        "--sign-key", str(secret), timeout=300)
     assert r.returncode == 1 and "broken1: build failed" in r.stderr
     assert "nothing was deployed" in r.stderr
+    # progress per host, one line per change when not on a terminal
+    assert "web1: building" in r.stderr and "web2: built: /nix/store/" in r.stderr
+    assert "broken1: failed: " in r.stderr
     assert not (fleet.controller_dir / "state.jsonl").exists()
 
 

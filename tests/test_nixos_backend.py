@@ -562,3 +562,62 @@ def test_e2e_boot_reboots_then_confirms_or_rolls_back(make_fleet, fake: FakeRoot
     nixos_agent(fleet, fake)
     result_of(fleet, "web1", "rolled_back", timeout=30)
     assert fake.calls()[-3:] == rollback_calls(fake, old)
+
+
+def test_e2e_dry_activate_inhibitors_and_install_bootloader(make_fleet, fake: FakeRoot) -> None:  # type: ignore[no-untyped-def]
+    """Issue 12, closer to nixos-rebuild: dry-activate reports and switches nothing; a
+    switch refused by switch inhibitors ends `blocked` offering boot, boot default
+    unchanged; boot with --install-bootloader sets NIXOS_INSTALL_BOOTLOADER=1."""
+    fleet = make_fleet({"web1": ["web"]})
+    old, new = fake.system("old"), fake.system("new", inhibited=True)
+    plain = fake.system("plain")
+    fake.install(old)
+    nixos_agent(fleet, fake)
+    rc, out = fleet.fleetctl_json("deploy", "web1", "--system", plain, "--action",
+                                  "dry-activate")
+    assert rc == 0 and out["hosts"] == {"web1": "succeeded"}, out
+    row = result_of(fleet, "web1", "succeeded")
+    assert "would restart the following units: nginx.service" in row["message"]
+    assert fake.calls() == [["nix-store", "--realise", plain],
+                            activation(plain, "dry-activate"),
+                            ["switch-to-configuration", "dry-activate"]]
+    assert fake.profile_target == old and fake.current == old
+    fake.clear_calls()
+    rc, out = fleet.fleetctl_json("deploy", "web1", "--system", new)
+    assert rc == 1 and out["hosts"] == {"web1": "blocked"}, out
+    row = result_of(fleet, "web1", "blocked")
+    assert "refused by switch inhibitors" in row["message"]
+    assert "--action boot" in row["message"]
+    assert fake.profile_target == old and fake.current == old
+    fake.clear_calls()
+    rc, out = fleet.fleetctl_json("deploy", "web1", "--system", new, "--action", "boot",
+                                  "--install-bootloader")
+    assert rc == 0 and out["hosts"] == {"web1": "succeeded"}, out
+    assert fake.stc_env() == ["1"]
+    assert fake.profile_target == new and fake.current == old
+
+
+def test_e2e_the_agent_restarts_itself_after_a_switch_that_changed_its_unit(  # type: ignore[no-untyped-def]
+        make_fleet, fake: FakeRoot) -> None:
+    """Issue 12: the switch leaves the agent running (restartIfChanged = false); once the
+    deployment's result is recorded the agent has systemd restart it into the new unit,
+    and only when its unit changed."""
+    fleet = make_fleet({"web1": ["web"]})
+    old, new = fake.system("old", agent_unit="v1"), fake.system("new", agent_unit="v2")
+    same = fake.system("same", agent_unit="v2")
+    fake.install(old)
+    nixos_agent(fleet, fake)
+    restart = ["systemctl", "--no-block", "restart", "flotilla-agent.service"]
+    rc, out = fleet.fleetctl_json("deploy", "web1", "--system", new)
+    assert rc == 0, out
+    wait_for(lambda: restart in fake.calls(), what="the agent's restart")
+    calls = fake.calls()
+    assert calls.index(restart) > calls.index(["switch-to-configuration", "switch"])
+    assert calls.count(restart) == 1
+    fake.clear_calls()
+    rc, out = fleet.fleetctl_json("deploy", "web1", "--system", same)  # unit unchanged
+    assert rc == 0, out
+    assert fake.current == same and restart not in fake.calls()
+    b = NixosBackend(root=fake.root, state_dir=fake.root / "s")
+    assert b.agent_unit_changed(old, new) and not b.agent_unit_changed(new, same)
+    assert not b.agent_unit_changed(old, fake.system("no-agent"))

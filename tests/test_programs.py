@@ -182,10 +182,10 @@ def test_scope_commands() -> None:
 
 
 async def test_programs_run_in_a_scope_where_systemd_runs(fake: FakeRoot, tmp_path: Path) -> None:
-    plain = NixosBackend(root=fake.root, state_dir=tmp_path / "s1")
-    assert not plain.use_scope
-    (fake.root / "run/systemd/system").mkdir(parents=True)
-    backend = NixosBackend(root=fake.root, state_dir=tmp_path / "s2")
+    backend = NixosBackend(root=fake.root, state_dir=tmp_path / "s")
+    (fake.root / "run/systemd/system").rmdir()
+    assert not backend.use_scope  # a container without systemd: own session only
+    (fake.root / "run/systemd/system").mkdir()
     assert backend.use_scope
     pidfile = tmp_path / "bg.pid"
     result = await asyncio.wait_for(backend.run_program(

@@ -124,9 +124,11 @@ def test_disk_full_stops_the_deploy_with_a_clear_result(make_fleet, tiny_disk: P
     before = len(records)
     proc2 = subprocess.Popen(argv, stdout=log, stderr=log)
     fleet.procs.append(proc2)
-    time.sleep(2.0)
-    records = [json.loads(x) for x in (state / "journal.jsonl").read_text().splitlines() if x]
-    assert [r["kind"] for r in records[before:]] == ["start"]  # the deploy is not re-run
+    def journaled() -> list[dict[str, object]]:
+        return [json.loads(x) for x in (state / "journal.jsonl").read_text().splitlines() if x]
+    wait_for(lambda: len(journaled()) > before, timeout=30, what="the restarted agent")
+    time.sleep(2.0)  # time to (not) act on the retained desired state
+    assert [r["kind"] for r in journaled()[before:]] == ["start"]  # the deploy is not re-run
 
 
 def test_read_only_state_dir_is_a_clear_error(tmp_path: Path) -> None:

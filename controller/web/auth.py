@@ -36,6 +36,7 @@ TOKEN_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 SESSION_COOKIE = "flotilla_session"
 SESSION_TTL_S = 12 * 3600
 LOCAL = "local"
+DEFAULT_LISTEN = "127.0.0.1:8470"
 
 
 def token_digest(token: str) -> str:
@@ -51,6 +52,21 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """`HOST:PORT` (or `[V6]:PORT`) of a listener; UsageError for anything else."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host:
+        raise UsageError(f"--listen {value!r}: give HOST:PORT, e.g. {DEFAULT_LISTEN}")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        number = int(port)
+    except ValueError:
+        number = -1
+    if not 0 <= number <= 65535:
+        raise UsageError(f"--listen {value!r}: port must be 0-65535")
+    return host, number
 
 
 @dataclass

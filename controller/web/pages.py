@@ -12,7 +12,7 @@ import time
 from collections import Counter
 from typing import Any
 
-from controller import logs, store
+from controller import logs, rollout_ops, store
 from controller.answers import prompt_row
 from controller.inventory import Inventory
 from controller.monitor import phase_label
@@ -86,7 +86,8 @@ def phase_counts(rows: list[dict[str, Any]]) -> list[tuple[str, int]]:
 
 def rollout_list(feed: Feed) -> list[dict[str, Any]]:
     """Newest first."""
-    return [store.rollout_row(r) for r in reversed(store.rollouts_by_age(feed.doc))]
+    return [rollout_ops.with_driver(feed.log, store.rollout_row(r))
+            for r in reversed(store.rollouts_by_age(feed.doc))]
 
 
 def _live_view(feed: Feed, host: str, deployment_id: str | None) -> HostView | None:
@@ -131,8 +132,9 @@ def batch_bars(r: dict[str, Any], hosts: list[dict[str, Any]]) -> list[dict[str,
         failed = sum(1 for m in rows if counts_as_failure(m["result"]))
         running = sum(1 for m in rows if m["result"] is None and m["deployment_id"])
         total = len(rows)
+        starts = [m["started"] for m in rows if m["started"] is not None]
         bars.append({"batch": i + 1, "total": total, "finished": finished, "failed": failed,
-                     "running": running,
+                     "running": running, "started": min(starts) if starts else None,
                      "percent": round(100.0 * finished / total, 1) if total else 100.0,
                      "done_at": r.get("batch_done", {}).get(str(i))})
     return bars
@@ -147,7 +149,8 @@ def rollout_page(feed: Feed, r: dict[str, Any]) -> dict[str, Any]:
         stored = failure_log(feed, r["id"], h["host"], h["deployment_id"])
         if stored:
             h["log_tail"] = stored
-    return {**store.rollout_detail(r), "live": hosts, "batch_bars": batch_bars(r, hosts),
+    detail = rollout_ops.with_driver(feed.log, store.rollout_detail(r))
+    return {**detail, "live": hosts, "batch_bars": batch_bars(r, hosts),
             "failures": failures,
             "awaiting_batch": r.get("awaiting_batch"),
             "confirm_batches": bool(r.get("policy", {}).get("rollout", {})
@@ -159,6 +162,15 @@ def failure_log(feed: Feed, rollout_id: str, host: str, deployment_id: str | Non
     """The last lines of the host's deployment log, as `fleetctl logs` shows them."""
     return [logs.format_line(rec) for rec in logs.tail(feed.ctx.state_dir, rollout_id, host,
                                                        LOG_LINES, deployment_id)]
+
+
+def host_log(feed: Feed, h: HostLive, n: int = 15) -> list[str]:
+    """The last lines of the host's current (or last) deployment's stored log."""
+    dep = h.view.deployment_id if h.view is not None else None
+    if dep is None:
+        return []
+    return [logs.format_line(rec) for rec in logs.tail(feed.ctx.state_dir, logs.rollout_of(dep),
+                                                       h.host, n, dep)]
 
 
 def host_prompt(h: HostLive) -> dict[str, Any] | None:
