@@ -13,7 +13,8 @@ from controller.connection import connect, read_retained
 from controller.deploy import ControllerContext
 from protocol.codec import decode, encode
 from protocol.errors import InputError, ProtocolError, UsageError
-from protocol.models import Answer, Cancel, Prompt, Rejected
+from protocol.models import Answer, Cancel, Progress, Prompt, Rejected
+from protocol.prompts import fmt_time
 from protocol.signing import sign
 
 ANSWER_WAIT_S = 10.0
@@ -112,6 +113,8 @@ async def _outcome(client: aiomqtt.Client, prompt_topic: str, prompt_id: str
         if isinstance(ev, Rejected) and ev.reason == "answer_refused" \
                 and prompt_id in ev.message:
             return False, ev.message
+        if isinstance(ev, Progress) and ev.prompt_id == prompt_id and ev.deferred_until:
+            return True, f"deferred until {fmt_time(ev.deferred_until)}"  # the prompt stays
     return False, "connection closed"
 
 
