@@ -19,7 +19,8 @@ setup: system-deps $(STAMP) $(HA_STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	# setuptools' notice about editable installs is not for our users: hide it.
+	PYTHONWARNINGS='ignore:Editable installation' $(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
 $(HA_STAMP):

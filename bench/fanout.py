@@ -24,7 +24,6 @@ import queue
 import resource
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,6 +36,10 @@ from typing import Any
 import aiomqtt
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from protocol.broker import BrokerCluster  # noqa: E402
+from protocol.mqtt import MqttVersion  # noqa: E402
+
 PREFIX = "fleet/v1"
 SYSTEM = "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-nixos-system-bench-25.11"
 PUBLISH_CONCURRENCY = 256  # the same bound as controller.deploy uses
@@ -81,12 +84,10 @@ def raise_nofile() -> tuple[int, int]:
     return resource.getrlimit(resource.RLIMIT_NOFILE)
 
 
-def make_client(url: str, identifier: str) -> aiomqtt.Client:
-    host, _, port = url.split("://", 1)[-1].rpartition(":")
-    client = aiomqtt.Client(
-        hostname=host, port=int(port), identifier=identifier,
-        protocol=aiomqtt.ProtocolVersion.V5, timeout=30, max_inflight_messages=1000,
-        socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
+def make_client(url: str, identifier: str, version: MqttVersion = "5") -> aiomqtt.Client:
+    broker = BrokerCluster.parse(url, version)
+    client = aiomqtt.Client(**broker.client_kwargs(broker.addresses[0], identifier),
+                            timeout=30, max_inflight_messages=1000)
     client.pending_calls_threshold = 1_000_000
     return client
 
@@ -173,14 +174,13 @@ async def flotilla_controller(cfg: dict[str, Any]) -> None:
     from controller.deploy import ControllerContext, DeployRequest, RolloutDriver
     from controller.keys import load_key
     from controller.planner import RolloutPolicy
-    from protocol.broker import parse_broker_url
     from protocol.topics import Topics
 
     hosts: list[str] = cfg["hosts"]
     n = len(hosts)
     startup = await wait_online(cfg["url"], hosts, cfg["timeout"])
     state_dir = Path(cfg["state_dir"])
-    ctx = ControllerContext(broker=parse_broker_url(cfg["url"]), topics=Topics(PREFIX),
+    ctx = ControllerContext(broker=BrokerCluster.parse(cfg["url"]), topics=Topics(PREFIX),
                             state_dir=state_dir, key=load_key(state_dir))
     policy = (RolloutPolicy(batch="10%", max_failures="5%") if cfg["rollout"]
               else RolloutPolicy())

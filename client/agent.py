@@ -28,10 +28,12 @@ from client.notify import NotifyConfig, PromptNotifier
 from client.report import Reporter
 from client.runner import DeploymentRunner, new_nonce
 from client.session import AgentSession, Retained
-from protocol.broker import BrokerAddress
+from protocol import prompts
+from protocol.broker import BrokerCluster
 from protocol.codec import decode, encode
-from protocol.errors import ProtocolError
-from protocol.models import Answer, Confirm, Desired, HostState, Prompt
+from protocol.errors import BrokerRefused, ProtocolError, StateError
+from protocol.models import Answer, Cancel, Confirm, Desired, HostState, Prompt
+from protocol.mqtt import Backoff, client_id
 from protocol.outcomes import phase_of
 from protocol.signing import verify
 from protocol.topics import Topics
@@ -42,7 +44,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class AgentConfig:
     host: str
-    broker: BrokerAddress
+    broker: BrokerCluster
     state_dir: Path
     trusted_keys: list[Ed25519PublicKey]
     topics: Topics = field(default_factory=Topics)
@@ -55,6 +57,8 @@ class AgentConfig:
     control_socket: bool = True
     control_group: str | None = "wheel"
     notify: NotifyConfig = field(default_factory=NotifyConfig)
+    tonight: str = prompts.DEFAULT_TONIGHT
+    """When "tonight" is, for a user deferring an approval (host-local HH:MM)."""
 
 
 class Agent:
@@ -63,6 +67,7 @@ class Agent:
         self.host = config.host
         self.topics = config.topics
         self.backend = backend
+        self.tonight = config.tonight
         self.journal = Journal(config.state_dir)
         self.dumps = DumpStore(config.state_dir, config.dump_retention, config.age_recipient,
                                config.age_identity)
@@ -82,12 +87,13 @@ class Agent:
         self.notifier = PromptNotifier(config.notify) if config.notify.enabled else None
         self.session = AgentSession(
             config.broker,
-            client_id=f"flotilla-agent-{self.host}",
+            client_id=client_id("flotilla-agent", self.host),
             subscriptions=subscriptions,
             handler=self._handle,
             will=Retained(self.topics.online(self.host), b"offline"),
             on_connect=self._on_connect,
             extra_client_kwargs=config.client_kwargs,
+            retry_latest=(self.topics.desired(self.host),),
         )
         self.reporter = Reporter(self.host, self.topics, self.session.publish, state.starts)
         if self.ha is not None:
@@ -101,6 +107,7 @@ class Agent:
             "phase": "idle" if last is None else phase_of(last.status),
         })
         self._pending: Desired | None = None
+        self._queued_backoff = Backoff(base=0.5, cap=30.0)
         self._wake = asyncio.Event()
         self._confirms: dict[str, asyncio.Future[Confirm]] = {}
         self.runner: DeploymentRunner | None = None
@@ -118,11 +125,19 @@ class Agent:
                 await stack.enter_async_context(ControlServer(
                     socket_path(self.config.state_dir), LocalControl(self),
                     group=self.config.control_group))
-            async with asyncio.TaskGroup() as tg:
-                tg.create_task(self.session.run(), name=f"session-{self.host}")
-                tg.create_task(self._deploy_loop(), name=f"deploy-{self.host}")
-                if self.ha is not None:
-                    tg.create_task(self.ha.run(), name=f"homeassistant-{self.host}")
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    tg.create_task(self.session.run(), name=f"session-{self.host}")
+                    tg.create_task(self._deploy_loop(), name=f"deploy-{self.host}")
+                    if self.ha is not None:
+                        tg.create_task(self.ha.run(), name=f"homeassistant-{self.host}")
+            except ExceptionGroup as group:
+                refused: BaseException | None = group.subgroup(BrokerRefused)
+                if refused is None:
+                    raise
+                while isinstance(refused, BaseExceptionGroup):  # the CLI prints one line
+                    refused = refused.exceptions[0]
+                raise refused from None
 
     async def close(self) -> None:
         await self.session.stop(graceful_payload=b"offline")
@@ -158,24 +173,19 @@ class Agent:
         cmd = await self.ha.on_message(topic, payload)
         if cmd is None or isinstance(cmd, ha.Reannounce):
             return
-        prompt = self.runner.prompt if self.runner else None
-        refusal = ha.authorize(cmd, prompt, reboot_allowed=self.config.ha_reboot)
+        refusal = ha.authorize(cmd, self.open_prompt, reboot_allowed=self.config.ha_reboot)
         if refusal is not None:
             log.warning("%s: refused %s from Home Assistant: %s", self.host,
                         type(cmd).__name__.lower(), refusal)
             return
         if isinstance(cmd, ha.Approve):
-            await self.approve("homeassistant")
+            await self.approve("homeassistant", kinds=("approval",))
         elif isinstance(cmd, ha.Answer):
             await self.submit_answer(ha.answer_model(cmd, self.host, time.time()), "homeassistant")
-        elif prompt is not None and prompt.kind == "reboot":
-            await self.submit_answer(Answer(host=self.host, prompt_id=prompt.prompt_id,
-                                     choices={ha.REBOOT_KEY: ha.REBOOT_NOW},
-                                     answered_by="homeassistant", issued_at=time.time()),
-                                     "homeassistant")
-        else:
-            log.warning("%s: reboot pressed in Home Assistant, but no reboot is pending",
-                        self.host)
+        elif isinstance(cmd, ha.Reboot):
+            ok, message = await self.approve("homeassistant", kinds=("reboot",))
+            if not ok:
+                log.warning("%s: reboot pressed in Home Assistant: %s", self.host, message)
 
     async def _on_desired(self, payload: bytes) -> None:
         if not payload:
@@ -201,18 +211,46 @@ class Agent:
         elif verdict.verdict == "resume":
             pass  # already running (resumed from the journal at start)
         elif verdict.verdict == "queue":
+            # A newer desired state supersedes the running deployment's wait (approval,
+            # choice, reboot); the deployment ends and this one starts.
             self._pending = desired
+            if self.runner is not None:
+                self.runner.cancel(f"superseded by deployment {desired.deployment_id}")
         else:
-            self._accept(desired)
+            await self._accept(desired)
 
-    def _accept(self, desired: Desired) -> None:
+    async def _accept(self, desired: Desired) -> None:
         """Journal the desired state (fsync) before we ack it or act on it."""
-        self.journal.append(
-            "accept", deployment_id=desired.deployment_id, generation=desired.generation,
-            desired=encode_blob(encode(desired)), previous=self.backend.current_system(),
-        )
+        try:
+            self.journal.append(
+                "accept", deployment_id=desired.deployment_id, generation=desired.generation,
+                desired=encode_blob(encode(desired)), previous=self.backend.current_system(),
+                previous_generation=self.journal.state.generation,
+            )
+        except StateError as exc:
+            await self._unrecordable(desired, exc)
+            return
         self._pending = None
         self._wake.set()
+
+    async def _unrecordable(self, desired: Desired, exc: StateError) -> None:
+        """The journal cannot take the desired state (disk full): record why in the space
+        the journal's reserve gave back, report a failed Result, and keep serving."""
+        message = f"cannot record the desired state: {exc}"
+        log.error("%s: deployment %s: %s", self.host, desired.deployment_id, message)
+        try:
+            self.journal.append("result", deployment_id=desired.deployment_id,
+                                generation=desired.generation, status="failed",
+                                message=message)
+        except StateError as again:
+            log.error("%s: cannot record the failure either: %s", self.host, again)
+        self._pending = None
+        await self.reporter.result(desired.deployment_id, desired.generation, "failed",
+                                   message, self.backend.current_system(), False, [])
+        await self.reporter.host_state(phase="failed", last_result="failed", message=message,
+                                       deployment_id=desired.deployment_id,
+                                       rollout_id=desired.rollout_id,
+                                       desired_generation=desired.generation)
 
     async def _replay(self, rec: RecordedResult) -> None:
         await self.reporter.result(rec.deployment_id, rec.generation, rec.status,
@@ -229,19 +267,53 @@ class Agent:
         except ProtocolError as exc:
             log.warning("%s: ignoring confirmation: %s", self.host, exc)
             return
-        key = confirm.nonce if confirm.source == "agent" else f"controller:{confirm.generation}"
-        fut = self._confirms.get(key)
+        fut = self._confirms.get(confirm_key(confirm.source, confirm.nonce, confirm.generation))
         if fut is not None and not fut.done():
             fut.set_result(confirm)
+        elif confirm.source == "controller":
+            log.warning("%s: ignoring a controller confirmation of generation %d that answers"
+                        " no open confirm round (replayed or late)", self.host,
+                        confirm.generation)
 
     async def _on_answer(self, payload: bytes) -> None:
         try:
-            answer: Answer = decode(payload, expect=(Answer,))
-            verify(answer, self.config.trusted_keys)
+            message = decode(payload, expect=(Answer, Cancel))
+            assert isinstance(message, Answer | Cancel)
+            verify(message, self.config.trusted_keys)
         except ProtocolError as exc:
             await self.reporter.rejected(None, 0, exc.reason, f"answer refused: {exc}")
             return
-        await self.submit_answer(answer, "remote")
+        if isinstance(message, Cancel):
+            ok, text = await self.cancel(message)
+            if not ok:
+                await self.reporter.rejected(message.deployment_id, 0, "cancel_refused", text)
+            return
+        await self.submit_answer(message, "remote")
+
+    async def cancel(self, cancel: Cancel) -> tuple[bool, str]:
+        """`fleetctl cancel`: drop a queued desired state (recorded `cancelled`) and end the
+        running deployment's wait (the machine records how it ends)."""
+        if cancel.host != self.host:
+            return False, f"cancel is for host {cancel.host}"
+        reason = f"cancelled by {cancel.cancelled_by or 'the controller'}" + (
+            f": {cancel.reason}" if cancel.reason else "")
+        done = []
+        pending = self._pending
+        if pending is not None and cancel.deployment_id in (None, pending.deployment_id):
+            self._pending = None
+            self.journal.append("result", deployment_id=pending.deployment_id,
+                                generation=pending.generation, status="cancelled",
+                                message=reason)
+            await self.reporter.result(pending.deployment_id, pending.generation, "cancelled",
+                                       reason, self.backend.current_system(), False, [])
+            done.append(pending.deployment_id)
+        runner = self.runner
+        if runner is not None and cancel.deployment_id in (None, runner.d.deployment_id):
+            runner.cancel(reason)
+            done.append(runner.d.deployment_id)
+        if not done:
+            return False, "nothing to cancel: no deployment is queued or running"
+        return True, f"cancelling {', '.join(done)}"
 
     async def submit_answer(self, answer: Answer, source: str) -> tuple[bool, str]:
         """Route an answer (remote, Home Assistant, local socket) to the open prompt."""
@@ -265,8 +337,7 @@ class Agent:
                 await self._wake.wait()
                 self._wake.clear()
                 if self._pending is not None:
-                    pending, self._pending = self._pending, None
-                    await self._admit(pending)
+                    await self._admit_queued()
                 continue
             try:
                 desired: Desired = decode(active.desired, expect=(Desired,))
@@ -287,17 +358,46 @@ class Agent:
             if self._pending is not None:
                 self._wake.set()
 
+    @property
+    def open_prompt(self) -> Prompt | None:
+        return self.runner.open_prompt if self.runner is not None else None
+
+    async def _admit_queued(self) -> None:
+        """The queued desired state, once the host is free; kept (and tried again with
+        backoff) when accepting it fails, never dropped."""
+        pending, self._pending = self._pending, None
+        assert pending is not None
+        try:
+            await self._admit(pending)
+            self._queued_backoff.reset()
+        except Exception:
+            log.exception("%s: cannot accept queued generation %d yet; will retry",
+                          self.host, pending.generation)
+            if self._pending is None:
+                self._pending = pending
+            await asyncio.sleep(self._queued_backoff.next_delay())
+            self._wake.set()
+
     async def _prompt_changed(self, prompt: Prompt | None) -> None:
         if self.ha is not None:
-            answered = self.runner.active.answers if self.runner and prompt else None
+            answered = self.runner.prompt_answers() if self.runner and prompt else None
             self.ha.submit_prompt(prompt, answered)
         if prompt is not None and self.notifier is not None:
             await self.notifier.prompt_opened(prompt)
 
-    async def approve(self, source: str) -> tuple[bool, str]:
-        prompt = self.runner.prompt if self.runner else None
-        if prompt is None or prompt.kind != "approval":
-            return False, "no deployment is waiting for approval"
+    async def approve(self, source: str, defer: str | None = None,
+                      kinds: tuple[str, ...] = ("approval", "reboot")) -> tuple[bool, str]:
+        """Approve the waiting deploy, or start its pending reboot now; with `defer`
+        (an approval's deferral choice) put the approval off instead."""
+        prompt = self.open_prompt
+        if prompt is None or prompt.kind not in kinds:
+            what = " or ".join({"approval": "approval", "reboot": "a reboot"}[k] for k in kinds)
+            return False, f"no deployment is waiting for {what}"
+        if defer is not None:
+            return await self.submit_answer(Answer(
+                host=self.host, prompt_id=prompt.prompt_id,
+                choices={prompts.APPROVE_KEY: defer}, answered_by=source,
+                issued_at=time.time()), source)
         return await self.submit_answer(Answer(host=self.host, prompt_id=prompt.prompt_id,
                                         approve=True, answered_by=source,
                                         issued_at=time.time()), source)
@@ -306,7 +406,7 @@ class Agent:
     async def round_trip(self, generation: int, timeout: float, controller: bool) -> bool:
         """Prove the broker still routes our messages (magic rollback confirmation)."""
         nonce = new_nonce()
-        key = f"controller:{generation}" if controller else nonce
+        key = confirm_key("controller" if controller else "agent", nonce, generation)
         fut: asyncio.Future[Confirm] = asyncio.get_running_loop().create_future()
         self._confirms[key] = fut
         try:
@@ -321,6 +421,12 @@ class Agent:
             self._confirms.pop(key, None)
 
 
+def confirm_key(source: str, nonce: str, generation: int) -> str:
+    """The confirm round a Confirm answers. A round's nonce is new each time, so a signed
+    controller Confirm from another round (or for another generation) answers nothing."""
+    return nonce if source == "agent" else f"controller:{generation}:{nonce}"
+
+
 class LocalControl:
     """The agent as seen from the local control socket (client.control.AgentControl)."""
 
@@ -328,8 +434,7 @@ class LocalControl:
         self.agent = agent
 
     async def list_prompts(self) -> list[Prompt]:
-        runner = self.agent.runner
-        prompt = runner.prompt if runner else None
+        prompt = self.agent.open_prompt
         return [prompt] if prompt is not None else []
 
     async def answer(self, prompt_id: str, choices: dict[str, str], source: str
@@ -338,8 +443,8 @@ class LocalControl:
             Answer(host=self.agent.host, prompt_id=prompt_id, choices=choices,
                    answered_by=source, issued_at=time.time()), source)
 
-    async def approve(self, source: str) -> tuple[bool, str]:
-        return await self.agent.approve(source)
+    async def approve(self, source: str, defer: str | None = None) -> tuple[bool, str]:
+        return await self.agent.approve(source, defer)
 
     async def status(self) -> HostState:
         return self.agent.reporter.state

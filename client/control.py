@@ -11,6 +11,7 @@ Protocol: one JSON object per line each way.
     {"op": "list_prompts"}                                -> {"ok": true, "prompts": [PROMPT]}
     {"op": "answer", "prompt_id": P, "choices": {K: C}}   -> {"ok": bool, "message": str}
     {"op": "approve"}                                     -> {"ok": bool, "message": str}
+    {"op": "approve", "defer": "defer-1h"}                -> {"ok": bool, "message": str}
     {"op": "status"}                                      -> {"ok": true, "state": HOST_STATE}
 
 Any malformed request gets {"ok": false, "error": "..."}; the server never dies of one.
@@ -42,6 +43,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from protocol.models import HostState, Prompt
+from protocol.prompts import DEFERRALS
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +69,9 @@ class AgentControl(Protocol):
         """First answer wins; later ones get (False, "already answered by ...")."""
         ...
 
-    async def approve(self, source: str) -> tuple[bool, str]: ...
+    async def approve(self, source: str, defer: str | None = None) -> tuple[bool, str]:
+        """Approve (or start a pending reboot now); `defer` puts an approval off."""
+        ...
 
     async def status(self) -> HostState: ...
 
@@ -135,7 +139,10 @@ async def dispatch(handler: AgentControl, request: Any, source: str) -> dict[str
             state = await handler.status()
             return {"ok": True, "state": state.model_dump(mode="json")}
         if op == "approve":
-            ok, message = await handler.approve(source)
+            defer = request.get("defer")
+            if defer is not None and defer not in DEFERRALS:
+                return _error(f"defer must be one of {', '.join(DEFERRALS)}")
+            ok, message = await handler.approve(source, defer)
             return {"ok": bool(ok), "message": message}
         if op == "answer":
             prompt_id = request.get("prompt_id")
@@ -438,6 +445,7 @@ class ControlClient:
         reply = self.request({"op": "answer", "prompt_id": prompt_id, "choices": choices})
         return bool(reply.get("ok")), str(reply.get("message") or reply.get("error") or "")
 
-    def approve(self) -> tuple[bool, str]:
-        reply = self.request({"op": "approve"})
+    def approve(self, defer: str | None = None) -> tuple[bool, str]:
+        reply = self.request({"op": "approve"} if defer is None
+                             else {"op": "approve", "defer": defer})
         return bool(reply.get("ok")), str(reply.get("message") or reply.get("error") or "")

@@ -64,6 +64,8 @@ from protocol.models import (
     ReportItem,
 )
 from protocol.outcomes import AGENT_RESULTS, result_of_phase
+from protocol.prompts import REBOOT_KEY as REBOOT_KEY  # the reboot prompt's item
+from protocol.prompts import REBOOT_NOW as REBOOT_NOW
 from protocol.topics import Topics, validate_host
 
 log = logging.getLogger(__name__)
@@ -74,8 +76,6 @@ ORIGIN_NAME = "flotilla"
 SUPPORT_URL = "https://github.com/flotilla/flotilla"
 TOKEN_FILE = "ha-token"
 TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{20,100}$")
-REBOOT_KEY = "deploy.reboot"  # the reboot prompt's item and its "now" choice
-REBOOT_NOW = "now"
 RELEASE_SUMMARY_MAX = 255  # Home Assistant cuts the summary here
 PHASES: tuple[str, ...] = get_args(HostPhase)
 RESULTS: tuple[str, ...] = (*sorted(AGENT_RESULTS), "none")

@@ -2,7 +2,11 @@
 
 Every transition is written here *before* its side effect starts and marked done
 after, so a crash or reboot resumes at the first step not marked done. A torn last
-line (crash mid-write) is ignored; a record that does not parse is never trusted.
+record (crash mid-write: no newline yet) is cut off. An unreadable complete record is
+corruption, not a crash (each record and its newline go in one fsynced write): the agent
+refuses to start (one line naming the record) rather than guess what was done;
+`fleet-agent journal check` shows the damage and `repair` sets the file aside and keeps
+what is readable, conservatively (`repair_records`).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,11 +47,13 @@ class ActiveDeployment:
     generation: int
     desired: bytes
     previous_system: str | None
+    previous_generation: int = 0
     started: set[str] = field(default_factory=set)
     done: dict[str, Any] = field(default_factory=dict)
     answers: dict[str, str] = field(default_factory=dict)
     answer_sources: dict[str, str] = field(default_factory=dict)
     prompts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    prompt_answers: dict[str, dict[str, str]] = field(default_factory=dict)
     closed_prompts: set[str] = field(default_factory=set)
     step_runs: dict[str, int] = field(default_factory=dict)
     notes: dict[str, Any] = field(default_factory=dict)
@@ -75,6 +82,7 @@ class JournalState:
             self.active = ActiveDeployment(
                 deployment_id=rec["deployment_id"], generation=rec["generation"],
                 desired=base64.b64decode(rec["desired"]), previous_system=rec.get("previous"),
+                previous_generation=rec.get("previous_generation", self.generation),
             )
             self.highest_generation = max(self.highest_generation, rec["generation"])
         elif kind == "result":
@@ -86,10 +94,16 @@ class JournalState:
             self.results[r.deployment_id] = r
             self.last_result = r
             self.highest_generation = max(self.highest_generation, r.generation)
-            if r.status == "succeeded" and r.system is not None:
+            if rec.get("installed") is not None:
+                # A rollback names what the host runs now, even "nothing we deployed".
+                self.system, self.generation = r.system, rec["installed"]
+            elif r.status == "succeeded" and r.system is not None:
                 self.system, self.generation = r.system, r.generation
             if a is not None and a.deployment_id == r.deployment_id:
-                self.last_deployment = a
+                if "switch" in a.started or "rollback-previous" in a.started:
+                    # what `fleetctl rollback` undoes: the last deployment that changed
+                    # something (not one cancelled, blocked or only checked before that)
+                    self.last_deployment = a
                 self.active = None
         elif a is None or rec.get("deployment_id") != a.deployment_id:
             return
@@ -109,8 +123,11 @@ class JournalState:
             a.prompts[rec["prompt_id"]] = rec["prompt"]
         elif kind == "answer":
             a.answers.update(rec["choices"])
+            a.prompt_answers.setdefault(rec["prompt_id"], {}).update(rec["choices"])
             for key in rec["choices"]:
                 a.answer_sources[key] = rec.get("source", "")
+            if rec.get("deferred_until") is not None:
+                a.notes["deferred_until"] = rec["deferred_until"]
             if rec.get("complete", True):
                 a.closed_prompts.add(rec["prompt_id"])
         elif kind == "note":
@@ -130,9 +147,10 @@ _REQUIRED: dict[str, dict[str, type]] = {
     "note": {"key": str},
 }
 _OPTIONAL: dict[str, dict[str, tuple[type, ...]]] = {
-    "accept": {"previous": (str, type(None))},
-    "result": {"message": (str,), "system": (str, type(None)), "needs_reboot": (bool,)},
-    "answer": {"source": (str,)},
+    "accept": {"previous": (str, type(None)), "previous_generation": (int,)},
+    "result": {"message": (str,), "system": (str, type(None)), "needs_reboot": (bool,),
+               "installed": (int,)},
+    "answer": {"source": (str,), "deferred_until": (int, float, type(None))},
 }
 
 
@@ -158,6 +176,113 @@ def check_record(rec: Any) -> None:
         base64.b64decode(rec["desired"], validate=True)  # binascii.Error is a ValueError
 
 
+@dataclass(frozen=True)
+class Line:
+    """One journal line: its record, or why it cannot be trusted."""
+
+    number: int  # 1-based
+    offset: int  # byte offset in the file
+    record: dict[str, Any] | None
+    error: str = ""
+    torn: bool = False  # the unterminated end of the file
+
+
+@dataclass(frozen=True)
+class Scan:
+    lines: list[Line]
+    good_bytes: int  # the file up to and including its last newline
+
+    @property
+    def corrupt(self) -> list[Line]:
+        """Unreadable complete (newline-terminated) records. Each record is written with
+        its newline in one write, fsynced: a crash mid-write leaves no newline."""
+        return [ln for ln in self.lines if ln.record is None and not ln.torn]
+
+    @property
+    def torn(self) -> list[Line]:
+        return [ln for ln in self.lines if ln.torn]
+
+
+def scan(raw: bytes) -> Scan:
+    """Every line of a journal file, parsed and checked (pure). The part after the last
+    newline is a torn record (never trusted, even when it parses)."""
+    *complete, tail = raw.split(b"\n")
+    lines: list[Line] = []
+    offset = 0
+    for number, text in enumerate(complete, start=1):
+        if text.strip():
+            try:
+                rec = json.loads(text)
+                check_record(rec)
+                lines.append(Line(number, offset, rec))
+            except (ValueError, KeyError, TypeError, RecursionError) as exc:
+                lines.append(Line(number, offset, None, str(exc)[:200]))
+        offset += len(text) + 1
+    if tail:
+        lines.append(Line(len(complete) + 1, offset, None,
+                          f"torn ({len(tail)} bytes, no newline)", torn=True))
+    return Scan(lines, offset)
+
+
+def corruption_error(path: Path, found: Scan) -> StateError:
+    first = found.corrupt[0]
+    after = sum(1 for ln in found.lines if ln.record is not None and ln.number > first.number)
+    state_dir = path.parent
+    return StateError(
+        f"journal {path} is corrupt at record {first.number} (byte {first.offset}: "
+        f"{first.error}) with {after} readable record(s) after it; refusing to guess what "
+        f"was done. See `fleet-agent journal check --state-dir {state_dir}`; "
+        f"`fleet-agent journal repair --state-dir {state_dir}` sets it aside and keeps the "
+        "readable records (steps not recorded as done count as interrupted)")
+
+
+def repair_records(found: Scan, steps_of: Callable[[str], list[str]]
+                   ) -> tuple[list[dict[str, Any]], list[str]]:
+    """The records a repaired journal keeps, plus conservative additions, and what was
+    done (one line each). Nothing unreadable becomes "done": the deployment that was
+    running where a record was lost gets every step not recorded as done marked begun,
+    so on resume idempotent steps run again and the others are failures the operator
+    resolves (retry, skip, roll back); a lost record is never assumed harmless."""
+    kept: list[dict[str, Any]] = []
+    said: list[str] = []
+    state = JournalState()
+    suspects: dict[str, int] = {}  # deployment id -> first lost record's number
+    for ln in found.lines:
+        if ln.record is None:
+            a = state.active
+            where = f"deployment {a.deployment_id}" if a else "no deployment running"
+            said.append(f"dropped record {ln.number} ({ln.error}); {where} at that point")
+            if a is not None:
+                suspects.setdefault(a.deployment_id, ln.number)
+            continue
+        kept.append(ln.record)
+        state.apply(ln.record)
+    a = state.active
+    if a is not None and a.deployment_id in suspects:
+        toplevel = a.done.get("fetch")
+        names = steps_of(toplevel) if isinstance(toplevel, str) else []
+        for name in names:
+            stage = f"step:{name}"
+            if stage not in a.done and stage not in a.started:
+                kept.append({"kind": "begin", "deployment_id": a.deployment_id,
+                             "stage": stage, "repaired": True})
+        kept.append({"kind": "note", "deployment_id": a.deployment_id,
+                     "key": "journal_repaired", "value": suspects[a.deployment_id]})
+        open_steps = [n for n in names if f"step:{n}" not in a.done]
+        said.append(f"deployment {a.deployment_id} resumes; steps not recorded as done "
+                    f"count as interrupted: {', '.join(open_steps) or '(none)'}")
+    orphans = {rec.get("deployment_id") for rec in kept
+               if rec.get("kind") in ("begin", "end", "prompt", "answer", "note")}
+    known = {rec.get("deployment_id") for rec in kept if rec.get("kind") in ("accept", "result")}
+    lost_accepts = sorted(str(d) for d in orphans - known if d is not None)
+    if lost_accepts:
+        raise StateError(
+            f"cannot repair: the record accepting deployment {lost_accepts[0]} is lost, so "
+            "its generation is unknown and the host would run it again from the start; "
+            "restore the journal from a backup, or move it away to start afresh")
+    return kept, said
+
+
 class Journal:
     """Append-only, fsynced journal file in the agent's state dir."""
 
@@ -174,21 +299,17 @@ class Journal:
             raw = self.path.read_bytes() if self.path.exists() else b""
         except OSError as exc:
             raise StateError(f"cannot read journal {self.path}: {exc.strerror}") from None
-        *complete, tail = raw.split(b"\n")
-        for i, line in enumerate(complete):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                check_record(rec)
-                self.state.apply(rec)
-            except (ValueError, KeyError, TypeError, RecursionError) as exc:
-                self.state.torn_lines += 1
-                log.warning("journal %s: ignoring unreadable record %d: %s", self.path, i + 1, exc)
-        if tail:
+        found = scan(raw)
+        if found.corrupt:
+            raise corruption_error(self.path, found)
+        for ln in found.lines:
+            if ln.record is not None:
+                self.state.apply(ln.record)
+        for ln in found.torn:
             self.state.torn_lines += 1
-            log.warning("journal %s: ignoring torn last record (%d bytes)", self.path, len(tail))
-        good = len(raw) - len(tail)
+            log.warning("journal %s: cutting off torn last record %d (%s)", self.path,
+                        ln.number, ln.error)
+        good = found.good_bytes
         try:
             if good < len(raw):
                 with open(self.path, "r+b") as fh:
@@ -238,6 +359,64 @@ class Journal:
         if self._fh is not None:
             self._fh.close()
             self._fh = None
+
+
+def check_file(path: Path) -> tuple[bool, list[str]]:
+    """`fleet-agent journal check`: (usable, report lines)."""
+    try:
+        found = scan(path.read_bytes())
+    except FileNotFoundError:
+        return True, [f"{path}: no journal yet (a fresh host)"]
+    except OSError as exc:
+        raise StateError(f"cannot read journal {path}: {exc.strerror}") from None
+    good = sum(1 for ln in found.lines if ln.record is not None)
+    out = [f"{path}: {good} readable record(s)"]
+    out += [f"record {ln.number} (byte {ln.offset}) is corrupt: {ln.error}"
+            for ln in found.corrupt]
+    out += [f"record {ln.number} is a torn last record (cut off at start): {ln.error}"
+            for ln in found.torn]
+    if found.corrupt:
+        out.append("the agent refuses to start on this journal; `fleet-agent journal repair`"
+                   " sets it aside and keeps the readable records")
+        return False, out
+    state = JournalState()
+    for ln in found.lines:
+        if ln.record is not None:
+            state.apply(ln.record)
+    a = state.active
+    if a is not None:
+        out.append(f"deployment {a.deployment_id} (generation {a.generation}) in progress: "
+                   f"done {', '.join(sorted(a.done)) or '-'}; begun, not done: "
+                   f"{', '.join(sorted(a.started - set(a.done))) or '-'}")
+    return True, out
+
+
+def repair_file(path: Path, steps_of: Callable[[str], list[str]]) -> list[str]:
+    """`fleet-agent journal repair`: the damaged file is kept as `journal.jsonl.corrupt-T`;
+    the new one holds `repair_records`. Run it only while the agent is stopped."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise StateError(f"cannot read journal {path}: {exc.strerror}") from None
+    found = scan(raw)
+    if not found.corrupt and not found.torn:
+        return [f"{path}: nothing to repair"]
+    kept, said = repair_records(found, steps_of)
+    aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
+    tmp = path.with_name(path.name + ".repair")
+    try:
+        with open(aside, "wb") as fh:
+            fh.write(raw)
+            os.fsync(fh.fileno())
+        with open(tmp, "wb") as fh:
+            for rec in kept:
+                fh.write(json.dumps(rec, separators=(",", ":"), sort_keys=True).encode()
+                         + b"\n")
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise StateError(f"cannot repair journal {path}: {exc.strerror}") from None
+    return [*said, f"the damaged journal is kept as {aside}"]
 
 
 def encode_blob(data: bytes) -> str:

@@ -73,7 +73,8 @@ def prompt_message(prompt: Prompt, command: str) -> tuple[str, str]:
     """(title, body) naming what is asked, the deadline and the command to answer."""
     title = f"Flotilla: {prompt.host} needs a decision"
     if prompt.kind == "approval":
-        lead = f"Deployment {prompt.deployment_id} waits for approval."
+        lead = (f"Deployment {prompt.deployment_id} waits for approval.\nNot now? "
+                f"{command} --defer defer-1h|defer-tonight|defer-tomorrow")
     else:
         keys = [i.key for i in prompt.items if i.choices]
         lead = (f"Deployment {prompt.deployment_id} waits for {len(keys)} choice(s): "

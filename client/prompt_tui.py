@@ -21,6 +21,7 @@ from typing import TextIO
 
 from client.control import ControlClient, ControlError, socket_path
 from protocol.models import Prompt, ReportItem
+from protocol.prompts import DEFERRALS
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 DEFAULT_STATE_DIR = Path("/var/lib/flotilla")
@@ -50,7 +51,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     mode.add_argument("--answer", nargs="+", metavar="ARG",
                       help="PROMPT_ID STEP.ITEM=CHOICE ...: answer without asking")
     mode.add_argument("--approve", action="store_true",
-                      help="approve the deploy that waits for approval, without asking")
+                      help="approve the deploy that waits for approval (or start its pending "
+                           "reboot now), without asking")
+    mode.add_argument("--defer", choices=DEFERRALS,
+                      help="not now: put the approval off (defer-1h, defer-tonight, "
+                           "defer-tomorrow); the deploy proceeds by itself then")
 
 
 # -- pure helpers -------------------------------------------------------------------------
@@ -220,6 +225,19 @@ def interactive(client: ControlClient, ask: Ask, say: Callable[[str], None]) -> 
     if prompt.kind == "approval":
         for line in render_header(prompt, time.time()):
             say(line)
+        item = prompt.items[0] if prompt.items else None
+        if item is not None and len(item.choices) > 1:  # approve, or "not now"
+            say("")
+            for line in render_item(1, 1, item):
+                say(line)
+            while True:
+                picked = pick_choice(item, ask("Approve now or when? [number or id]: "))
+                if picked is not None:
+                    break
+                say(f"  please type a number 1-{len(item.choices)} or a choice id")
+            ok, message = client.approve(None if picked == "approve" else picked)
+            say(outcome_line(ok, message))
+            return EXIT_OK if ok else EXIT_REFUSED
         if ask(f"Approve deployment {prompt.deployment_id}? [y/N] ").strip().lower() not in (
                 "y", "yes"):
             raise Cancelled
@@ -263,8 +281,8 @@ def run(args: argparse.Namespace, stdin: TextIO | None = None,
     try:
         if args.answer is not None:
             return scripted_answer(client, args.answer, say)
-        if args.approve:
-            ok, message = client.approve()
+        if args.approve or args.defer:
+            ok, message = client.approve(args.defer)
             say(outcome_line(ok, message))
             return EXIT_OK if ok else EXIT_REFUSED
         if not inp.isatty():

@@ -64,11 +64,13 @@ class Reporter:
 
     async def progress(self, deployment_id: str, generation: int, stage: str, message: str = "",
                        percent: float | None = None, step: str | None = None,
-                       prompt: Prompt | None = None) -> None:
+                       prompt: Prompt | None = None,
+                       deferred_until: float | None = None) -> None:
         await self.event(Progress, deployment_id, generation, stage=stage, message=message,
                          percent=percent, step=step,
                          prompt_id=prompt.prompt_id if prompt else None,
-                         prompt_kind=prompt.kind if prompt else None)
+                         prompt_kind=prompt.kind if prompt else None,
+                         deferred_until=deferred_until)
 
     async def check_report(self, deployment_id: str, generation: int, items: list[ReportItem],
                            open_choices: list[str], check_only: bool) -> None:

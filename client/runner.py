@@ -1,10 +1,12 @@
-"""One deployment on one host, as a resumable pipeline of journaled stages.
+"""One deployment on one host: a thin loop around the stage machine.
 
-fetch → check → choose → approve → dump → migrate(before) → switch → reboot →
-migrate(after) → confirm. Each stage is journaled before it starts and after it ends;
-on restart the runner skips what is done and resumes at the first unfinished stage.
-Host side effects go through the SystemBackend; pure decisions live in
-`client.decide` and `client.plan`; programs are run by `client.statesteps`.
+`client.machine.next_step` decides everything (stage order, prompts, waits, endings);
+this runner asks it, executes the step through the SystemBackend and
+`client.statesteps`, journals, and asks again. Each stage is journaled before it
+starts and after it ends, so after a crash or a reboot the machine, reading the same
+journal, resumes at the first unfinished stage. Answers, approvals, deferrals and
+cancellations are journaled the moment they arrive (`on_answer`, `cancel`) and wake
+the loop; nothing here keeps a copy of them.
 """
 
 from __future__ import annotations
@@ -18,17 +20,16 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from client import plan
+from client import machine, plan
 from client.backend import BackendError, SystemBackend, program_output
-from client.deadline import DEADLINE_SOURCE, deadline_answer, seconds_left
 from client.deplog import DeploymentLog
 from client.dumps import DumpStore
 from client.journal import ActiveDeployment, Journal, RecordedResult
-from client.reboot import activation_needs_reboot, reboot_decision
+from client.machine import Ask, Facts, Finish, Reboot, Record, RollBack, RunStage, RunSteps
+from client.reboot import activation_needs_reboot
 from client.report import Reporter
 from client.statesteps import (
     StepEnv,
-    decode_items,
     dump_step,
     encode_items,
     load_steps,
@@ -37,8 +38,9 @@ from client.statesteps import (
     run_graph,
     run_migration,
 )
+from protocol import prompts
 from protocol.errors import FlotillaError, StateError
-from protocol.models import Answer, Choice, Desired, Log, LogLine, Prompt, ReportItem
+from protocol.models import Answer, Desired, Log, LogLine, Prompt, ReportItem
 from protocol.outcomes import phase_of
 from protocol.steps import StepDecl, StepsFile
 
@@ -50,21 +52,17 @@ STAGE_PERCENT = {
     "confirm": 92, "rollback": 95,
 }
 PASSING_PHASES = {"fetched", "checked", "switched", "migrated", "confirmed"}
-FAILURE_CHOICES = [
-    Choice(id="retry", label="Retry", description="run the step again"),
-    Choice(id="skip", label="Skip", description="mark the step done and go on"),
-    Choice(id="rollback", label="Roll back", description="restore dumps and the previous "
-                                                            "generation", destructive=True),
-]
+PROGRESS_STAGE = {"choice": "choose", "step_failure": "choose", "approval": "approve",
+                  "reboot": "reboot", "rollback-previous": "rollback"}
 
 
-class DeployFailed(FlotillaError):
-    """The deployment cannot go on; `status` says how it ends."""
+class StageFailed(FlotillaError):
+    """A stage body cannot complete; the machine decides how the deployment ends
+    (`blocked`: nothing changed and retrying will not help)."""
 
-    def __init__(self, message: str, status: str = "failed", rollback: bool = False) -> None:
+    def __init__(self, message: str, status: str = "failed") -> None:
         super().__init__(message)
         self.status = status
-        self.rollback = rollback
 
 
 class AgentContext(Protocol):
@@ -73,6 +71,7 @@ class AgentContext(Protocol):
     backend: SystemBackend
     reporter: Reporter
     dumps: DumpStore
+    tonight: str
 
     @property
     def state_dir(self) -> Path: ...
@@ -80,13 +79,17 @@ class AgentContext(Protocol):
     async def round_trip(self, generation: int, timeout: float, controller: bool) -> bool: ...
 
 
+def local_now() -> datetime:
+    return datetime.now().astimezone()
+
+
 class DeploymentRunner:
     def __init__(self, ctx: AgentContext, desired: Desired) -> None:
         self.ctx = ctx
         self.d = desired
-        self.steps = StepsFile()
-        self.prompt: Prompt | None = None
-        self._answered: asyncio.Future[dict[str, str]] | None = None
+        self.steps: StepsFile | None = None
+        self._prompt: Prompt | None = None
+        self._wake = asyncio.Event()
         self.on_prompt: list[Callable[[Prompt | None], Awaitable[None]]] = []
         self._before = ctx.reporter.state  # what the host reported before this deployment
         self.output = DeploymentLog(ctx.state_dir, desired.deployment_id, self._send_log)
@@ -99,30 +102,6 @@ class DeploymentRunner:
         """Programs run from here on (in this task) print into the log as `source`."""
         program_output.set(self.output.writer(source))
 
-    @property
-    def active(self) -> ActiveDeployment:
-        a = self.ctx.journal.state.active
-        assert a is not None and a.deployment_id == self.d.deployment_id
-        return a
-
-    # -- reporting and journaling helpers -------------------------------------------
-    async def progress(self, stage: str, message: str = "", step: str | None = None,
-                       percent: float | None = None, prompt: Prompt | None = None) -> None:
-        if message:
-            self.output.line("agent", stage.split(":")[0] + (f":{step}" if step else ""),
-                             message)
-        pct = percent if percent is not None else STAGE_PERCENT.get(stage)
-        await self.ctx.reporter.progress(self.d.deployment_id, self.d.generation,
-                                         stage.split(":")[0], message, pct, step, prompt)
-
-    async def phase(self, phase: str, **extra: Any) -> None:
-        """Update the HostState. Passing phases (fetched, checked, ...) are only published
-        with the next one that matters: Progress events already carry them live, and the
-        retained state is for catch-up."""
-        await self.ctx.reporter.host_state(
-            phase=phase, deployment_id=self.d.deployment_id, rollout_id=self.d.rollout_id,
-            desired_generation=self.d.generation, publish=phase not in PASSING_PHASES, **extra)
-
     def _program_lines(self, source: str) -> Callable[[str], Awaitable[None]]:
         """A backend's ProgressFn: each line of its programs into the log (batched into
         Log events), never one event per line."""
@@ -133,27 +112,56 @@ class DeploymentRunner:
 
         return line
 
+    @property
+    def active(self) -> ActiveDeployment:
+        a = self.ctx.journal.state.active
+        assert a is not None and a.deployment_id == self.d.deployment_id
+        return a
+
+    @property
+    def open_prompt(self) -> Prompt | None:
+        """The prompt this deployment waits on now (None while it works)."""
+        return self._prompt
+
+    def prompt_answers(self) -> dict[str, str]:
+        """What the open prompt was answered so far (partial answers)."""
+        p = self._prompt
+        return dict(self.active.prompt_answers.get(p.prompt_id, {})) if p else {}
+
+    def poke(self) -> None:
+        """Something the machine reads changed (answer, cancel): decide again."""
+        self._wake.set()
+
+    # -- reporting and journaling helpers -------------------------------------------
+    async def progress(self, stage: str, message: str = "", step: str | None = None,
+                       percent: float | None = None, prompt: Prompt | None = None,
+                       deferred_until: float | None = None) -> None:
+        stage = PROGRESS_STAGE.get(stage, stage)
+        if message:
+            self.output.line("agent", stage.split(":")[0] + (f":{step}" if step else ""),
+                             message)
+        pct = percent if percent is not None else STAGE_PERCENT.get(stage)
+        await self.ctx.reporter.progress(self.d.deployment_id, self.d.generation,
+                                         stage.split(":")[0], message, pct, step, prompt,
+                                         deferred_until)
+
+    async def phase(self, phase: str, **extra: Any) -> None:
+        """Update the HostState. Passing phases (fetched, checked, ...) are only published
+        with the next one that matters: Progress events already carry them live, and the
+        retained state is for catch-up."""
+        await self.ctx.reporter.host_state(
+            phase=phase, deployment_id=self.d.deployment_id, rollout_id=self.d.rollout_id,
+            desired_generation=self.d.generation, publish=phase not in PASSING_PHASES, **extra)
+
     def journal(self, kind: str, **fields: Any) -> None:
         self.ctx.journal.append(kind, deployment_id=self.d.deployment_id, **fields)
 
-    async def stage(self, name: str, body: Callable[[], Awaitable[Any]],
-                    needed: bool = True) -> Any:
-        """Run `body` once: journaled before and after; skipped when already done.
-
-        A stage with nothing to do (`needed` False, decided from journaled facts only) is
-        not journaled at all: on resume the same facts give the same decision."""
-        if name in self.active.done:
-            return self.active.done[name]
-        if not needed and name not in self.active.started:
-            return None
-        self.journal("begin", stage=name)
-        token = program_output.set(self.output.writer(name))
-        try:
-            data = await body()
-        finally:
-            program_output.reset(token)
-        self.journal("end", stage=name, data=data)
-        return data
+    def active_done(self, stage: str) -> Any:
+        """What a stage of this deployment returned (also once it has a result)."""
+        st = self.ctx.journal.state
+        a = st.active if st.active is not None and \
+            st.active.deployment_id == self.d.deployment_id else st.last_deployment
+        return a.done.get(stage) if a is not None else None
 
     @property
     def env(self) -> StepEnv:
@@ -161,13 +169,26 @@ class DeploymentRunner:
 
     @property
     def items(self) -> list[ReportItem]:
-        return decode_items((self.active.done.get("check") or {}).get("items"))
+        return machine.items_of(self.active)
 
     @property
     def answers(self) -> dict[str, str]:
-        return {**self.d.choices, **self.active.answers}
+        return machine.answers_of(self.d, self.active)
 
-    # -- the pipeline ------------------------------------------------------------------
+    def facts(self) -> Facts:
+        a = self.active
+        if self.steps is None and "fetch" in a.done:
+            try:
+                self.steps = load_steps(str(a.done["fetch"]))
+            except BackendError as exc:
+                self.steps = StepsFile()
+                if "error" not in a.notes:
+                    self.journal("note", key="error", value={"stage": "fetch",
+                                                             "message": str(exc)})
+        return Facts(self.d, a, self.steps, self.ctx.backend.boot_id(), local_now(),
+                     self.ctx.tonight)
+
+    # -- the loop --------------------------------------------------------------------
     async def run(self) -> RecordedResult:
         self.output.start()
         try:
@@ -178,36 +199,18 @@ class DeploymentRunner:
     async def _run(self) -> RecordedResult:
         d = self.d
         try:
-            try:
-                await self._pipeline()
-            except DeployFailed as exc:
-                if exc.rollback:
-                    return await self.roll_back(str(exc))
-                return await self.finish(exc.status, str(exc))
-            except (BackendError, OSError) as exc:
-                message = str(exc) if isinstance(exc, BackendError) else \
-                    f"host error: {exc.strerror}: {exc.filename or ''}".rstrip(": ")
-                if "switch" in self.active.started or self.active.done.get("dump"):
-                    return await self.roll_back(message)
-                return await self.finish("failed", message)
-            if d.check_only:
-                return await self.finish("succeeded", "checks ran; nothing was switched")
-            if d.action == "dry-activate":
-                would = (self.active.done.get("dry-activate") or {}).get("would") or []
-                return await self.finish("succeeded", "dry-activate: " + (
-                    "; ".join(would) if would else "nothing would change") +
-                    " (nothing was switched)")
-            if d.rollback:
-                prev = self.active.done.get("rollback-previous") or {}
-                return await self.finish("succeeded", prev.get("message", "rolled back"),
-                                         system=prev.get("system"))
-            needs_reboot = self.needs_reboot
-            restart = bool((self.active.done.get("switch") or {}).get("restart_agent"))
-            result = await self.finish("succeeded", f"{d.action} to generation {d.generation}",
-                                       system=d.system, needs_reboot=needs_reboot)
-            if restart:
-                await self.restart_agent()
-            return result
+            while True:
+                self._wake.clear()
+                step = machine.next_step(self.facts())
+                if not isinstance(step, Ask) and self._prompt is not None:
+                    await self._close_prompt()
+                if isinstance(step, Finish):
+                    result = await self.finish(step)
+                    if step.status == "succeeded" and (
+                            self.active_done("switch") or {}).get("restart_agent"):
+                        await self.restart_agent()
+                    return result
+                await self.execute(step)
         except StateError as exc:
             # The journal cannot record what we do: stop. If the failure itself can be
             # recorded (the reserve freed a little space) the deploy ends cleanly as failed;
@@ -215,76 +218,156 @@ class DeploymentRunner:
             log.error("%s: %s", self.ctx.host, exc)
             message = f"agent state unusable, deploy stopped: {exc}"
             try:
-                return await self.finish("failed", message)
+                return await self.finish(Finish("failed", message))
             except StateError:
                 await self.ctx.reporter.result(d.deployment_id, d.generation, "failed",
                                                message, None, False, self.output.tail)
                 await self.phase("failed", last_result="failed", message=message)
                 raise
 
-    async def _pipeline(self) -> None:
-        if self.d.rollback:
-            await self.stage("rollback-previous", self.rollback_previous)
-            return
-        toplevel = await self.stage("fetch", self.fetch)
-        self.steps = load_steps(toplevel)
-        cycle = plan.cycle_error(self.steps.steps)
-        if cycle:
-            raise DeployFailed(cycle, status="blocked")
-        await self.stage("check", self.check)
-        await self.phase("checked")
-        if self.d.check_only:
-            return
-        if self.d.action == "dry-activate":
-            await self.stage("dry-activate", lambda: self.dry_activate(toplevel))
-            return
-        items, answers = self.items, self.answers
-        await self.stage("choose", self.choose, needed=bool(
-            plan.blocking_errors(items) or plan.open_items(items, self.d.choices)))
-        await self.stage("approve", self.approve, needed=self.d.policy.approval == "ask")
-        await self.stage("dump", self.dump,
-                         needed=bool(plan.affected_steps(self.steps.steps, items, self.answers)))
-        await self.stage("migrate:before-switch", lambda: self.migrate("before-switch"),
-                         needed=self.has_migrations("before-switch", answers))
-        await self.stage("switch", lambda: self.switch(toplevel))
-        await self.phase("switched")
-        await self.stage("reboot", lambda: self.reboot(toplevel),
-                         needed=self.needs_reboot or "reboot_boot_id" in self.active.notes)
-        await self.stage("migrate:after-switch", lambda: self.migrate("after-switch"),
-                         needed=self.has_migrations("after-switch", answers))
-        await self.phase("migrated")
-        rebooted = bool((self.active.done.get("reboot") or {}).get("rebooted"))
-        await self.stage("confirm", self.confirm, needed=self.d.policy.confirm != "none" and (
-            self.d.action != "boot" or rebooted))
-        await self.phase("confirmed")
+    async def execute(self, step: machine.Step) -> None:
+        if isinstance(step, RunStage):
+            await self._stage(step.name)
+        elif isinstance(step, RunSteps):
+            await self._guarded(step.phase, lambda: self.migrate(step.phase, step.names))
+        elif isinstance(step, Record):
+            for kind, fields in step.records:
+                self.journal(kind, **fields)
+            if step.message:
+                await self.progress("choose" if step.records[0][0] == "answer" else "migrate",
+                                    step.message)
+        elif isinstance(step, Ask):
+            await self._ask(step)
+        elif isinstance(step, Reboot):
+            await self._guarded("reboot", self.reboot)
+        elif isinstance(step, RollBack):
+            await self.roll_back(step.reason)
 
-    @property
-    def needs_reboot(self) -> bool:
-        """After the switch (or, after a reboot, as the boot left it)."""
-        notes = self.active.notes
-        if "needs_reboot" in notes:
-            return bool(notes["needs_reboot"])
-        return bool((self.active.done.get("switch") or {}).get("needs_reboot"))
+    async def _guarded(self, stage: str, body: Callable[[], Awaitable[Any]]) -> None:
+        """Run a body; a host error is journaled for the machine to decide on."""
+        try:
+            await body()
+        except (BackendError, StageFailed, OSError) as exc:
+            await self._note_error(stage, exc)
 
-    def has_migrations(self, phase: str, answers: dict[str, str]) -> bool:
-        by_name = self.steps.by_name()
-        return any(plan.migrations_for(by_name[n], self.items, answers)
-                   for n in plan.phase_graph(self.steps.steps, phase))
+    async def _note_error(self, stage: str, exc: Exception) -> None:
+        message = str(exc) if isinstance(exc, FlotillaError) or not isinstance(exc, OSError) \
+            else f"host error: {exc.strerror}: {exc.filename or ''}".rstrip(": ")
+        status = exc.status if isinstance(exc, StageFailed) else "failed"
+        self.journal("note", key="error", value={"stage": stage, "message": message,
+                                                 "status": status})
+        await self.progress(stage, message)
 
+    async def _stage(self, name: str) -> None:
+        bodies: dict[str, Callable[[], Awaitable[Any]]] = {
+            "fetch": self.fetch, "check": self.check, "dump": self.dump,
+            "switch": self.switch, "reboot": self.after_reboot, "confirm": self.confirm,
+            "rollback-previous": self.rollback_previous, "dry-activate": self.dry_activate,
+        }
+        self.journal("begin", stage=name)
+        token = program_output.set(self.output.writer(name))
+        try:
+            data = await bodies[name]()
+        except (BackendError, StageFailed, OSError) as exc:
+            await self._note_error(name, exc)
+            return
+        finally:
+            program_output.reset(token)
+        self.journal("end", stage=name, data=data)
+        passing = {"fetch": "fetched", "check": "checked", "switch": "switched"}
+        if name in passing:
+            await self.phase(passing[name])
+
+    # -- prompts ---------------------------------------------------------------------
+    async def _ask(self, step: Ask) -> None:
+        """Publish the (journaled) prompt, then wait for an answer, a cancel or wake_at."""
+        a = self.active
+        if step.prompt_id not in a.prompts:
+            deadline = (time.time() + self.d.policy.prompt_deadline_s
+                        if self.d.policy.prompt_deadline_s else None)
+            prompt = Prompt(host=self.ctx.host, prompt_id=step.prompt_id,
+                            deployment_id=self.d.deployment_id, generation=self.d.generation,
+                            kind=step.kind, items=list(step.items),  # type: ignore[arg-type]
+                            created_at=time.time(), deadline=deadline)
+            self.journal("prompt", prompt_id=step.prompt_id, prompt=prompt.model_dump(mode="json"))
+            self.poke()  # the machine sees the journaled prompt (and its deadline) next
+        prompt = Prompt.model_validate(a.prompts[step.prompt_id])
+        if self._prompt is None or self._prompt.prompt_id != prompt.prompt_id:
+            if self._prompt is not None:
+                await self._close_prompt()
+            self._prompt = prompt
+            await self.ctx.reporter.prompt(prompt)
+            # Also as an event: a controller following events (not retained states)
+            # learns that this host now waits, and for which prompt.
+            await self.progress(step.kind, step.message, prompt=prompt,
+                                deferred_until=step.deferred_until)
+            for cb in self.on_prompt:
+                await cb(prompt)
+        state = self.ctx.reporter.state
+        if (state.phase, state.message, state.deferred_until, state.open_prompt) != (
+                step.phase, step.message, step.deferred_until, prompt.prompt_id) \
+                or (step.needs_reboot and not state.needs_reboot):
+            if state.deferred_until != step.deferred_until:
+                await self.progress(step.kind, step.message, prompt=prompt,
+                                    deferred_until=step.deferred_until)
+            await self.phase(step.phase, open_prompt=prompt.prompt_id, message=step.message,
+                             deferred_until=step.deferred_until,
+                             needs_reboot=step.needs_reboot or state.needs_reboot)
+        timeout = None if step.wake_at is None else max(0.0, step.wake_at - time.time())
+        try:
+            await asyncio.wait_for(self._wake.wait(), timeout)
+        except TimeoutError:
+            pass
+
+    async def _close_prompt(self) -> None:
+        self._prompt = None
+        await self.ctx.reporter.prompt(None)
+        for cb in self.on_prompt:
+            await cb(None)
+        await self.phase("acked", open_prompt=None, message="", deferred_until=None)
+
+    async def on_answer(self, answer: Answer, source: str) -> tuple[bool, str]:
+        """Journal an answer to the open prompt (remote, Home Assistant or local) and wake
+        the loop; the first complete answer closes the prompt, later ones are refused."""
+        a = self.active
+        if answer.prompt_id in a.closed_prompts:
+            return False, f"prompt {answer.prompt_id} was already answered"
+        prompt = self._prompt
+        verdict = prompts.validate_answer(prompt, answer,
+                                          a.prompt_answers.get(answer.prompt_id, {}),
+                                          local_now(), self.ctx.tonight)
+        if not verdict.ok:
+            return False, verdict.message
+        self.journal("answer", prompt_id=answer.prompt_id, choices=verdict.choices,
+                     source=source, by=answer.answered_by, complete=verdict.complete,
+                     deferred_until=verdict.deferred_until)
+        who = answer.answered_by or source
+        await self.progress(PROGRESS_STAGE.get(prompt.kind if prompt else "", "choose"),
+                            f"answered by {who}: {verdict.choices}", prompt=prompt,
+                            deferred_until=verdict.deferred_until)
+        if not verdict.complete and prompt is not None:
+            for cb in self.on_prompt:
+                await cb(prompt)
+        self.poke()
+        return True, verdict.message
+
+    def cancel(self, reason: str) -> None:
+        """Journal a cancellation: it ends the deployment's current or next wait."""
+        if "cancel" not in self.active.notes:
+            self.journal("note", key="cancel", value=reason)
+        self.poke()
+
+    # -- stage bodies ------------------------------------------------------------------
     async def fetch(self) -> str:
         await self.phase("acked")
         await self.progress("fetch", f"fetching {self.d.system}")
-
-        line = self._program_lines("fetch")
-
-        toplevel = await self.ctx.backend.fetch(self.d.system, self.ctx.host, line,
-                                                cache=self.d.cache)
-        await self.phase("fetched")
-        return toplevel
+        return await self.ctx.backend.fetch(self.d.system, self.ctx.host,
+                                            self._program_lines("fetch"), cache=self.d.cache)
 
     async def check(self) -> dict[str, Any]:
         """Run the NEW system's checks against this host, in parallel, and report."""
-        checks = [s for s in self.steps.steps if s.check]
+        steps = self.steps or StepsFile()
+        checks = [s for s in steps.steps if s.check]
         await self.progress("check", f"running {len(checks)} state check(s) of the new system")
 
         async def one(step: StepDecl) -> list[ReportItem]:
@@ -302,25 +385,9 @@ class DeploymentRunner:
                                              open_keys, self.d.check_only)
         return {"items": encode_items(items)}
 
-    async def choose(self) -> dict[str, Any]:
-        items = self.items
-        blocking = plan.blocking_errors(items)
-        if blocking:
-            raise DeployFailed("blocked by check errors: " + "; ".join(
-                f"{i.key}: {i.message}" for i in blocking), status="blocked")
-        pending = plan.open_items(items, self.d.choices)
-        if pending:
-            await self.ask(f"{self.d.deployment_id}.choose", "choice", pending)
-        return {"answers": self.answers}
-
-    async def approve(self) -> None:
-        item = ReportItem(step="deploy", id="approve", severity="recommendation",
-                          message=f"approve {self.d.action} to {self.d.system}",
-                          choices=[Choice(id="approve", label="Approve")], default=None)
-        await self.ask(f"{self.d.deployment_id}.approve", "approval", [item])
-
     async def dump(self) -> dict[str, Any]:
-        affected = plan.affected_steps(self.steps.steps, self.items, self.answers)
+        steps = self.steps or StepsFile()
+        affected = plan.affected_steps(steps.steps, self.items, self.answers)
         dumps: dict[str, str] = {}
         for step in affected:
             await self.progress("dump", f"dumping state of {step.name}", step=step.name)
@@ -329,45 +396,26 @@ class DeploymentRunner:
                                                step.revision, self.env)
         return {"dumps": dumps}
 
-    async def migrate(self, phase: str) -> dict[str, Any]:
-        """Run this phase's migrations in dependency order, some in parallel."""
-        by_name = self.steps.by_name()
-        graph = plan.phase_graph(self.steps.steps, phase)
-        todo = {n for n in graph if plan.migrations_for(by_name[n], self.items, self.answers)}
-        if not todo:
-            return {"steps": 0}
-        rounds = 0
-        while True:
-            rounds += 1
-            failed: dict[str, str] = {}
-            await self._interrupted(todo, failed)
+    async def migrate(self, phase: str, names: tuple[str, ...]) -> None:
+        """Run these steps' migrations in dependency order, some in parallel; a failure
+        is noted and its dependents wait (the machine resolves it)."""
+        steps = self.steps or StepsFile()
+        by_name = steps.by_name()
+        graph = plan.phase_graph(steps.steps, phase)
+        todo = set(names)
 
-            async def run(name: str, failed: dict[str, str] = failed) -> bool:
-                if name not in todo or f"step:{name}" in self.active.done or name in failed:
-                    return name not in failed
-                return await self._run_step(by_name[name], failed)
+        async def run(name: str) -> bool:
+            if name not in todo:
+                return True
+            return await self._run_step(by_name[name])
 
-            def skip(name: str, because: str) -> None:
-                if name in todo and f"step:{name}" not in self.active.done:
-                    self.output.line("agent", f"migrate:{name}", f"skipped: {because} failed")
+        def skip(name: str, because: str) -> None:
+            if name in todo:
+                self.output.line("agent", f"migrate:{name}", f"waits: {because} failed")
 
-            await run_graph(graph, self.d.policy.max_parallel_steps, run, skip)
-            if not failed:
-                return {"steps": len(todo)}
-            await self._resolve_failures(failed, rounds)
+        await run_graph(graph, self.d.policy.max_parallel_steps, run, skip)
 
-    async def _interrupted(self, todo: set[str], failed: dict[str, str]) -> None:
-        """Steps begun but never ended: killed mid-run, or failed earlier."""
-        for name in sorted(todo):
-            key = f"step:{name}"
-            if key in self.active.started and key not in self.active.done:
-                note = self.active.notes.get(f"failed:{name}")
-                step = self.steps.by_name()[name]
-                if note is None and step.idempotent:
-                    continue  # safe to run again
-                failed[name] = note or "interrupted while running (the step is not idempotent)"
-
-    async def _run_step(self, step: StepDecl, failed: dict[str, str]) -> bool:
+    async def _run_step(self, step: StepDecl) -> bool:
         key = f"step:{step.name}"
         self.journal("begin", stage=key)
         self._lines_to(f"migrate:{step.name}")
@@ -378,57 +426,30 @@ class DeploymentRunner:
             if error is not None:
                 self.journal("note", key=f"failed:{step.name}", value=error)
                 await self.progress("migrate", f"{step.name} failed: {error}", step=step.name)
-                failed[step.name] = error
                 return False
         self.journal("end", stage=key, data={"status": "ok"})
         await self.progress("migrate", f"{step.name} done", step=step.name)
         return True
 
-    async def _resolve_failures(self, failed: dict[str, str], rounds: int) -> None:
-        policy = self.d.policy.on_step_failure
-        if policy == "ask" or (policy == "retry" and rounds > 2):
-            items = [ReportItem(step=name, id="failed", severity="error", message=msg,
-                                choices=FAILURE_CHOICES, default="rollback")
-                     for name, msg in sorted(failed.items())]
-            n = sum(1 for p in self.active.prompts if ".failure" in p) + 1
-            answers = await self.ask(f"{self.d.deployment_id}.failure{n}", "step_failure", items)
-            decisions = {name: answers.get(f"{name}.failed", "rollback") for name in failed}
-        else:
-            decisions = {name: policy for name in failed}
-        if "rollback" in decisions.values():
-            raise DeployFailed("migration failed: " + "; ".join(
-                f"{n}: {m}" for n, m in failed.items()), rollback=True)
-        for name, decision in decisions.items():
-            key = f"step:{name}"
-            if decision == "skip":
-                self.journal("end", stage=key, data={"status": "skipped"})
-            else:  # retry: forget the failure, run it again
-                self.journal("reset", stages=[key], notes=[f"failed:{name}"])
-
-    async def switch(self, toplevel: str) -> dict[str, Any]:
+    async def switch(self) -> dict[str, Any]:
+        toplevel = str(self.active.done["fetch"])
         await self.progress("switch", f"switch-to-configuration {self.d.action}")
-
-        line = self._program_lines("switch")
-
         backend = self.ctx.backend
-        outcome = await backend.switch(toplevel, self.d.action, line,
+        outcome = await backend.switch(toplevel, self.d.action, self._program_lines("switch"),
                                        install_bootloader=self.d.install_bootloader)
         if outcome.inhibited:
-            raise DeployFailed(
+            raise StageFailed(
                 f"switch-to-configuration {self.d.action} refused by switch inhibitors "
                 "(nothing was activated; the boot default is unchanged): deploy with "
                 "--action boot and reboot to take this system", status="blocked")
-        needs_reboot = activation_needs_reboot(self.d.action, outcome.reboot_required,
-                                               backend.needs_reboot(toplevel),
-                                               backend.current_system(), toplevel)
         if outcome.units_failed:
             await self.progress("switch", "switch-to-configuration: some units failed (exit 4)")
-            raise DeployFailed("activation finished but some units failed (exit 4)",
-                               rollback=True)
+            raise StageFailed("activation finished but some units failed (exit 4)")
         restart_agent = self.d.action in ("switch", "test") and backend.agent_unit_changed(
             self.active.previous_system, toplevel)
-        return {"exit_code": outcome.exit_code, "needs_reboot": needs_reboot,
-                "restart_agent": restart_agent}
+        return {"exit_code": outcome.exit_code, "needs_reboot": activation_needs_reboot(
+            self.d.action, outcome.reboot_required, backend.needs_reboot(toplevel),
+            backend.current_system(), toplevel), "restart_agent": restart_agent}
 
     async def restart_agent(self) -> None:
         """The new system has another agent unit: restart into it now that the result
@@ -441,9 +462,10 @@ class DeploymentRunner:
         except BackendError as exc:
             log.warning("%s: %s (the new agent starts at the next boot)", self.ctx.host, exc)
 
-    async def dry_activate(self, toplevel: str) -> dict[str, Any]:
+    async def dry_activate(self) -> dict[str, Any]:
         """switch-to-configuration dry-activate: what a switch would stop, restart, start
         or reload, reported; nothing is switched and the profile is untouched."""
+        toplevel = str(self.active.done["fetch"])
         await self.progress("switch", "switch-to-configuration dry-activate")
         would: list[str] = []
 
@@ -457,46 +479,18 @@ class DeploymentRunner:
             would.append("a switch would be refused by switch inhibitors (boot would work)")
         return {"would": would}
 
-    async def reboot(self, toplevel: str) -> dict[str, Any]:
-        """Reboot when needed and the policy says so. The boot id is journaled first, so
-        after the boot the agent sees the new id and finishes the deploy."""
-        backend, notes = self.ctx.backend, self.active.notes
-        before = notes.get("reboot_boot_id")
-        if before is not None:
-            if before == backend.boot_id():
-                raise DeployFailed("a reboot was requested but the host did not reboot",
-                                   rollback=True)
-            self.journal("note", key="needs_reboot", value=backend.needs_reboot(toplevel))
-            await self.progress("reboot", "host rebooted; finishing the deploy")
-            return {"rebooted": True}
-        while True:
-            decision = reboot_decision(self.d.policy.reboot, self.needs_reboot,
-                                       datetime.now().astimezone(), self.d.action)
-            if decision.action in ("none", "report"):
-                return {"rebooted": False}
-            if decision.action == "ask":
-                item = ReportItem(
-                    step="deploy", id="reboot", severity="recommendation",
-                    message="the new system needs a reboot",
-                    choices=[Choice(id="now", label="Reboot now", destructive=True),
-                             Choice(id="later", label="Later (report needs_reboot)")],
-                    default="later")
-                answers = await self.ask(f"{self.d.deployment_id}.reboot", "reboot", [item])
-                if answers.get("deploy.reboot") != "now":
-                    return {"rebooted": False}
-                break
-            if decision.action == "now":
-                break
-            assert decision.wait_until is not None
-            await self.phase("awaiting_reboot",
-                             message=f"reboot window opens at {decision.wait_until:%H:%M}")
-            await self.progress("reboot", f"reboot window opens at {decision.wait_until:%H:%M}")
-            await asyncio.sleep(max(0.0, decision.wait_until.timestamp() - time.time()))
-        self.journal("note", key="reboot_boot_id", value=backend.boot_id())
-        await self.phase("awaiting_reboot", message="rebooting")
+    async def reboot(self) -> None:
+        """The boot id is journaled first, so after the boot the machine sees a new id
+        and finishes the deploy."""
+        self.journal("note", key="reboot_boot_id", value=self.ctx.backend.boot_id())
+        await self.phase("awaiting_reboot", message="rebooting", needs_reboot=True)
         await self.progress("reboot", "rebooting")
-        await backend.reboot()  # returns only if the host failed to go down (then it raises)
-        return {"rebooted": False}
+        await self.ctx.backend.reboot()  # returns only if the host failed to go down
+
+    async def after_reboot(self) -> dict[str, Any]:
+        toplevel = str(self.active.done["fetch"])
+        await self.progress("reboot", "host rebooted; finishing the deploy")
+        return {"rebooted": True, "needs_reboot": self.ctx.backend.needs_reboot(toplevel)}
 
     async def confirm(self) -> None:
         policy = self.d.policy
@@ -509,15 +503,14 @@ class DeploymentRunner:
         ok = remaining > 0 and await self.ctx.round_trip(
             self.d.generation, remaining, policy.confirm == "controller")
         if not ok:
-            raise DeployFailed(
-                f"no confirmation through the broker within {policy.confirm_timeout_s:.0f}s",
-                rollback=True)
+            raise StageFailed(
+                f"no confirmation through the broker within {policy.confirm_timeout_s:.0f}s")
 
     async def rollback_previous(self) -> dict[str, Any]:
         """`fleetctl rollback`: undo the last deployment, data (dumps) and code."""
         last = self.ctx.journal.state.last_deployment
         if last is None or "switch" not in last.started:
-            raise DeployFailed("nothing to roll back: no earlier deployment switched here")
+            raise StageFailed("nothing to roll back: no earlier deployment switched here")
         await self.phase("rolling_back", message=f"rolling back {last.deployment_id}")
         steps = load_steps(str(last.done.get("fetch") or ""))
         by_name = steps.by_name()
@@ -526,120 +519,29 @@ class DeploymentRunner:
         for name in plan.reverse_order([s for s in steps.steps if s.name in dumps]):
             await self.progress("rollback", f"restoring {name}", step=name)
             await restore_step(self.ctx.backend, self.ctx.dumps, by_name[name], dumps[name], env)
-
         await self.ctx.backend.rollback(last.previous_system, self._program_lines("rollback"))
-        return {"system": last.previous_system,
+        return {"system": last.previous_system, "generation": last.previous_generation,
                 "message": f"rolled back deployment {last.deployment_id} "
                            f"(generation {last.generation})"}
 
-    # -- prompts ---------------------------------------------------------------------
-    async def ask(self, prompt_id: str, kind: str, items: list[ReportItem]) -> dict[str, str]:
-        """Publish a retained prompt and wait (across restarts) for its answer."""
-        a = self.active
-        if prompt_id in a.closed_prompts:
-            return self.answers
-        if prompt_id not in a.prompts:
-            deadline = (time.time() + self.d.policy.prompt_deadline_s
-                        if self.d.policy.prompt_deadline_s else None)
-            prompt = Prompt(host=self.ctx.host, prompt_id=prompt_id,
-                            deployment_id=self.d.deployment_id, generation=self.d.generation,
-                            kind=kind, items=items, created_at=time.time(),  # type: ignore[arg-type]
-                            deadline=deadline)
-            self.journal("prompt", prompt_id=prompt_id, prompt=prompt.model_dump(mode="json"))
-        self.prompt = Prompt.model_validate(a.prompts[prompt_id])
-        self._answered = asyncio.get_running_loop().create_future()
-        try:
-            await self.ctx.reporter.prompt(self.prompt)
-            phase = "awaiting_approval" if kind == "approval" else "awaiting_choice"
-            await self.phase(phase, open_prompt=prompt_id,
-                             message=f"waiting for an answer to {prompt_id}")
-            # Also as an event: a controller following events (not retained states)
-            # learns that this host now waits, and for which prompt.
-            stage = {"approval": "approve", "reboot": "reboot"}.get(kind, "choose")
-            await self.progress(stage, f"waiting for an answer to {prompt_id}",
-                                prompt=self.prompt)
-            for cb in self.on_prompt:
-                await cb(self.prompt)
-            await self._wait_for_answer(self.prompt)
-        finally:
-            self.prompt, self._answered = None, None
-        await self.ctx.reporter.prompt(None)
-        for cb in self.on_prompt:
-            await cb(None)
-        await self.phase("acked", open_prompt=None, message="")
-        return self.answers
-
-    async def _wait_for_answer(self, prompt: Prompt) -> None:
-        """Wait for answers; once the deadline passes (also while the host was down) the
-        policy may take each item's default, recorded as taken by "deadline"."""
-        assert self._answered is not None
-        timeout = seconds_left(prompt, self.d.policy, time.time())
-        try:
-            await asyncio.wait_for(asyncio.shield(self._answered), timeout)
-            return
-        except TimeoutError:
-            pass
-        defaults = deadline_answer(prompt, self.d.policy, time.time())
-        if defaults is not None and prompt.kind != "approval":
-            _, message = await self.on_answer(defaults, DEADLINE_SOURCE)
-            await self.progress("choose", f"deadline passed: took defaults {defaults.choices}"
-                                          f" ({message})")
-            if self._answered.done():
-                return
-        await self.progress("choose", "prompt deadline passed; still waiting for an answer")
-        await self._answered
-
-    async def on_answer(self, answer: Answer, source: str) -> tuple[bool, str]:
-        """Apply an answer (remote, Home Assistant or local); the first one wins."""
-        prompt = self.prompt
-        a = self.active
-        if answer.prompt_id in a.closed_prompts:
-            return False, f"prompt {answer.prompt_id} was already answered"
-        if prompt is None or prompt.prompt_id != answer.prompt_id:
-            return False, f"no open prompt {answer.prompt_id}"
-        if prompt.kind == "approval":
-            if not answer.approve and answer.choices.get("deploy.approve") != "approve":
-                return False, "an approval prompt needs approve"
-            choices = {"deploy.approve": "approve"}
-        else:
-            choices = dict(answer.choices)
-            keys = {i.key for i in prompt.items}
-            unknown = [k for k in choices if k not in keys]
-            bad = plan.invalid_answers(prompt.items, choices)
-            if bad or unknown or not choices:
-                return False, "invalid answer: " + "; ".join(
-                    [*bad, *(f"{k} is not asked here" for k in unknown)] or ["no choices"])
-        have = {**{k: v for k, v in a.answers.items() if k in {i.key for i in prompt.items}},
-                **choices}
-        missing = [i.key for i in prompt.items if i.key not in have]
-        self.journal("answer", prompt_id=answer.prompt_id, choices=choices, source=source,
-                     by=answer.answered_by, complete=not missing)
-        who = answer.answered_by or source
-        await self.progress("choose", f"answered by {who}: {choices}")
-        if missing:
-            for cb in self.on_prompt:
-                await cb(prompt)
-            return True, f"accepted; still open: {', '.join(missing)}"
-        if self._answered is not None and not self._answered.done():
-            self._answered.set_result(have)
-        return True, "accepted"
-
     # -- endings ---------------------------------------------------------------------
-    async def roll_back(self, reason: str) -> RecordedResult:
+    async def roll_back(self, reason: str) -> None:
         """Restore dumps (reverse dependency order), then switch back to the previous
         generation: code and data return together."""
         a = self.active
+        if "rollback_reason" not in a.notes:
+            self.journal("note", key="rollback_reason", value=reason)
         await self.phase("rolling_back", message=reason)
         self.journal("begin", stage="rollback")
         await self.progress("rollback", f"rolling back: {reason}")
-
         line = self._program_lines("rollback")
         self._lines_to("rollback")
         try:
+            steps = self.steps or StepsFile()
             dumps: dict[str, str] = (a.done.get("dump") or {}).get("dumps") or {}
-            by_name = self.steps.by_name()
+            by_name = steps.by_name()
             touched = {n for n in dumps if f"step:{n}" in a.started}
-            for name in plan.reverse_order([s for s in self.steps.steps if s.name in dumps]):
+            for name in plan.reverse_order([s for s in steps.steps if s.name in dumps]):
                 if name in touched:
                     await self.progress("rollback", f"restoring {name}", step=name)
                     self._lines_to(f"restore:{name}")
@@ -648,20 +550,20 @@ class DeploymentRunner:
             if "switch" in a.started:
                 await self.ctx.backend.rollback(a.previous_system, line)
         except (BackendError, OSError) as exc:
-            return await self.finish("failed", f"{reason}; rollback failed: {exc}")
+            self.journal("note", key="rollback_error", value=str(exc))
+            return
         self.journal("end", stage="rollback")
-        return await self.finish("rolled_back", reason, system=None)
 
-    async def finish(self, status: str, message: str, system: str | None = None,
-                     needs_reboot: bool = False) -> RecordedResult:
+    async def finish(self, f: Finish) -> RecordedResult:
         d = self.d
-        self.journal("result", generation=d.generation, status=status, message=message,
-                     system=system, needs_reboot=needs_reboot)
+        extra = {} if f.installed is None else {"installed": f.installed}
+        self.journal("result", generation=d.generation, status=f.status, message=f.message,
+                     system=f.system, needs_reboot=f.needs_reboot, **extra)
         st = self.ctx.journal.state
+        current = self.ctx.backend.current_system()
         await self.output.flush()  # the lines arrive before the Result that ends the host
-        await self.ctx.reporter.result(d.deployment_id, d.generation, status, message,
-                                       system or self.ctx.backend.current_system(),
-                                       needs_reboot, self.output.tail)
+        await self.ctx.reporter.result(d.deployment_id, d.generation, f.status, f.message,
+                                       f.system or current, f.needs_reboot, self.output.tail)
         await self.ctx.reporter.prompt(None)
         if d.check_only:  # a check is no deploy: the host's reported status stays as it was
             b = self._before
@@ -669,12 +571,12 @@ class DeploymentRunner:
                 phase=b.phase, last_result=b.last_result, message=b.message,
                 deployment_id=b.deployment_id, rollout_id=b.rollout_id,
                 desired_generation=b.desired_generation, percent=None, step=None,
-                open_prompt=None)
+                open_prompt=None, deferred_until=None)
             return st.results[d.deployment_id]
-        await self.phase(phase_of(status), last_result=status, message=message,
-                         system=self.ctx.backend.current_system() or st.system,
-                         generation=st.generation, needs_reboot=needs_reboot, percent=None,
-                         step=None, open_prompt=None)
+        await self.phase(phase_of(f.status), last_result=f.status, message=f.message,
+                         system=current or st.system,
+                         generation=st.generation, needs_reboot=f.needs_reboot, percent=None,
+                         step=None, open_prompt=None, deferred_until=None)
         return st.results[d.deployment_id]
 
 

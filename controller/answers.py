@@ -13,7 +13,8 @@ from controller.connection import connect, read_retained
 from controller.deploy import ControllerContext
 from protocol.codec import decode, encode
 from protocol.errors import InputError, ProtocolError, UsageError
-from protocol.models import Answer, Prompt, Rejected
+from protocol.models import Answer, Cancel, Progress, Prompt, Rejected
+from protocol.prompts import fmt_time
 from protocol.signing import sign
 
 ANSWER_WAIT_S = 10.0
@@ -112,4 +113,22 @@ async def _outcome(client: aiomqtt.Client, prompt_topic: str, prompt_id: str
         if isinstance(ev, Rejected) and ev.reason == "answer_refused" \
                 and prompt_id in ev.message:
             return False, ev.message
+        if isinstance(ev, Progress) and ev.prompt_id == prompt_id and ev.deferred_until:
+            return True, f"deferred until {fmt_time(ev.deferred_until)}"  # the prompt stays
     return False, "connection closed"
+
+
+async def send_cancel(ctx: ControllerContext, hosts: list[str], reason: str,
+                      cancelled_by: str) -> None:
+    """`fleetctl cancel`: withdraw each host's retained desired state (it never starts if
+    it has not yet) and send a signed Cancel on its answer topic (QoS 1: an offline host
+    gets it when it is back), which ends the running deployment's wait."""
+    if ctx.key is None:
+        raise UsageError("no signing key: run `fleetctl keys init`")
+    t = ctx.topics
+    async with connect(ctx.broker, **ctx.client_kwargs) as client:
+        for host in hosts:
+            cancel = sign(Cancel(host=host, reason=reason, cancelled_by=cancelled_by,
+                                 issued_at=time.time()), ctx.key)
+            await client.publish(t.desired(host), b"", qos=1, retain=True)
+            await client.publish(t.answer(host), encode(cancel), qos=1)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import re
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +29,12 @@ from controller.monitor import (
 )
 from controller.nixbuild import load_systems
 from controller.planner import RolloutPolicy
+from controller.view import HostView
 from protocol.errors import InputError, UsageError
 from protocol.models import DeployPolicy
 
 CHOICE_RE = re.compile(r"^([A-Za-z0-9_.-]+)\.([A-Za-z0-9_:-]+)=([A-Za-z0-9._:@-]+)$")
-LINE_INTERVAL = 0.5  # seconds between checks for host changes (plain and --stream lines)
+MAX_RETRY_NOTES = 3
 ROLLOUT_FLAGS = ("canary", "batch", "max_parallel", "max_failures", "min_executed",
                  "host_timeout", "retries", "pause_between_batches", "confirm_batches",
                  "offline")
@@ -266,6 +268,11 @@ def driver_notes(d: RolloutDriver, now: float | None = None) -> list[str]:
     elif d.pause_until is not None and d.req.rollout.pause_between_batches and not any(
             v.deployment_id is not None and v.result is None for v in d.views.values()):
         notes.append(f"pausing between batches: next one in {max(0, d.pause_until - now):.0f}s")
+    retrying = [(h, n) for h, n in d.progress.attempts.items()
+                if n > 1 and d.views[h].result is None]
+    for h, n in retrying[:MAX_RETRY_NOTES]:
+        notes.append(f"retrying {h} (attempt {n}): attempt {n - 1} failed; its log: "
+                     f"fleetctl logs {h} --deployment {d.rollout_id}.{n - 1}")
     return notes
 
 
@@ -287,44 +294,68 @@ async def read_stdin_line() -> str | None:
     return line or None
 
 
-def tty_asker(live: Live | None) -> AskContinue:
-    """--confirm-batches on a terminal: ask y/n; `fleetctl rollout continue` also works."""
+def tty_asker(live: Live | None, questions: list[str]) -> AskContinue:
+    """--confirm-batches on a terminal: ask y/n; `fleetctl rollout continue` also works.
+    The question is a line of the live view (stopping and restarting the view printed
+    the table twice around it) and the typed answer is not echoed into the view."""
 
     async def ask(d: RolloutDriver, batch: int) -> bool | None:
         size = len(d.batches[batch]) if batch < len(d.batches) else 0
-        if live is not None:
-            live.stop()
-        try:
-            while True:
-                print(f"\nstart batch {batch + 1}/{len(d.batches)} ({plural(size, 'host')})? "
-                      "[y/n] "
-                      f"(or from any terminal: fleetctl rollout continue {d.rollout_id}) ",
-                      end="", flush=True)
-                line = await read_stdin_line()
-                if line is None:
-                    return None
-                answer = line.strip().lower()
-                if answer in ("y", "yes"):
-                    return True
-                if answer in ("n", "no"):
-                    return False
-        finally:
-            if live is not None:
-                live.start()
+        question = (f"start batch {batch + 1}/{len(d.batches)} ({plural(size, 'host')})? "
+                    f"[y/n] + Enter (or from any terminal: fleetctl rollout continue "
+                    f"{d.rollout_id})")
+        questions.append(question)
+        with _no_echo():
+            try:
+                while True:
+                    if live is None:
+                        print(question, flush=True)
+                    line = await read_stdin_line()
+                    if line is None:
+                        return None
+                    answer = line.strip().lower()
+                    if answer in ("y", "yes"):
+                        return True
+                    if answer in ("n", "no"):
+                        return False
+            finally:
+                questions.remove(question)
 
     return ask
+
+
+@contextlib.contextmanager
+def _no_echo() -> Iterator[None]:
+    """Keystrokes typed at a question are not echoed (the live view owns the screen)."""
+    try:
+        import termios
+        fd = sys.stdin.fileno()
+        old = termios.tcgetattr(fd)
+    except (ImportError, OSError, ValueError):
+        yield
+        return
+    new = [*old]
+    new[3] = new[3] & ~termios.ECHO
+    try:
+        termios.tcsetattr(fd, termios.TCSANOW, new)
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSANOW, old)
 
 
 async def run_with_view(args: argparse.Namespace, driver: RolloutDriver, wait: bool) -> Outcome:
     title = f"rollout {driver.rollout_id}: {driver.req.system}"
 
+    questions: list[str] = []
+
     def view() -> Group:
-        return render(driver.views.values(), title, driver.batches, notes=driver_notes(driver))
+        return render(driver.views.values(), title, driver.batches,
+                      notes=[*driver_notes(driver), *questions])
 
     live = cliutil.live_view(args, view)
     interactive = not args.json and sys.stdin.isatty() and sys.stdout.isatty()
     if interactive and driver.req.rollout.confirm_batches:
-        driver.ask_continue = tty_asker(live)
+        driver.ask_continue = tty_asker(live, questions)
     try:
         if live is None:
             return await _run_lines(args, driver, wait)
@@ -346,24 +377,16 @@ async def _run_lines(args: argparse.Namespace, driver: RolloutDriver, wait: bool
         return await driver.run(wait=wait)
     tracker = ChangeTracker()
 
-    def emit() -> None:
-        for v in tracker.changes(driver.views.values()):
+    def emit(views: Iterable[HostView]) -> None:
+        for v in tracker.changes(views):
             if args.json:
                 cliutil.emit_json(host_line(driver.rollout_id, v))
             else:
                 print(plain_line(v), flush=True)
 
-    async def ticker() -> None:
-        while True:
-            await asyncio.sleep(LINE_INTERVAL)
-            emit()
-
-    task = asyncio.create_task(ticker())
-    try:
-        outcome = await driver.run(wait=wait)
-    finally:
-        task.cancel()
-    emit()
+    driver.on_host = lambda v: emit((v,))  # each change as it happens, even a brief one
+    outcome = await driver.run(wait=wait)
+    emit(driver.views.values())
     return outcome
 
 
@@ -410,6 +433,7 @@ def report(args: argparse.Namespace, outcome: Outcome, check: bool = False,
     if args.json:
         cliutil.emit_json(outcome.summary())
     else:
-        print_summary(Console(file=sys.stdout), outcome.views.values(), outcome.status,
+        print_summary(Console(file=sys.stdout, soft_wrap=True), outcome.views.values(),
+                      outcome.status,
                       outcome.finished - outcome.started)
     return cliutil.EXIT_OK if outcome.status == "succeeded" else cliutil.EXIT_FAILED

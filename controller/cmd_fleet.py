@@ -83,7 +83,7 @@ async def cmd_demo(args: argparse.Namespace) -> int:
     if args.prompt_deadline <= 0 or args.delay < 0:
         raise UsageError("--prompt-deadline must be positive and --delay not negative")
     seed = args.seed if args.seed is not None else secrets.randbelow(100_000)
-    console = Console(stderr=args.json)
+    console = Console(stderr=args.json, soft_wrap=True)
     work = Path(tempfile.mkdtemp(prefix="flotilla-demo-"))
     plan = demo.plan_demo(args.hosts, args.fail_rate, seed)
     system = demo.make_system(work, plan, pace=max(0.1, args.delay))
@@ -166,13 +166,16 @@ def epilogue(console: Console, state: Path, rollout_id: str, driver: RolloutDriv
         v = driver.views[host]
         console.print(f"[yellow]{host}[/]: attempt 1 rolled back; retry: {v.result}. "
                       "Its first attempt's log:")
-        for rec in logs.read_lines(state, rollout_id, host, rollout_id)[-6:]:
+        output = [r for r in logs.read_lines(state, rollout_id, host, rollout_id)
+                  if r.stream != "agent"]
+        for rec in output[-6:]:
             console.print(f"    {logs.format_line(rec)}", markup=False, highlight=False)
-    env = f"FLEET_STATE_DIR={state} FLEET_INVENTORY={work / 'fleet.toml'}"
-    console.print(f"state kept in {work}; try:\n  {env} fleetctl rollouts\n"
-                  f"  {env} fleetctl rollout show {rollout_id}\n"
-                  f"  {env} fleetctl logs HOST --deployment {rollout_id}\n"
-                  f"  {env} fleetctl watch {rollout_id}", markup=False, highlight=False)
+    console.print(f"state kept in {work}; look around with:\n"
+                  f"  export FLEET_STATE_DIR={state} FLEET_INVENTORY={work / 'fleet.toml'}\n"
+                  f"  fleetctl rollouts\n  fleetctl rollout show {rollout_id}\n"
+                  f"  fleetctl watch {rollout_id}\n"
+                  f"  fleetctl logs HOST [--deployment {rollout_id}]",
+                  markup=False, highlight=False)
 
 
 async def wait_online(ctx: Any, hosts: list[str], agents: subprocess.Popen[bytes],

@@ -27,8 +27,8 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
                     "the rollout.")
     p.add_argument("host", help="host name")
     p.add_argument("--deployment", metavar="ID",
-                   help="rollout id or deployment id (ROLLOUT.N is retry N), or a unique "
-                        "prefix (default: the host's latest rollout)")
+                   help="a rollout id (every attempt) or one attempt ROLLOUT.N (ROLLOUT.1 is "
+                        "the first), or a unique prefix (default: the host's latest rollout)")
     p.add_argument("--follow", "-f", action="store_true",
                    help="keep printing new lines until the host's deployment ends")
     p.add_argument("--lines", "-n", type=int, default=0,
@@ -48,6 +48,8 @@ def pick(doc: dict[str, Any], host: str, ident: str | None) -> tuple[str, str | 
     r = store.find_rollout(doc, rollout)
     if host not in r.get("hosts", {}):
         raise InputError(f"rollout {r['id']} did not include {host}")
+    if ident == f"{r['id']}.1":  # attempt 1 deploys as the rollout id itself
+        return str(r["id"]), str(r["id"])
     return str(r["id"]), (ident if ident != rollout else None)
 
 

@@ -70,6 +70,10 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     comp = ss.add_parser("compact", parents=[common],
                          help="replace the log by one snapshot entry (atomic)")
     comp.set_defaults(func=cmd_state_compact)
+    rep = ss.add_parser("repair", parents=[common],
+                        help="rebuild a damaged log from every readable entry (the damaged "
+                             "file is kept aside)")
+    rep.set_defaults(func=cmd_state_repair)
 
 
 def _eventlog(args: argparse.Namespace) -> EventLog:
@@ -103,7 +107,7 @@ def cmd_rollouts(args: argparse.Namespace) -> int:
     rollouts = store.rollouts_by_age(doc)
     if args.limit:
         rollouts = rollouts[-args.limit:]
-    rows = [_with_driver(log, store.rollout_row(r)) for r in rollouts]
+    rows = [rollout_ops.with_driver(log, store.rollout_row(r)) for r in rollouts]
     if args.json:
         cliutil.emit_json(rows)
         return cliutil.EXIT_OK
@@ -131,21 +135,16 @@ def close_finished(log: EventLog, doc: dict[str, Any]) -> list[str]:
             and rollout_ops.close_if_complete(log, rid) is not None]
 
 
-def _with_driver(log: EventLog, row: dict[str, Any]) -> dict[str, Any]:
-    """`driven`: for a running rollout, whether a fleetctl process drives it now."""
-    running = row["status"] in ("running", "aborting")
-    return {**row, "driven": rollout_ops.driven(log, row["id"]) if running else None}
-
-
 def cmd_show(args: argparse.Namespace) -> int:
     log = _existing_log(args)
     r = store.find_rollout(log.load(), args.id)
     if r.get("status") == "running" and rollout_ops.close_if_complete(log, r["id"]):
         r = store.find_rollout(log.load(), r["id"])
     counts = store.rollout_counts(r)
-    driven = rollout_ops.driven(log, r["id"]) if r.get("status") == "running" else None
+    detail = rollout_ops.with_driver(log, store.rollout_detail(r))
+    driven = detail["driven"]
     if args.json:
-        cliutil.emit_json({**store.rollout_detail(r), "driven": driven})
+        cliutil.emit_json(detail)
         return cliutil.EXIT_OK
     console = _console()
     pol = r.get("policy", {}).get("rollout", {})
@@ -295,6 +294,20 @@ def cmd_state_show(args: argparse.Namespace) -> int:
         print(json.dumps(doc, separators=(",", ":")))
     else:
         print(json.dumps(doc, indent=2))
+    return cliutil.EXIT_OK
+
+
+def cmd_state_repair(args: argparse.Namespace) -> int:
+    report = _eventlog(args).repair()
+    if args.json:
+        cliutil.emit_json({"kept": report.kept, "skipped": report.skipped,
+                           "damaged_copy": str(report.damaged_copy)})
+    else:
+        print(f"rebuilt {_eventlog(args).path} from {report.kept} readable "
+              f"entr{'y' if report.kept == 1 else 'ies'}; skipped {len(report.skipped)}; "
+              f"the damaged file is kept as {report.damaged_copy}")
+        for line in report.skipped[:10]:
+            print(f"  skipped {line}")
     return cliutil.EXIT_OK
 
 

@@ -10,9 +10,10 @@ from typing import Any
 from rich.console import Console
 
 from controller import cliutil
-from controller.answers import open_prompts, prompt_row, send_answer
+from controller.answers import open_prompts, prompt_row, send_answer, send_cancel
 from controller.cmd_deploy import parse_choices
 from protocol.errors import InputError, UsageError
+from protocol.prompts import APPROVE_KEY, DEFERRALS
 from protocol.topics import validate_host
 
 
@@ -26,9 +27,20 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     a.add_argument("choices", nargs="*", metavar="STEP.ITEM=CHOICE")
     a.add_argument("--approve", action="store_true", help="approve a deploy waiting for it")
     a.set_defaults(func=cmd_answer)
-    r = sub.add_parser("approve", parents=[common], help="approve deploys waiting for approval")
+    r = sub.add_parser("approve", parents=[common],
+                       help="approve deploys waiting for approval (or start their pending "
+                            "reboot now); --defer puts an approval off instead")
     r.add_argument("selector")
+    r.add_argument("--defer", choices=DEFERRALS,
+                   help="not now: defer-1h, defer-tonight (the host's evening time) or "
+                        "defer-tomorrow; the deploy proceeds by itself then")
     r.set_defaults(func=cmd_approve)
+    c = sub.add_parser("cancel", parents=[common],
+                       help="withdraw the hosts' pending desired state and end their "
+                            "deployment's wait (approval, choice, reboot); signed")
+    c.add_argument("selector")
+    c.add_argument("--reason", default="", help="recorded with the cancellation")
+    c.set_defaults(func=cmd_cancel)
     b = sub.add_parser("rollback", parents=[common],
                        help="undo each host's last deployment: restore its dumps, then the "
                             "previous generation")
@@ -102,20 +114,35 @@ async def cmd_answer(args: argparse.Namespace) -> int:
 async def cmd_approve(args: argparse.Namespace) -> int:
     hosts = cliutil.inventory(args).resolve(args.selector)
     ctx = cliutil.context(args, need_key=True)
-    prompts = {h: p for h, p in (await open_prompts(ctx, hosts)).items()
-               if p.kind == "approval"}
+    kinds = ("approval",) if args.defer else ("approval", "reboot")
+    prompts = {h: p for h, p in (await open_prompts(ctx, hosts)).items() if p.kind in kinds}
     results = {}
     for host, prompt in sorted(prompts.items()):
-        results[host] = await send_answer(ctx, host, prompt.prompt_id, {}, True,
-                                          _answered_by())
+        if args.defer:
+            results[host] = await send_answer(ctx, host, prompt.prompt_id,
+                                              {APPROVE_KEY: args.defer}, False, _answered_by())
+        else:
+            results[host] = await send_answer(ctx, host, prompt.prompt_id, {}, True,
+                                              _answered_by())
     if args.json:
         cliutil.emit_json({h: {"accepted": ok, "message": m} for h, (ok, m) in results.items()})
     else:
         if not results:
-            print("no host is waiting for approval")
+            print("no host is waiting for approval" + ("" if args.defer else " or a reboot"))
         for h, (_ok, m) in results.items():
             print(f"{h}: {m}")
     return cliutil.EXIT_OK if all(ok for ok, _ in results.values()) else cliutil.EXIT_FAILED
+
+
+async def cmd_cancel(args: argparse.Namespace) -> int:
+    hosts = cliutil.inventory(args).resolve(args.selector)
+    await send_cancel(cliutil.context(args, need_key=True), hosts, args.reason, _answered_by())
+    if args.json:
+        cliutil.emit_json({"cancelled": hosts})
+    else:
+        for host in hosts:
+            print(f"{host}: desired state withdrawn, cancel sent")
+    return cliutil.EXIT_OK
 
 
 async def cmd_rollback(args: argparse.Namespace) -> int:

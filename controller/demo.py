@@ -90,7 +90,7 @@ fi
 """)
     failing = " ".join(sorted(plan.failing))
     migrate = _script(bin_ / "migrate-db", f"""\
-echo "step 1: converting tables ($FLOTILLA_CHOICE)"
+echo "step 1: converting tables (${{FLOTILLA_CHOICE:-no choice asked}})"
 sleep {pace}
 echo "step 2: rebuilding indexes"
 for f in {failing} ; do

@@ -63,6 +63,13 @@ class Transaction:
             self.entries.append((event, patch))
 
 
+@dataclass(frozen=True)
+class RepairReport:
+    kept: int
+    skipped: list[str]
+    damaged_copy: Path
+
+
 class EventLog:
     def __init__(self, state_dir: Path) -> None:
         self.dir = state_dir
@@ -133,7 +140,8 @@ class EventLog:
                         raise _Replaced from None
                     raise StateError(
                         f"{self.path}: the entry after index {self.index} is corrupt ({exc}); "
-                        "restore it from a backup or remove that line") from None
+                        "run `fleetctl state repair` (keeps the damaged file aside) or "
+                        "restore a backup") from None
                 resumed = False
             self._offset += len(line) + 1
         self.torn = None
@@ -219,6 +227,64 @@ class EventLog:
             self._reset()
             raise StateError(f"cannot append to {self.path}: {exc.strerror}") from None
         self._offset += len(data)
+
+    def repair(self) -> RepairReport:
+        """Replay every readable entry, skipping lines that are not JSON or whose patch no
+        longer applies; keep the damaged file aside (`state.jsonl.damaged-TIME`) and
+        replace the log by one snapshot of the replayed document (atomic)."""
+        with self._locked():
+            try:
+                raw = self.path.read_bytes()
+            except FileNotFoundError:
+                raise StateError(f"no event log at {self.path}") from None
+            except OSError as exc:
+                raise StateError(f"cannot read {self.path}: {exc.strerror}") from None
+            doc: Any = None
+            kept, skipped = 0, []
+            for number, line in enumerate(raw.split(b"\n"), 1):
+                if not line.strip():
+                    continue
+                try:
+                    entry = json.loads(line)
+                    patch = jsonpatch.JsonPatch(entry["patch"])
+                    fresh = patch.apply({} if doc is None or entry.get("index") == 0
+                                        else doc, in_place=False)
+                    if not isinstance(fresh, dict) or fresh.get("_type") != DOC_TYPE:
+                        raise ValueError("not a controller document")
+                    doc = fresh
+                    kept += 1
+                except PATCH_ERRORS as exc:
+                    skipped.append(f"line {number}: {exc}"[:200])
+            if doc is None:
+                raise StateError(f"{self.path}: no readable entry to rebuild from; restore "
+                                 "it from a backup")
+            aside = self.path.with_name(f"{self.path.name}.damaged-{int(time.time())}")
+            self._write_snapshot(doc, {"event": "repair", "kept": kept,
+                                       "skipped": len(skipped)}, keep_aside=aside)
+            self._reset()
+            self._catch_up()
+            return RepairReport(kept, skipped, aside)
+
+    def _write_snapshot(self, doc: dict[str, Any], meta: dict[str, Any],
+                        keep_aside: Path | None = None) -> None:
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        entry = {"index": 0, "meta": {"time": time.time(), **meta},
+                 "patch": [{"op": "replace", "path": "", "value": doc}]}
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(json.dumps(entry, separators=(",", ":")).encode() + b"\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            if keep_aside is not None:
+                os.link(self.path, keep_aside)
+            os.replace(tmp, self.path)
+            dfd = os.open(self.dir, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError as exc:
+            raise StateError(f"cannot rewrite {self.path}: {exc.strerror}") from None
 
     def compact(self) -> tuple[int, int]:
         """Replace the log by one index-0 snapshot, atomically (write, fsync, rename).

@@ -10,7 +10,8 @@ Rules, in the order `plan()` applies them:
 
 1. Timeouts. Past the rollout deadline every in-flight host times out. Otherwise a host
    times out `host_timeout` seconds after it first reported (`HostView.acked`): a host
-   that is offline and queued (published, never heard from) does not time out.
+   that is offline and queued (published, never heard from) does not time out, and a
+   host whose user deferred the deploy ("not now") counts from the end of the deferral.
 2. Thresholds. A host's failure is *final* once it has no retry left. Any final failure
    in the canary batch aborts. `max_failures` N aborts when final failures exceed N;
    P% aborts when final failures exceed P% of the executed hosts (succeeded or finally
@@ -155,6 +156,13 @@ class RolloutPolicy:
         return f"{n}% of executed hosts" if pct else f"{n} host(s)"
 
 
+
+def _clock_start(v: HostView) -> float:
+    """A host's in-progress timeout counts from its first report, or from the end of the
+    deferral its user chose ("not now"): waiting for that is not being slow."""
+    assert v.acked is not None
+    return max(v.acked, v.deferred_until or 0.0)
+
 @dataclass(frozen=True)
 class Start:
     host: str
@@ -296,7 +304,7 @@ class Planner:
 
     def _key(self, v: HostView) -> tuple[Any, ...]:
         return (v.deployment_id is None, v.result, v.acked, v.started, v.online,
-                self.progress.attempts.get(v.host, 1))
+                self.progress.attempts.get(v.host, 1), v.deferred_until)
 
     def _classify(self, host: str, result: str | None, started: bool) -> int:
         if result is None:
@@ -316,7 +324,7 @@ class Planner:
             if v.acked is None:
                 self.unacked.add(host)
             elif self.policy.host_timeout is not None:
-                heapq.heappush(self.due, (v.acked + self.policy.host_timeout,
+                heapq.heappush(self.due, (_clock_start(v) + self.policy.host_timeout,
                                           self.order[host], host))
         elif cls == _UNTOUCHED and host in self.batch_of:
             index, pos = self.batch_of[host]
@@ -363,7 +371,7 @@ class Planner:
             at, _, host = entry
             v = self.views[host]
             if host not in self.in_flight or v.acked is None or \
-                    v.acked + (self.policy.host_timeout or 0) != at:
+                    _clock_start(v) + (self.policy.host_timeout or 0) != at:
                 heapq.heappop(self.due)
                 continue
             if now < at:

@@ -82,6 +82,13 @@ def driven(log: EventLog, rollout_id: str) -> bool:
     return DriverLock(log.dir, rollout_id).held_elsewhere()
 
 
+def with_driver(log: EventLog, row: dict[str, Any]) -> dict[str, Any]:
+    """`row` plus `driven`: for a running rollout, whether a fleetctl process drives it
+    now (None once it finished)."""
+    running = row["status"] in ("running", "aborting")
+    return {**row, "driven": driven(log, row["id"]) if running else None}
+
+
 def undriven_note(rollout_id: str) -> str:
     return (f"no controller is driving rollout {rollout_id}: "
             f"`fleetctl rollout resume {rollout_id}`")

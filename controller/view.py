@@ -44,6 +44,8 @@ class HostView:
     result: str | None = None
     system: str | None = None
     needs_reboot: bool = False
+    deferred_until: float | None = None
+    """The host's user deferred the deploy until then: its host timeout counts from it."""
     online: bool | None = None
     last_seq: int = -1
     log_tail: list[str] = field(default_factory=list)
@@ -80,6 +82,7 @@ def fold_event(view: HostView, ev: Event, received: float | None = None) -> bool
         view.phase = ev.stage
         view.prompt_id, view.prompt_kind = ev.prompt_id, ev.prompt_kind
         view.stage, view.step = ev.stage, ev.step
+        view.deferred_until = ev.deferred_until
         if ev.percent is not None:
             view.percent = ev.percent
         if ev.message:
@@ -127,6 +130,7 @@ def fold_state(view: HostView, st: HostState, received: float | None = None) -> 
         view.needs_reboot, view.finished = st.needs_reboot, st.updated_at
     elif st.phase not in ("idle",):
         view.phase = st.phase
+        view.deferred_until = st.deferred_until
         view.prompt_id = st.open_prompt
         view.prompt_kind = None if st.open_prompt is None else (
             "approval" if st.phase == "awaiting_approval" else

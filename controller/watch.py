@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -24,13 +23,14 @@ from typing import Any
 import aiomqtt
 
 from controller import store
-from controller.connection import make_client, sync_marker
+from controller.connection import connect, sync_marker
 from controller.deploy import ControllerContext, Outcome
 from controller.monitor import ChangeTracker
 from controller.view import HostView, fold_event, fold_state
 from protocol.codec import decode
 from protocol.errors import BrokerUnavailable, InputError, ProtocolError, UsageError
 from protocol.models import EVENT_TYPES, Desired, Event, HostState
+from protocol.mqtt import random_client_id
 from protocol.outcomes import ROLLOUT_FINAL, rollout_result
 
 REFRESH_INTERVAL = 0.5
@@ -99,6 +99,7 @@ class Watcher:
             dep = hr.get("deployment_id")
             if dep is not None and dep != v.deployment_id:
                 self._new_attempt(v, dep, int(hr.get("generation") or 0), hr.get("started"))
+                v = self.views[h]
             if hr.get("result") is not None and v.result is None and dep == v.deployment_id:
                 v.result = v.phase = hr["result"]
                 v.message, v.finished = hr.get("message", ""), hr.get("finished")
@@ -205,24 +206,19 @@ class Watcher:
         t = self.ctx.topics
         filters = [t.all_hosts("desired"), t.all_hosts("state"), t.all_hosts("online"),
                    self.ctx.events_filter()]
-        client = make_client(self.ctx.broker, client_id=f"fleetctl-watch-{uuid.uuid4().hex[:8]}",
-                             **self.ctx.client_kwargs)
         deadline = time.monotonic() + timeout if timeout is not None else None
-        try:
-            async with client:
-                for f in filters:
-                    await client.subscribe(f, qos=1)
-                self._marker = await sync_marker(client, t)
-                reader = asyncio.create_task(self._read(client))
-                try:
-                    await self._follow(reader, deadline)
-                finally:
-                    reader.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
-                        await reader
-        except aiomqtt.MqttError as exc:
-            raise BrokerUnavailable(
-                f"cannot reach the MQTT broker at {self.ctx.broker}: {exc}") from None
+        async with connect(self.ctx.broker, client_id=random_client_id("fleetctl-watch"),
+                           **self.ctx.client_kwargs) as client:
+            for f in filters:
+                await client.subscribe(f, qos=1)
+            self._marker = await sync_marker(client, t)
+            reader = asyncio.create_task(self._read(client))
+            try:
+                await self._follow(reader, deadline)
+            finally:
+                reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                    await reader
         return WatchResult(self.rollout_id, self.final_status(), self.finished(),
                            self.summary())
 

@@ -115,6 +115,21 @@ class Answer(Model):
     signature: bytes = b""
 
 
+class Cancel(Model):
+    """`fleetctl cancel`: withdraw a desired state and end the wait of a deployment (for an
+    approval, a choice or a reboot); signed like an answer, sent on the answer topic.
+    Without `deployment_id` it cancels whatever this host has in flight."""
+
+    TYPE: ClassVar[str] = "cancel"
+    host: Host
+    deployment_id: Id | None = None
+    reason: str = Field(default="", max_length=500)
+    cancelled_by: str = Field(default="", max_length=256)
+    issued_at: float
+    key_id: str = ""
+    signature: bytes = b""
+
+
 class Event(Model):
     host: Host
     deployment_id: Id | None = None
@@ -142,6 +157,8 @@ class Progress(Event):
     # Set while the deployment waits for an answer to this prompt (who answers how).
     prompt_id: Id | None = None
     prompt_kind: PromptKind | None = None
+    deferred_until: float | None = None
+    """Set while the host's user deferred the deploy ("not now") until then."""
 
 
 class ReportItem(Model):
@@ -237,6 +254,8 @@ class HostState(Model):
     percent: float | None = None
     step: str | None = None
     open_prompt: str | None = None
+    deferred_until: float | None = None
+    """The host's user said "not now": the deployment proceeds by itself at this time."""
     rejected: RejectNote | None = None
     updated_at: float
 
@@ -255,5 +274,5 @@ class Confirm(Model):
 
 EVENT_TYPES: tuple[type[Event], ...] = (Ack, Rejected, Progress, CheckReport, Result, Log)
 ALL_TYPES: tuple[type[Model], ...] = (
-    Desired, Answer, Prompt, HostState, Confirm, *EVENT_TYPES,
+    Desired, Answer, Cancel, Prompt, HostState, Confirm, *EVENT_TYPES,
 )

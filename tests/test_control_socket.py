@@ -60,7 +60,7 @@ class InTestAgent:
             self.answered[prompt_id] = (choices, source)
             return True, f"recorded {prompt_id}"
 
-    async def approve(self, source: str) -> tuple[bool, str]:
+    async def approve(self, source: str, defer: str | None = None) -> tuple[bool, str]:
         if self.approved_by is not None:
             return False, f"already approved by {self.approved_by}"
         self.approved_by = source

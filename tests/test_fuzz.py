@@ -8,6 +8,8 @@ Targets and the only exception each may raise:
   protocol.broker.parse_broker_url   --broker URLs                   UsageError
   client.journal.Journal.open    the agent's journal file            StateError
   client.homeassistant.parse_command + authorize   Home Assistant commands  (none: None)
+  client.agent.Agent._handle     any topic and payload the broker delivers   (none)
+  client.control.dispatch + ControlServer   control-socket requests and bytes (none)
 
 Profiles (registered here, not in the shared conftest): `ci` (the default, used by
 `make test`, a few hundred examples per test) and `fuzz` (HYPOTHESIS_PROFILE=fuzz, used
@@ -17,10 +19,12 @@ decorators apply them, so other test files' hypothesis settings are untouched.
 
 from __future__ import annotations
 
+import atexit
 import base64
 import functools
 import json
 import os
+import shutil
 import string
 import tempfile
 import typing
@@ -31,14 +35,14 @@ from typing import Any
 
 import msgpack
 import pytest
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from client import homeassistant as ha
 from client.journal import Journal
 from controller.inventory import Inventory, parse_inventory
 from protocol import models
-from protocol.broker import BrokerAddress, parse_broker_url
+from protocol.broker import BrokerAddress, BrokerCluster, parse_broker_url
 from protocol.codec import REGISTRY, decode, encode
 from protocol.errors import BadSignature, InputError, ProtocolError, StateError, UsageError
 from protocol.models import (
@@ -661,3 +665,185 @@ def test_home_assistant_commands_parse_or_are_refused(topic: str, payload: bytes
         assert cmd.key in {i.key for i in prompt.items if i.choices}
     if why is not None:
         one_line(ValueError(why))
+
+
+# -- what reaches the agent: any topic, any payload -------------------------------------------
+# The broker delivers whatever matches the agent's subscriptions (a compromised broker or a
+# misconfigured ACL delivers anything): `Agent._handle` acts on a message or refuses it with
+# a reported reason, never raises, and journals an accept only for a signed desired state
+# for this host.
+AGENT_TOPICS = Topics("fleet/v1")
+AGENT_HOST = "a1"
+OWN_TOPICS = [AGENT_TOPICS.desired(AGENT_HOST), AGENT_TOPICS.answer(AGENT_HOST),
+              AGENT_TOPICS.confirm(AGENT_HOST)]
+SIGNED_PAYLOADS = [encode(sign(m, KEY)) for m in (
+    Desired(host=AGENT_HOST, deployment_id="d1", generation=1, system="/s", issued_at=1.0),
+    Desired(host="other", deployment_id="d2", generation=2, system="/s", issued_at=1.0),
+    Answer(host=AGENT_HOST, prompt_id="p", choices={"a.b": "c"}, issued_at=1.0),
+    Confirm(host=AGENT_HOST, generation=1, nonce="n", source="controller"),
+)]
+
+
+def agent_for_fuzz(state_dir: Path) -> tuple[Any, list[tuple[str, bytes]]]:
+    from client.agent import Agent, AgentConfig
+    from client.sim import SimulatedBackend
+
+    config = AgentConfig(host=AGENT_HOST, broker=BrokerCluster.parse("mqtt://127.0.0.1:1"),
+                         state_dir=state_dir, trusted_keys=TRUSTED, topics=AGENT_TOPICS,
+                         control_socket=False)
+    agent = Agent(config, SimulatedBackend(state_dir, AGENT_HOST))
+    sent: list[tuple[str, bytes]] = []
+
+    async def publish(topic: str, payload: bytes, **_: Any) -> None:
+        sent.append((topic, payload))
+
+    agent.reporter._publish = publish  # no broker: what the agent would publish is recorded
+    return agent, sent
+
+
+@functools.cache
+def fuzz_agent() -> tuple[Any, list[tuple[str, bytes]], Any, Path]:
+    """One agent (and event loop) for every example: its journal only ever grows."""
+    import asyncio
+
+    state_dir = Path(tempfile.mkdtemp(prefix="flotilla-fuzz-agent-"))
+    agent, sent = agent_for_fuzz(state_dir)
+    loop = asyncio.new_event_loop()
+
+    def cleanup() -> None:
+        agent.journal.close()
+        loop.close()
+        shutil.rmtree(state_dir, ignore_errors=True)
+
+    atexit.register(cleanup)
+    return agent, sent, loop, state_dir
+
+
+def accepts(state_dir: Path) -> int:
+    return sum(1 for r in (state_dir / "journal.jsonl").read_text().splitlines()
+               if '"kind":"accept"' in r)
+
+
+@PROFILE
+@given(st.sampled_from(OWN_TOPICS) | TOPIC_TEXT,
+       st.binary(max_size=300) | st.sampled_from(SIGNED_PAYLOADS) | ENVELOPES.map(msgpack.packb))
+@example(AGENT_TOPICS.desired(AGENT_HOST), b"")
+@example(AGENT_TOPICS.desired(AGENT_HOST), SIGNED_PAYLOADS[1])    # signed, but for another host
+@example(AGENT_TOPICS.confirm(AGENT_HOST), SIGNED_PAYLOADS[3])    # a confirm nobody asked for
+@counted
+def test_agent_handles_any_topic_and_payload(topic: str, payload: bytes) -> None:
+    import aiomqtt
+
+    try:  # what a broker can deliver at all: a valid topic name
+        message = aiomqtt.Message(topic, payload, 0, False, 1, None)
+    except ValueError:
+        assume(False)
+    agent, sent, loop, state_dir = fuzz_agent()
+    before, sent_before = accepts(state_dir), len(sent)
+    loop.run_until_complete(agent._handle(message))
+    if accepts(state_dir) > before:
+        assert (topic, payload) == (AGENT_TOPICS.desired(AGENT_HOST), SIGNED_PAYLOADS[0])
+    for sent_topic, _ in sent[sent_before:]:  # anything it said went to its own subtree
+        assert sent_topic.startswith(f"fleet/v1/host/{AGENT_HOST}/")
+
+
+# -- the control socket: any request, any bytes -------------------------------------------------
+# Local users in the socket's group send what they like: every request gets one JSON reply
+# ({"ok": ...}), the server never dies of one, and answers reach the agent only in the shape
+# it expects (a prompt id string and a non-empty string -> string map).
+CONTROL_REQUESTS = st.one_of(
+    JSON_VALUES,
+    st.fixed_dictionaries({"op": st.sampled_from(["list_prompts", "answer", "approve",
+                                                  "status", "nope"]) | JSON_VALUES},
+                          optional={"prompt_id": JSON_VALUES | st.just("p-1"),
+                                    "choices": JSON_VALUES | st.just({"db.schema": "migrate"})}),
+)
+
+
+class FuzzControl:
+    def __init__(self) -> None:
+        self.answers: list[tuple[str, dict[str, str], str]] = []
+
+    async def list_prompts(self) -> list[Prompt]:
+        return []
+
+    async def answer(self, prompt_id: str, choices: dict[str, str],
+                     source: str) -> tuple[bool, str]:
+        assert isinstance(prompt_id, str) and prompt_id
+        assert choices and all(isinstance(k, str) and isinstance(v, str) and k and v
+                               for k, v in choices.items())
+        self.answers.append((prompt_id, choices, source))
+        return True, "recorded"
+
+    async def approve(self, source: str) -> tuple[bool, str]:
+        return False, "nothing to approve"
+
+    async def status(self) -> HostState:
+        return HostState(host="a1", updated_at=1.0)
+
+
+@PROFILE
+@given(CONTROL_REQUESTS)
+@counted
+def test_control_dispatch_replies_to_any_request(request: Any) -> None:
+    import asyncio
+
+    from client.control import dispatch
+
+    reply = asyncio.run(dispatch(FuzzControl(), request, "local:fuzz"))
+    assert isinstance(reply.get("ok"), bool)
+    json.dumps(reply)
+    if not reply["ok"]:
+        assert isinstance(reply.get("error", reply.get("message")), str)
+
+
+@functools.cache
+def fuzz_control_server() -> tuple[Any, Any]:
+    """One server (on its own loop, run while an example runs) for every example."""
+    import asyncio
+
+    from client.control import ControlServer, socket_path
+
+    d = Path(tempfile.mkdtemp(prefix="flotilla-fuzz-ctl-"))
+    loop = asyncio.new_event_loop()
+    server = ControlServer(socket_path(d), FuzzControl(), group=None)
+    loop.run_until_complete(server.start())
+
+    def cleanup() -> None:
+        loop.run_until_complete(server.close())
+        loop.close()
+        shutil.rmtree(d, ignore_errors=True)
+
+    atexit.register(cleanup)
+    return server, loop
+
+
+@PROFILE
+@given(st.lists(st.binary(max_size=200) | CONTROL_REQUESTS.map(
+    lambda r: json.dumps(r).encode()), max_size=6))
+@example([b"\xff\xfe", b"{", b'{"op":"status"}'])
+@example([b"x" * 70_000])                        # longer than a request may be
+@counted
+def test_control_socket_survives_any_bytes(lines: list[bytes]) -> None:
+    import asyncio
+
+    server, loop = fuzz_control_server()
+
+    async def exchange() -> tuple[list[bytes], bytes]:
+        reader, writer = await asyncio.open_unix_connection(str(server.path), limit=1 << 20)
+        writer.write(b"\n".join(lines) + b"\n")
+        await writer.drain()
+        writer.write_eof()
+        replies = []
+        while line := await asyncio.wait_for(reader.readline(), 10):
+            replies.append(line)
+        writer.close()
+        reader, writer = await asyncio.open_unix_connection(str(server.path))
+        writer.write(b'{"op":"status"}\n')
+        after = await asyncio.wait_for(reader.readline(), 10)
+        writer.close()
+        return replies, after
+
+    replies, after = loop.run_until_complete(exchange())
+    assert all(isinstance(json.loads(r).get("ok"), bool) for r in replies)
+    assert json.loads(after)["ok"] is True  # the server lives on

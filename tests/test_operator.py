@@ -205,3 +205,161 @@ def test_dry_run_resolves_everything_and_touches_nothing(capsys, tmp_path: Path)
     inv.write_text('[hosts.w1]\ntags = ["web"]\n[rollout]\nbatch = "lots"\n')
     code, _, err = fleetctl_main(capsys, *base, "--dry-run")
     assert code == 2 and "[rollout]" in err and "--batch" not in err, err
+
+
+# -- with a broker: checks, listings, rollouts nobody drives ---------------------------------
+
+class InProcess:
+    """`fleetctl` in this process against a test fleet (no interpreter start per call)."""
+
+    def __init__(self, fleet: Fleet, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+        for k, v in fleet.env().items():
+            if k.startswith("FLEET_"):
+                monkeypatch.setenv(k, v)
+        self.capsys = capsys
+
+    def __call__(self, *argv: str) -> tuple[int, str]:
+        code, out, _ = fleetctl_main(self.capsys, *argv)
+        return code, out
+
+    def json(self, *argv: str):  # type: ignore[no-untyped-def]
+        code, out = self(*argv, "--json")
+        return code, json.loads(out.splitlines()[-1])
+
+
+def test_check_is_recorded_as_a_check_and_leaves_host_status(  # type: ignore[no-untyped-def]
+        make_fleet, monkeypatch, capsys) -> None:
+    fleet = make_fleet({"w1": ["web"], "w2": ["web"]})
+    fleet.start_simulated(["w1", "w2"])
+    ctl = InProcess(fleet, monkeypatch, capsys)
+    rc, out = ctl.json("deploy", "@web", "--system", "/nix/store/a-sys")
+    assert rc == 0, out
+    _, before = ctl.json("hosts", "@web")
+    assert [(r["host"], r["tags"], r["result"], r["system"]) for r in before] == [
+        ("w1", ["web"], "succeeded", "/nix/store/a-sys"),
+        ("w2", ["web"], "succeeded", "/nix/store/a-sys")]
+    rc, verdict = ctl.json("deploy", "@web", "--system", "/nix/store/b-sys", "--check")
+    assert rc == 0 and verdict["go"] is True, verdict
+    _, after = ctl.json("hosts")
+    keys = ("host", "phase", "result", "system", "deployment")
+    assert [{k: r[k] for k in keys} for r in after] == [{k: r[k] for k in keys} for r in before]
+    _, rows = ctl.json("rollouts")
+    assert [r["kind"] for r in rows] == ["deploy", "check"] and rows[1]["status"] == "succeeded"
+    _, doc = ctl.json("state", "show")
+    assert doc["hosts"]["w1"]["deployment_id"] == rows[0]["id"]  # the deploy, not the check
+    _, show = ctl("rollout", "show", rows[1]["id"])
+    assert "(check)" in show and "(switch)" not in show
+
+
+def test_rollouts_nobody_drives_are_shown_and_closed(  # type: ignore[no-untyped-def]
+        make_fleet, monkeypatch, capsys) -> None:
+    import signal
+    fleet = make_fleet({"w1": ["web"], "w2": ["web"], "w3": ["web"]})
+    fleet.start_simulated(["w1", "w2"])
+    ctl = InProcess(fleet, monkeypatch, capsys)
+    # --no-wait with every host in one batch: once they all finished, the next command
+    # that looks closes the rollout (it stayed `running` forever before)
+    rc, out = ctl.json("deploy", "w1,w2", "--system", "/nix/store/a-sys", "--no-wait")
+    rid = out["rollout"]
+    code, w = ctl("watch", rid, "--timeout", "60")
+    assert code == 0 and f"no controller is driving rollout {rid}" in w, w
+    _, rows = ctl.json("rollouts")
+    assert rows[-1]["status"] == "succeeded", rows
+    # watch of a finished rollout: its own run time, the end line once, no broker needed
+    code, w = ctl("watch", rid, "--broker", "mqtt://127.0.0.1:9")
+    assert code == 0 and w.count("rollout succeeded") == 1 and "succeeded 2" in w, w
+    created, finished = rows[-1]["created"], rows[-1]["finished"]
+    assert f"in {finished - created:.1f}s" in w, (w, finished - created)
+    # Ctrl-C on a deploy that waits for an offline host names the resume command
+    proc = subprocess.Popen([sys.executable, "-m", "controller", "deploy", "w3", "--system",
+                             "/nix/store/a-sys"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=fleet.env())
+    rid2 = wait_for_rollout(fleet, rid)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and f"fleetctl rollout resume {rid2}" in err, err
+    _, listing = ctl("rollouts")
+    assert "running (no controller)" in listing
+    assert f"`fleetctl rollout resume {rid2}`" in listing
+    _, detail = ctl.json("rollout", "show", rid2)
+    assert detail["status"] == "running" and detail["driven"] is False
+
+
+def wait_for_rollout(fleet: Fleet, other: str) -> str:
+    from tests.helpers import wait_for
+
+    def new() -> str | None:
+        _, rows = fleet.fleetctl_json("rollouts")
+        fresh = [r for r in rows if r["id"] != other and r["counts"]["running"] == 1]
+        return fresh[0]["id"] if fresh else None
+    return str(wait_for(new, timeout=40, what="the new rollout to start its host"))
+
+
+# -- the demo ----------------------------------------------------------------------------------
+
+def test_demo_shows_canary_prompt_failure_rollback_retry_and_keeps_its_state(capsys) -> None:  # type: ignore[no-untyped-def]
+    import re
+    import shutil
+    r = subprocess.run([sys.executable, "-m", "controller", "demo", "--hosts", "4",
+                        "--delay", "0.05", "--prompt-deadline", "1"],
+                       capture_output=True, text=True, timeout=120)
+    out = r.stdout
+    assert r.returncode == 0, out + r.stderr
+    seed = re.search(r"seed (\d+) \(--seed", out)
+    assert seed, out  # a random seed, printed so a run can be repeated
+    assert "canary demo-0001" in out and "4 agents online" in out
+    first = out.index("4 agents online")
+    assert "offline (queued)" not in out[first:]  # agents connected before the rollout
+    assert "demo-0002 awaiting choice" in out and "fleetctl answer demo-0002" in out
+    assert re.search(r"demo-0002 choose .*deadline", out), out  # the policy's default
+    assert "demo-0004 rolled_back" in out and "demo-0004 succeeded switch to generation 2" in out
+    assert "ERROR: could not obtain lock on relation orders" in out  # its log, shown
+    assert "[restore:db] restored schema 15" in out
+    state = Path(re.search(r"export FLEET_STATE_DIR=(\S+)", out).group(1))  # type: ignore[union-attr]
+    try:
+        _, out, _ = fleetctl_main(capsys, "rollouts", "--json", "--state-dir", str(state))
+        rows = json.loads(out)
+        assert [x["status"] for x in rows] == ["succeeded"]
+        _, logs, _ = fleetctl_main(capsys, "logs", "demo-0004", "--deployment", rows[0]["id"],
+                                   "--state-dir", str(state))
+        assert "step 2: rebuilding indexes" in logs and "could not obtain lock" in logs, logs
+    finally:
+        shutil.rmtree(state.parent, ignore_errors=True)
+    # the exit code is a deploy's: every host failing fails the demo
+    r = subprocess.run([sys.executable, "-m", "controller", "demo", "--hosts", "1",
+                        "--fail-rate", "1", "--delay", "0.05", "--seed", "1"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and ("rollout failed" in r.stdout or "rollout aborted" in r.stdout), \
+        r.stdout + r.stderr
+    shutil.rmtree(re.search(r"state in (\S+)", r.stdout).group(1), ignore_errors=True)  # type: ignore[union-attr]
+
+
+def test_package_metadata_uses_an_spdx_license() -> None:
+    import tomllib
+    meta = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    # `license = {text = ...}` makes setuptools print a screen of deprecation warnings
+    assert meta["project"]["license"] == "MIT"
+    assert any(r.startswith("setuptools>=77") for r in meta["build-system"]["requires"])
+
+
+def test_state_repair_recovers_a_log_with_a_corrupt_middle_line(capsys, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from controller import store
+    from controller.eventlog import EventLog
+    log = EventLog(tmp_path)
+    for i in range(4):
+        log.append("rollout-created", store.create_rollout(
+            log.doc, f"r{i}", "@web", "/nix/store/x", "switch", {}, [["w1"]]))
+    lines = log.path.read_text().splitlines()
+    lines[2] = lines[2][:40] + "#garbage"  # a corrupt line in the middle
+    log.path.write_text("\n".join(lines) + "\n")
+    code, _, err = fleetctl_main(capsys, "rollouts", "--state-dir", str(tmp_path))
+    assert code == 2 and "fleetctl state repair" in err, err
+    # the README's old recipe, removing the line, left `index 3 follows 1`; repair works
+    code, out, err = fleetctl_main(capsys, "state", "repair", "--state-dir", str(tmp_path))
+    assert code == 0 and "skipped 1" in out, out + err
+    code, out, _ = fleetctl_main(capsys, "rollouts", "--json", "--state-dir", str(tmp_path))
+    assert code == 0 and [r["id"] for r in json.loads(out)] == ["r0", "r2", "r3"]
+    assert list(tmp_path.glob("state.jsonl.damaged-*"))
+    log.append("rollout-created", store.create_rollout(
+        EventLog(tmp_path).load(), "r9", "@web", "/nix/store/x", "switch", {}, [["w1"]]))
+    assert "r9" in EventLog(tmp_path).load()["rollouts"]

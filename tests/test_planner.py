@@ -56,6 +56,10 @@ def hv(i: int, state: str) -> HostView:
     if state == "run":
         return HostView(h, deployment_id=dep, started=NOW - 10, acked=NOW - 9, phase="fetch",
                         **base)
+    if state in ("deferred", "undeferred"):  # acked 9 s ago; the user said "not now"
+        until = NOW + 100 if state == "deferred" else NOW - 2
+        return HostView(h, deployment_id=dep, started=NOW - 10, acked=NOW - 9,
+                        phase="awaiting_approval", deferred_until=until, **base)
     if state == "new":
         return HostView(h, deployment_id=dep, started=NOW - 3, acked=NOW - 2, phase="acked",
                         **base)
@@ -196,6 +200,10 @@ CASES: list[tuple[str, dict[str, Any], str, dict[str, Any], float, list[Action]]
      "run ok", {}, NOW, [TimeOut("h0", HOST_TO), S(0, 2)]),
     ("host timeout not yet: wake up when due", {"host_timeout": 5}, "new ok", {}, NOW,
      [Plan(NOW - 2 + 5)]),
+    ("a deferred host does not time out while deferred", {"host_timeout": 5}, "deferred ok",
+     {}, NOW, [Plan(NOW + 105)]),
+    ("after its deferral the host timeout counts from its end", {"host_timeout": 5},
+     "undeferred ok", {}, NOW, [Plan(NOW + 3)]),
     ("a queued (never acked) host does not time out", {"host_timeout": 5}, "queued ok", {},
      NOW, []),
     # -- rollout deadline ------------------------------------------------------------

@@ -59,7 +59,7 @@ class Agent:
         self.answers.append((prompt_id, choices, source))
         return True, f"{prompt_id} answered"
 
-    async def approve(self, source: str) -> tuple[bool, str]:
+    async def approve(self, source: str, defer: str | None = None) -> tuple[bool, str]:
         self.approvals.append(source)
         return True, "deployment approved"
 

@@ -284,19 +284,19 @@ def test_rollout_commands_fail_with_one_line(make_fleet: Any, tmp_path: Path) ->
     log.write_text("")
     # broker down: exit 3 for every command that talks to it
     fleet.broker_url = f"mqtt://127.0.0.1:{free_port()}"
-    one_line_error(fleet.fleetctl("watch", "r-x", "--timeout", "5"), 3,
-                   "cannot reach the MQTT broker")
+    one_line_error(fleet.fleetctl("watch", "r-x", "--timeout", "5", "--connect-timeout", "1"),
+                   3, "cannot reach the MQTT broker")
 
 
 async def retained_desired(fleet: Fleet, hosts: list[str]) -> dict[str, Any]:
     """The retained desired state per host (decoded), read to the end."""
     from controller.connection import connect, read_retained
-    from protocol.broker import parse_broker_url
+    from protocol.broker import BrokerCluster
     from protocol.codec import decode
     from protocol.models import Desired
     from protocol.topics import Topics
     t = Topics(fleet.prefix)
-    async with connect(parse_broker_url(fleet.broker_url)) as client:
+    async with connect(BrokerCluster.parse(fleet.broker_url, fleet.mqtt_version)) as client:
         messages = await read_retained(client, t, [t.all_hosts("desired")])
     out: dict[str, Any] = {}
     for m in messages:

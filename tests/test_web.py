@@ -311,8 +311,9 @@ def test_tokens_csrf_and_cross_site(make_fleet, serve, browser, tmp_path: Path) 
     _, headers, _ = http(server.url + "/login")
     assert "script-src 'self'" in headers["Content-Security-Policy"]
 
+    # one host per batch, each waits for approval (in flight until approved or cancelled)
     proc = deploy_bg(fleet, "@app", "--system", SYSTEM, "--batch", "1", "--confirm-batches",
-                     "--timeout", "90")
+                     "--approval", "ask", "--timeout", "90")
     rid = wait_for(lambda: next(iter(api(server, "/api/rollouts", headers={
         "Authorization": f"Bearer {token}"})), {}).get("id"), what="the rollout")
 
@@ -332,7 +333,7 @@ def test_tokens_csrf_and_cross_site(make_fleet, serve, browser, tmp_path: Path) 
     assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
     assert page.evaluate("document.cookie") == ""
     assert token not in page.content() and cookie["value"] not in page.content()
-    page.wait_for_selector("#summary .notice.warn", timeout=30000)  # waits for batch 2
+    page.wait_for_selector("#rh-a1[data-status='awaiting approval']", timeout=30000)
 
     # an action without the CSRF token, or from another origin, is refused
     no_csrf = context.request.post(server.url + f"/rollouts/{rid}/abort", form={})
@@ -351,18 +352,34 @@ def test_tokens_csrf_and_cross_site(make_fleet, serve, browser, tmp_path: Path) 
     other.close()
     assert rollout_record(fleet, rid)["abort_requested"] is None
 
-    # continue from the page releases the next batch; abort is recorded as web:alice
-    page.click("#summary form[action$=continue] button")
-    page.wait_for_selector("#notice.ok")
-    assert "batch 2/3" in page.inner_text("#notice")
+    # cancel a1's deployment from its page: its wait ends, it is cancelled
+    page.goto(server.url + "/hosts/a1")
     page.once("dialog", lambda d: d.accept())
-    page.click("#summary form[action$=abort] button")
-    page.wait_for_selector("#notice.ok")
+    with page.expect_navigation():
+        page.click("#hostactions button")
+    assert "cancel sent" in page.inner_text("#notice.ok")
+    page.goto(server.url + f"/rollouts/{rid}")
+    page.wait_for_selector("#rh-a1[data-status=cancelled]", timeout=30000)
+    # continue releases the next batch (the rollout waits for it)
+    page.wait_for_selector("#summary .notice.warn", timeout=30000)
+    with page.expect_navigation():
+        page.click("#summary form[action$=continue] button")
+    assert "batch 2/3" in page.inner_text("#notice.ok")
+    page.wait_for_selector("#rh-a2[data-status='awaiting approval']", timeout=30000)
+    # abort (recorded as web:alice): a2 still waits; then cancel the running hosts
+    page.once("dialog", lambda d: d.accept())
+    with page.expect_navigation():
+        page.click("#summary form[action$=abort] button")
     record = rollout_record(fleet, rid)
     assert record["abort_requested"]["by"] == "web:alice"
     assert record["continued"] == [1]  # batch 2 (0-based 1) was released
+    page.once("dialog", lambda d: d.accept())
+    with page.expect_navigation():
+        page.click("#summary form[action$=cancel] button")
+    assert "cancel sent to 1 running host" in page.inner_text("#notice.ok")
     rc, out = finish(proc, timeout=90)
     assert out["status"] == "aborted", out
+    assert out["hosts"]["a1"] == out["hosts"]["a2"] == "cancelled", out
     page.wait_for_selector("#summary.status-aborted", timeout=20000)
 
     # no secret in the server's log

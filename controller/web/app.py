@@ -28,12 +28,12 @@ import jinja2
 from aiohttp import web
 
 from controller import rollout_ops, store
-from controller.answers import check_choices, destructive_choices, send_answer
+from controller.answers import check_choices, destructive_choices, send_answer, send_cancel
 from controller.deploy import ControllerContext
 from controller.inventory import Inventory
 from controller.web import pages
 from controller.web.auth import SESSION_COOKIE, Guard, Identity, is_loopback
-from controller.web.feed import Feed
+from controller.web.feed import Feed, HostLive
 from protocol.errors import FlotillaError, InputError, UsageError
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,10 @@ def _clock(t: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
 
 
+def _hms(t: float | None) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(t)) if t else "-"
+
+
 def _duration(s: float | None) -> str:
     if s is None:
         return "-"
@@ -71,7 +75,7 @@ def _css(value: object) -> str:
 def templates() -> jinja2.Environment:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"),
                              autoescape=True, trim_blocks=False, lstrip_blocks=False)
-    env.filters.update(clock=_clock, duration=_duration, css=_css,
+    env.filters.update(clock=_clock, hms=_hms, duration=_duration, css=_css,
                        shortsys=pages.short_system)
     return env
 
@@ -90,6 +94,7 @@ class Dashboard:
         self.env = templates()
         self.m: Any = self.env.get_template("macros.html").module
         self._flash: dict[str, tuple[float, str, str]] = {}
+        self._rows: dict[str, tuple[int, dict[str, Any], str]] = {}
 
     # -- the application -----------------------------------------------------------
     def app(self) -> web.Application:
@@ -99,10 +104,12 @@ class Dashboard:
         r.add_get("/hosts/{host}", self.host_page)
         r.add_post("/hosts/{host}/answer", self.answer)
         r.add_post("/hosts/{host}/approve", self.approve)
+        r.add_post("/hosts/{host}/cancel", self.cancel_host)
         r.add_get("/rollouts", self.rollouts_page)
         r.add_get("/rollouts/{id}", self.rollout_page)
         r.add_post("/rollouts/{id}/abort", self.abort)
         r.add_post("/rollouts/{id}/continue", self.cont)
+        r.add_post("/rollouts/{id}/cancel", self.cancel_rollout)
         r.add_get("/login", self.login_page)
         r.add_post("/login", self.login)
         r.add_post("/logout", self.logout)
@@ -236,8 +243,18 @@ class Dashboard:
         if sort not in pages.SORT_KEYS:
             raise UsageError(f"sort must be one of {', '.join(pages.SORT_KEYS)}")
         hosts = pages.select_hosts(self.feed, self.inventory, select or None)
-        rows = pages.sort_rows([pages.fleet_host(h) for h in hosts], sort)
+        rows = pages.sort_rows([self._row(h)[0] for h in hosts], sort)
         return rows, select, sort
+
+    def _row(self, h: HostLive) -> tuple[dict[str, Any], str]:
+        """A host's row and its HTML, computed again only when the host changed (so a
+        stream re-renders what changed, not the whole fleet, on every message)."""
+        cached = self._rows.get(h.host)
+        if cached is None or cached[0] != h.version:
+            row = pages.fleet_host(h)
+            cached = (h.version, row, str(self.m.host_row(row)))
+            self._rows[h.host] = cached
+        return cached[1], cached[2]
 
     async def fleet_page(self, request: web.Request) -> web.Response:
         try:
@@ -253,7 +270,7 @@ class Dashboard:
 
     def _fleet_fragments(self, request: web.Request) -> Fragments:
         rows, _, sort = self._fleet_rows(request)
-        frags = {f"host-{r['host']}": str(self.m.host_row(r)) for r in rows}
+        frags = {f"host-{r['host']}": self._row(self.feed.hosts[r["host"]])[1] for r in rows}
         frags["counts"] = str(self.m.counts(pages.phase_counts(rows), len(rows)))
         frags["banner"] = str(self.m.banner(self._broker_error()))
         order = {"hosts": [f"host-{r['host']}" for r in rows]} if sort != "host" else {}
@@ -289,6 +306,8 @@ class Dashboard:
                     "prompt": str(self.m.prompt(host, c["prompt"], self._csrf(request),
                                                 c["can_sign"])),
                     "hostlog": str(self.m.host_log(c["row"], c["log"])),
+                    "hostactions": str(self.m.host_actions(c["row"], self._csrf(request),
+                                                           c["can_sign"])),
                     "banner": str(self.m.banner(self._broker_error()))}, {}
         return await self._stream(request, build)
 
@@ -328,6 +347,15 @@ class Dashboard:
         ok, message = await send_answer(self.ctx, host, prompt_id, choices, approve, who)
         log.info("%s answered %s prompt %s: %s", who, host, prompt_id, message)
         return self._done(request, f"/hosts/{host}", ok, f"{host}: {message}")
+
+    async def cancel_host(self, request: web.Request) -> web.StreamResponse:
+        """`fleetctl cancel HOST`: withdraw its desired state and send a signed cancel."""
+        host = self._host(request)
+        who = request[IDENTITY].actor
+        await send_cancel(self.ctx, [host], f"cancelled from the dashboard by {who}", who)
+        log.info("%s cancelled the deployment on %s", who, host)
+        return self._done(request, f"/hosts/{host}", True,
+                          f"{host}: desired state withdrawn, cancel sent")
 
     def _done(self, request: web.Request, path: str, ok: bool, text: str
               ) -> web.StreamResponse:
@@ -377,6 +405,22 @@ class Dashboard:
                    f"no controller drives it now: `fleetctl rollout resume {rid}` winds "
                    "it down"))
         return self._done(request, f"/rollouts/{rid}", True, text)
+
+    async def cancel_rollout(self, request: web.Request) -> web.StreamResponse:
+        """Abort the rollout (no host starts any more) and cancel every host of it that
+        was sent a desired state and has no result yet."""
+        r = self._rollout(request)
+        who = request[IDENTITY].actor
+        rollout_ops.request_abort(self.feed.log, r["id"], who)
+        hosts = [h for h, hr in r.get("hosts", {}).items()
+                 if hr.get("deployment_id") is not None and hr.get("result") is None]
+        if hosts:
+            await send_cancel(self.ctx, hosts, f"rollout {r['id']} cancelled by {who}", who)
+        self.feed.refresh_log()
+        log.info("%s cancelled rollout %s (%d hosts)", who, r["id"], len(hosts))
+        return self._done(request, f"/rollouts/{r['id']}", True,
+                          f"rollout {r['id']} aborted; cancel sent to {len(hosts)} running "
+                          f"host(s)")
 
     async def cont(self, request: web.Request) -> web.StreamResponse:
         rid = self._rollout(request)["id"]
@@ -433,19 +477,24 @@ class Dashboard:
         """`event: host` (a /api/hosts row) and `event: rollout` (an /api/rollouts row)
         for everything on connect, then for each one that changes."""
         sent: dict[str, str] = {}
+        versions: dict[str, int] = {}
         resp = await self._open_stream(request)
         lst = self.feed.listen()
         try:
             while True:
                 lst.wake.clear()
-                items = [("host", r["host"], r)
-                         for r in (pages.fleet_host(h) for h in self.feed.hosts.values())]
+                items = [("host", h.host, self._row(h)[0]) for h in self.feed.hosts.values()
+                         if versions.get(h.host) != h.version]
+                versions.update((h.host, h.version) for h in self.feed.hosts.values())
                 items += [("rollout", r["id"], r) for r in pages.rollout_list(self.feed)]
                 for kind, key, row in items:
                     text = json.dumps(row, separators=(",", ":"), sort_keys=True)
                     if sent.get(f"{kind}:{key}") != text:
                         sent[f"{kind}:{key}"] = text
-                        await resp.write(f"event: {kind}\ndata: {text}\n\n".encode())
+                        try:
+                            await resp.write(f"event: {kind}\ndata: {text}\n\n".encode())
+                        except (ConnectionError, RuntimeError):
+                            return resp
                 if not await self._wait(lst.wake, resp):
                     return resp
         finally:

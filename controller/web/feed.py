@@ -47,6 +47,7 @@ class HostLive:
     prompt: Prompt | None = None
     view: HostView | None = None        # its current deployment
     rollout_id: str | None = None
+    version: int = 0                    # bumped on every change (render caches key on it)
 
 
 @dataclass(eq=False)
@@ -118,6 +119,7 @@ class Feed:
             log.debug("ignoring a malformed %s message from %s: %s", kind, host, exc)
             return
         if changed:
+            h.version += 1
             self._notify()
 
     def _fold(self, h: HostLive, kind: str, payload: bytes) -> bool:

@@ -12,7 +12,7 @@ import time
 from collections import Counter
 from typing import Any
 
-from controller import logs, store
+from controller import logs, rollout_ops, store
 from controller.answers import prompt_row
 from controller.inventory import Inventory
 from controller.monitor import phase_label
@@ -86,7 +86,8 @@ def phase_counts(rows: list[dict[str, Any]]) -> list[tuple[str, int]]:
 
 def rollout_list(feed: Feed) -> list[dict[str, Any]]:
     """Newest first."""
-    return [store.rollout_row(r) for r in reversed(store.rollouts_by_age(feed.doc))]
+    return [rollout_ops.with_driver(feed.log, store.rollout_row(r))
+            for r in reversed(store.rollouts_by_age(feed.doc))]
 
 
 def _live_view(feed: Feed, host: str, deployment_id: str | None) -> HostView | None:
@@ -148,7 +149,8 @@ def rollout_page(feed: Feed, r: dict[str, Any]) -> dict[str, Any]:
         stored = failure_log(feed, r["id"], h["host"], h["deployment_id"])
         if stored:
             h["log_tail"] = stored
-    return {**store.rollout_detail(r), "live": hosts, "batch_bars": batch_bars(r, hosts),
+    detail = rollout_ops.with_driver(feed.log, store.rollout_detail(r))
+    return {**detail, "live": hosts, "batch_bars": batch_bars(r, hosts),
             "failures": failures,
             "awaiting_batch": r.get("awaiting_batch"),
             "confirm_batches": bool(r.get("policy", {}).get("rollout", {})

@@ -1,0 +1,141 @@
+"""Issue 11 item 8: the journal refuses mid-file corruption; a torn last record is cut off.
+
+`scan` is pure and table-tested; `Journal.open`, `repair_records` and the
+`fleet-agent journal check|repair` commands run against real files.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from client.journal import Journal, repair_records, scan
+from protocol.errors import StateError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def rec(kind: str, **fields: Any) -> bytes:
+    return json.dumps({"kind": kind, **fields}).encode() + b"\n"
+
+
+ACCEPT = rec("accept", deployment_id="d1", generation=3,
+             desired=base64.b64encode(b"x").decode())
+FETCH = rec("begin", deployment_id="d1", stage="fetch")
+FETCHED = rec("end", deployment_id="d1", stage="fetch", data="/sys/new")
+BEGIN_A = rec("begin", deployment_id="d1", stage="step:a")
+END_A = rec("end", deployment_id="d1", stage="step:a", data={"status": "ok"})
+START = rec("start")
+
+# (name, journal bytes, numbers of corrupt records, numbers of torn records)
+CASES = [
+    ("clean", START + ACCEPT + FETCH, [], []),
+    ("empty", b"", [], []),
+    ("torn last record", START + ACCEPT + FETCH[:-9], [], [3]),
+    ("a torn record that parses is still torn", START + ACCEPT.rstrip(b"\n"), [], [2]),
+    ("garbage in the middle", START + b"{\"kind\": \"begi\x00\n" + ACCEPT, [2], []),
+    ("complete but unreadable last record", START + ACCEPT + b"not json\n", [3], []),
+    ("well-formed JSON, wrong fields", START + rec("begin", stage=5) + ACCEPT, [2], []),
+    ("corrupt and torn", START + b"]\n" + ACCEPT + b"{\"kin", [2], [4]),
+    ("blank lines are no records", START + b"\n  \n" + ACCEPT, [], []),
+]
+
+
+@pytest.mark.parametrize(("raw", "corrupt", "torn"), [c[1:] for c in CASES],
+                         ids=[c[0] for c in CASES])
+def test_scan(raw: bytes, corrupt: list[int], torn: list[int]) -> None:
+    found = scan(raw)
+    assert [ln.number for ln in found.corrupt] == corrupt
+    assert [ln.number for ln in found.torn] == torn
+    assert found.good_bytes == raw.rfind(b"\n") + 1
+
+
+def test_open_refuses_mid_file_corruption_naming_the_record(tmp_path: Path) -> None:
+    journal = tmp_path / "journal.jsonl"
+    raw = START + ACCEPT + FETCH + FETCHED + b'{"kind":"begin","deployment_id":"d1","st\n' \
+        + END_A
+    journal.write_bytes(raw)
+    with pytest.raises(StateError) as err:
+        Journal(tmp_path).open()
+    message = str(err.value)
+    assert "\n" not in message
+    assert "corrupt at record 5 (byte" in message
+    assert "1 readable record(s) after it" in message
+    assert f"fleet-agent journal repair --state-dir {tmp_path}" in message
+    assert journal.read_bytes() == raw  # nothing cut, nothing lost
+
+
+def test_open_cuts_a_torn_last_record(tmp_path: Path) -> None:
+    journal = tmp_path / "journal.jsonl"
+    journal.write_bytes(START + ACCEPT + BEGIN_A[:20])
+    j = Journal(tmp_path)
+    state = j.open()
+    j.close()
+    assert state.torn_lines == 1 and state.active is not None
+    assert journal.read_bytes() == START + ACCEPT
+
+
+def test_repair_never_turns_a_lost_record_into_done() -> None:
+    """The lost record was `begin step:a` of the running deployment: after repair every
+    step not recorded as done counts as begun (interrupted), none as done."""
+    raw = START + ACCEPT + FETCH + FETCHED + b"\x00garbage\n" + rec("start")
+    kept, said = repair_records(scan(raw), lambda top: ["a", "b"] if top == "/sys/new" else [])
+    added = [r for r in kept if r.get("repaired")]
+    assert [(r["kind"], r["stage"]) for r in added] == [("begin", "step:a"), ("begin", "step:b")]
+    assert not any(r["kind"] == "end" and r.get("stage", "").startswith("step:") for r in kept)
+    assert kept[-1] == {"kind": "note", "deployment_id": "d1", "key": "journal_repaired",
+                        "value": 5}
+    assert said[0].startswith("dropped record 5") and "deployment d1" in said[0]
+    assert "count as interrupted: a, b" in said[1]
+
+
+def test_repair_keeps_a_step_recorded_as_done_done() -> None:
+    raw = START + ACCEPT + FETCH + FETCHED + BEGIN_A + END_A + b"garbage\n" + START
+    kept, _ = repair_records(scan(raw), lambda top: ["a", "b"])
+    assert [r["stage"] for r in kept if r.get("repaired")] == ["step:b"]
+
+
+def test_repair_of_a_finished_deployment_adds_nothing() -> None:
+    raw = START + ACCEPT + b"garbage\n" + rec("result", deployment_id="d1", generation=3,
+                                               status="succeeded", system="/s")
+    kept, said = repair_records(scan(raw), lambda top: ["a"])
+    assert len(kept) == 3 and not any(r.get("repaired") for r in kept)
+    assert said == ["dropped record 3 (Expecting value: line 1 column 1 (char 0)); "
+                    "deployment d1 at that point"]
+
+
+def test_repair_refuses_when_the_accept_itself_is_lost() -> None:
+    raw = START + b"garbage\n" + FETCH + FETCHED
+    with pytest.raises(StateError, match="accepting deployment d1 is lost"):
+        repair_records(scan(raw), lambda top: [])
+
+
+def fleet_agent(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "client", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_journal_check_and_repair_commands(tmp_path: Path) -> None:
+    journal = tmp_path / "journal.jsonl"
+    original = START + ACCEPT + b"\xff\xfe\n" + FETCH
+    journal.write_bytes(original)
+    r = fleet_agent("journal", "check", "--state-dir", str(tmp_path))
+    assert r.returncode == 1
+    assert "record 3 (byte" in r.stdout and "is corrupt" in r.stdout
+    r = fleet_agent("journal", "repair", "--state-dir", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert "dropped record 3" in r.stdout
+    [aside] = tmp_path.glob("journal.jsonl.corrupt-*")
+    assert aside.read_bytes() == original
+    r = fleet_agent("journal", "check", "--state-dir", str(tmp_path))
+    assert r.returncode == 0, r.stdout
+    assert "deployment d1 (generation 3) in progress" in r.stdout
+    r = fleet_agent("journal", "repair", "--state-dir", str(tmp_path / "nowhere"))
+    assert r.returncode == 2 and r.stderr.startswith("fleet-agent: error: cannot read journal")
+    assert "Traceback" not in r.stderr
