@@ -240,7 +240,7 @@ _ops = st.builds(
     st.lists(_keys | st.sampled_from(["0", "1"]), min_size=0, max_size=3), _values)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(doc=_docs, patch=st.lists(_ops, max_size=4))
 def test_apply_patch_is_rfc6902_like_jsonpatch(doc: dict[str, Any], patch: list[Any]) -> None:
     """The event log's fast path for member adds and replaces gives what jsonpatch gives:

@@ -495,7 +495,7 @@ event_strategy = st.lists(st.tuples(
     st.sampled_from([0.5, 1.0, 3.0, 7.0])), max_size=80)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(policy=policy_strategy, n=st.integers(1, 12), online=st.lists(st.booleans(),
        min_size=12, max_size=12), events=event_strategy)
 def test_incremental_planner_equals_a_fresh_plan(policy: RolloutPolicy, n: int,
