@@ -140,6 +140,9 @@ class Agent:
                 raise refused from None
 
     async def close(self) -> None:
+        if self.session.connected.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.reporter.close(), 2.0)  # what it holds back
         await self.session.stop(graceful_payload=b"offline")
         self.journal.close()
 

@@ -26,6 +26,9 @@ HostPhase = Literal[
     "dumped", "migrating", "switched", "migrated", "awaiting_reboot", "confirmed", "done", "failed",
     "rolling_back", "rolled_back", "rejected", "cancelled", "blocked",
 ]
+WAITING_PHASES: frozenset[str] = frozenset({"awaiting_choice", "awaiting_approval",
+                                           "awaiting_reboot"})
+"""Phases in which a deployment waits for someone (an answer) or something (a reboot)."""
 PromptKind = Literal["choice", "step_failure", "approval", "reboot"]
 Host = Annotated[str, Field(pattern=HOST_NAME_RE.pattern)]
 Id = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:@-]+$")]
