@@ -342,7 +342,9 @@ class DeploymentRunner:
                      source=source, by=answer.answered_by, complete=verdict.complete,
                      deferred_until=verdict.deferred_until)
         who = answer.answered_by or source
-        await self.progress("choose", f"answered by {who}: {verdict.choices}")
+        await self.progress(PROGRESS_STAGE.get(prompt.kind if prompt else "", "choose"),
+                            f"answered by {who}: {verdict.choices}", prompt=prompt,
+                            deferred_until=verdict.deferred_until)
         if not verdict.complete and prompt is not None:
             for cb in self.on_prompt:
                 await cb(prompt)
