@@ -140,6 +140,9 @@ class Agent:
                 raise refused from None
 
     async def close(self) -> None:
+        if self.session.connected.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.reporter.close(), 2.0)  # what it holds back
         await self.session.stop(graceful_payload=b"offline")
         self.journal.close()
 
@@ -194,9 +197,17 @@ class Agent:
             return
         try:
             desired: Desired = decode(payload, expect=(Desired,))
-            verify(desired, self.config.trusted_keys)
         except ProtocolError as exc:
             await self.reporter.rejected(None, 0, exc.reason, str(exc))
+            return
+        try:
+            verify(desired, self.config.trusted_keys)
+        except ProtocolError as exc:
+            # The ids are the body's claims (unverified), so the controller that sent it
+            # counts this host as rejected now instead of waiting for its --timeout.
+            await self.reporter.rejected(desired.deployment_id, desired.generation, exc.reason,
+                                         f"{exc} (deployment id and generation unverified)",
+                                         unverified=True)
             return
         await self._admit(desired)
 

@@ -58,13 +58,13 @@ from controller.planner import (
     Start,
     TimeOut,
 )
+from controller.reader import MessageReader
 from controller.view import HostView, fold_event, fold_state
 from protocol import outcomes
 from protocol.broker import BrokerCluster
-from protocol.codec import decode, encode
-from protocol.errors import BrokerUnavailable, InputError, ProtocolError, UsageError
+from protocol.codec import encode
+from protocol.errors import BrokerUnavailable, InputError, UsageError
 from protocol.models import (
-    EVENT_TYPES,
     BinaryCache,
     Confirm,
     DeployPolicy,
@@ -249,6 +249,7 @@ class RolloutDriver:
         self._publish_sem = asyncio.Semaphore(PUBLISH_CONCURRENCY)
         self._changed = asyncio.Event()
         self._marker: str | None = None
+        self._reader = MessageReader(ctx.topics)
         self._synced = asyncio.Event()
         self.batches: list[list[str]] = []
         self.progress = RolloutProgress()
@@ -423,46 +424,36 @@ class RolloutDriver:
         if topic == self._marker:
             self._synced.set()
             return
-        try:
-            host, kind = self.ctx.topics.parse(topic)
-        except ProtocolError:
-            return
-        view = self.views.get(host)
-        if view is None:
-            return
         payload = message.payload if isinstance(message.payload, bytes) else b""
-        if kind == "online":
-            view.online = payload == b"online"
+        msg = self._reader.read(topic, payload, self.views.__contains__)
+        if msg is None:
+            return
+        view = self.views[msg.host]
+        if msg.online is not None:
+            view.online = msg.online
             self._note(view)
             self._changed.set()
             return
-        if not payload:
-            return
-        if kind == "confirm":
-            self._confirm(host, view, payload)
+        body = msg.body
+        if isinstance(body, Confirm):
+            self._confirm(msg.host, view, body)
             return
         was_done = view.done
-        try:
-            if kind == "events":
-                ev: Event = decode(payload, expect=EVENT_TYPES)
-                if isinstance(ev, Log):
-                    self._store_log(ev)
-                if not fold_event(view, ev):
-                    return
-            elif kind == "state":
-                st: HostState = decode(payload, expect=(HostState,))
-                if not fold_state(view, st):
-                    return
-            else:
+        if isinstance(body, Log):
+            self._store_log(body)
+        if isinstance(body, Event):
+            if not fold_event(view, body):
                 return
-        except ProtocolError as exc:
-            log.warning("ignoring malformed %s message from %s: %s", kind, host, exc)
+        elif isinstance(body, HostState):
+            if not fold_state(view, body):
+                return
+        else:
             return
         self._note(view)
         if was_done:
             return
         if view.done:
-            self._host_status(host, view.result or "failed", view.message, view.system)
+            self._host_status(msg.host, view.result or "failed", view.message, view.system)
         self._changed.set()
         if self.on_change is not None:
             self.on_change(self)
@@ -476,13 +467,9 @@ class RolloutDriver:
         except InputError as exc:
             log.warning("%s", exc)
 
-    def _confirm(self, host: str, view: HostView, payload: bytes) -> None:
+    def _confirm(self, host: str, view: HostView, probe: Confirm) -> None:
         """`--confirm controller`: answer an agent's post-switch probe with a signed
         confirmation for its generation, proving the controller still reaches it."""
-        try:
-            probe: Confirm = decode(payload, expect=(Confirm,))
-        except ProtocolError:
-            return
         if probe.source != "agent" or probe.generation != view.generation or view.done:
             return
         assert self.ctx.key is not None
@@ -573,13 +560,9 @@ class RolloutDriver:
         current: dict[str, tuple[str, int]] = {}
         for m in messages:
             payload = m.payload if isinstance(m.payload, bytes) else b""
-            try:
-                host, _ = t.parse(str(m.topic))
-                if payload:
-                    d: Desired = decode(payload, expect=(Desired,))
-                    current[host] = (d.deployment_id, d.generation)
-            except ProtocolError:
-                continue
+            msg = self._reader.read(str(m.topic), payload, inflight.__contains__)
+            if msg is not None and isinstance(msg.body, Desired):
+                current[msg.host] = (msg.body.deployment_id, msg.body.generation)
         republish = []
         for h, v in inflight.items():
             assert v.deployment_id is not None

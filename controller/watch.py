@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,10 +27,10 @@ from controller import store
 from controller.connection import connect, sync_marker
 from controller.deploy import ControllerContext, Outcome
 from controller.monitor import ChangeTracker
+from controller.reader import MessageReader
 from controller.view import HostView, fold_event, fold_state
-from protocol.codec import decode
-from protocol.errors import BrokerUnavailable, InputError, ProtocolError, UsageError
-from protocol.models import EVENT_TYPES, Desired, Event, HostState
+from protocol.errors import BrokerUnavailable, InputError, UsageError
+from protocol.models import Desired, Event, HostState
 from protocol.mqtt import random_client_id
 from protocol.outcomes import ROLLOUT_FINAL, rollout_result
 
@@ -124,45 +125,39 @@ class Watcher:
             self._apply_log(r)
 
     # -- messages ------------------------------------------------------------------------
+    @functools.cached_property
+    def _reader(self) -> MessageReader:
+        return MessageReader(self.ctx.topics)
+
     def on_message(self, message: aiomqtt.Message) -> None:
         topic = str(message.topic)
         if topic == self._marker:
             self._synced.set()
             return
-        try:
-            host, kind = self.ctx.topics.parse(topic)
-        except ProtocolError:
-            return
         payload = message.payload if isinstance(message.payload, bytes) else b""
-        if kind == "desired":
-            self._on_desired(host, payload)
+        desired = topic.endswith("/desired")  # any host's: another controller's rollout
+        msg = self._reader.read(topic, payload, lambda h: desired or h in self.views)
+        if msg is None:
+            return
+        host, body = msg.host, msg.body
+        if msg.kind == "desired":
+            if isinstance(body, Desired):
+                self._on_desired(host, body)
             return
         view = self.views.get(host)
         if view is None:
             return
-        try:
-            if kind == "online":
-                if view.online != (payload == b"online"):
-                    view.online = payload == b"online"
-                    self._changed.add(host)
-            elif kind == "events" and payload:
-                ev: Event = decode(payload, expect=EVENT_TYPES)
-                if fold_event(view, ev):
-                    self._changed.add(host)
-            elif kind == "state" and payload:
-                st: HostState = decode(payload, expect=(HostState,))
-                if fold_state(view, st):
-                    self._changed.add(host)
-        except ProtocolError:
-            return
+        if msg.online is not None:
+            if view.online != msg.online:
+                view.online = msg.online
+                self._changed.add(host)
+        elif isinstance(body, Event):
+            if fold_event(view, body):
+                self._changed.add(host)
+        elif isinstance(body, HostState) and fold_state(view, body):
+            self._changed.add(host)
 
-    def _on_desired(self, host: str, payload: bytes) -> None:
-        if not payload:
-            return
-        try:
-            d: Desired = decode(payload, expect=(Desired,))
-        except ProtocolError:
-            return
+    def _on_desired(self, host: str, d: Desired) -> None:
         if d.rollout_id != self.rollout_id:
             return
         if self.from_log and host not in self.views:
