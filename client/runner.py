@@ -333,6 +333,9 @@ class DeploymentRunner:
         if answer.prompt_id in a.closed_prompts:
             return False, f"prompt {answer.prompt_id} was already answered"
         prompt = self._prompt
+        if prompt is None and answer.prompt_id in a.prompts:
+            # journaled and still open, not re-published yet (the agent just restarted)
+            prompt = Prompt.model_validate(a.prompts[answer.prompt_id])
         verdict = prompts.validate_answer(prompt, answer,
                                           a.prompt_answers.get(answer.prompt_id, {}),
                                           local_now(), self.ctx.tonight)
