@@ -24,7 +24,6 @@ import queue
 import resource
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,6 +36,10 @@ from typing import Any
 import aiomqtt
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from protocol.broker import BrokerCluster  # noqa: E402
+from protocol.mqtt import MqttVersion  # noqa: E402
+
 PREFIX = "fleet/v1"
 SYSTEM = "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-nixos-system-bench-25.11"
 PUBLISH_CONCURRENCY = 256  # the same bound as controller.deploy uses
@@ -81,12 +84,15 @@ def raise_nofile() -> tuple[int, int]:
     return resource.getrlimit(resource.RLIMIT_NOFILE)
 
 
-def make_client(url: str, identifier: str) -> aiomqtt.Client:
-    host, _, port = url.split("://", 1)[-1].rpartition(":")
-    client = aiomqtt.Client(
-        hostname=host, port=int(port), identifier=identifier,
-        protocol=aiomqtt.ProtocolVersion.V5, timeout=30, max_inflight_messages=1000,
-        socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
+# 3.1.1 for NATS: the orchestrator sets FLEET_MQTT_VERSION for each phase's processes.
+MQTT_VERSION: MqttVersion = "3.1.1" if os.environ.get("FLEET_MQTT_VERSION") == "3.1.1" else "5"
+
+
+def make_client(url: str, identifier: str, version: MqttVersion = MQTT_VERSION
+                ) -> aiomqtt.Client:
+    broker = BrokerCluster.parse(url, version)
+    client = aiomqtt.Client(**broker.client_kwargs(broker.addresses[0], identifier),
+                            timeout=30, max_inflight_messages=1000)
     client.pending_calls_threshold = 1_000_000
     return client
 
@@ -173,14 +179,14 @@ async def flotilla_controller(cfg: dict[str, Any]) -> None:
     from controller.deploy import ControllerContext, DeployRequest, RolloutDriver
     from controller.keys import load_key
     from controller.planner import RolloutPolicy
-    from protocol.broker import parse_broker_url
     from protocol.topics import Topics
 
     hosts: list[str] = cfg["hosts"]
     n = len(hosts)
     startup = await wait_online(cfg["url"], hosts, cfg["timeout"])
     state_dir = Path(cfg["state_dir"])
-    ctx = ControllerContext(broker=parse_broker_url(cfg["url"]), topics=Topics(PREFIX),
+    ctx = ControllerContext(broker=BrokerCluster.parse(cfg["url"], MQTT_VERSION),
+                            topics=Topics(PREFIX),
                             state_dir=state_dir, key=load_key(state_dir))
     policy = (RolloutPolicy(batch="10%", max_failures="5%") if cfg["rollout"]
               else RolloutPolicy())
@@ -342,6 +348,9 @@ class Phase:
         self.controller: subprocess.Popen[str] | None = None
         self.broker: Any = None
         self.lines: queue.Queue[str | None] = queue.Queue()
+        # NATS serves MQTT 3.1.1 only; every client of the phase (agents, controller,
+        # floor) reads FLEET_MQTT_VERSION.
+        self.mqtt_version = "3.1.1" if args.broker == "nats-cluster" else "5"
 
     def chunks(self) -> list[list[str]]:
         """Round-robin, so that every rollout batch (a contiguous slice of the host list)
@@ -350,11 +359,20 @@ class Phase:
         return [self.hosts[i::procs] for i in range(procs)]
 
     def start(self) -> None:
-        from controller.broker import Mosquitto
-        self.broker = Mosquitto(self.dir / "broker",
-                                extra="".join(f"{line}\n" for line in self.args.broker_conf))
+        from controller.broker import Mosquitto, NatsCluster
+        if self.args.broker == "nats-cluster":
+            # Agents on nodes 2 and 3, the controller on node 1: every message crosses
+            # the cluster, as with agents and fleetctl on different nodes.
+            self.broker = NatsCluster(self.dir / "broker", 3)
+            urls = [n.url for n in self.broker.nodes]
+            controller_url, agent_urls = urls[0], urls[1:]
+        else:
+            self.broker = Mosquitto(self.dir / "broker",
+                                    extra="".join(f"{line}\n" for line in self.args.broker_conf))
+            controller_url = self.broker.url
+            agent_urls = [controller_url]
         self.broker.start()
-        cfg: dict[str, Any] = {"kind": self.kind, "url": self.broker.url, "hosts": self.hosts,
+        cfg: dict[str, Any] = {"kind": self.kind, "url": controller_url, "hosts": self.hosts,
                                "timeout": self.args.timeout, "rollout": self.args.rollout,
                                "timeline": self.args.timeline,
                                "floor_rounds": self.args.floor_rounds}
@@ -368,7 +386,7 @@ class Phase:
             cfg["state_dir"] = str(state)
         cfg_path = self.dir / "controller.json"
         cfg_path.write_text(json.dumps(cfg))
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "FLEET_MQTT_VERSION": self.mqtt_version}
         self.controller = subprocess.Popen(
             [sys.executable, str(Path(__file__).resolve()), "_controller", str(cfg_path)],
             stdout=subprocess.PIPE, stderr=open(self.dir / "controller.log", "wb"),  # noqa: SIM115
@@ -383,15 +401,16 @@ class Phase:
         agents_dir = self.dir / "agents"
         agents_dir.mkdir()
         for i, chunk in enumerate(self.chunks()):
+            url = agent_urls[i % len(agent_urls)]
             hosts_file = self.dir / f"hosts-{i}.txt"
             hosts_file.write_text("\n".join(chunk))
             if self.kind == "floor":
                 argv = [sys.executable, str(Path(__file__).with_name("floor_agents.py")),
-                        "--broker", self.broker.url, "--hosts-file", str(hosts_file)]
+                        "--broker", url, "--hosts-file", str(hosts_file)]
             else:
                 argv = [sys.executable, "-m", "client", "simulate", "--hosts", ",".join(chunk),
                         "--state-dir", str(agents_dir), "--trust-key", str(pub),
-                        "--broker", self.broker.url, "--sim-fetch-delay", "0",
+                        "--broker", url, "--sim-fetch-delay", "0",
                         "--sim-switch-delay", "0", "--sim-fail-rate", str(self.args.fail_rate),
                         "--sim-seed", "bench"]
             self.agents.append(subprocess.Popen(
@@ -425,7 +444,8 @@ class Phase:
                 return dict(json.loads(line))
 
     def cpu(self) -> dict[str, float]:
-        return {"broker": proc_cpu(self.broker.proc.pid),
+        brokers = self.broker.nodes if hasattr(self.broker, "nodes") else [self.broker]
+        return {"broker": sum(proc_cpu(b.proc.pid) for b in brokers if b.proc is not None),
                 "agents": sum(proc_cpu(a.pid) for a in self.agents),
                 "agents_sys": sum(proc_cpu(a.pid, system_only=True) for a in self.agents),
                 "machine": machine_busy()}
@@ -438,7 +458,7 @@ class Phase:
         out.mkdir(parents=True, exist_ok=True)
         for name, pid in targets:
             self.spies.append(subprocess.Popen(
-                [binary, "record", "--pid", str(pid), "--rate", "100", "--nonblocking",
+                [binary, "record", "--pid", str(pid), "--rate", "100", "--nonblocking", "--gil",
                  "--format", "raw", "--output", str(out / f"{self.kind}-{name}.txt")],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
 
@@ -497,6 +517,65 @@ def run_phase(kind: str, args: argparse.Namespace, work: Path) -> dict[str, Any]
         phase.stop()
 
 
+def load_average() -> list[float]:
+    """1, 5 and 15 minute load averages: other work on the machine makes numbers noisy."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+# (key, what, limit): the issue 13 targets, each a ratio to the floor except RSS.
+TARGETS = [
+    ("acked_ratio", "acked / floor", 1.5),
+    ("done_ratio", "done / floor", 5.0),
+    ("controller_cpu_ratio", "controller CPU per host / floor controller's", 1.5),
+    ("agent_cpu_ratio", "agent CPU per deploy / floor agent's", 3.0),
+    ("controller_rss_mb", "controller peak RSS MB", 100.0),
+]
+
+
+def targets(out: dict[str, Any], per_host: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """Each target with its value and whether it is met (None: not measured this run).
+    The ratios are judged at 1,000 hosts, completion and RSS at any size."""
+    floor, flot = per_host.get("floor"), per_host["flotilla"]
+    values = {
+        "acked_ratio": out["acked_ratio"], "done_ratio": out["done_ratio"],
+        "controller_cpu_ratio": ratio(flot["controller"], floor["controller"]) if floor else None,
+        "agent_cpu_ratio": ratio(flot["agents"], floor["agents"]) if floor else None,
+        "controller_rss_mb": out["controller_rss_mb"],
+    }
+    result: dict[str, Any] = {}
+    for key, what, limit in TARGETS:
+        value = values[key]
+        result[key] = {"what": what, "value": value, "limit": limit,
+                       "met": None if value is None else value <= limit}
+    result["completes"] = {"what": "every host succeeded", "value": out["status"],
+                           "limit": "succeeded", "met": out["status"] == "succeeded"}
+    return result
+
+
+def print_table(out: dict[str, Any]) -> None:
+    """A side-by-side table on stderr; the last stdout line stays the JSON object."""
+    per_host = out.get("cpu_ms_per_host", {})
+    floor, flot = per_host.get("floor", {}), per_host.get("flotilla", {})
+
+    def f(x: Any, unit: str = "") -> str:
+        return "-" if x is None else (f"{x:.3f}{unit}" if isinstance(x, float) else str(x))
+
+    rows = [("acked s", out["floor_s"], out["acked_s"]),
+            ("done s", out["floor_s"], out["done_s"]),
+            ("controller CPU ms/host", floor.get("controller"), flot.get("controller")),
+            ("agent CPU ms/deploy", floor.get("agents"), flot.get("agents"))]
+    lines = [f"fanout: {out['hosts']} hosts via {out['broker']}, status {out.get('status')}, "
+             f"controller RSS {out.get('controller_rss_mb')} MB, load {out['load_before']} -> "
+             f"{out.get('load_after')}",
+             f"  {'':24} {'floor':>10} {'flotilla':>10} {'ratio':>7}"]
+    for name, a, b in rows:
+        lines.append(f"  {name:24} {f(a):>10} {f(b):>10} {f(ratio(b, a)):>7}")
+    for t in out.get("targets", {}).values():
+        met = {True: "met", False: "NOT met", None: "not measured"}[t["met"]]
+        lines.append(f"  target {t['what']}: {f(t['value'])} (limit {t['limit']}) {met}")
+    print("\n".join(lines), file=sys.stderr, flush=True)
+
+
 def ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 2) if a is not None and b else None
 
@@ -531,6 +610,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeline", action="store_true",
                    help="add detail.flotilla.timeline (messages by type per 0.5 s) and"
                         " rss_series ([s, RSS MB, unhandled messages] every 0.5 s)")
+    p.add_argument("--broker", choices=["mosquitto", "nats-cluster"], default="mosquitto",
+                   help="a fresh Mosquitto per phase, or a 3-node NATS JetStream cluster "
+                        "(MQTT 3.1.1; agents on nodes 2-3, the controller on node 1)")
     p.add_argument("--floor-rounds", type=int, default=3,
                    help="fan-outs in the floor phase; floor_s is their median")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
@@ -549,9 +631,11 @@ def main(argv: list[str] | None = None) -> int:
             "clients")
     work = Path(tempfile.mkdtemp(prefix="flotilla-bench-"))
     log(f"work dir {work}, RLIMIT_NOFILE {nofile}")
-    out: dict[str, Any] = {"hosts": args.n, "floor_s": None, "acked_s": None, "done_s": None,
-                           "acked_ratio": None, "done_ratio": None}
+    out: dict[str, Any] = {"hosts": args.n, "broker": args.broker, "floor_s": None,
+                           "acked_s": None, "done_s": None, "acked_ratio": None,
+                           "done_ratio": None}
     detail: dict[str, Any] = {"nofile": nofile[0]}
+    out["load_before"] = load_average()
     try:
         floor = None
         if not (args.flotilla_only or args.rss):
@@ -566,15 +650,25 @@ def main(argv: list[str] | None = None) -> int:
         if args.rollout:
             out.update(rollout_s=r3(res["rollout_s"]), rollout_ratio=ratio(res["rollout_s"], floor),
                        status=res["status"])
+        out["status"] = res["status"]
         out["controller_rss_mb"] = round(res["controller_rss_mb"], 1)
         detail["flotilla"] = {k: r3(v) if isinstance(v, float) else v for k, v in res.items()
                               if k not in ("ev", "acked_s", "done_s", "controller_rss_mb")}
+        # Per host and deploy: the floor's window holds --floor-rounds fan-outs.
+        deploys = {"floor": args.n * args.floor_rounds, "flotilla": args.n}
+        out["cpu_ms_per_host"] = per_host = {
+            phase: {"controller": round(d["cpu_s"]["controller"] * 1000 / deploys[phase], 3),
+                    "agents": round(d["cpu_s"]["agents"] * 1000 / deploys[phase], 3)}
+            for phase, d in detail.items() if phase in deploys}
+        out["targets"] = targets(out, per_host)
+        out["load_after"] = load_average()
         out["detail"] = detail
     finally:
         if args.keep:
             log(f"kept {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
+    print_table(out)
     print(json.dumps(out), flush=True)
     return 0
 

@@ -30,7 +30,7 @@ import aiomqtt  # noqa: E402
 from controller.broker import Mosquitto  # noqa: E402
 from controller.inventory import render_inventory  # noqa: E402
 from controller.keys import init_keys  # noqa: E402
-from protocol.broker import parse_broker_url  # noqa: E402
+from protocol.broker import BrokerCluster  # noqa: E402
 from protocol.codec import encode  # noqa: E402
 from protocol.models import Progress  # noqa: E402
 from protocol.topics import Topics  # noqa: E402
@@ -107,9 +107,9 @@ def broker_kill(n: int) -> dict[str, object]:
 
 async def _flood(url: str, events: int) -> float:
     topic = Topics().events("noisy")
-    addr = parse_broker_url(url)
+    broker = BrokerCluster.parse(url)
     started = time.monotonic()
-    async with aiomqtt.Client(**addr.client_kwargs(), protocol=aiomqtt.ProtocolVersion.V5,
+    async with aiomqtt.Client(**broker.client_kwargs(broker.addresses[0], "bench-flood"),
                               max_inflight_messages=1000) as client:
         for i in range(events):
             ev = Progress(host="noisy", deployment_id="flood", generation=1, seq=i,

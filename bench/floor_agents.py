@@ -1,6 +1,6 @@
 """The floor of `bench/fanout.py`: bare aiomqtt agents that ack a retained message.
 
-Each agent is one MQTT 5 connection (TCP_NODELAY, like Flotilla's) that subscribes
+Each agent is one MQTT 5 (or 3.1.1) connection (TCP_NODELAY, like Flotilla's) that subscribes
 (QoS1) to its own `PREFIX/host/H/desired`, publishes a retained `online` and, for every
 non-empty message on `desired`, publishes one QoS1 ack on `PREFIX/host/H/events` and
 waits for its PUBACK. No journal, no pydantic, no signature: what any MQTT fan-out
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import signal
 import socket
 import sys
@@ -22,6 +23,9 @@ from pathlib import Path
 import aiomqtt
 
 CONNECT_CONCURRENCY = 100
+# MQTT 5 unless FLEET_MQTT_VERSION says 3.1.1 (NATS), like every Flotilla client.
+PROTOCOL = (aiomqtt.ProtocolVersion.V311 if os.environ.get("FLEET_MQTT_VERSION") == "3.1.1"
+            else aiomqtt.ProtocolVersion.V5)
 ACK_PAYLOAD = b"\x83\xa1v\x01\xa4type\xa3ack\xa4body" + b"\x00" * 96  # ~ an encoded Ack
 
 
@@ -32,7 +36,7 @@ async def agent(host: str, broker: tuple[str, int], prefix: str,
         try:
             client = aiomqtt.Client(
                 hostname=broker[0], port=broker[1], identifier=f"floor-{host}",
-                protocol=aiomqtt.ProtocolVersion.V5, keepalive=30, timeout=30,
+                protocol=PROTOCOL, keepalive=30, timeout=30,
                 socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
                 will=aiomqtt.Will(f"{base}/online", b"offline", qos=1, retain=True))
             async with connect_sem:

@@ -27,12 +27,13 @@ from client.journal import Journal, RecordedResult, encode_blob
 from client.notify import NotifyConfig, PromptNotifier
 from client.report import Reporter
 from client.runner import DeploymentRunner, new_nonce
-from client.session import AgentSession, Backoff, Retained
+from client.session import AgentSession, Retained
 from protocol import prompts
-from protocol.broker import BrokerAddress
+from protocol.broker import BrokerCluster
 from protocol.codec import decode, encode
-from protocol.errors import ProtocolError, StateError
+from protocol.errors import BrokerRefused, ProtocolError, StateError
 from protocol.models import Answer, Cancel, Confirm, Desired, HostState, Prompt
+from protocol.mqtt import Backoff, client_id
 from protocol.outcomes import phase_of
 from protocol.signing import verify
 from protocol.topics import Topics
@@ -43,7 +44,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class AgentConfig:
     host: str
-    broker: BrokerAddress
+    broker: BrokerCluster
     state_dir: Path
     trusted_keys: list[Ed25519PublicKey]
     topics: Topics = field(default_factory=Topics)
@@ -86,7 +87,7 @@ class Agent:
         self.notifier = PromptNotifier(config.notify) if config.notify.enabled else None
         self.session = AgentSession(
             config.broker,
-            client_id=f"flotilla-agent-{self.host}",
+            client_id=client_id("flotilla-agent", self.host),
             subscriptions=subscriptions,
             handler=self._handle,
             will=Retained(self.topics.online(self.host), b"offline"),
@@ -124,13 +125,24 @@ class Agent:
                 await stack.enter_async_context(ControlServer(
                     socket_path(self.config.state_dir), LocalControl(self),
                     group=self.config.control_group))
-            async with asyncio.TaskGroup() as tg:
-                tg.create_task(self.session.run(), name=f"session-{self.host}")
-                tg.create_task(self._deploy_loop(), name=f"deploy-{self.host}")
-                if self.ha is not None:
-                    tg.create_task(self.ha.run(), name=f"homeassistant-{self.host}")
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    tg.create_task(self.session.run(), name=f"session-{self.host}")
+                    tg.create_task(self._deploy_loop(), name=f"deploy-{self.host}")
+                    if self.ha is not None:
+                        tg.create_task(self.ha.run(), name=f"homeassistant-{self.host}")
+            except ExceptionGroup as group:
+                refused: BaseException | None = group.subgroup(BrokerRefused)
+                if refused is None:
+                    raise
+                while isinstance(refused, BaseExceptionGroup):  # the CLI prints one line
+                    refused = refused.exceptions[0]
+                raise refused from None
 
     async def close(self) -> None:
+        if self.session.connected.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.reporter.close(), 2.0)  # what it holds back
         await self.session.stop(graceful_payload=b"offline")
         self.journal.close()
 
@@ -185,9 +197,17 @@ class Agent:
             return
         try:
             desired: Desired = decode(payload, expect=(Desired,))
-            verify(desired, self.config.trusted_keys)
         except ProtocolError as exc:
             await self.reporter.rejected(None, 0, exc.reason, str(exc))
+            return
+        try:
+            verify(desired, self.config.trusted_keys)
+        except ProtocolError as exc:
+            # The ids are the body's claims (unverified), so the controller that sent it
+            # counts this host as rejected now instead of waiting for its --timeout.
+            await self.reporter.rejected(desired.deployment_id, desired.generation, exc.reason,
+                                         f"{exc} (deployment id and generation unverified)",
+                                         unverified=True)
             return
         await self._admit(desired)
 

@@ -17,19 +17,33 @@ from client.backend import BackendError, SystemBackend
 from client.journal import JOURNAL_NAME, check_file, repair_file
 from client.notify import NotifyConfig
 from client.sim import SimSettings, SimulatedBackend
-from protocol.broker import BrokerAddress, parse_broker_url, read_password_file
-from protocol.errors import FlotillaError, UsageError
+from protocol.broker import BrokerCluster, read_password_file
+from protocol.errors import BrokerRefused, FlotillaError, UsageError
+from protocol.mqtt import DEFAULT_MQTT_VERSION, MqttVersion, parse_mqtt_version
+from protocol.prompts import DEFAULT_TONIGHT, parse_hhmm
 from protocol.signing import load_public_keys
 from protocol.topics import DEFAULT_PREFIX, Topics, validate_host
 
 EXIT_USAGE, EXIT_BROKER = 2, 3
 
 
+def mqtt_version_arg(text: str) -> MqttVersion:
+    try:
+        return parse_mqtt_version(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--broker", default=os.environ.get("FLEET_BROKER", "mqtt://127.0.0.1:1883"),
                    help="broker URL mqtt://[user[:password]@]host:port (mqtts:// for TLS, ws://,"
-                        " wss://). A password in the URL shows in process listings: use"
-                        " --password-file instead")
+                        " wss://); a cluster's nodes as comma-separated URLs (the first that"
+                        " answers is used, the next on failover). Env FLEET_BROKER. A password"
+                        " in the URL shows in process listings: use --password-file instead")
+    p.add_argument("--mqtt-version", type=mqtt_version_arg,
+                   default=os.environ.get("FLEET_MQTT_VERSION", DEFAULT_MQTT_VERSION),
+                   help="MQTT protocol: 5 (default) or 3.1.1 for brokers that speak only"
+                        " 3.1.1, such as NATS (env FLEET_MQTT_VERSION)")
     p.add_argument("--username", help="broker username (default: the host name)")
     p.add_argument("--password-file", type=Path,
                    help="file holding the broker password (recommended way to pass it)")
@@ -43,8 +57,10 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="controller public key(s) (PEM) that sign desired states and answers")
     p.add_argument("--topic-prefix", default=DEFAULT_PREFIX,
                    help="MQTT topic prefix shared with the controller")
-    p.add_argument("--backend", choices=["sim", "nixos"], default="sim",
-                   help="nixos: really fetch and switch this host; sim: pretend (tests, demo)")
+    p.add_argument("--backend", choices=["auto", "sim", "nixos"], default="auto",
+                   help="nixos: really fetch and switch this host; sim: pretend (tests, "
+                        "demo); auto: nixos when ROOT/run/current-system exists, else sim "
+                        "(the choice is logged at start)")
     p.add_argument("--root", type=Path, default=Path("/"),
                    help="nixos backend: prefix for /run and /nix/var paths (tests)")
     p.add_argument("--from-cache", metavar="URL",
@@ -70,6 +86,8 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="desktop notification to logged-in users when a prompt opens")
     p.add_argument("--notify-wall", action="store_true",
                    help="wall message to terminal users when a prompt opens")
+    p.add_argument("--defer-tonight", default=DEFAULT_TONIGHT, metavar="HH:MM",
+                   help="when 'tonight' is for a user deferring an approval (host-local)")
     p.add_argument("--dump-retention", type=int, default=3, help="dumps kept per step")
     p.add_argument("--age-recipient", help="encrypt dumps to this age recipient (pyrage)")
     p.add_argument("--age-identity", help="file with the age identity that decrypts dumps "
@@ -133,18 +151,32 @@ def journal_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _broker(args: argparse.Namespace, host: str) -> BrokerAddress:
-    address = parse_broker_url(args.broker)
+def _broker(args: argparse.Namespace, host: str) -> BrokerCluster:
+    broker = BrokerCluster.parse(args.broker, args.mqtt_version)
     password = None
     if args.password_file is not None:
         password = read_password_file(args.password_file)
-    username = args.username or (host if password and not address.username else None)
-    return address.with_credentials(username, password).with_tls(
+    username = args.username or (
+        host if password and not broker.addresses[0].username else None)
+    return broker.with_credentials(username, password).with_tls(
         args.ca_file, args.cert_file, args.key_file)
 
 
+def choose_backend(requested: str, root: Path) -> tuple[str, str]:
+    """(backend, why): `auto` is nixos on a NixOS host (it has /run/current-system)."""
+    if requested != "auto":
+        return requested, "--backend " + requested
+    marker = root / "run" / "current-system"
+    if marker.exists():
+        return "nixos", f"auto: {marker} exists"
+    return "sim", f"auto: {marker} does not exist, so this is no NixOS host; nothing is " \
+                  "really switched"
+
+
 def make_backend(args: argparse.Namespace, host: str, state_dir: Path) -> SystemBackend:
-    if args.backend == "nixos":
+    backend, why = choose_backend(args.backend, args.root)
+    logging.getLogger("client.cli").info("%s: backend %s (%s)", host, backend, why)
+    if backend == "nixos":
         from client.nixos import NixosBackend
         return NixosBackend(root=args.root, state_dir=state_dir, from_cache=args.from_cache)
     settings = SimSettings(args.sim_fetch_delay, args.sim_switch_delay, args.sim_fail_rate,
@@ -154,6 +186,10 @@ def make_backend(args: argparse.Namespace, host: str, state_dir: Path) -> System
 
 def make_agent(args: argparse.Namespace, host: str, state_dir: Path) -> Agent:
     validate_host(host)
+    try:
+        parse_hhmm(args.defer_tonight)
+    except ValueError as exc:
+        raise UsageError(f"--defer-tonight: {exc}") from None
     config = AgentConfig(
         host=host, broker=_broker(args, host), state_dir=state_dir,
         trusted_keys=load_public_keys(args.trust_key),
@@ -162,6 +198,7 @@ def make_agent(args: argparse.Namespace, host: str, state_dir: Path) -> Agent:
         age_identity=args.age_identity,
         home_assistant=args.home_assistant, ha_reboot=args.ha_reboot,
         control_socket=args.command == "run", control_group=args.control_group,
+        tonight=args.defer_tonight,
         notify=NotifyConfig(desktop=args.notify_desktop, wall=args.notify_wall,
                             command=f"fleet-agent prompt --state-dir {state_dir}"),
     )
@@ -216,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise UsageError("--hosts needs at least one host name")
             agents = [make_agent(args, h, args.state_dir / h) for h in hosts]
         asyncio.run(_serve(agents))
+    except BrokerRefused as exc:  # retrying cannot help: stop (systemd shows the line)
+        print(f"fleet-agent: error: {exc}", file=sys.stderr)
+        return EXIT_BROKER
     except FlotillaError as exc:
         print(f"fleet-agent: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -18,8 +18,8 @@ Topics (prefix `fleet/v1`, discovery prefix `homeassistant`, both configurable):
 Design choices (see docs-homeassistant.md):
 
 - The reboot button is announced once (when the agent's configuration allows reboots
-  from Home Assistant at all) and is *unavailable* unless a reboot is pending and the
-  deploy's policy allows it: its availability has two topics (`online` and the JSON
+  from Home Assistant at all) and is *unavailable* unless a deployment waits on its
+  reboot prompt: its availability has two topics (`online` and the JSON
   `reboot_available` flag) with `availability_mode: all`. A stable entity keeps
   automations and dashboards working; a button that comes and goes would not.
 - Prompt selects are dynamic: one per open item with choices, removed with an empty
@@ -53,6 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, get_args
 
+from protocol import prompts as P
 from protocol.models import (
     Answer as AnswerModel,
 )
@@ -74,8 +75,6 @@ ORIGIN_NAME = "flotilla"
 SUPPORT_URL = "https://github.com/flotilla/flotilla"
 TOKEN_FILE = "ha-token"
 TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{20,100}$")
-REBOOT_KEY = "deploy.reboot"  # the reboot prompt's item and its "now" choice
-REBOOT_NOW = "now"
 RELEASE_SUMMARY_MAX = 255  # Home Assistant cuts the summary here
 PHASES: tuple[str, ...] = get_args(HostPhase)
 RESULTS: tuple[str, ...] = (*sorted(AGENT_RESULTS), "none")
@@ -278,7 +277,7 @@ def prompt_select_messages(topics: Topics, host: str, prompt: Prompt | None, tok
     if prompt is None:
         return out
     for item in prompt.items:
-        if not item.choices or (item.key == REBOOT_KEY and not reboot_allowed):
+        if not item.choices or (item.key == P.REBOOT_KEY and not reboot_allowed):
             continue
         if not _answerable(item):
             log.warning("%s: prompt item %r has characters Home Assistant cannot carry;"
@@ -402,22 +401,14 @@ def _desired_fields(desired: Desired | Mapping[str, Any] | None) -> dict[str, An
     return dict(desired)
 
 
-def _reboot_policy(d: Mapping[str, Any]) -> str:
-    policy = d.get("policy") or {}
-    if isinstance(policy, Mapping):
-        return str(policy.get("reboot", "never"))
-    return str(getattr(policy, "reboot", "never"))
-
-
 def reboot_available(state: HostState, prompt: Prompt | None,
                      desired: Desired | Mapping[str, Any] | None, reboot_allowed: bool) -> bool:
-    """The Reboot button may be pressed: the agent takes reboots from Home Assistant, and
-    a reboot prompt is open, or a reboot is pending and the deploy's policy allows one."""
-    if not reboot_allowed:
-        return False
-    if prompt is not None and prompt.kind == "reboot":
-        return True
-    return state.needs_reboot and _reboot_policy(_desired_fields(desired)) != "never"
+    """The Reboot button may be pressed: the agent takes reboots from Home Assistant and
+    a reboot is pending, i.e. the deployment waits on its reboot prompt (policy `ask`,
+    or a reboot window not open yet). Pressing it answers that prompt with "now". Once
+    the deployment ended ("later"), `needs_reboot` stays on but no deployment waits for
+    a reboot, so the button is unavailable rather than pressable for nothing."""
+    return reboot_allowed and prompt is not None and prompt.kind == "reboot"
 
 
 def awaiting_approval(state: HostState, prompt: Prompt | None) -> bool:
@@ -640,8 +631,8 @@ def authorize(cmd: Approve | Answer | Reboot, prompt: Prompt | None, *, reboot_a
               ) -> str | None:
     """Why the agent's own configuration refuses a (token-checked) command; None if it
     may go on to the prompt's own checks. Pure, like `client.decide.admit`."""
-    reboot = isinstance(cmd, Reboot) or (isinstance(cmd, Answer) and cmd.key == REBOOT_KEY
-                                         and cmd.choice == REBOOT_NOW)
+    reboot = isinstance(cmd, Reboot) or (isinstance(cmd, Answer) and cmd.key == P.REBOOT_KEY
+                                         and cmd.choice == P.REBOOT_NOW)
     if reboot and not reboot_allowed:
         return ("this agent does not take reboots from Home Assistant (start it with"
                 " --ha-reboot)")

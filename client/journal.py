@@ -100,7 +100,10 @@ class JournalState:
             elif r.status == "succeeded" and r.system is not None:
                 self.system, self.generation = r.system, r.generation
             if a is not None and a.deployment_id == r.deployment_id:
-                self.last_deployment = a
+                if "switch" in a.started or "rollback-previous" in a.started:
+                    # what `fleetctl rollback` undoes: the last deployment that changed
+                    # something (not one cancelled, blocked or only checked before that)
+                    self.last_deployment = a
                 self.active = None
         elif a is None or rec.get("deployment_id") != a.deployment_id:
             return

@@ -333,6 +333,9 @@ class DeploymentRunner:
         if answer.prompt_id in a.closed_prompts:
             return False, f"prompt {answer.prompt_id} was already answered"
         prompt = self._prompt
+        if prompt is None and answer.prompt_id in a.prompts:
+            # journaled and still open, not re-published yet (the agent just restarted)
+            prompt = Prompt.model_validate(a.prompts[answer.prompt_id])
         verdict = prompts.validate_answer(prompt, answer,
                                           a.prompt_answers.get(answer.prompt_id, {}),
                                           local_now(), self.ctx.tonight)
@@ -342,7 +345,9 @@ class DeploymentRunner:
                      source=source, by=answer.answered_by, complete=verdict.complete,
                      deferred_until=verdict.deferred_until)
         who = answer.answered_by or source
-        await self.progress("choose", f"answered by {who}: {verdict.choices}")
+        await self.progress(PROGRESS_STAGE.get(prompt.kind if prompt else "", "choose"),
+                            f"answered by {who}: {verdict.choices}", prompt=prompt,
+                            deferred_until=verdict.deferred_until)
         if not verdict.complete and prompt is not None:
             for cb in self.on_prompt:
                 await cb(prompt)

@@ -1,8 +1,13 @@
 """The agent's MQTT session: persistent, self-healing, journal-first acking.
 
-- MQTT 5 with clean_start=False and a SessionExpiryInterval, so QoS1 messages sent
-  while the agent is away wait for it in the broker.
-- aiomqtt does not reconnect: `run()` loops on MqttError with capped, jittered backoff.
+- A persistent session (MQTT 5: clean_start=False and a SessionExpiryInterval; MQTT
+  3.1.1: clean_session=False; built by `protocol.mqtt`), so QoS1 messages sent while
+  the agent is away wait for it in the broker.
+- aiomqtt does not reconnect: `run()` loops on MqttError. With a cluster (several
+  broker addresses) it fails over to the next node, whose copy of the session it
+  resumes; a round in which no node answers is followed by capped, jittered backoff.
+- A refusal no retry can fix (MQTT version, credentials, authorization) ends `run()`
+  with BrokerRefused, whose message names the fix; the agent exits non-zero.
 - Manual acks: a QoS1 message is acknowledged only after its handler returned (the
   handler journals with fsync first), so a crash in between means redelivery.
 - `publish()` waits for a connection and retries across reconnects.
@@ -15,38 +20,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import random
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import aiomqtt
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
-from protocol.broker import SESSION_EXPIRY_S, BrokerAddress
+from protocol.broker import BrokerAddress, BrokerCluster
+from protocol.errors import BrokerRefused
+from protocol.mqtt import Backoff, Failover, connack_code, refusal
 
 log = logging.getLogger(__name__)
 Handler = Callable[[aiomqtt.Message], Awaitable[None]]
-
-
-@dataclass
-class Backoff:
-    """Capped exponential backoff with full jitter."""
-
-    base: float = 0.2
-    cap: float = 30.0
-    attempt: int = 0
-    rng: random.Random = field(default_factory=random.Random)
-
-    def next_delay(self) -> float:
-        delay = min(self.cap, self.base * (2 ** self.attempt))
-        self.attempt = min(self.attempt + 1, 30)
-        return self.rng.uniform(delay / 2, delay)
-
-    def reset(self) -> None:
-        self.attempt = 0
 
 
 @dataclass(frozen=True)
@@ -60,7 +47,7 @@ class AgentSession:
 
     def __init__(
         self,
-        address: BrokerAddress,
+        broker: BrokerCluster | BrokerAddress,
         client_id: str,
         subscriptions: list[tuple[str, int]],
         handler: Handler,
@@ -69,14 +56,14 @@ class AgentSession:
         extra_client_kwargs: dict[str, Any] | None = None,
         retry_latest: tuple[str, ...] = (),
     ) -> None:
-        self.address = address
+        self.broker = BrokerCluster.of(broker)  # a BrokerAddress is a one-node cluster
         self.client_id = client_id
         self.subscriptions = subscriptions
         self.handler = handler
         self.will = will
         self.on_connect = on_connect
         self.extra = extra_client_kwargs or {}
-        self.backoff = Backoff()
+        self.failover = Failover(len(self.broker.addresses))
         self.connected = asyncio.Event()
         self._lost: asyncio.Future[None] | None = None  # resolves when this connection ends
         self.connections = 0
@@ -86,31 +73,49 @@ class AgentSession:
         self._retries: dict[str, asyncio.Task[None]] = {}
         self.retry_backoff = Backoff(base=0.5, cap=30.0)
 
-    def _make_client(self) -> aiomqtt.Client:
-        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        props.SessionExpiryInterval = SESSION_EXPIRY_S
+    def _make_client(self, address: BrokerAddress) -> aiomqtt.Client:
         client = aiomqtt.Client(
-            **self.address.client_kwargs(),
+            **self.broker.client_kwargs(address, self.client_id, persistent=True),
             **self.extra,
-            identifier=self.client_id,
-            protocol=aiomqtt.ProtocolVersion.V5,
-            clean_start=False,
-            properties=props,
             keepalive=30,
             will=aiomqtt.Will(self.will.topic, self.will.payload, qos=1, retain=True),
         )
         client._client.manual_ack_set(True)
         return client
 
+    async def _open(self) -> aiomqtt.Client:
+        """Connect to the first node that answers (failover order); until stopped."""
+        while True:
+            last: aiomqtt.MqttError | None = None
+            for index in self.failover.round():
+                address = self.broker.addresses[index]
+                client = self._make_client(address)
+                try:
+                    await client.__aenter__()
+                except aiomqtt.MqttError as exc:
+                    if isinstance(exc, aiomqtt.MqttCodeError):
+                        message = refusal(connack_code(exc.rc), self.broker.mqtt, str(address))
+                        if message is not None:
+                            raise BrokerRefused(message) from None
+                    last = exc
+                    continue
+                if self.failover.current not in (None, index):
+                    log.info("%s: failed over to %s", self.client_id, address)
+                self.failover.connected(index)
+                return client
+            delay = self.failover.delay()
+            log.warning("%s: no broker answered (%s); retry in %.1fs", self.client_id, last,
+                        delay)
+            await asyncio.sleep(delay)
+
     async def run(self) -> None:
-        """Connect, subscribe, dispatch; reconnect forever until `stop()`."""
+        """Connect, subscribe, dispatch; reconnect (fail over) until `stop()`."""
         while not self._stopping:
             try:
-                client = self._make_client()
-                async with client:
+                client = await self._open()
+                try:
                     self._client = client
                     self.connections += 1
-                    self.backoff.reset()
                     for topic, qos in self.subscriptions:
                         await client.subscribe(topic, qos=qos)
                     self._lost = asyncio.get_running_loop().create_future()
@@ -119,11 +124,14 @@ class AgentSession:
                         await self.on_connect()
                     async for message in client.messages:
                         await self._dispatch(client, message)
+                finally:
+                    with contextlib.suppress(aiomqtt.MqttError, OSError, TimeoutError):
+                        await client.__aexit__(None, None, None)
             except aiomqtt.MqttError as exc:
                 if self._stopping:
                     break
-                delay = self.backoff.next_delay()
-                log.warning("%s: broker connection lost (%s); retry in %.1fs",
+                delay = self.failover.delay()
+                log.warning("%s: broker connection lost (%s); reconnecting in %.1fs",
                             self.client_id, exc, delay)
                 await asyncio.sleep(delay)
             finally:

@@ -11,9 +11,11 @@ import aiomqtt
 
 from controller.connection import connect, read_retained
 from controller.deploy import ControllerContext
+from controller.reader import MessageReader
 from protocol.codec import decode, encode
-from protocol.errors import InputError, ProtocolError, UsageError
-from protocol.models import Answer, Cancel, Prompt, Rejected
+from protocol.errors import ProtocolError, UsageError
+from protocol.models import Answer, Cancel, Progress, Prompt, Rejected
+from protocol.prompts import fmt_time
 from protocol.signing import sign
 
 ANSWER_WAIT_S = 10.0
@@ -26,14 +28,12 @@ async def open_prompts(ctx: ControllerContext, hosts: list[str]) -> dict[str, Pr
         messages = await read_retained(client, t, [t.all_hosts("prompt")])
     wanted = set(hosts)
     prompts: dict[str, Prompt] = {}
+    reader = MessageReader(t)
     for m in messages:
         payload = m.payload if isinstance(m.payload, bytes) else b""
-        try:
-            host, _ = t.parse(str(m.topic))
-            if host in wanted and payload:
-                prompts[host] = decode(payload, expect=(Prompt,))
-        except (ProtocolError, InputError):
-            continue
+        msg = reader.read(str(m.topic), payload, wanted.__contains__)
+        if msg is not None and isinstance(msg.body, Prompt):
+            prompts[msg.host] = msg.body
     return prompts
 
 
@@ -112,6 +112,8 @@ async def _outcome(client: aiomqtt.Client, prompt_topic: str, prompt_id: str
         if isinstance(ev, Rejected) and ev.reason == "answer_refused" \
                 and prompt_id in ev.message:
             return False, ev.message
+        if isinstance(ev, Progress) and ev.prompt_id == prompt_id and ev.deferred_until:
+            return True, f"deferred until {fmt_time(ev.deferred_until)}"  # the prompt stays
     return False, "connection closed"
 
 

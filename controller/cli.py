@@ -28,7 +28,9 @@ from controller import (
 )
 from controller.cliutil import EXIT_BROKER, EXIT_OK, EXIT_USAGE
 from controller.keys import init_keys
-from protocol.errors import BrokerUnavailable, FlotillaError
+from protocol.broker import DEFAULT_CONNECT_TIMEOUT_S
+from protocol.errors import BrokerUnavailable, FlotillaError, UsageError
+from protocol.mqtt import DEFAULT_MQTT_VERSION, MqttVersion, parse_mqtt_version
 from protocol.topics import DEFAULT_PREFIX
 
 COMMAND_MODULES = (cmd_build, cmd_deploy, cmd_fleet, cmd_logs, cmd_rollout, cmd_security,
@@ -58,6 +60,13 @@ class Parser(argparse.ArgumentParser):
         sys.exit(EXIT_USAGE)
 
 
+def mqtt_version_arg(text: str) -> MqttVersion:
+    try:
+        return parse_mqtt_version(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _env_path(name: str) -> Path | None:
     value = os.environ.get(name)
     return Path(value) if value else None
@@ -78,8 +87,18 @@ def _common() -> Parser:
 
     opt("--broker", default=os.environ.get("FLEET_BROKER", "mqtt://127.0.0.1:1883"),
         help="broker URL (env FLEET_BROKER): mqtt://[user[:password]@]host:port, "
-             "mqtts:// (TLS), ws://, wss://. A password in the URL shows in process "
-             "listings: use --password-file instead")
+             "mqtts:// (TLS), ws://, wss://; a cluster's nodes as comma-separated URLs "
+             "(the first that answers is used, the next on failover). A password in the "
+             "URL shows in process listings: use --password-file instead")
+    # Defaults are raw (env) strings, checked with the rest of the broker options.
+    opt("--mqtt-version", type=mqtt_version_arg,
+        default=os.environ.get("FLEET_MQTT_VERSION", DEFAULT_MQTT_VERSION),
+        help="MQTT protocol: 5, or 3.1.1 for brokers that speak only 3.1.1, such as "
+             "NATS (env FLEET_MQTT_VERSION)")
+    opt("--connect-timeout", type=float,
+        default=os.environ.get("FLEET_CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT_S),
+        help="seconds to keep trying every listed broker address at start before giving "
+             "up with exit 3 (env FLEET_CONNECT_TIMEOUT)")
     opt("--username", default=os.environ.get("FLEET_USERNAME"),
         help="broker username (env FLEET_USERNAME; default: flotilla-controller "
              "with --password-file)")

@@ -14,7 +14,9 @@ from rich.table import Table
 
 from controller.deploy import ControllerContext
 from controller.inventory import Inventory, load_inventory
-from protocol.broker import BrokerAddress, parse_broker_url, read_password_file
+from protocol.broker import BrokerCluster, read_password_file
+from protocol.errors import UsageError
+from protocol.mqtt import parse_mqtt_version
 from protocol.topics import Topics
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BROKER = 0, 1, 2, 3
@@ -24,26 +26,39 @@ DEFAULT_CONTROLLER_USER = "flotilla-controller"
 def context(args: argparse.Namespace, need_key: bool = False) -> ControllerContext:
     from controller.keys import load_key
 
-    address = broker_address(args)
+    broker = broker_cluster(args)
+    share_group = getattr(args, "share_group", None)
+    if share_group and not broker.mqtt.shared_subscriptions:
+        raise UsageError("--share-group needs MQTT 5 shared subscriptions; MQTT 3.1.1 has "
+                         "none (drop --share-group, or use --mqtt-version 5 with a broker "
+                         "that delivers $share subscriptions)")
     return ControllerContext(
-        broker=address, topics=Topics(args.topic_prefix), state_dir=args.state_dir,
+        broker=broker, topics=Topics(args.topic_prefix), state_dir=args.state_dir,
         key=load_key(args.state_dir) if need_key else None,
-        share_group=getattr(args, "share_group", None),
+        share_group=share_group,
     )
 
 
-def broker_address(args: argparse.Namespace) -> BrokerAddress:
-    """--broker plus --username/--password-file and the TLS files; the password is only
-    ever held in the BrokerAddress, whose str() and repr() hide it."""
-    address = parse_broker_url(args.broker)
+def broker_cluster(args: argparse.Namespace) -> BrokerCluster:
+    """--broker (one URL or a cluster's comma-separated URLs), --mqtt-version and
+    --connect-timeout, plus --username/--password-file and the TLS files; the password
+    is only ever held in the BrokerAddress, whose str() and repr() hide it."""
+    try:
+        connect_timeout = float(args.connect_timeout)
+    except ValueError:
+        raise UsageError(f"invalid --connect-timeout {args.connect_timeout!r} "
+                         "(env FLEET_CONNECT_TIMEOUT): give seconds") from None
+    broker = BrokerCluster.parse(args.broker, parse_mqtt_version(args.mqtt_version),
+                                 connect_timeout)
+    first = broker.addresses[0]
     if args.password_file is not None:
         password = read_password_file(args.password_file)
-        address = address.with_credentials(
-            args.username or address.username or DEFAULT_CONTROLLER_USER, password)
+        broker = broker.with_credentials(
+            args.username or first.username or DEFAULT_CONTROLLER_USER, password)
     elif args.username:
-        address = address.with_credentials(args.username, None)
-    return address.with_tls(getattr(args, "ca_file", None), getattr(args, "cert_file", None),
-                            getattr(args, "key_file", None))
+        broker = broker.with_credentials(args.username, None)
+    return broker.with_tls(getattr(args, "ca_file", None), getattr(args, "cert_file", None),
+                           getattr(args, "key_file", None))
 
 
 def emit_json(obj: Any) -> None:

@@ -29,6 +29,7 @@ from controller.monitor import (
 )
 from controller.nixbuild import load_systems
 from controller.planner import RolloutPolicy
+from controller.systemref import check_system
 from controller.view import HostView
 from protocol.errors import InputError, UsageError
 from protocol.models import DeployPolicy
@@ -177,7 +178,9 @@ def build_request(args: argparse.Namespace) -> DeployRequest:
     if args.install_bootloader and args.action not in ("switch", "boot"):
         raise UsageError("--install-bootloader goes with --action switch or boot")
     system, systems, cache = args.system, {}, None
-    if source == "--systems":
+    if source == "--system":
+        system = check_system(args.system)
+    elif source == "--systems":
         loaded = load_systems(args.systems)
         systems, cache = loaded.for_hosts(hosts, str(args.systems)), loaded.cache
         system = str(args.systems)

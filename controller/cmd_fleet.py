@@ -22,6 +22,7 @@ from controller.broker import running_mosquitto
 from controller.deploy import DeployRequest, RolloutDriver
 from controller.inventory import render_inventory
 from controller.keys import init_keys
+from controller.reader import MessageReader
 from controller.status import fetch_states
 from protocol.errors import UsageError
 
@@ -187,7 +188,10 @@ async def wait_online(ctx: Any, hosts: list[str], agents: subprocess.Popen[bytes
     while True:
         async with connect(ctx.broker) as client:
             msgs = await read_retained(client, ctx.topics, [ctx.topics.all_hosts("online")])
-        online = {ctx.topics.parse(str(m.topic))[0] for m in msgs if m.payload == b"online"}
+        reader = MessageReader(ctx.topics)
+        online = {msg.host for m in msgs
+                  if (msg := reader.read(str(m.topic), m.payload if isinstance(m.payload, bytes)
+                                         else b"")) is not None and msg.online}
         if online >= set(hosts):
             return
         if agents.poll() is not None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 from typing import Any
 
@@ -62,27 +61,25 @@ async def cmd_logs(args: argparse.Namespace) -> int:
     if not log.exists():
         raise InputError(f"no controller state at {log.path} (set --state-dir or "
                          "FLEET_STATE_DIR); nothing was deployed from here yet")
-    doc = log.load()
-    rollout_id, dep = pick(doc, args.host, args.deployment)
-    records = logs.read_lines(args.state_dir, rollout_id, args.host, dep)
-    if args.lines:
-        records = records[-args.lines:]
-    if args.json and not args.follow:
+    rollout_id, dep = pick(log.load(), args.host, args.deployment)
+    if args.follow:
+        await follow(args, log, rollout_id, dep)
+        return cliutil.EXIT_OK
+    records = stored(args, rollout_id, dep)
+    if args.json:
         cliutil.emit_json({"rollout": rollout_id, "host": args.host, "deployment_id": dep,
                            "lines": [r.as_dict() for r in records]})
         return cliutil.EXIT_OK
     for r in records:
         _print(args, r)
-    if not args.follow:
-        if not records:
-            print(f"(no output stored for {args.host} in rollout {rollout_id})")
-        return cliutil.EXIT_OK
-    hr = doc["rollouts"][rollout_id]["hosts"][args.host]
-    if hr.get("result") is not None and doc["rollouts"][rollout_id].get("status") != "running":
-        return cliutil.EXIT_OK
-    seen = {(r.deployment_id, r.seq) for r in records}
-    await follow(args, rollout_id, dep, seen)
+    if not records:
+        print(f"(no output stored for {args.host} in rollout {rollout_id})")
     return cliutil.EXIT_OK
+
+
+def stored(args: argparse.Namespace, rollout_id: str, dep: str | None) -> list[logs.LogRecord]:
+    records = logs.read_lines(args.state_dir, rollout_id, args.host, dep)
+    return records[-args.lines:] if args.lines else records
 
 
 def _print(args: argparse.Namespace, r: logs.LogRecord) -> None:
@@ -92,14 +89,25 @@ def _print(args: argparse.Namespace, r: logs.LogRecord) -> None:
         print(logs.format_line(r), flush=True)
 
 
-async def follow(args: argparse.Namespace, rollout_id: str, dep: str | None,
-                 seen: set[tuple[str, int]]) -> None:
-    """Print Log events of the host live until a Result of this rollout arrives."""
+def _host_finished(log: EventLog, rollout_id: str, host: str) -> bool:
+    r = log.load()["rollouts"][rollout_id]
+    return r["hosts"][host].get("result") is not None or r.get("status") != "running"
+
+
+async def follow(args: argparse.Namespace, log: EventLog, rollout_id: str,
+                 dep: str | None) -> None:
+    """The stored lines, then live Log events of the host until its deployment in this
+    rollout ends (subscribed first, so no line falls between the two)."""
     ctx = cliutil.context(args)
-    topic = ctx.topics.events(args.host)
     try:
-        async with connect(ctx.broker) as client:
-            await client.subscribe(topic, qos=1)
+        async with connect(ctx.broker, **ctx.client_kwargs) as client:
+            await client.subscribe(ctx.topics.events(args.host), qos=1)
+            seen: set[tuple[str, int]] = set()
+            for r in stored(args, rollout_id, dep):
+                seen.add((r.deployment_id, r.seq))
+                _print(args, r)
+            if _host_finished(log, rollout_id, args.host):
+                return
             async for m in client.messages:
                 payload = m.payload if isinstance(m.payload, bytes) else b""
                 with contextlib.suppress(ProtocolError):
@@ -117,5 +125,3 @@ async def follow(args: argparse.Namespace, rollout_id: str, dep: str | None,
     except aiomqtt.MqttError as exc:
         raise BrokerUnavailable(f"cannot reach the MQTT broker at {ctx.broker}: {exc}"
                                 ) from None
-    except asyncio.CancelledError:
-        raise

@@ -22,8 +22,9 @@ from rich.console import Console
 
 from controller import certs, cliutil
 from controller.inventory import check_tag, parse_inventory
-from protocol.broker import parse_broker_url
+from protocol.broker import BrokerAddress, parse_broker_urls
 from protocol.errors import InputError, StateError, UsageError
+from protocol.mqtt import DEFAULT_MQTT_VERSION
 from protocol.topics import validate_host
 
 # Broker users named in the shipped mosquitto.acl: a host of that name would get their rights.
@@ -179,17 +180,27 @@ def write_secret(path: Path, secret: str) -> None:
         raise StateError(f"cannot write {path}: {exc.strerror}") from None
 
 
-def agent_config(args: argparse.Namespace, name: str) -> tuple[list[str], str]:
-    """The fleet-agent command line and a NixOS snippet for host `name`."""
-    url = args.agent_broker or args.broker
-    address = parse_broker_url(url)
+def public_url(address: BrokerAddress) -> str:
+    """`address` as a URL without credentials (what a host's configuration may show)."""
     path = address.path if address.transport == "websockets" and address.path != "/mqtt" else ""
     host = f"[{address.host}]" if ":" in address.host else address.host
-    broker = f"{address.scheme}://{host}:{address.port}{path}"
+    return f"{address.scheme}://{host}:{address.port}{path}"
+
+
+def agent_config(args: argparse.Namespace, name: str) -> tuple[list[str], str]:
+    """The fleet-agent command line and a NixOS snippet for host `name`."""
+    addresses = parse_broker_urls(args.agent_broker or args.broker)
+    broker = ",".join(public_url(a) for a in addresses)
+    address = addresses[0]
     pw_path = AGENT_ETC / "broker-password"
     argv = ["fleet-agent", "run", "--host", name, "--broker", broker, "--username", name,
             "--password-file", str(pw_path), "--trust-key", str(AGENT_ETC / "controller.pub"),
             "--backend", "nixos"]
+    version = getattr(args, "mqtt_version", DEFAULT_MQTT_VERSION)
+    version_line = ""
+    if version != DEFAULT_MQTT_VERSION:
+        argv += ["--mqtt-version", version]
+        version_line = f'    mqttVersion = "{version}";\n'
     tls_lines = ""
     if address.tls:
         argv += ["--ca-file", str(AGENT_ETC / "ca.crt"),
@@ -206,6 +217,7 @@ def agent_config(args: argparse.Namespace, name: str) -> tuple[list[str], str]:
         f'    username = "{name}";\n'
         f'    passwordFile = "{pw_path}";  # mode 0600, not in the Nix store\n'
         f"    trustKey = ./controller.pub;\n"
+        f"{version_line}"
         f"{tls_lines}"
         "};"
     )

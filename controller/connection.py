@@ -1,49 +1,125 @@
-"""The controller's MQTT edge: connecting, and reading retained topics to the end.
+"""The controller's MQTT edge: connecting (to any node of a cluster), probing what the
+broker can do, and reading retained topics to the end.
 
-Every aiomqtt failure leaving this module is a BrokerUnavailable (exit 3).
+Every aiomqtt failure leaving this module is a BrokerUnavailable (exit 3); a refusal no
+retry can fix (MQTT version, credentials, authorization) is a BrokerRefused, raised at
+once with the fix in its message.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 import aiomqtt
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
-from protocol.broker import SESSION_EXPIRY_S, BrokerAddress
-from protocol.errors import BrokerUnavailable
+from protocol.broker import BrokerAddress, BrokerCluster
+from protocol.errors import BrokerRefused, BrokerUnavailable
+from protocol.mqtt import Backoff, Failover, connack_code, random_client_id, refusal
 from protocol.topics import Topics
 
+log = logging.getLogger(__name__)
+SHARE_PROBE_TIMEOUT = 3.0
 
-def make_client(address: BrokerAddress, client_id: str | None = None, persistent: bool = False,
+
+def make_client(broker: BrokerCluster, address: BrokerAddress | None = None,
+                client_id: str | None = None, persistent: bool = False,
                 timeout: float = 5.0, **extra: Any) -> aiomqtt.Client:
-    kwargs: dict[str, Any] = {}
-    if persistent:
-        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        props.SessionExpiryInterval = SESSION_EXPIRY_S
-        kwargs = {"clean_start": False, "properties": props}
+    """An unconnected client for one node (default: the first) of `broker`."""
     client = aiomqtt.Client(
-        **address.client_kwargs(), **extra, **kwargs,
-        identifier=client_id or f"fleetctl-{uuid.uuid4().hex[:12]}",
-        protocol=aiomqtt.ProtocolVersion.V5, timeout=timeout,
-        max_inflight_messages=1000,
+        **broker.client_kwargs(address or broker.addresses[0],
+                               client_id or random_client_id("fleetctl"), persistent),
+        **extra, timeout=timeout, max_inflight_messages=1000,
     )
     client.pending_calls_threshold = 1_000_000  # we bound concurrency ourselves
     return client
 
 
+def check_refusal(exc: aiomqtt.MqttError, broker: BrokerCluster,
+                  address: BrokerAddress) -> None:
+    """Raise BrokerRefused if `exc` (raised while connecting) is a refusal no retry fixes."""
+    if isinstance(exc, aiomqtt.MqttCodeError):
+        message = refusal(connack_code(exc.rc), broker.mqtt, str(address))
+        if message is not None:
+            raise BrokerRefused(message) from None
+
+
+async def open_client(broker: BrokerCluster, failover: Failover | None = None,
+                      deadline: float | None = None, **kwargs: Any) -> aiomqtt.Client:
+    """A connected client on the first node that answers, in `failover` order (a fresh
+    Failover: the listed order). Rounds over every node are separated by capped,
+    jittered backoff until `deadline` (monotonic; None: the broker's connect_timeout
+    from now), then BrokerUnavailable. Refusals raise BrokerRefused at once."""
+    failover = failover or Failover(len(broker.addresses), backoff=Backoff(cap=2.0))
+    if deadline is None:
+        deadline = time.monotonic() + broker.connect_timeout
+    last: BaseException | None = None
+    while True:
+        for index in failover.round():
+            address = broker.addresses[index]
+            client = make_client(broker, address, **kwargs)
+            try:
+                await client.__aenter__()
+            except aiomqtt.MqttError as exc:
+                check_refusal(exc, broker, address)
+                log.debug("broker %s did not answer: %s", address, exc)
+                last = exc
+                continue
+            failover.connected(index)
+            return client
+        delay = failover.delay()
+        if time.monotonic() + delay > deadline:
+            raise BrokerUnavailable(f"cannot reach the MQTT broker at {broker}: {last}")
+        await asyncio.sleep(delay)
+
+
+async def close_client(client: aiomqtt.Client) -> None:
+    with contextlib.suppress(aiomqtt.MqttError, OSError, TimeoutError):
+        await client.__aexit__(None, None, None)
+
+
 @contextlib.asynccontextmanager
-async def connect(address: BrokerAddress, **kwargs: Any) -> AsyncIterator[aiomqtt.Client]:
+async def connect(broker: BrokerCluster, **kwargs: Any) -> AsyncIterator[aiomqtt.Client]:
+    """A connection for one command: the first node that answers within the broker's
+    connect_timeout; a connection lost meanwhile is a BrokerUnavailable."""
+    client = await open_client(broker, **kwargs)
     try:
-        async with make_client(address, **kwargs) as client:
-            yield client
+        yield client
     except aiomqtt.MqttError as exc:
-        raise BrokerUnavailable(f"cannot reach the MQTT broker at {address}: {exc}") from None
+        raise BrokerUnavailable(f"lost the MQTT broker connection ({broker}): {exc}") from None
+    finally:
+        await close_client(client)
+
+
+async def shared_subscription_works(client: aiomqtt.Client, topics: Topics, group: str,
+                                    timeout: float = SHARE_PROBE_TIMEOUT) -> bool:
+    """Does the broker deliver through `$share/GROUP/...`? Subscribe a shared filter to
+    a private probe topic and publish one message to it. Some brokers accept the
+    subscription and deliver nothing (NATS); the caller then falls back to a plain
+    subscription. Call before other subscriptions (their messages are not consumed)."""
+    probe = f"{topics.prefix}/controller/probe/{uuid.uuid4().hex}"
+    shared = topics.shared(group, probe)
+    await client.subscribe(shared, qos=1)
+    await client.publish(probe, b"probe", qos=1)
+
+    async def arrived() -> None:
+        async for message in client.messages:
+            if str(message.topic) == probe:
+                return
+
+    try:
+        await asyncio.wait_for(arrived(), timeout)
+        return True
+    except TimeoutError:
+        return False
+    finally:
+        with contextlib.suppress(aiomqtt.MqttError):
+            await client.unsubscribe(shared)
 
 
 async def sync_marker(client: aiomqtt.Client, topics: Topics) -> str:

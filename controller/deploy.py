@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import fcntl
 import logging
+import math
 import os
 import time
 import uuid
@@ -34,7 +35,13 @@ import aiomqtt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from controller import store
-from controller.connection import connect, make_client, read_retained
+from controller.connection import (
+    close_client,
+    connect,
+    open_client,
+    read_retained,
+    shared_subscription_works,
+)
 from controller.eventlog import EventLog, Patch
 from controller.logs import LogStore, rollout_of
 from controller.planner import (
@@ -51,13 +58,13 @@ from controller.planner import (
     Start,
     TimeOut,
 )
+from controller.reader import MessageReader
 from controller.view import HostView, fold_event, fold_state
 from protocol import outcomes
-from protocol.broker import BrokerAddress
-from protocol.codec import decode, encode
-from protocol.errors import BrokerUnavailable, InputError, ProtocolError, UsageError
+from protocol.broker import BrokerCluster
+from protocol.codec import encode
+from protocol.errors import BrokerUnavailable, InputError, UsageError
 from protocol.models import (
-    EVENT_TYPES,
     BinaryCache,
     Confirm,
     DeployPolicy,
@@ -66,6 +73,7 @@ from protocol.models import (
     HostState,
     Log,
 )
+from protocol.mqtt import Backoff, Failover, client_id
 from protocol.signing import sign
 from protocol.topics import Topics
 
@@ -96,12 +104,15 @@ class DispatchQueue(asyncio.Queue):  # type: ignore[type-arg]
 
 @dataclass
 class ControllerContext:
-    broker: BrokerAddress
+    broker: BrokerCluster
     topics: Topics
     state_dir: Path
     key: Ed25519PrivateKey | None = None
     client_kwargs: dict[str, Any] = field(default_factory=dict)
     share_group: str | None = None
+
+    def __post_init__(self) -> None:
+        self.broker = BrokerCluster.of(self.broker)  # a BrokerAddress is a one-node cluster
 
     @property
     def eventlog(self) -> EventLog:
@@ -238,6 +249,7 @@ class RolloutDriver:
         self._publish_sem = asyncio.Semaphore(PUBLISH_CONCURRENCY)
         self._changed = asyncio.Event()
         self._marker: str | None = None
+        self._reader = MessageReader(ctx.topics)
         self._synced = asyncio.Event()
         self.batches: list[list[str]] = []
         self.progress = RolloutProgress()
@@ -412,46 +424,36 @@ class RolloutDriver:
         if topic == self._marker:
             self._synced.set()
             return
-        try:
-            host, kind = self.ctx.topics.parse(topic)
-        except ProtocolError:
-            return
-        view = self.views.get(host)
-        if view is None:
-            return
         payload = message.payload if isinstance(message.payload, bytes) else b""
-        if kind == "online":
-            view.online = payload == b"online"
+        msg = self._reader.read(topic, payload, self.views.__contains__)
+        if msg is None:
+            return
+        view = self.views[msg.host]
+        if msg.online is not None:
+            view.online = msg.online
             self._note(view)
             self._changed.set()
             return
-        if not payload:
-            return
-        if kind == "confirm":
-            self._confirm(host, view, payload)
+        body = msg.body
+        if isinstance(body, Confirm):
+            self._confirm(msg.host, view, body)
             return
         was_done = view.done
-        try:
-            if kind == "events":
-                ev: Event = decode(payload, expect=EVENT_TYPES)
-                if isinstance(ev, Log):
-                    self._store_log(ev)
-                if not fold_event(view, ev):
-                    return
-            elif kind == "state":
-                st: HostState = decode(payload, expect=(HostState,))
-                if not fold_state(view, st):
-                    return
-            else:
+        if isinstance(body, Log):
+            self._store_log(body)
+        if isinstance(body, Event):
+            if not fold_event(view, body):
                 return
-        except ProtocolError as exc:
-            log.warning("ignoring malformed %s message from %s: %s", kind, host, exc)
+        elif isinstance(body, HostState):
+            if not fold_state(view, body):
+                return
+        else:
             return
         self._note(view)
         if was_done:
             return
         if view.done:
-            self._host_status(host, view.result or "failed", view.message, view.system)
+            self._host_status(msg.host, view.result or "failed", view.message, view.system)
         self._changed.set()
         if self.on_change is not None:
             self.on_change(self)
@@ -465,13 +467,9 @@ class RolloutDriver:
         except InputError as exc:
             log.warning("%s", exc)
 
-    def _confirm(self, host: str, view: HostView, payload: bytes) -> None:
+    def _confirm(self, host: str, view: HostView, probe: Confirm) -> None:
         """`--confirm controller`: answer an agent's post-switch probe with a signed
         confirmation for its generation, proving the controller still reaches it."""
-        try:
-            probe: Confirm = decode(payload, expect=(Confirm,))
-        except ProtocolError:
-            return
         if probe.source != "agent" or probe.generation != view.generation or view.done:
             return
         assert self.ctx.key is not None
@@ -484,54 +482,67 @@ class RolloutDriver:
         task.add_done_callback(self._background.discard)
 
     async def _session(self, ready: asyncio.Event) -> None:
-        """Keep one persistent session up; on every (re)connect resubscribe and catch up.
-        `ready` is set once the retained states and online flags have all arrived."""
-        delay = 0.2
+        """Keep one persistent session up, on any node of the cluster (failing over when
+        ours goes away); on every (re)connect resubscribe and catch up. `ready` is set
+        once the retained states and online flags have all arrived."""
+        broker = self.ctx.broker
+        failover = Failover(len(broker.addresses), backoff=Backoff(cap=5.0))
+        first_deadline = time.monotonic() + broker.connect_timeout
         while True:
             try:
-                client = make_client(self.ctx.broker, client_id=f"fleetctl-{self.rollout_id}",
-                                     persistent=True, queue_type=DispatchQueue,
-                                     **self.ctx.client_kwargs)
-                async with client:
-                    client._queue.handler = self._on_message  # type: ignore[attr-defined]
-                    for topic in self._subscriptions():
-                        await client.subscribe(topic, qos=1)
-                    self._synced.clear()
-                    # Known before it is published: with inline handling the marker can
-                    # come back before publish() returns.
-                    self._marker = f"{self.ctx.topics.prefix}/controller/sync/{uuid.uuid4().hex}"
-                    await client.subscribe(self._marker, qos=1)
-                    await client.publish(self._marker, b"sync", qos=1)
-                    await asyncio.wait_for(self._synced.wait(), SYNC_TIMEOUT)
-                    if not self.ctx.share_group:
-                        # Caught up; without a share group every event reaches us, so the
-                        # live retained states (one per phase per host) are redundant.
-                        await client.unsubscribe(self.ctx.topics.all_hosts("state"))
-                    self._lost = asyncio.get_running_loop().create_future()
-                    self._client = client
-                    delay = 0.2
-                    ready.set()
-                    async for _ in client.messages:  # handled inline; ends on disconnect
-                        pass
+                client = await open_client(
+                    broker, failover, deadline=math.inf if ready.is_set() else first_deadline,
+                    client_id=client_id("fleetctl", self.rollout_id), persistent=True,
+                    queue_type=DispatchQueue, **self.ctx.client_kwargs)
+                try:
+                    await self._serve(client, ready)
+                finally:
+                    await close_client(client)
             except (aiomqtt.MqttError, TimeoutError) as exc:
-                self._client = None
                 if not ready.is_set():
                     raise BrokerUnavailable(
-                        f"cannot reach the MQTT broker at {self.ctx.broker}: {exc}") from None
+                        f"cannot reach the MQTT broker at {broker}: {exc}") from None
                 log.warning("broker connection lost (%s); reconnecting", exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                await asyncio.sleep(failover.delay())
             finally:
                 self._client = None
                 if self._lost is not None and not self._lost.done():
                     self._lost.set_result(None)
 
+    async def _serve(self, client: aiomqtt.Client, ready: asyncio.Event) -> None:
+        if self.ctx.share_group and not await shared_subscription_works(
+                client, self.ctx.topics, self.ctx.share_group):
+            log.warning("the broker accepted the shared subscription of --share-group %s but "
+                        "delivered nothing through it; using a plain subscription",
+                        self.ctx.share_group)
+            self.ctx.share_group = None
+        client._queue.handler = self._on_message  # type: ignore[attr-defined]
+        for topic in self._subscriptions():
+            await client.subscribe(topic, qos=1)
+        self._synced.clear()
+        # Known before it is published: with inline handling the marker can
+        # come back before publish() returns.
+        self._marker = f"{self.ctx.topics.prefix}/controller/sync/{uuid.uuid4().hex}"
+        await client.subscribe(self._marker, qos=1)
+        await client.publish(self._marker, b"sync", qos=1)
+        await asyncio.wait_for(self._synced.wait(), SYNC_TIMEOUT)
+        if not self.ctx.share_group:
+            # Caught up; without a share group every event reaches us, so the
+            # live retained states (one per phase per host) are redundant.
+            await client.unsubscribe(self.ctx.topics.all_hosts("state"))
+        self._lost = asyncio.get_running_loop().create_future()
+        self._client = client
+        ready.set()
+        async for _ in client.messages:  # handled inline; ends on disconnect
+            pass
+
     async def _end_session(self) -> None:
         """Discard our persistent session on the broker (it would queue every fleet event
-        for days): reconnect with the same client id and a clean start, expiry 0."""
+        for days, or for ever: an MQTT 3.1.1 session has no expiry): reconnect with the
+        same client id and a clean start (MQTT 5, expiry 0) or clean session (3.1.1)."""
         with contextlib.suppress(BrokerUnavailable, aiomqtt.MqttError, OSError, TimeoutError):
             async with asyncio.timeout(5), connect(
-                    self.ctx.broker, client_id=f"fleetctl-{self.rollout_id}",
+                    self.ctx.broker, client_id=client_id("fleetctl", self.rollout_id),
                     **self.ctx.client_kwargs):
                 pass
 
@@ -549,13 +560,9 @@ class RolloutDriver:
         current: dict[str, tuple[str, int]] = {}
         for m in messages:
             payload = m.payload if isinstance(m.payload, bytes) else b""
-            try:
-                host, _ = t.parse(str(m.topic))
-                if payload:
-                    d: Desired = decode(payload, expect=(Desired,))
-                    current[host] = (d.deployment_id, d.generation)
-            except ProtocolError:
-                continue
+            msg = self._reader.read(str(m.topic), payload, inflight.__contains__)
+            if msg is not None and isinstance(msg.body, Desired):
+                current[msg.host] = (msg.body.deployment_id, msg.body.generation)
         republish = []
         for h, v in inflight.items():
             assert v.deployment_id is not None

@@ -15,6 +15,7 @@ continue its index, and then replays the new file from the start.
 from __future__ import annotations
 
 import contextlib
+import copy
 import fcntl
 import json
 import logging
@@ -43,6 +44,34 @@ def initial_document() -> dict[str, Any]:
 def escape(key: str) -> str:
     """JSON-Pointer escaping of one path segment."""
     return key.replace("~", "~0").replace("/", "~1")
+
+
+def _unescape(segment: str) -> str:
+    return segment.replace("~1", "/").replace("~0", "~")
+
+
+def apply_patch(doc: Any, patch: Patch) -> Any:
+    """RFC 6902 on `doc`, in place; returns the document. Adds and replaces of object
+    members (nearly every entry the driver writes, thousands per rollout) are applied
+    here; from the first other operation on, jsonpatch applies the rest (and raises its
+    errors). Values are copied like jsonpatch does, so the document never shares mutable
+    values with the patch."""
+    for i, op in enumerate(patch):
+        kind, path = op.get("op"), op.get("path")
+        if kind not in ("add", "replace") or not isinstance(path, str) \
+                or not path.startswith("/") or "value" not in op:
+            return jsonpatch.JsonPatch(patch[i:]).apply(doc, in_place=True)
+        *parents, last = (_unescape(part) for part in path[1:].split("/"))
+        obj = doc
+        for part in parents:
+            if not isinstance(obj, dict) or part not in obj:
+                return jsonpatch.JsonPatch(patch[i:]).apply(doc, in_place=True)
+            obj = obj[part]
+        if not isinstance(obj, dict) or (kind == "replace" and last not in obj):
+            return jsonpatch.JsonPatch(patch[i:]).apply(doc, in_place=True)
+        value = op["value"]
+        obj[last] = copy.deepcopy(value) if isinstance(value, (dict, list)) else value
+    return doc
 
 
 class _Replaced(Exception):
@@ -155,7 +184,7 @@ class EventLog:
         if index != self.index + 1:
             raise ValueError(f"index {index} follows {self.index}")
         doc = {} if index == 0 else self.doc
-        self.doc = jsonpatch.JsonPatch(entry["patch"]).apply(doc, in_place=True)
+        self.doc = apply_patch(doc, entry["patch"])
         if index == 0 and (not isinstance(self.doc, dict) or self.doc.get("_type") != DOC_TYPE):
             raise ValueError(f"index 0 must set _type to {DOC_TYPE!r}")
         self.index = index

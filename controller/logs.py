@@ -66,6 +66,8 @@ class LogStore:
         self.state_dir = state_dir
         self.max_bytes = max_bytes
         self._seen: dict[tuple[str, str], int] = {}
+        self._sizes: dict[Path, int] = {}  # bytes in each file we append to (one driver per
+        # rollout writes its files: the size need not be asked of the disk each time)
 
     def append(self, ev: Log) -> bool:
         """Store one event's lines; False for a duplicate (QoS 1 redelivery)."""
@@ -84,12 +86,18 @@ class LogStore:
                             "time": ev.time, "dropped": ev.dropped})
         data = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records).encode()
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            if path.exists() and path.stat().st_size + len(data) > self.max_bytes:
+            size = self._sizes.get(path)
+            if size is None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                size = path.stat().st_size if path.exists() else 0
+            if size and size + len(data) > self.max_bytes:
                 os.replace(path, path.with_name(path.name + ".1"))
+                size = 0
             with open(path, "ab") as f:
                 f.write(data)
+            self._sizes[path] = size + len(data)
         except OSError as exc:
+            self._sizes.pop(path, None)
             raise InputError(f"cannot write the log {path}: {exc.strerror}") from None
         return True
 

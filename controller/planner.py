@@ -288,6 +288,7 @@ class Planner:
         self.executed = self.failures = 0  # final outcomes only
         self.canary_failed: set[str] = set()
         self.due: list[tuple[float, int, str]] = []  # (acked + host_timeout, order, host)
+        self.queued: set[tuple[float, int, str]] = set()  # the entries in `due`
         for v in self.views.values():
             self._add(v)
 
@@ -324,8 +325,10 @@ class Planner:
             if v.acked is None:
                 self.unacked.add(host)
             elif self.policy.host_timeout is not None:
-                heapq.heappush(self.due, (_clock_start(v) + self.policy.host_timeout,
-                                          self.order[host], host))
+                entry = (_clock_start(v) + self.policy.host_timeout, self.order[host], host)
+                if entry not in self.queued:  # once per due time, however often re-added
+                    self.queued.add(entry)
+                    heapq.heappush(self.due, entry)
         elif cls == _UNTOUCHED and host in self.batch_of:
             index, pos = self.batch_of[host]
             self.cursor[index] = min(self.cursor[index], pos)
@@ -372,7 +375,7 @@ class Planner:
             v = self.views[host]
             if host not in self.in_flight or v.acked is None or \
                     _clock_start(v) + (self.policy.host_timeout or 0) != at:
-                heapq.heappop(self.due)
+                self.queued.discard(heapq.heappop(self.due))
                 continue
             if now < at:
                 wake = at

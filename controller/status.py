@@ -6,8 +6,7 @@ from typing import Any
 
 from controller.connection import connect, read_retained
 from controller.deploy import ControllerContext
-from protocol.codec import decode
-from protocol.errors import ProtocolError
+from controller.reader import MessageReader
 from protocol.models import HostState, Prompt
 
 
@@ -19,31 +18,27 @@ async def fetch_states(ctx: ControllerContext, hosts: list[str]) -> list[dict[st
     states: dict[str, HostState] = {}
     online: dict[str, bool] = {}
     prompts: dict[str, Prompt] = {}
+    reader = MessageReader(t)
     for m in messages:
-        try:
-            host, kind = t.parse(str(m.topic))
-        except ProtocolError:
-            continue
         payload = m.payload if isinstance(m.payload, bytes) else b""
-        if kind == "online":
-            online[host] = payload == b"online"
-        elif kind == "state" and payload:
-            try:
-                states[host] = decode(payload, expect=(HostState,))
-            except ProtocolError:
-                continue
-        elif kind == "prompt" and payload:
-            try:
-                prompts[host] = decode(payload, expect=(Prompt,))
-            except ProtocolError:
-                continue
-    return [host_row(h, states.get(h), online.get(h, False), prompts.get(h)) for h in hosts]
+        msg = reader.read(str(m.topic), payload)
+        if msg is None:
+            continue
+        if msg.online is not None:
+            online[msg.host] = msg.online
+        elif isinstance(msg.body, HostState):
+            states[msg.host] = msg.body
+        elif isinstance(msg.body, Prompt):
+            prompts[msg.host] = msg.body
+    return [host_row(h, states.get(h), online.get(h, False), prompts.get(h),
+                     reader.unreadable.get((h, "state"))) for h in hosts]
 
 
-def host_row(host: str, st: HostState | None, online: bool, prompt: Prompt | None
-             ) -> dict[str, Any]:
-    """One host as `fleetctl status --json` (and the web API) show it."""
-    return {
+def host_row(host: str, st: HostState | None, online: bool, prompt: Prompt | None,
+             error: str | None = None) -> dict[str, Any]:
+    """One host as `fleetctl status --json` (and the web API) show it. `error`: why its
+    retained state could not be read (shown as phase `unreadable`, not as "no data")."""
+    row: dict[str, Any] = {
         "host": host,
         "online": online,
         "system": st.system if st else None,
@@ -56,3 +51,6 @@ def host_row(host: str, st: HostState | None, online: bool, prompt: Prompt | Non
         "open_prompt": prompt.prompt_id if prompt is not None else None,
         "updated_at": st.updated_at if st else None,
     }
+    if st is None and error is not None:
+        row.update(phase="unreadable", message=error, error=error)
+    return row

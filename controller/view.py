@@ -65,6 +65,16 @@ class HostView:
         return (self.finished or now or time.time()) - self.started
 
 
+def _defer(view: HostView, until: float | None, received: float | None) -> None:
+    """A deferral that ended early (approved now) ended now: the host timeout counts on
+    from then, not from the first report."""
+    if until is None and view.deferred_until is not None:
+        now = received if received is not None else time.time()
+        view.deferred_until = min(view.deferred_until, now)
+    elif until is not None:
+        view.deferred_until = until
+
+
 def fold_event(view: HostView, ev: Event, received: float | None = None) -> bool:
     """Apply one event for this host's current deployment; False if it is not ours."""
     if ev.deployment_id != view.deployment_id or view.deployment_id is None:
@@ -82,7 +92,7 @@ def fold_event(view: HostView, ev: Event, received: float | None = None) -> bool
         view.phase = ev.stage
         view.prompt_id, view.prompt_kind = ev.prompt_id, ev.prompt_kind
         view.stage, view.step = ev.stage, ev.step
-        view.deferred_until = ev.deferred_until
+        _defer(view, ev.deferred_until, received)
         if ev.percent is not None:
             view.percent = ev.percent
         if ev.message:
@@ -130,7 +140,7 @@ def fold_state(view: HostView, st: HostState, received: float | None = None) -> 
         view.needs_reboot, view.finished = st.needs_reboot, st.updated_at
     elif st.phase not in ("idle",):
         view.phase = st.phase
-        view.deferred_until = st.deferred_until
+        _defer(view, st.deferred_until, received)
         view.prompt_id = st.open_prompt
         view.prompt_kind = None if st.open_prompt is None else (
             "approval" if st.phase == "awaiting_approval" else

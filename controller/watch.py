@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -24,13 +24,14 @@ from typing import Any
 import aiomqtt
 
 from controller import store
-from controller.connection import make_client, sync_marker
+from controller.connection import connect, sync_marker
 from controller.deploy import ControllerContext, Outcome
 from controller.monitor import ChangeTracker
+from controller.reader import MessageReader
 from controller.view import HostView, fold_event, fold_state
-from protocol.codec import decode
-from protocol.errors import BrokerUnavailable, InputError, ProtocolError, UsageError
-from protocol.models import EVENT_TYPES, Desired, Event, HostState
+from protocol.errors import BrokerUnavailable, InputError, UsageError
+from protocol.models import Desired, Event, HostState
+from protocol.mqtt import random_client_id
 from protocol.outcomes import ROLLOUT_FINAL, rollout_result
 
 REFRESH_INTERVAL = 0.5
@@ -124,45 +125,39 @@ class Watcher:
             self._apply_log(r)
 
     # -- messages ------------------------------------------------------------------------
+    @functools.cached_property
+    def _reader(self) -> MessageReader:
+        return MessageReader(self.ctx.topics)
+
     def on_message(self, message: aiomqtt.Message) -> None:
         topic = str(message.topic)
         if topic == self._marker:
             self._synced.set()
             return
-        try:
-            host, kind = self.ctx.topics.parse(topic)
-        except ProtocolError:
-            return
         payload = message.payload if isinstance(message.payload, bytes) else b""
-        if kind == "desired":
-            self._on_desired(host, payload)
+        desired = topic.endswith("/desired")  # any host's: another controller's rollout
+        msg = self._reader.read(topic, payload, lambda h: desired or h in self.views)
+        if msg is None:
+            return
+        host, body = msg.host, msg.body
+        if msg.kind == "desired":
+            if isinstance(body, Desired):
+                self._on_desired(host, body)
             return
         view = self.views.get(host)
         if view is None:
             return
-        try:
-            if kind == "online":
-                if view.online != (payload == b"online"):
-                    view.online = payload == b"online"
-                    self._changed.add(host)
-            elif kind == "events" and payload:
-                ev: Event = decode(payload, expect=EVENT_TYPES)
-                if fold_event(view, ev):
-                    self._changed.add(host)
-            elif kind == "state" and payload:
-                st: HostState = decode(payload, expect=(HostState,))
-                if fold_state(view, st):
-                    self._changed.add(host)
-        except ProtocolError:
-            return
+        if msg.online is not None:
+            if view.online != msg.online:
+                view.online = msg.online
+                self._changed.add(host)
+        elif isinstance(body, Event):
+            if fold_event(view, body):
+                self._changed.add(host)
+        elif isinstance(body, HostState) and fold_state(view, body):
+            self._changed.add(host)
 
-    def _on_desired(self, host: str, payload: bytes) -> None:
-        if not payload:
-            return
-        try:
-            d: Desired = decode(payload, expect=(Desired,))
-        except ProtocolError:
-            return
+    def _on_desired(self, host: str, d: Desired) -> None:
         if d.rollout_id != self.rollout_id:
             return
         if self.from_log and host not in self.views:
@@ -206,24 +201,19 @@ class Watcher:
         t = self.ctx.topics
         filters = [t.all_hosts("desired"), t.all_hosts("state"), t.all_hosts("online"),
                    self.ctx.events_filter()]
-        client = make_client(self.ctx.broker, client_id=f"fleetctl-watch-{uuid.uuid4().hex[:8]}",
-                             **self.ctx.client_kwargs)
         deadline = time.monotonic() + timeout if timeout is not None else None
-        try:
-            async with client:
-                for f in filters:
-                    await client.subscribe(f, qos=1)
-                self._marker = await sync_marker(client, t)
-                reader = asyncio.create_task(self._read(client))
-                try:
-                    await self._follow(reader, deadline)
-                finally:
-                    reader.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
-                        await reader
-        except aiomqtt.MqttError as exc:
-            raise BrokerUnavailable(
-                f"cannot reach the MQTT broker at {self.ctx.broker}: {exc}") from None
+        async with connect(self.ctx.broker, client_id=random_client_id("fleetctl-watch"),
+                           **self.ctx.client_kwargs) as client:
+            for f in filters:
+                await client.subscribe(f, qos=1)
+            self._marker = await sync_marker(client, t)
+            reader = asyncio.create_task(self._read(client))
+            try:
+                await self._follow(reader, deadline)
+            finally:
+                reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                    await reader
         return WatchResult(self.rollout_id, self.final_status(), self.finished(),
                            self.summary())
 

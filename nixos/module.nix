@@ -121,7 +121,8 @@ let
   agentArgs =
     map arg ([ "run" "--backend" "nixos" "--host" cfg.host "--broker" cfg.broker
                "--state-dir" cfg.stateDir "--trust-key" trustFile ]
-             ++ lib.optionals (cfg.username != null) [ "--username" cfg.username ])
+             ++ lib.optionals (cfg.username != null) [ "--username" cfg.username ]
+             ++ lib.optionals (cfg.mqttVersion != "5") [ "--mqtt-version" cfg.mqttVersion ])
     # %d is the service's credentials directory (LoadCredential below).
     ++ lib.optionals (cfg.credentialsFile != null) [ "--password-file" "%d/broker-password" ]
     ++ map arg cfg.extraArgs;
@@ -147,7 +148,20 @@ in
     broker = mkOption {
       type = types.str;
       example = "mqtts://mqtt.example.org:8883";
-      description = "Broker URL: mqtt://, mqtts://, ws:// or wss://, without a password.";
+      description = ''
+        Broker URL: mqtt://, mqtts://, ws:// or wss://, without a password. For a broker
+        cluster (NATS), every node's URL, comma-separated: the agent uses the first that
+        answers and fails over to the next.
+      '';
+    };
+
+    mqttVersion = mkOption {
+      type = types.enum [ "5" "3.1.1" ];
+      default = "5";
+      description = ''
+        MQTT protocol version: "5", or "3.1.1" for brokers that speak only 3.1.1 (the
+        NATS MQTT gateway). Must match the controller's --mqtt-version.
+      '';
     };
 
     username = mkOption {

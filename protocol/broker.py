@@ -1,5 +1,9 @@
 """Broker addresses: `mqtt://[user[:pass]@]host[:port]`, `mqtts://`, `ws://`, `wss://`.
 
+A `BrokerCluster` is what a client is given: one address, or a cluster's nodes as a
+comma-separated list (`--broker mqtt://a:1883,mqtt://b:1883`), any of which serves
+the whole fleet, plus the MQTT options (`protocol.mqtt`) every client of it uses.
+
 The password never appears in `str()` or `repr()` of a BrokerAddress, nor in the
 messages of the errors raised here, so it cannot leak into logs, events or `--json`
 output by accident. TLS (`mqtts://`, `wss://`) verifies the broker's certificate
@@ -18,10 +22,11 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from protocol.errors import InputError, UsageError
+from protocol.mqtt import DEFAULT_MQTT_VERSION, MqttOptions, MqttVersion
 
 DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883, "ws": 80, "wss": 443}
 HOST_RE = re.compile(r"[A-Za-z0-9._:%-]{1,253}")
-SESSION_EXPIRY_S = 7 * 24 * 3600
+DEFAULT_CONNECT_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -191,3 +196,65 @@ def parse_broker_url(url: str) -> BrokerAddress:
         password=unquote(parts.password) if parts.password else None,
         path=parts.path if parts.path and not tcp else "/mqtt",
     )
+
+
+def parse_broker_urls(text: str) -> tuple[BrokerAddress, ...]:
+    """One URL, or a cluster's nodes as comma-separated URLs (a ',' in a password must be
+    percent-encoded as %2C); errors never quote the text (it may hold a password)."""
+    parts = [p.strip() for p in text.split(",")]
+    if not any(parts):
+        raise UsageError("no broker URL given (example: mqtt://127.0.0.1:1883)")
+    if not all(parts):
+        raise UsageError("invalid broker list: an empty entry between commas")
+    addresses = tuple(parse_broker_url(p) for p in parts)
+    if len(set(addresses)) != len(addresses):
+        raise UsageError("invalid broker list: an address is listed twice")
+    return addresses
+
+
+@dataclass(frozen=True)
+class BrokerCluster:
+    """Where the broker is (one node, or every node of a cluster, tried in order) and how
+    to speak to it. `connect_timeout` bounds a command's first connection."""
+
+    addresses: tuple[BrokerAddress, ...]
+    mqtt: MqttOptions = field(default_factory=MqttOptions)
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S
+
+    def __post_init__(self) -> None:
+        if not self.addresses:
+            raise UsageError("no broker address given")
+
+    @classmethod
+    def of(cls, broker: BrokerCluster | BrokerAddress) -> BrokerCluster:
+        """`broker` as a cluster (a single BrokerAddress: a cluster of one node)."""
+        return broker if isinstance(broker, BrokerCluster) else cls((broker,))
+
+    @classmethod
+    def parse(cls, text: str, version: MqttVersion = DEFAULT_MQTT_VERSION,
+              connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S) -> BrokerCluster:
+        if not connect_timeout > 0:
+            raise UsageError("--connect-timeout must be more than 0 seconds")
+        return cls(parse_broker_urls(text), MqttOptions(version), connect_timeout)
+
+    def __str__(self) -> str:
+        return ", ".join(str(a) for a in self.addresses)
+
+    def with_credentials(self, username: str | None, password: str | None) -> BrokerCluster:
+        return replace(self, addresses=tuple(a.with_credentials(username, password)
+                                             for a in self.addresses))
+
+    def with_tls(self, ca_file: Path | None = None, cert_file: Path | None = None,
+                 key_file: Path | None = None) -> BrokerCluster:
+        """TLS files for every node (loaded once, shared)."""
+        if not any(a.tls for a in self.addresses) and not (ca_file or cert_file or key_file):
+            return self
+        if len({a.tls for a in self.addresses}) > 1:
+            raise UsageError("invalid broker list: mix of TLS and plain URLs")
+        return replace(self, addresses=tuple(a.with_tls(ca_file, cert_file, key_file)
+                                             for a in self.addresses))
+
+    def client_kwargs(self, address: BrokerAddress, ident: str,
+                      persistent: bool = False) -> dict[str, Any]:
+        """Everything `aiomqtt.Client` needs to reach `address` as client `ident`."""
+        return {**address.client_kwargs(), **self.mqtt.connect_kwargs(ident, persistent)}

@@ -5,6 +5,7 @@ FlotillaError                   root; every expected failure is one of these
 ├── InputError                  bad inventory, selector, file     (fleetctl exit 2)
 │   └── UnknownHostError        a selector names nothing known
 ├── BrokerUnavailable           cannot reach or stay connected    (fleetctl exit 3)
+│   └── BrokerRefused           refused for good: MQTT version, credentials, ACL
 ├── ProtocolError               a payload we refuse to act on
 │   ├── PayloadTooLarge
 │   ├── UnknownVersion
@@ -38,6 +39,11 @@ class UnknownHostError(InputError):
 
 class BrokerUnavailable(FlotillaError):
     pass
+
+
+class BrokerRefused(BrokerUnavailable):
+    """The broker answered and refused (CONNACK): retrying cannot help; the message
+    names the fix (`--mqtt-version 3.1.1`, the credentials)."""
 
 
 class ProtocolError(FlotillaError):

@@ -26,6 +26,9 @@ HostPhase = Literal[
     "dumped", "migrating", "switched", "migrated", "awaiting_reboot", "confirmed", "done", "failed",
     "rolling_back", "rolled_back", "rejected", "cancelled", "blocked",
 ]
+WAITING_PHASES: frozenset[str] = frozenset({"awaiting_choice", "awaiting_approval",
+                                           "awaiting_reboot"})
+"""Phases in which a deployment waits for someone (an answer) or something (a reboot)."""
 PromptKind = Literal["choice", "step_failure", "approval", "reboot"]
 Host = Annotated[str, Field(pattern=HOST_NAME_RE.pattern)]
 Id = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:@-]+$")]
@@ -143,9 +146,14 @@ class Ack(Event):
 
 
 class Rejected(Event):
+    """A desired state (or answer) the agent refused. When its signature did not verify,
+    `deployment_id` and `generation` are still those its body claims, so the controller
+    can count that host as rejected at once; `unverified` says they are only claims."""
+
     TYPE: ClassVar[str] = "rejected"
     reason: str
     message: str
+    unverified: bool = False
 
 
 class Progress(Event):

@@ -30,11 +30,31 @@ def validate_host(name: str) -> str:
     return name
 
 
+def prefix_problem(prefix: str) -> str | None:
+    """Why `prefix` cannot be a topic prefix, or None. Refused: the MQTT wildcards `+`
+    and `#`, a leading `$` (broker-internal topics), empty levels (`a//b`, a leading or
+    trailing `/`), and `.` or white space: NATS maps `/` to `.` and disconnects a client
+    whose topic holds either, so such a prefix would work on Mosquitto only."""
+    if not prefix:
+        return "it is empty"
+    if prefix.startswith("$"):
+        return "it starts with '$' (reserved for broker topics)"
+    if any(c in prefix for c in "+#"):
+        return "it holds an MQTT wildcard ('+' or '#')"
+    if "" in prefix.split("/"):
+        return "it has an empty level (a leading, trailing or doubled '/')"
+    if "." in prefix:
+        return "it holds '.' (NATS maps topic levels to '.'-separated subjects)"
+    if any(c.isspace() or ord(c) < 0x20 or c == "\x7f" for c in prefix):
+        return "it holds white space or a control character"
+    return None
+
+
 def _validate_prefix(prefix: str) -> str:
-    if not prefix or prefix.startswith("/") or prefix.endswith("/") or any(
-        c in prefix for c in "+#\x00"
-    ):
-        raise InputError(f"invalid topic prefix {prefix!r}")
+    problem = prefix_problem(prefix) if isinstance(prefix, str) else "it is not a string"
+    if problem is not None:
+        raise InputError(f"invalid topic prefix {prefix!r}: {problem}; use levels of "
+                         "letters, digits, '-' and '_' separated by '/' (e.g. fleet/v1)")
     return prefix
 
 
@@ -80,8 +100,9 @@ class Topics:
 
     def shared(self, group: str, topic: str) -> str:
         """MQTT 5 shared subscription, so controllers can split the load."""
-        if not group or any(c in group for c in "/+#"):
-            raise InputError(f"invalid share group {group!r}")
+        if not group or any(c in group for c in "/+#.") or any(c.isspace() for c in group):
+            raise InputError(f"invalid share group {group!r}: no '/', '+', '#', '.' or "
+                             "white space")
         return f"$share/{group}/{topic}"
 
     def parse(self, topic: str) -> tuple[str, HostTopicKind]:

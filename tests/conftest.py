@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from controller.broker import Mosquitto, mosquitto_binary
+from controller.broker import NATS_INSTALL, Mosquitto, NatsCluster, mosquitto_binary, nats_binary
 from controller.keys import init_keys, load_key
 from protocol.signing import load_public_keys
 from tests.fakeroot import FakeRoot
@@ -81,6 +81,31 @@ def broker(tmp_path: Path) -> Iterator[Mosquitto]:
         yield b
     finally:
         b.stop()
+
+
+def _nats(workdir: Path, size: int) -> Iterator[NatsCluster]:
+    if nats_binary() is None:
+        pytest.fail(f"nats-server is not installed: install it with '{NATS_INSTALL}' "
+                    "(make test does this)")
+    cluster = NatsCluster(workdir, size)
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def nats_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsCluster]:
+    """One JetStream-enabled NATS node serving MQTT 3.1.1 (per module: it is shared)."""
+    yield from _nats(tmp_path_factory.mktemp("nats1"), 1)
+
+
+@pytest.fixture(scope="module")
+def nats_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsCluster]:
+    """A 3-node NATS cluster on loopback (routes between the nodes, JetStream streams
+    replicated 3 times), started once per module: it takes several seconds."""
+    yield from _nats(tmp_path_factory.mktemp("nats3"), 3)
 
 
 @pytest.fixture

@@ -15,9 +15,19 @@ from typing import Any
 
 import aiomqtt
 
-from protocol.broker import parse_broker_url
+from protocol.broker import BrokerCluster
 from protocol.codec import decode
 from protocol.models import EVENT_TYPES, Event
+from protocol.mqtt import MqttVersion, random_client_id
+
+
+def mqtt_client(broker_url: str, version: MqttVersion = "5", node: int = 0,
+                **extra: Any) -> aiomqtt.Client:
+    """A plain test client on node `node` of `broker_url` (one URL or a cluster's list),
+    built like every Flotilla client (protocol.mqtt)."""
+    broker = BrokerCluster.parse(broker_url, version)
+    return aiomqtt.Client(**broker.client_kwargs(broker.addresses[node],
+                                                 random_client_id("test")), **extra)
 
 
 @dataclass
@@ -30,6 +40,8 @@ class Fleet:
     controller_dir: Path
     hosts: dict[str, list[str]]
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    mqtt_version: MqttVersion = "5"
+    agent_broker_url: str | None = None  # agents' --broker, when not the controller's
 
     @property
     def inventory(self) -> Path:
@@ -41,6 +53,7 @@ class Fleet:
 
     def env(self) -> dict[str, str]:
         return {**os.environ, "FLEET_BROKER": self.broker_url,
+                "FLEET_MQTT_VERSION": self.mqtt_version,
                 "FLEET_INVENTORY": str(self.inventory),
                 "FLEET_STATE_DIR": str(self.controller_dir), "FLEET_TOPIC_PREFIX": self.prefix}
 
@@ -57,7 +70,8 @@ class Fleet:
 
     def agent_argv(self, host: str, *extra: str) -> list[str]:
         return [sys.executable, "-m", "client", "run", "--host", host,
-                "--broker", self.broker_url, "--state-dir", str(self.state_dir(host)),
+                "--broker", self.agent_broker_url or self.broker_url,
+                "--mqtt-version", self.mqtt_version, "--state-dir", str(self.state_dir(host)),
                 "--trust-key", str(self.trust), "--topic-prefix", self.prefix, *extra]
 
     def state_dir(self, host: str) -> Path:
@@ -77,7 +91,8 @@ class Fleet:
         log = open(self.root / "agents" / "simulate.log", "ab")  # noqa: SIM115
         proc = subprocess.Popen(
             [sys.executable, "-m", "client", "simulate", "--hosts", ",".join(hosts),
-             "--broker", self.broker_url, "--state-dir", str(self.root / "agents"),
+             "--broker", self.agent_broker_url or self.broker_url,
+             "--mqtt-version", self.mqtt_version, "--state-dir", str(self.root / "agents"),
              "--trust-key", str(self.trust), "--topic-prefix", self.prefix, *extra],
             stdout=log, stderr=log)
         self.procs.append(proc)
@@ -112,8 +127,9 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 30, interval: float 
 class Listener:
     """A plain MQTT client collecting decoded events from a topic filter."""
 
-    def __init__(self, broker_url: str, topic: str) -> None:
-        self.address = parse_broker_url(broker_url)
+    def __init__(self, broker_url: str, topic: str, version: MqttVersion = "5",
+                 node: int = 0) -> None:
+        self.broker_url, self.version, self.node = broker_url, version, node
         self.topic = topic
         self.events: list[Event] = []
         self.raw: list[tuple[str, bytes]] = []
@@ -130,8 +146,7 @@ class Listener:
         self._task.cancel()
 
     async def _run(self) -> None:
-        async with aiomqtt.Client(**self.address.client_kwargs(),
-                                  protocol=aiomqtt.ProtocolVersion.V5) as client:
+        async with mqtt_client(self.broker_url, self.version, self.node) as client:
             await client.subscribe(self.topic, qos=1)
             self._ready.set()
             async for m in client.messages:
@@ -152,10 +167,9 @@ class Listener:
         raise AssertionError(f"no matching event in {timeout}s; saw {self.events[-5:]}")
 
 
-async def publish(broker_url: str, topic: str, payload: bytes, retain: bool = False) -> None:
-    address = parse_broker_url(broker_url)
-    async with aiomqtt.Client(**address.client_kwargs(),
-                              protocol=aiomqtt.ProtocolVersion.V5) as client:
+async def publish(broker_url: str, topic: str, payload: bytes, retain: bool = False,
+                  version: MqttVersion = "5", node: int = 0) -> None:
+    async with mqtt_client(broker_url, version, node) as client:
         await client.publish(topic, payload, qos=1, retain=retain)
 
 

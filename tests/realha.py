@@ -142,7 +142,7 @@ class HomeAssistantCore:
         # non-daemonic threads): SIGTERM, a short grace, then SIGKILL.
         self.proc.terminate()
         try:
-            self.proc.wait(timeout=3)
+            self.proc.wait(timeout=2)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()

@@ -20,7 +20,8 @@ def script(path: Path, body: str) -> str:
 
 def make_system(root: Path, name: str, db: Path, runlog: Path, *, major_item: bool = True,
                 fail_step: str | None = None, sleep: float = 0.3, idempotent: tuple[str, ...] = (),
-                broken_checks: bool = False, error_item: bool = False) -> Path:
+                broken_checks: bool = False, error_item: bool = False,
+                only_db: bool = False) -> Path:
     """A toplevel with steps: db -> app (chain) and cache -> search (parallel branch)."""
     top = root / name
     bin_ = top / "bin"
@@ -67,6 +68,8 @@ def make_system(root: Path, name: str, db: Path, runlog: Path, *, major_item: bo
         {"name": "search", "after": ["cache"], "idempotent": "search" in idempotent,
          "migrations": {"*": migration("search", "")}},
     ]
+    if only_db:  # the phase's only migrations are db's per-choice ones (no "*")
+        steps = steps[:1]
     if broken_checks:
         steps += [
             {"name": "crashes", "check": script(bin_ / "check-crash",

@@ -127,7 +127,9 @@ def test_broker_down_gives_exit_3_and_one_line(make_fleet) -> None:  # type: ign
     fleet = make_fleet({"web1": ["web"]})
     fleet.broker_url = f"mqtt://127.0.0.1:{free_port()}"
     for args in (["deploy", "web1", "--system", SYSTEM], ["status"]):
-        r = fleet.fleetctl(*args)
+        started = time.monotonic()
+        r = fleet.fleetctl(*args, "--connect-timeout", "2")
+        assert time.monotonic() - started >= 2  # it kept trying for --connect-timeout
         assert r.returncode == 3, r.stderr
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and "Traceback" not in r.stderr

@@ -12,9 +12,11 @@ from typing import Any
 
 import jsonpatch
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from controller import store
-from controller.eventlog import DOC_TYPE, EventLog
+from controller.eventlog import DOC_TYPE, PATCH_ERRORS, EventLog, apply_patch
 from protocol.errors import StateError
 
 
@@ -224,3 +226,36 @@ def _start_many(state_dir: str, rid: str, n: int) -> None:
     for i in range(n):
         with log.transaction() as txn:
             txn.add("host-started", store.start_host(txn.doc, rid, "h1", i + 1)[2])
+
+
+_keys = st.sampled_from(["a", "b", "c/d", "e~f", "0", "-"])
+_values = st.recursive(st.none() | st.integers() | st.text(max_size=3),
+                       lambda inner: st.lists(inner, max_size=2)
+                       | st.dictionaries(_keys, inner, max_size=3), max_leaves=6)
+_docs = st.dictionaries(_keys, _values, max_size=4)
+_ops = st.builds(
+    lambda op, parts, value: {"op": op, "path": "".join(
+        "/" + p.replace("~", "~0").replace("/", "~1") for p in parts), "value": value},
+    st.sampled_from(["add", "replace", "remove"]),
+    st.lists(_keys | st.sampled_from(["0", "1"]), min_size=0, max_size=3), _values)
+
+
+@settings(max_examples=100, deadline=None)
+@given(doc=_docs, patch=st.lists(_ops, max_size=4))
+def test_apply_patch_is_rfc6902_like_jsonpatch(doc: dict[str, Any], patch: list[Any]) -> None:
+    """The event log's fast path for member adds and replaces gives what jsonpatch gives:
+    the same document, or the same error (after the same operations applied)."""
+    import copy
+    mine, theirs = copy.deepcopy(doc), copy.deepcopy(doc)
+    try:
+        want: Any = jsonpatch.JsonPatch(patch).apply(theirs, in_place=True)
+    except PATCH_ERRORS as exc:
+        want = type(exc)
+    try:
+        got: Any = apply_patch(mine, patch)
+    except PATCH_ERRORS as exc:
+        got = type(exc)
+    assert got == want and mine == theirs
+    for op in patch:  # never shares a mutable value with the patch
+        if isinstance(op["value"], (dict, list)) and isinstance(got, dict):
+            assert all(v is not op["value"] for v in got.values())

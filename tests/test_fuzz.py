@@ -42,7 +42,7 @@ from client import homeassistant as ha
 from client.journal import Journal
 from controller.inventory import Inventory, parse_inventory
 from protocol import models
-from protocol.broker import BrokerAddress, parse_broker_url
+from protocol.broker import BrokerAddress, BrokerCluster, parse_broker_url
 from protocol.codec import REGISTRY, decode, encode
 from protocol.errors import BadSignature, InputError, ProtocolError, StateError, UsageError
 from protocol.models import (
@@ -688,7 +688,7 @@ def agent_for_fuzz(state_dir: Path) -> tuple[Any, list[tuple[str, bytes]]]:
     from client.agent import Agent, AgentConfig
     from client.sim import SimulatedBackend
 
-    config = AgentConfig(host=AGENT_HOST, broker=parse_broker_url("mqtt://127.0.0.1:1"),
+    config = AgentConfig(host=AGENT_HOST, broker=BrokerCluster.parse("mqtt://127.0.0.1:1"),
                          state_dir=state_dir, trusted_keys=TRUSTED, topics=AGENT_TOPICS,
                          control_socket=False)
     agent = Agent(config, SimulatedBackend(state_dir, AGENT_HOST))

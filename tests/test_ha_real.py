@@ -15,6 +15,7 @@ import asyncio
 import json
 import os
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -316,7 +317,7 @@ async def test_spoofed_discovery_from_another_host_commands_nothing(  # type: ig
         make_fleet, creds: Credentials, ha_broker: Mosquitto, hass: HomeAssistantCore,
         tmp_path: Path) -> None:
     fleet = make_fleet({"hr5": ["home"], "hr6": ["home"]})
-    start_agent(fleet, creds, "hr5", "--ha-reboot")
+    agent = start_agent(fleet, creds, "hr5", "--ha-reboot")
     button = entity(hass, "button", "hr5", "reboot")
     proc = deploy_bg(fleet, "hr5", "--system", str(reboot_system(tmp_path)), "--reboot", "ask",
                      "--timeout", "90")
@@ -370,9 +371,50 @@ async def test_spoofed_discovery_from_another_host_commands_nothing(  # type: ig
     answers = journal_answers(fleet, "hr5")
     assert [(a["source"], a["choices"]) for a in answers] == [
         ("homeassistant", {"deploy.reboot": "now"})]
-    proc.terminate()
+    proc.terminate()  # the deploy would finish after the boot; not this test's subject
     proc.wait(timeout=10)
+    agent.kill()  # the host goes down for its reboot
+    agent.wait()
     for component in spoofs:
         await publish(hr6, f"homeassistant/{component}/flotilla_hr6/spoof/config", b"",
                       retain=True)
     await publish(hr6, "fleet/v1/host/hr6/ha/spoof", b"", retain=True)
+
+
+# -- B: the Reboot button while a reboot is pending ---------------------------------------
+@pytest.mark.parametrize("policy", ["ask", "window"])
+def test_real_ha_reboot_button_starts_the_pending_reboot(make_fleet, creds: Credentials,  # type: ignore[no-untyped-def]
+                                                         hass: HomeAssistantCore,
+                                                         tmp_path: Path, policy: str) -> None:
+    host = "hr4" if policy == "ask" else "hr7"
+    fleet = make_fleet({host: ["home"]})
+    agent = start_agent(fleet, creds, host, "--ha-reboot")
+    button = entity(hass, "button", host, "reboot")
+    needs = entity(hass, "binary_sensor", host, "needs_reboot")
+    update = entity(hass, "update", host, "system")
+    hass.wait_state(button, lambda s: s["state"] == "unavailable")  # nothing pending yet
+    if policy == "window":  # a window that opened an hour ago closed: wait for tomorrow's
+        now = datetime.now().astimezone()
+        start, end = now - timedelta(hours=2), now - timedelta(hours=1)
+        policy = f"window {start:%H:%M}-{end:%H:%M}"
+    top = reboot_system(tmp_path)
+    proc = deploy_bg(fleet, host, "--system", str(top), "--reboot", policy, "--timeout", "90")
+    open_prompt(hass, host, "reboot")
+    hass.wait_state(button, lambda s: s["state"] != "unavailable",
+                    what="the Reboot button available while the reboot is pending")
+    hass.wait_state(needs, lambda s: s["state"] == "on",
+                    what="Needs reboot on while the reboot is pending")
+    assert hass.call("update", "install", entity_id=update)["ok"] is False  # not approval
+    assert hass.call("button", "press", entity_id=button)["ok"]
+    wait_for(lambda: any(r.get("key") == "reboot_boot_id" for r in fleet.journal(host)),
+             20, 0.2, "the journaled reboot")
+    agent.kill()  # the machine goes down...
+    agent.wait()
+    start_agent(fleet, creds, host, "--ha-reboot")  # ...and boots the new system
+    rc, out = finish(proc, 90)
+    assert rc == 0 and out["hosts"] == {host: "succeeded"}, out
+    answers = journal_answers(fleet, host)
+    assert [(a["source"], a["choices"]) for a in answers] == [
+        ("homeassistant", {"deploy.reboot": "now"})]
+    hass.wait_state(needs, lambda s: s["state"] == "off")
+    hass.wait_state(button, lambda s: s["state"] == "unavailable")

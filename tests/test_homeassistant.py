@@ -222,12 +222,13 @@ def test_reboot_button_is_unavailable_unless_a_reboot_may_be_taken(topics: Topic
     reboot_prompt = make_prompt(kind="reboot")
     cases = [  # state, open prompt, desired, agent takes reboots from HA, button
         (make_state(needs_reboot=False), None, desired, True, "offline"),
-        (make_state(needs_reboot=True), None, desired, True, "online"),
-        (make_state(needs_reboot=True), None, make_desired(), True, "offline"),  # never
+        # the deployment ended ("later"): needs_reboot stays, nothing waits for a reboot
+        (make_state(needs_reboot=True), None, desired, True, "offline"),
         (make_state(needs_reboot=True), None, None, True, "offline"),
-        # the reboot prompt is open: available whatever needs_reboot says
+        # the reboot prompt is open (ask, or a window not open yet): available
         (make_state(needs_reboot=False), reboot_prompt, desired, True, "online"),
-        (make_state(needs_reboot=True), make_prompt(), desired, True, "online"),
+        (make_state(needs_reboot=True), reboot_prompt, make_desired(), True, "online"),
+        (make_state(needs_reboot=True), make_prompt(), desired, True, "offline"),
         # no --ha-reboot: never
         (make_state(needs_reboot=True), reboot_prompt, desired, False, "offline"),
         (make_state(needs_reboot=True), None, desired, False, "offline"),

@@ -101,3 +101,37 @@ def test_controller_store_dedupes_and_rotates(tmp_path: Path) -> None:
     assert len(lines) == 80 and lines[0].text.startswith("1-0z") and lines[-1].seq == 2
     assert read_lines(tmp_path, "r1", "h1", "r1.3") == []
     assert (tmp_path / "logs" / "r1" / "h1.jsonl.1").exists()
+
+
+def test_logs_follow_prints_live_lines_until_the_deployment_ends(  # type: ignore[no-untyped-def]
+        make_fleet, tmp_path: Path) -> None:
+    from tests.helpers import deploy_bg, finish, wait_for
+    fleet = make_fleet({"pg1": ["db"]})
+    top = tmp_path / "sys-slow"
+    (top / "bin").mkdir(parents=True)
+    (top / "flotilla").mkdir()
+    gate = tmp_path / "gate"
+    migrate = script(top / "bin" / "migrate", 'echo "copying rows"\n'
+                     f'while [ ! -e {gate} ]; do sleep 0.1; done\necho "all rows copied"\n')
+    (top / "flotilla" / "steps.json").write_text(json.dumps(
+        {"steps": [{"name": "db", "migrations": {"*": migrate}}]}))
+    fleet.start_simulated(["pg1"])
+    proc = deploy_bg(fleet, "pg1", "--system", str(top), "--timeout", "60")
+    wait_for(lambda: (fleet.controller_dir / "state.jsonl").exists()
+             and "pg1" in (fleet.controller_dir / "state.jsonl").read_text(),
+             what="the rollout to start")
+    import subprocess
+    import sys
+    follower = subprocess.Popen([sys.executable, "-m", "controller", "logs", "pg1", "--follow"],
+                                stdout=subprocess.PIPE, text=True, env=fleet.env())
+    wait_for(lambda: any(p.name.endswith(".jsonl") for p in
+                         (fleet.controller_dir / "logs").rglob("*.jsonl"))
+             and "copying rows" in "".join(p.read_text() for p in
+                                           (fleet.controller_dir / "logs").rglob("*.jsonl")),
+             what="the first line stored")
+    gate.touch()
+    out, _ = follower.communicate(timeout=60)  # ends by itself with the deployment
+    assert follower.returncode == 0
+    assert "[migrate:db] copying rows" in out and "[migrate:db] all rows copied" in out, out
+    rc, summary = finish(proc)
+    assert rc == 0 and summary["hosts"]["pg1"] == "succeeded"

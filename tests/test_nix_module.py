@@ -223,6 +223,17 @@ def test_module_credentials_keys_and_extra_args() -> None:
     assert out["tmpfiles"] == ["d /srv/flotilla 0700 root root - -"]
 
 
+def test_module_mqtt_version_and_a_broker_cluster() -> None:
+    out = eval_module('{ enable = true; broker = "mqtt://n1:1883,mqtt://n2:1883"; '
+                      'mqttVersion = "3.1.1"; trustedKeys = [ "/k.pem" ]; }')
+    argv = systemd_split(out["service"]["serviceConfig"]["ExecStart"])
+    assert argv[argv.index("--broker") + 1] == "mqtt://n1:1883,mqtt://n2:1883"
+    assert argv[argv.index("--mqtt-version") + 1] == "3.1.1"
+    assert out["options"]["mqttVersion"] == "3.1.1"
+    bad = eval_module(f'{{ {BASE} mqttVersion = "4"; }}')  # not one of "5", "3.1.1"
+    assert bad["options"]["mqttVersion"] is None and bad["service"] is None
+
+
 def test_exec_start_survives_systemd_quoting_specifiers_and_variables() -> None:
     """Issue 12: escaped like nixpkgs' utils.escapeSystemdExecArg, `$` included (shell
     quoting is wrong for systemd: '\\'' and a bare $HOME would break or expand)."""

@@ -142,10 +142,10 @@ def test_a_resumed_rollout_keeps_each_host_its_system_and_the_cache(tmp_path: Pa
     the cache and the boot-loader flag must survive, or a resumed batch would get the
     wrong system."""
     from controller.deploy import ControllerContext, DeployRequest, RolloutDriver
-    from protocol.broker import parse_broker_url
+    from protocol.broker import BrokerCluster
     from protocol.topics import Topics
 
-    ctx = ControllerContext(broker=parse_broker_url("mqtt://127.0.0.1:1"),
+    ctx = ControllerContext(broker=BrokerCluster.parse("mqtt://127.0.0.1:1"),
                             topics=Topics("t/v1"), state_dir=tmp_path)
     req = DeployRequest(selector="@web", hosts=["web1", "web2"], system="deploy.json",
                         systems={"web1": P1, "web2": P2}, cache=CACHE, action="boot",

@@ -576,7 +576,7 @@ def test_e2e_dry_activate_inhibitors_and_install_bootloader(make_fleet, fake: Fa
     rc, out = fleet.fleetctl_json("deploy", "web1", "--system", plain, "--action",
                                   "dry-activate")
     assert rc == 0 and out["hosts"] == {"web1": "succeeded"}, out
-    row = result_of(fleet, "web1", "succeeded")
+    row = [r for r in fleet.journal("web1") if r["kind"] == "result"][-1]
     assert "would restart the following units: nginx.service" in row["message"]
     assert fake.calls() == [["nix-store", "--realise", plain],
                             activation(plain, "dry-activate"),
@@ -585,7 +585,7 @@ def test_e2e_dry_activate_inhibitors_and_install_bootloader(make_fleet, fake: Fa
     fake.clear_calls()
     rc, out = fleet.fleetctl_json("deploy", "web1", "--system", new)
     assert rc == 1 and out["hosts"] == {"web1": "blocked"}, out
-    row = result_of(fleet, "web1", "blocked")
+    row = [r for r in fleet.journal("web1") if r["kind"] == "result"][-1]
     assert "refused by switch inhibitors" in row["message"]
     assert "--action boot" in row["message"]
     assert fake.profile_target == old and fake.current == old

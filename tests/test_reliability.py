@@ -15,7 +15,7 @@ import pytest
 from protocol.codec import encode
 from protocol.models import Progress
 from protocol.topics import Topics
-from tests.helpers import deploy_bg, finish, publish, wait_for
+from tests.helpers import deploy_bg, finish, mqtt_client, publish, wait_for
 
 
 def test_broker_sigkill_mid_rollout_loses_no_result(make_fleet, broker) -> None:  # type: ignore[no-untyped-def]
@@ -60,12 +60,7 @@ async def test_event_flood_does_not_stall_the_controller(make_fleet) -> None:  #
     await asyncio.sleep(1.0)
     proc = deploy_bg(fleet, "@all", "--system", "/nix/store/z", "--timeout", "60")
     topic = Topics(fleet.prefix).events("noisy")
-    import aiomqtt
-
-    from protocol.broker import parse_broker_url
-    addr = parse_broker_url(fleet.broker_url)
-    async with aiomqtt.Client(**addr.client_kwargs(), protocol=aiomqtt.ProtocolVersion.V5,
-                              max_inflight_messages=1000) as client:
+    async with mqtt_client(fleet.broker_url, max_inflight_messages=1000) as client:
         for i in range(10_000):
             ev = Progress(host="noisy", deployment_id="flood", generation=1, seq=i,
                           time=time.time(), stage="fetch", message="x" * 50)

@@ -34,9 +34,10 @@ from controller import certs
 from controller.broker import Mosquitto, free_port
 from controller.cli import main as fleetctl_main
 from controller.cmd_security import set_broker_password
-from protocol.broker import BrokerAddress, parse_broker_url
+from protocol.broker import BrokerAddress, BrokerCluster, parse_broker_url
 from protocol.codec import decode, encode
 from protocol.models import EVENT_TYPES, Ack, Desired, Event, Rejected, Result
+from protocol.mqtt import random_client_id
 from protocol.signing import generate_key, sign
 from protocol.topics import Topics
 
@@ -201,7 +202,8 @@ def prefix() -> str:
 
 # -- MQTT helpers -----------------------------------------------------------------------
 def mqtt_client(address: BrokerAddress, timeout: float = 5) -> aiomqtt.Client:
-    return aiomqtt.Client(**address.client_kwargs(), protocol=aiomqtt.ProtocolVersion.V5,
+    broker = BrokerCluster((address,))
+    return aiomqtt.Client(**broker.client_kwargs(address, random_client_id("test")),
                           timeout=timeout)
 
 

@@ -26,10 +26,11 @@ from controller.connection import make_client
 from controller.deploy import ControllerContext
 from controller.eventlog import EventLog
 from controller.inventory import Inventory
+from controller.reader import MessageReader
 from controller.view import HostView, fold_event, fold_state
-from protocol.codec import decode
-from protocol.errors import BrokerUnavailable, FlotillaError, ProtocolError
-from protocol.models import EVENT_TYPES, Desired, Event, HostState, Prompt
+from protocol.errors import BrokerUnavailable, FlotillaError
+from protocol.messages import HostMessage
+from protocol.models import Desired, Event, HostState, Prompt
 
 log = logging.getLogger(__name__)
 LOG_POLL_S = 0.25
@@ -68,6 +69,7 @@ class Feed:
         self.error: str | None = None
         self._listeners: set[Listener] = set()
         self._marker: str | None = None
+        self._reader = MessageReader(ctx.topics)
 
     # -- listeners -------------------------------------------------------------------
     def listen(self) -> Listener:
@@ -105,43 +107,32 @@ class Feed:
             self.synced.set()
             self._notify()
             return
-        try:
-            host, kind = self.ctx.topics.parse(topic)
-        except ProtocolError:
-            return
-        h = self.hosts.get(host)
-        if h is None:
-            return
         payload = message.payload if isinstance(message.payload, bytes) else b""
-        try:
-            changed = self._fold(h, kind, payload)
-        except ProtocolError as exc:
-            log.debug("ignoring a malformed %s message from %s: %s", kind, host, exc)
+        msg = self._reader.read(topic, payload, self.hosts.__contains__)
+        if msg is None:
             return
-        if changed:
+        h = self.hosts[msg.host]
+        if self._fold(h, msg):
             h.version += 1
             self._notify()
 
-    def _fold(self, h: HostLive, kind: str, payload: bytes) -> bool:
-        if kind == "online":
-            online = payload == b"online"
-            changed = h.online != online
-            h.online = online
+    def _fold(self, h: HostLive, msg: HostMessage) -> bool:
+        body = msg.body
+        if msg.online is not None:
+            changed = h.online != msg.online
+            h.online = msg.online
             if h.view is not None:
-                h.view.online = online
+                h.view.online = msg.online
             return changed
-        if kind == "prompt":
-            h.prompt = decode(payload, expect=(Prompt,)) if payload else None
+        if msg.kind == "prompt":
+            h.prompt = body if isinstance(body, Prompt) else None
             return True
-        if not payload:
-            return False
-        if kind == "desired":
-            d: Desired = decode(payload, expect=(Desired,))
-            self._attempt(h, d.deployment_id, d.generation, d.issued_at)
-            h.rollout_id = d.rollout_id
+        if isinstance(body, Desired):
+            self._attempt(h, body.deployment_id, body.generation, body.issued_at)
+            h.rollout_id = body.rollout_id
             return True
-        if kind == "state":
-            st: HostState = decode(payload, expect=(HostState,))
+        if isinstance(body, HostState):
+            st = body
             h.state = st
             if st.deployment_id is not None and (
                     h.view is None or (h.view.deployment_id != st.deployment_id
@@ -152,9 +143,8 @@ class Feed:
             if h.view is not None:
                 fold_state(h.view, st)
             return True
-        if kind == "events":
-            ev: Event = decode(payload, expect=EVENT_TYPES)
-            return h.view is not None and fold_event(h.view, ev)
+        if isinstance(body, Event):
+            return h.view is not None and fold_event(h.view, body)
         return False
 
     @staticmethod

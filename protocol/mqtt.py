@@ -1,0 +1,178 @@
+"""How every Flotilla MQTT client is built: version, session, client ids, refusals, backoff.
+
+Pure (no I/O): the agent (`client.session`), the controller (`controller.connection`),
+the tests and the benchmarks all build their `aiomqtt.Client` from `connect_kwargs()`,
+so MQTT 5 and MQTT 3.1.1 differ in this one module only.
+
+- MQTT 5 (default): a persistent session is `clean_start=False` plus a
+  SessionExpiryInterval, so a session nobody ends expires on its own.
+- MQTT 3.1.1 (`--mqtt-version 3.1.1`, for brokers that speak only 3.1.1, such as the
+  NATS MQTT gateway): a persistent session is `clean_session=False` with a stable
+  client id and never expires; the controller ends the sessions it opens explicitly
+  (a clean-session connect with the same id). Nothing that needs MQTT 5 is sent: no
+  properties, no shared subscriptions (`--share-group` is refused).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from aiomqtt import ProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from protocol.errors import UsageError
+
+MqttVersion = Literal["5", "3.1.1"]
+MQTT_VERSIONS: tuple[MqttVersion, ...] = ("5", "3.1.1")
+DEFAULT_MQTT_VERSION: MqttVersion = "5"
+SESSION_EXPIRY_S = 7 * 24 * 3600
+CLIENT_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
+VERSION_FIX = "--mqtt-version 3.1.1"
+
+
+def parse_mqtt_version(text: str) -> MqttVersion:
+    """'5' or '3.1.1' (also '3', '311', '4' = the 3.1.1 protocol level); UsageError else."""
+    value = text.strip().lower()
+    if value in ("5", "5.0", "v5"):
+        return "5"
+    if value in ("3.1.1", "311", "3", "4", "v3.1.1"):
+        return "3.1.1"
+    raise UsageError(f"invalid MQTT version {text!r}: use 5 or 3.1.1")
+
+
+def client_id(*parts: str) -> str:
+    """A client id from `parts` joined by '-': 1-128 of A-Z a-z 0-9 _ -, so it is valid
+    on every broker we run (MQTT 3.1.1 servers MAY refuse others) and stable for the
+    same parts (a persistent 3.1.1 session is found by its client id alone)."""
+    ident = "-".join(parts)
+    if not CLIENT_ID_RE.fullmatch(ident):
+        raise UsageError(f"invalid MQTT client id {ident!r}: use 1-128 of A-Z, a-z, 0-9, "
+                         "'_' and '-'")
+    return ident
+
+
+def random_client_id(role: str) -> str:
+    return client_id(role, f"{random.getrandbits(48):012x}")
+
+
+@dataclass(frozen=True)
+class MqttOptions:
+    """The MQTT protocol choices shared by every client of one process."""
+
+    version: MqttVersion = DEFAULT_MQTT_VERSION
+
+    @property
+    def shared_subscriptions(self) -> bool:
+        """`$share/GROUP/...` exists in MQTT 5 only (and must still be probed)."""
+        return self.version == "5"
+
+    def connect_kwargs(self, ident: str, persistent: bool = False) -> dict[str, Any]:
+        """`aiomqtt.Client` keyword arguments for this version: protocol, client id and
+        session (persistent: resumed on reconnect, queued QoS 1 messages kept)."""
+        ident = client_id(ident)
+        if self.version == "3.1.1":
+            return {"protocol": ProtocolVersion.V311, "identifier": ident,
+                    "clean_session": not persistent}
+        kwargs: dict[str, Any] = {"protocol": ProtocolVersion.V5, "identifier": ident,
+                                  "clean_start": not persistent}
+        if persistent:
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            props.SessionExpiryInterval = SESSION_EXPIRY_S
+            kwargs["properties"] = props
+        return kwargs
+
+
+# CONNACK reason codes (MQTT 5 values; paho maps a 3.1.1 return code onto them) that no
+# retry can fix: the client stops with the fix in the message instead of retrying.
+UNSUPPORTED_PROTOCOL_VERSION = 0x84
+CLIENT_ID_NOT_VALID = 0x85
+BAD_CREDENTIALS = 0x86
+NOT_AUTHORIZED = 0x87
+BANNED = 0x8A
+BAD_AUTH_METHOD = 0x8C
+
+
+def connack_code(rc: object) -> int | None:
+    """The numeric CONNACK reason code of what aiomqtt raised at connect (`exc.rc`)."""
+    if isinstance(rc, int):
+        return rc
+    value = getattr(rc, "value", None)
+    return value if isinstance(value, int) else None
+
+
+def refusal(code: int | None, options: MqttOptions, where: str) -> str | None:
+    """The one-line message for a CONNACK refusal that retrying cannot fix, or None for a
+    transient one (server busy or unavailable, quota, rate: retry with backoff)."""
+    if code == UNSUPPORTED_PROTOCOL_VERSION:
+        if options.version == "5":
+            return (f"the MQTT broker at {where} refused MQTT 5 (unsupported protocol "
+                    f"version): it speaks MQTT 3.1.1 only; use {VERSION_FIX} "
+                    "(env FLEET_MQTT_VERSION=3.1.1)")
+        return (f"the MQTT broker at {where} refused MQTT 3.1.1 (unsupported protocol "
+                "version); use --mqtt-version 5")
+    if code in (BAD_CREDENTIALS, BAD_AUTH_METHOD):
+        return (f"the MQTT broker at {where} refused the credentials (bad user name or "
+                "password): check --username and --password-file")
+    if code in (NOT_AUTHORIZED, BANNED):
+        return (f"the MQTT broker at {where} refused the connection (not authorized): "
+                "check --username/--password-file and the broker's users and ACL")
+    if code == CLIENT_ID_NOT_VALID:
+        return f"the MQTT broker at {where} refused the client id (client identifier not valid)"
+    return None
+
+
+@dataclass
+class Backoff:
+    """Capped exponential backoff with full jitter, between rounds over a cluster's
+    addresses (each address is tried once per round)."""
+
+    base: float = 0.2
+    cap: float = 30.0
+    attempt: int = 0
+    rng: random.Random = field(default_factory=random.Random)
+
+    def next_delay(self) -> float:
+        delay = min(self.cap, self.base * (2 ** self.attempt))
+        self.attempt = min(self.attempt + 1, 30)
+        return self.rng.uniform(delay / 2, delay)
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+def failover_order(count: int, current: int | None) -> list[int]:
+    """Indexes of a cluster's addresses in the order to try them: the first one first
+    when never connected; after a loss, the next node after ours first, ours last (it
+    just went away; a restarted node is tried again after the others)."""
+    if current is None:
+        return list(range(count))
+    start = (current + 1) % count
+    return [(start + i) % count for i in range(count)]
+
+
+@dataclass
+class Failover:
+    """Which node of a cluster to try next, and how long to wait after a round in which
+    none answered. The edges (agent session, controller connection) run the I/O:
+
+        for i in failover.round(): try addresses[i]; on success failover.connected(i)
+        then sleep failover.delay() and start another round (or give up at a deadline).
+    """
+
+    count: int
+    current: int | None = None
+    backoff: Backoff = field(default_factory=Backoff)
+
+    def round(self) -> list[int]:
+        return failover_order(self.count, self.current)
+
+    def connected(self, index: int) -> None:
+        self.current = index
+        self.backoff.reset()
+
+    def delay(self) -> float:
+        return self.backoff.next_delay()

@@ -1,0 +1,421 @@
+"""Issue 13 end to end: the same deploys against Mosquitto (MQTT 5 and MQTT 3.1.1) and a
+3-node NATS cluster (MQTT 3.1.1 gateway on JetStream), plus the refusals and capability
+checks that used to fail silently or retry for ever.
+
+On the NATS cluster the agents list node A first, the controller node B, and a second
+controller (`rollout resume`, `status`) node C: every message crosses the cluster.
+This is a focused subset (deploy, catch-up, agent SIGKILL, controller SIGKILL + resume,
+deploy while a node is down, node restart mid-rollout), not the whole suite three times.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from controller.broker import (
+    Mosquitto,
+    NatsCluster,
+    NatsNodeConfig,
+    find_config,
+    render_nats_config,
+)
+from controller.deploy import ControllerContext, DeployRequest, RolloutDriver
+from controller.eventlog import EventLog
+from controller.keys import load_key
+from protocol.broker import BrokerCluster
+from protocol.mqtt import MqttVersion
+from protocol.topics import Topics
+from tests.conftest import write_inventory
+from tests.helpers import Fleet, deploy_bg, finish, wait_for
+
+SYSTEM = "/nix/store/dddd-nixos-system-cluster-25.11"
+
+
+@dataclass
+class Target:
+    """One broker set-up: the URLs the agents, the controller and a second controller use,
+    and how to restart "the broker" mid-rollout (Mosquitto: kill -9 and start again on
+    the same port and data; NATS: restart node A, the agents' node, with SIGTERM: a
+    killed node costs seconds of JetStream leader elections, see the README)."""
+
+    name: str
+    version: MqttVersion
+    agent_url: str
+    controller_url: str
+    other_url: str
+    restart: Callable[[], None]
+    down: Callable[[], contextlib.AbstractContextManager[None]]
+    root: Path
+    controller_dir: Path
+    prefix: str
+    fleets: list[Fleet] = field(default_factory=list)
+
+    def fleet(self, hosts: dict[str, list[str]]) -> Fleet:
+        f = Fleet(self.root, self.controller_url, self.prefix, self.controller_dir, hosts,
+                  mqtt_version=self.version, agent_broker_url=self.agent_url)
+        write_inventory(f.inventory, hosts)
+        self.fleets.append(f)
+        return f
+
+
+@contextlib.contextmanager
+def mosquitto_down(broker: Mosquitto) -> Iterator[None]:
+    broker.stop()
+    try:
+        yield
+    finally:
+        broker.start()
+
+
+@contextlib.contextmanager
+def node_down(cluster: NatsCluster, index: int) -> Iterator[None]:
+    cluster.nodes[index].stop()
+    try:
+        yield
+    finally:
+        cluster.nodes[index].start()
+
+
+def _mosquitto_restart(broker: Mosquitto) -> None:
+    broker.kill()
+    broker.start()
+
+
+# Mosquitto with MQTT 5 runs the same scenarios in test_deploy_e2e, test_rollout_e2e and
+# test_reliability; here only what is new for it (a deploy started while it is down).
+ALL = ["mosquitto-5", "mosquitto-3.1.1", "nats-cluster"]
+CROSS = pytest.mark.parametrize("target", ALL[1:], indirect=True)
+
+
+@pytest.fixture(params=ALL)
+def target(request: pytest.FixtureRequest, tmp_path: Path, controller_dir: Path,
+           prefix: str) -> Iterator[Target]:
+    if request.param.startswith("mosquitto"):
+        broker: Mosquitto = request.getfixturevalue("broker")
+        version: MqttVersion = "5" if request.param.endswith("-5") else "3.1.1"
+        t = Target(request.param, version, broker.url, broker.url, broker.url,
+                   lambda: _mosquitto_restart(broker), lambda: mosquitto_down(broker),
+                   tmp_path, controller_dir, prefix)
+    else:
+        cluster: NatsCluster = request.getfixturevalue("nats_cluster")
+        a, b, c = (n.url for n in cluster.nodes)
+        t = Target(request.param, "3.1.1", f"{a},{b},{c}", f"{b},{c},{a}", f"{c},{a},{b}",
+                   lambda: cluster.restart(0), lambda: node_down(cluster, 1),
+                   tmp_path, controller_dir, prefix)
+    yield t
+    for f in t.fleets:
+        f.stop()
+
+
+def accepts(fleet: Fleet, host: str) -> list[tuple[str, int]]:
+    return [(r["deployment_id"], r["generation"]) for r in fleet.journal(host)
+            if r["kind"] == "accept"]
+
+
+def status_via(fleet: Fleet, url: str, host: str) -> dict[str, Any]:
+    saved, fleet.broker_url = fleet.broker_url, url
+    try:
+        rc, rows = fleet.fleetctl_json("status", host)
+    finally:
+        fleet.broker_url = saved
+    assert rc == 0, rows
+    return dict(rows[0])
+
+
+@CROSS
+def test_deploy_then_a_late_host_catches_up_through_another_node(target: Target) -> None:
+    fleet = target.fleet({"on1": ["on"], "on2": ["on"], "late": ["late"]})
+    fleet.start_simulated(["on1", "on2"])
+    rc, out = fleet.fleetctl_json("deploy", "@on", "--system", SYSTEM, "--timeout", "60")
+    assert rc == 0 and out["hosts"] == {"on1": "succeeded", "on2": "succeeded"}, out
+    assert out["succeeded"] == 2 and accepts(fleet, "on1") == [(out["rollout"], 1)]
+    # the late host is offline: its retained desired state waits for it (published
+    # through the controller's node, read later through the agents' node)
+    rc, out = fleet.fleetctl_json("deploy", "late", "--system", SYSTEM, "--no-wait")
+    assert rc == 0, out
+    fleet.start_agent("late")
+
+    def result() -> list[str]:
+        try:
+            return [r["status"] for r in fleet.journal("late") if r["kind"] == "result"]
+        except (FileNotFoundError, ValueError):
+            return []
+
+    assert wait_for(result, timeout=40, what="the late host to catch up") == ["succeeded"]
+    row = wait_for(lambda: (r := status_via(fleet, target.other_url, "late"))["result"]
+                   == "succeeded" and r, timeout=20, what="its state through another node")
+    assert row["online"] is True and row["system"] == SYSTEM and row["generation"] == 1
+    assert accepts(fleet, "late") == [(out["rollout"], 1)]
+
+
+@CROSS
+def test_agent_sigkilled_mid_deploy_resumes_without_rerunning(target: Target) -> None:
+    fleet = target.fleet({"solo": ["x"]})
+    agent = fleet.start_agent("solo", "--sim-switch-delay", "1.5")
+    proc = deploy_bg(fleet, "solo", "--system", SYSTEM, "--timeout", "60")
+    wait_for(lambda: any(r["kind"] == "begin" and r.get("stage") == "switch"
+                         for r in fleet.journal("solo")) if fleet.state_dir("solo").joinpath(
+        "journal.jsonl").exists() else False, timeout=40, interval=0.05, what="the switch")
+    agent.send_signal(signal.SIGKILL)
+    agent.wait()
+    fleet.start_agent("solo")
+    rc, out = finish(proc, timeout=60)
+    assert rc == 0 and out["hosts"] == {"solo": "succeeded"}, out
+    journal = fleet.journal("solo")
+    assert accepts(fleet, "solo") == [(out["rollout"], 1)]
+    fetched = [r for r in journal if r["kind"] == "end" and r.get("stage") == "fetch"]
+    assert len(fetched) == 1  # the fetch done before the kill is not run again
+    assert [r["status"] for r in journal if r["kind"] == "result"] == ["succeeded"]
+
+
+@CROSS
+def test_controller_sigkilled_then_resumed_through_another_node(target: Target) -> None:
+    hosts = [f"h{i}" for i in range(6)]
+    fleet = target.fleet({h: ["all"] for h in hosts})
+    fleet.start_simulated(hosts, "--sim-fetch-delay", "0.4")
+    proc = deploy_bg(fleet, "@all", "--system", SYSTEM, "--batch", "3", "--timeout", "90")
+
+    def second_batch_sent() -> dict[str, Any] | None:
+        if not (fleet.controller_dir / "state.jsonl").exists():
+            return None
+        r = next(iter(EventLog(fleet.controller_dir).load().get("rollouts", {}).values()), {})
+        if "0" not in r.get("batch_done", {}):
+            return None
+        return r if any(r["hosts"][h]["status"] == "published" for h in hosts[3:]) else None
+
+    r = wait_for(second_batch_sent, timeout=40, interval=0.05, what="batch 2 to start")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=10)
+    fleet.broker_url = target.other_url  # a controller on another node takes over
+    rc, out = fleet.fleetctl_json("rollout", "resume", r["id"], timeout=90)
+    assert rc == 0 and out["status"] == "succeeded" and out["succeeded"] == 6, out
+    for h in hosts:
+        assert accepts(fleet, h) == [(r["id"], 1)], h
+
+
+def test_deploy_through_a_node_outage_and_a_restart_mid_rollout(target: Target) -> None:
+    """The deploy starts while the controller's broker node is down (NATS: the next
+    listed node serves it; Mosquitto, one address: it is back within --connect-timeout;
+    both used to exit 3), then the agents' node restarts while every host is mid-deploy:
+    nothing is lost, nothing runs twice."""
+    hosts = [f"n{i}" for i in range(6)]
+    fleet = target.fleet({h: ["all"] for h in hosts})
+    fleet.start_simulated(hosts, "--sim-fetch-delay", "1.0", "--sim-switch-delay", "1.0")
+    with target.down():
+        proc = deploy_bg(fleet, "@all", "--system", SYSTEM, "--timeout", "90")
+        if target.name.startswith("mosquitto"):
+            time.sleep(1.0)  # fleetctl starts while the broker is down (the scenario)
+
+    def all_accepted() -> bool:
+        try:
+            return all(accepts(fleet, h) for h in hosts)
+        except (FileNotFoundError, ValueError):
+            return False
+
+    wait_for(all_accepted, timeout=40, interval=0.05, what="every host to accept")
+    target.restart()  # mid-deploy: every host is fetching or switching
+    rc, out = finish(proc, timeout=90)
+    assert rc == 0, out
+    assert out["succeeded"] == 6 and set(out["hosts"].values()) == {"succeeded"}
+    for h in hosts:
+        assert len(accepts(fleet, h)) == 1, h
+
+
+# -- refusals and capabilities (symptoms of the issue) --------------------------------
+def one_line(r: subprocess.CompletedProcess[str], code: int, fragment: str) -> str:
+    assert r.returncode == code, (r.returncode, r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+def fleetctl(url: str, version: str, *args: str, tmp: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "FLEET_BROKER": url, "FLEET_MQTT_VERSION": version,
+           "FLEET_STATE_DIR": str(tmp / "ctl"), "FLEET_INVENTORY": str(tmp / "fleet.toml")}
+    return subprocess.run([sys.executable, "-m", "controller", *args], capture_output=True,
+                          text=True, timeout=150, env=env)
+
+
+def test_mqtt5_refused_by_nats_is_one_line_naming_the_fix(nats_node: NatsCluster,
+                                                          tmp_path: Path) -> None:
+    write_inventory(tmp_path / "fleet.toml", {"h1": ["x"]})
+    started = time.monotonic()
+    r = fleetctl(nats_node.url, "5", "status", "--connect-timeout", "120", tmp=tmp_path)
+    line = one_line(r, 3, "--mqtt-version 3.1.1")
+    assert "unsupported protocol version" in line
+    assert time.monotonic() - started < 100  # refused at once, not retried for 120 s
+    # and the same broker works in 3.1.1 mode
+    r = fleetctl(nats_node.url, "3.1.1", "status", tmp=tmp_path)
+    assert r.returncode == 0, r.stderr
+
+
+def test_agent_stops_on_a_version_refusal_instead_of_retrying(nats_node: NatsCluster,
+                                                              tmp_path: Path,
+                                                              controller_dir: Path) -> None:
+    argv = [sys.executable, "-m", "client", "run", "--host", "v5", "--broker", nats_node.url,
+            "--state-dir", str(tmp_path / "v5"), "--trust-key",
+            str(controller_dir / "controller.pub")]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=90)  # was: for ever
+    assert r.returncode != 0
+    last = r.stderr.strip().splitlines()[-1]
+    assert "--mqtt-version 3.1.1" in last and "Traceback" not in r.stderr, r.stderr
+
+
+@pytest.fixture
+def password_broker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Mosquitto]:
+    passwd = tmp_path / "passwd"
+    subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwd), "h1", "right"], check=True)
+    conf = find_config().read_text().replace("allow_anonymous true",
+                                             f"allow_anonymous false\npassword_file {passwd}")
+    (tmp_path / "auth.conf").write_text(conf)
+    monkeypatch.setenv("FLEET_MOSQUITTO_CONF", str(tmp_path / "auth.conf"))
+    b = Mosquitto(tmp_path / "broker")
+    b.start()
+    yield b
+    b.stop()
+
+
+def test_bad_credentials_stop_fleetctl_and_the_agent(password_broker: Mosquitto,
+                                                     tmp_path: Path, controller_dir: Path
+                                                     ) -> None:
+    write_inventory(tmp_path / "fleet.toml", {"h1": ["x"]})
+    (tmp_path / "wrong").write_text("wrong\n")
+    started = time.monotonic()
+    r = fleetctl(password_broker.url, "5", "status", "--username", "h1", "--password-file",
+                 str(tmp_path / "wrong"), "--connect-timeout", "120", tmp=tmp_path)
+    one_line(r, 3, "refused")
+    assert time.monotonic() - started < 100  # refused at once, not retried for 120 s
+    r = fleetctl(password_broker.url, "3.1.1", "status", tmp=tmp_path)  # anonymous
+    one_line(r, 3, "refused")
+    version = "3.1.1"
+    r = subprocess.run([sys.executable, "-m", "client", "run", "--host", "h1", "--broker",
+                        password_broker.url, "--mqtt-version", version, "--password-file",
+                        str(tmp_path / "wrong"), "--state-dir", str(tmp_path / "h1"),
+                        "--trust-key", str(controller_dir / "controller.pub")],
+                       capture_output=True, text=True, timeout=90)
+    assert r.returncode == 3 and "refused" in r.stderr.strip().splitlines()[-1], r.stderr
+
+
+def test_share_group_is_refused_in_mqtt311_mode(tmp_path: Path) -> None:
+    write_inventory(tmp_path / "fleet.toml", {"h1": ["x"]})
+    r = fleetctl("mqtt://127.0.0.1:1", "3.1.1", "deploy", "h1", "--system", SYSTEM,
+                 "--share-group", "ctl", tmp=tmp_path)
+    one_line(r, 2, "--share-group needs MQTT 5")
+
+
+@pytest.mark.parametrize("args", [["--topic-prefix", "fleet.v1"], ["--topic-prefix", "my fleet"],
+                                  ["--topic-prefix", "$fleet"], ["--topic-prefix", "a//b"],
+                                  ["--mqtt-version", "4.0"]])
+def test_prefixes_nats_would_disconnect_and_bad_versions_are_usage_errors(
+        args: list[str], tmp_path: Path, controller_dir: Path,
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from client.cli import main as agent_main
+    from controller.cli import main as fleetctl_main
+    write_inventory(tmp_path / "fleet.toml", {"h1": ["x"]})
+    monkeypatch.setenv("FLEET_INVENTORY", str(tmp_path / "fleet.toml"))
+    runs = [(fleetctl_main, ["status", "--broker", "mqtt://127.0.0.1:1", *args]),
+            (agent_main, ["run", "--host", "h1", "--broker", "mqtt://127.0.0.1:1",
+                          "--state-dir", str(tmp_path / "h1"), "--trust-key",
+                          str(controller_dir / "controller.pub"), *args])]
+    for main, argv in runs:
+        try:
+            rc = main(argv)
+        except SystemExit as exc:  # argparse
+            rc = int(exc.code or 0)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and err, argv
+        if main is fleetctl_main:
+            assert len(err) == 1, err
+        # (fleet-agent's argparse prints its usage above the one error line)
+        assert ("topic prefix" if "--topic-prefix" in args else "--mqtt-version") in err[-1]
+
+
+class ShareBlackhole:
+    """A TCP proxy in front of a real Mosquitto that behaves like the NATS gateway does
+    with `$share/...`: the SUBSCRIBE is granted, nothing is ever delivered to it (the
+    filter is renamed to a topic nobody publishes). Everything else passes unchanged."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.server: asyncio.Server | None = None
+        self.port = 0
+
+    async def __aenter__(self) -> ShareBlackhole:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+
+        async def to_broker() -> None:
+            while True:
+                head = await reader.readexactly(1)
+                raw, length, mult = b"", 0, 1
+                while True:
+                    b = await reader.readexactly(1)
+                    raw += b
+                    length += (b[0] & 0x7F) * mult
+                    mult *= 128
+                    if not b[0] & 0x80:
+                        break
+                body = await reader.readexactly(length)
+                if head[0] >> 4 in (8, 10):  # SUBSCRIBE, UNSUBSCRIBE
+                    body = body.replace(b"$share/", b"$xhare/")
+                up_writer.write(head + raw + body)
+                await up_writer.drain()
+
+        async def to_client() -> None:
+            while data := await up_reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+
+        with contextlib.suppress(Exception):
+            await asyncio.gather(to_broker(), to_client())
+        for w in (writer, up_writer):
+            w.close()
+
+
+async def test_share_group_that_delivers_nothing_falls_back_to_a_plain_subscription(
+        make_fleet: Any, broker: Mosquitto, caplog: pytest.LogCaptureFixture) -> None:
+    hosts = ["s1", "s2", "s3"]
+    fleet = make_fleet({h: ["x"] for h in hosts})
+    fleet.start_simulated(hosts)
+    async with ShareBlackhole(broker.port) as proxy:
+        ctx = ControllerContext(broker=BrokerCluster.parse(f"mqtt://127.0.0.1:{proxy.port}"),
+                                topics=Topics(fleet.prefix), state_dir=fleet.controller_dir,
+                                key=load_key(fleet.controller_dir), share_group="ctl")
+        driver = RolloutDriver(ctx, DeployRequest(selector="@x", hosts=hosts, system=SYSTEM,
+                                                  timeout=60))
+        with caplog.at_level(logging.WARNING, logger="controller.deploy"):
+            outcome = await driver.run()
+    assert outcome.status == "succeeded"
+    assert any("delivered nothing" in r.getMessage() for r in caplog.records)
+    # the agents' events reached the driver (before: only the retained states did)
+    assert all(v.last_seq >= 0 for v in outcome.views.values()), \
+        {h: v.last_seq for h, v in outcome.views.items()}
+
+
+def test_readme_shows_the_nats_configuration_the_tests_run() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    node1 = NatsNodeConfig(name="nats1", store_dir=Path("/var/lib/nats"), host="0.0.0.0",
+                           routes=("nats2.example.org:6222", "nats3.example.org:6222"))
+    assert f"```\n{render_nats_config(node1)}```" in readme
