@@ -518,7 +518,10 @@ class RolloutDriver:
             self.ctx.share_group = None
         client._queue.handler = self._on_message  # type: ignore[attr-defined]
         for topic in self._subscriptions():
-            await client.subscribe(topic, qos=1)
+            # The retained states of every host arrive (and are handled inline) right
+            # after each SUBACK: at 10,000 hosts the next SUBACK can take longer than
+            # aiomqtt's default timeout on a busy machine.
+            await client.subscribe(topic, qos=1, timeout=SYNC_TIMEOUT)
         self._synced.clear()
         # Known before it is published: with inline handling the marker can
         # come back before publish() returns.
