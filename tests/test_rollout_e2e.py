@@ -280,7 +280,9 @@ def test_rollout_commands_fail_with_one_line(make_fleet: Any, tmp_path: Path) ->
     one_line_error(fleet.fleetctl("deploy", "@fleet", "--system", SYSTEM, "--batch", "0"),
                    2, "--batch")
     fleet.inventory.write_text(fleet.inventory.read_text() + '\n[rollout]\ncanary = "x"\n')
-    one_line_error(fleet.fleetctl("deploy", "@fleet", "--system", SYSTEM), 2, "--canary")
+    # an inventory error names the inventory key, not a command-line flag
+    one_line_error(fleet.fleetctl("deploy", "@fleet", "--system", SYSTEM), 2,
+                   "[rollout] canary")
     # corrupt log: one line, exit 2
     log = fleet.controller_dir / "state.jsonl"
     log.write_text(log.read_text() + "{garbage\n" + log.read_text().splitlines()[-1] + "\n")
