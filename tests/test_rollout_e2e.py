@@ -206,7 +206,9 @@ def test_confirm_batches_continue_then_abort_from_another_terminal(make_fleet: A
 def test_watch_streams_json_lines_while_a_shared_subscription_driver_runs(
         make_fleet: Any, tmp_path: Path) -> None:
     fleet = fleet20(make_fleet)
-    fleet.start_simulated(HOSTS, "--sim-fetch-delay", "0.2")
+    # a fetch that outlasts the agent's 1 s hold, so its Progress is sent (a quicker
+    # deploy sends only Ack and Result, by design of client/report.py)
+    fleet.start_simulated(HOSTS, "--sim-fetch-delay", "1.5")
     proc = start_deploy(fleet, "@fleet", "--system", SYSTEM, "--batch", "10",
                         "--share-group", "controllers", "--timeout", "60")
     rid = wait_for(lambda: rollout_doc(fleet).get("id"), timeout=20, what="the rollout")
