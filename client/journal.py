@@ -92,7 +92,8 @@ class JournalState:
                 system=rec.get("system"), needs_reboot=rec.get("needs_reboot", False),
             )
             self.results[r.deployment_id] = r
-            self.last_result = r
+            if not rec.get("check_only"):  # the host's status is its last deploy's
+                self.last_result = r
             self.highest_generation = max(self.highest_generation, r.generation)
             if rec.get("installed") is not None:
                 # A rollback names what the host runs now, even "nothing we deployed".
@@ -149,7 +150,7 @@ _REQUIRED: dict[str, dict[str, type]] = {
 _OPTIONAL: dict[str, dict[str, tuple[type, ...]]] = {
     "accept": {"previous": (str, type(None)), "previous_generation": (int,)},
     "result": {"message": (str,), "system": (str, type(None)), "needs_reboot": (bool,),
-               "installed": (int,)},
+               "installed": (int,), "check_only": (bool,)},
     "answer": {"source": (str,), "deferred_until": (int, float, type(None))},
 }
 

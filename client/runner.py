@@ -559,7 +559,9 @@ class DeploymentRunner:
 
     async def finish(self, f: Finish) -> RecordedResult:
         d = self.d
-        extra = {} if f.installed is None else {"installed": f.installed}
+        extra: dict[str, Any] = {} if f.installed is None else {"installed": f.installed}
+        if d.check_only:
+            extra["check_only"] = True  # a check is no deploy, after a restart too
         self.journal("result", generation=d.generation, status=f.status, message=f.message,
                      system=f.system, needs_reboot=f.needs_reboot, **extra)
         st = self.ctx.journal.state

@@ -230,7 +230,7 @@ class InProcess:
 def test_check_is_recorded_as_a_check_and_leaves_host_status(  # type: ignore[no-untyped-def]
         make_fleet, monkeypatch, capsys) -> None:
     fleet = make_fleet({"w1": ["web"], "w2": ["web"]})
-    fleet.start_simulated(["w1", "w2"])
+    agents = fleet.start_simulated(["w1", "w2"])
     ctl = InProcess(fleet, monkeypatch, capsys)
     rc, out = ctl.json("deploy", "@web", "--system", "/nix/store/a-sys")
     assert rc == 0, out
@@ -249,6 +249,20 @@ def test_check_is_recorded_as_a_check_and_leaves_host_status(  # type: ignore[no
     assert doc["hosts"]["w1"]["deployment_id"] == rows[0]["id"]  # the deploy, not the check
     _, show = ctl("rollout", "show", rows[1]["id"])
     assert "(check)" in show and "(switch)" not in show
+    # restarted agents report their last deploy again, not the check
+    agents.terminate()
+    agents.wait(30)
+    import asyncio
+
+    from protocol.topics import Topics
+    from tests.helpers import publish, wait_for
+    for h in ("w1", "w2"):  # forget the retained states: what the agents say again counts
+        asyncio.run(publish(fleet.broker_url, Topics(fleet.prefix).state(h), b"", retain=True))
+    fleet.start_simulated(["w1", "w2"])
+    wait_for(lambda: all(r["deployment"] for r in ctl.json("hosts")[1]),
+             what="the restarted agents' states")
+    _, again = ctl.json("hosts")
+    assert [{k: r[k] for k in keys} for r in again] == [{k: r[k] for k in keys} for r in before]
 
 
 def test_rollouts_nobody_drives_are_shown_and_closed(  # type: ignore[no-untyped-def]
