@@ -86,12 +86,17 @@ async def cmd_prompts(args: argparse.Namespace) -> int:
         for item in row["items"]:
             console.print(f"  {item['step']}.{item['id']}: {item['message']}")
             for c in item["choices"]:
-                mark = " [red](destructive)[/]" if c["destructive"] else ""
-                default = " [green](default)[/]" if c["id"] == item["default"] else ""
-                text = " — ".join(x for x in (c["label"], c["description"]) if x)
-                console.print(f"    - {c['id']}{': ' + text if text else ''}{mark}{default}")
+                console.print(choice_line(c, item["default"]))
         console.print(f"  answer: {answer_command(row)}", markup=False)
     return cliutil.EXIT_OK
+
+
+def choice_line(choice: dict[str, Any], default: str | None) -> str:
+    """One choice of `fleetctl prompts` (rich markup): id, label — description, marks."""
+    mark = " [red](destructive)[/]" if choice["destructive"] else ""
+    dflt = " [green](default)[/]" if choice["id"] == default else ""
+    text = " — ".join(x for x in (choice["label"], choice["description"]) if x)
+    return f"    - {choice['id']}{': ' + text if text else ''}{mark}{dflt}"
 
 
 async def cmd_answer(args: argparse.Namespace) -> int:

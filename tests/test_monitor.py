@@ -45,3 +45,29 @@ def test_events_of_another_deployment_are_ignored() -> None:
     assert not fold_event(v, Result(host="a", deployment_id="r1", generation=1, seq=1,
                                     time=time.time(), status="failed"))
     assert v.result is None
+
+
+PLURALS = [
+    ((1, "host"), "1 host"),
+    ((2, "host"), "2 hosts"),
+    ((1, "more host"), "1 more host"),
+    ((0, "more host"), "0 more hosts"),
+    ((1, "batch"), "1 batch"),
+    ((3, "batch"), "3 batches"),
+]
+
+
+def test_counts_are_spelled_as_people_read_them() -> None:
+    from controller.monitor import plural
+    assert [plural(*args) for args, _ in PLURALS] == [want for _, want in PLURALS]
+
+
+def test_prompt_choices_keep_label_and_description_apart() -> None:
+    from controller.cmd_steps import choice_line
+    line = choice_line({"id": "upgrade", "label": "Upgrade in place",
+                        "description": "pg_upgrade --link, minutes", "destructive": False},
+                       "upgrade")
+    assert "upgrade: Upgrade in place — pg_upgrade --link, minutes" in line
+    assert "(default)" in line and "(destructive)" not in line
+    bare = choice_line({"id": "wipe", "label": "", "description": "", "destructive": True}, None)
+    assert bare.strip().startswith("- wipe") and "(destructive)" in bare and ":" not in bare
