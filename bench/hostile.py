@@ -136,7 +136,7 @@ def flood(root: Path, n: int = 1100) -> dict[str, object]:
     path = socket_path(host.state)
     conns = []
     try:
-        host.deploy("--system", "/sys/warm-up")
+        host.deploy("--system", "/nix/store/warm-up")
         for _ in range(n):
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 1, 0))
@@ -154,7 +154,7 @@ def flood(root: Path, n: int = 1100) -> dict[str, object]:
                 if time.monotonic() - start > 120:
                     break
         answered = time.monotonic() - start
-        outcome, elapsed = host.deploy("--system", "/sys/during-flood")
+        outcome, elapsed = host.deploy("--system", "/nix/store/during-flood")
         return {"scenario": "flood", "connections": len(conns),
                 "status_answered_after_s": round(answered, 2), "deploy": outcome,
                 "deploy_seconds": round(elapsed, 1),
