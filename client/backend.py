@@ -14,6 +14,7 @@ import logging
 import os
 import pwd
 import signal
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -372,10 +373,18 @@ def find_marked(run_id: str, proc: Path = Path("/proc")) -> list[int]:
 def kill_marked(run_id: str) -> int:
     """SIGKILL every marked process until none is left; returns how many there were."""
     killed: set[int] = set()
+    quiet = 0
     for _ in range(20):
         fresh = [p for p in find_marked(run_id) if p not in killed]
         if not fresh:
-            break
+            # A process in the middle of execve shows an empty environ for a moment:
+            # only a second empty look, a moment later, means none is left.
+            quiet += 1
+            if quiet == 2:
+                break
+            time.sleep(0.01)
+            continue
+        quiet = 0
         for pid in fresh:
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
