@@ -173,9 +173,8 @@ def choose_backend(requested: str, root: Path) -> tuple[str, str]:
                   "really switched"
 
 
-def make_backend(args: argparse.Namespace, host: str, state_dir: Path) -> SystemBackend:
-    backend, why = choose_backend(args.backend, args.root)
-    logging.getLogger("client.cli").info("%s: backend %s (%s)", host, backend, why)
+def make_backend(args: argparse.Namespace, host: str, state_dir: Path, backend: str
+                 ) -> SystemBackend:
     if backend == "nixos":
         from client.nixos import NixosBackend
         return NixosBackend(root=args.root, state_dir=state_dir, from_cache=args.from_cache)
@@ -202,7 +201,11 @@ def make_agent(args: argparse.Namespace, host: str, state_dir: Path) -> Agent:
         notify=NotifyConfig(desktop=args.notify_desktop, wall=args.notify_wall,
                             command=f"fleet-agent prompt --state-dir {state_dir}"),
     )
-    return Agent(config, make_backend(args, host, state_dir))
+    backend, why = choose_backend(args.backend, args.root)
+    agent = Agent(config, make_backend(args, host, state_dir, backend))
+    # logged once the agent could open its state: a start-up error stays one line
+    logging.getLogger("client.cli").info("%s: backend %s (%s)", host, backend, why)
+    return agent
 
 
 async def _serve(agents: list[Agent]) -> None:
