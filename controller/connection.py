@@ -73,9 +73,10 @@ async def open_client(broker: BrokerCluster, failover: Failover | None = None,
             failover.connected(index)
             return client
         delay = failover.delay()
-        if time.monotonic() + delay > deadline:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
             raise BrokerUnavailable(f"cannot reach the MQTT broker at {broker}: {last}")
-        await asyncio.sleep(delay)
+        await asyncio.sleep(min(delay, remaining))  # one last round at the deadline
 
 
 async def close_client(client: aiomqtt.Client) -> None:
