@@ -73,8 +73,30 @@ def mosquitto_binary() -> str | None:
     return None
 
 
+class OwnedProcess:
+    """A broker process we own: kill -9 (no clean shutdown, no final persistence save), or
+    stop (SIGTERM, then SIGKILL after STOP_TIMEOUT seconds)."""
+
+    STOP_TIMEOUT = 5.0
+    proc: subprocess.Popen[bytes] | None
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=self.STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.proc = None
+
+
 @dataclass
-class Mosquitto:
+class Mosquitto(OwnedProcess):
     """A Mosquitto process we own: start, kill -9, restart on the same port and data."""
 
     workdir: Path
@@ -109,20 +131,6 @@ class Mosquitto:
             time.sleep(0.05)
         raise BrokerStartError(f"mosquitto did not listen on port {self.port} in {timeout}s")
 
-    def kill(self) -> None:
-        """SIGKILL: no clean shutdown, no final persistence save."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        self.proc = None
 
 
 @contextlib.contextmanager
@@ -220,9 +228,11 @@ def mqtt_connack(host: str, port: int, timeout: float = 1.0) -> int | None:
 
 
 @dataclass
-class NatsNode:
+class NatsNode(OwnedProcess):
     """A nats-server process we own: start, stop, kill -9, restart on the same ports and
     store dir."""
+
+    STOP_TIMEOUT = 10.0
 
     workdir: Path
     config: NatsNodeConfig
@@ -263,19 +273,6 @@ class NatsNode:
         self.launch()
         self.wait_ready(time.monotonic() + timeout)
 
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        self.proc = None
 
 
 @dataclass
