@@ -194,18 +194,26 @@ class AgentSession:
                 continue
             attempt = asyncio.ensure_future(
                 client.publish(topic, payload, qos=qos, retain=retain, timeout=60))
-            await asyncio.wait([attempt, lost], return_when=asyncio.FIRST_COMPLETED)
-            if attempt.done():
-                try:
-                    attempt.result()
-                    return
-                except aiomqtt.MqttError as exc:
-                    if self._stopping:
-                        raise
-                    log.debug("%s: publish to %s failed (%s); retrying", self.client_id,
-                              topic, exc)
-            else:
+            # One callback, not asyncio.wait() on two futures per message: a lost
+            # connection cancels the attempt, which is then tried again.
+            def cancel(_: object, attempt: asyncio.Future[None] = attempt) -> None:
                 attempt.cancel()
+
+            lost.add_done_callback(cancel)
+            try:
+                await attempt
+                return
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if not lost.done() or (task is not None and task.cancelling()):
+                    raise  # we are being stopped, not the connection
+            except aiomqtt.MqttError as exc:
+                if self._stopping:
+                    raise
+                log.debug("%s: publish to %s failed (%s); retrying", self.client_id,
+                          topic, exc)
+            finally:
+                lost.remove_done_callback(cancel)
             await asyncio.sleep(0.1)
 
     async def stop(self, graceful_payload: bytes | None = None) -> None:

@@ -71,7 +71,7 @@ from protocol.models import (
     Desired,
     Event,
     HostState,
-    Log,
+    carried_lines,
 )
 from protocol.mqtt import Backoff, Failover, client_id
 from protocol.signing import sign
@@ -439,9 +439,8 @@ class RolloutDriver:
             self._confirm(msg.host, view, body)
             return
         was_done = view.done
-        if isinstance(body, Log):
-            self._store_log(body)
         if isinstance(body, Event):
+            self._store_log(body)
             if not fold_event(view, body):
                 return
         elif isinstance(body, HostState):
@@ -458,9 +457,12 @@ class RolloutDriver:
         if self.on_change is not None:
             self.on_change(self)
 
-    def _store_log(self, ev: Log) -> None:
-        """Output lines of our hosts go to STATE_DIR/logs/ROLLOUT/HOST.jsonl."""
-        if ev.deployment_id is None or rollout_of(ev.deployment_id) != self.rollout_id:
+    def _store_log(self, ev: Event) -> None:
+        """Output lines of our hosts (in Log, Progress and Result events) go to
+        STATE_DIR/logs/ROLLOUT/HOST.jsonl."""
+        lines, dropped = carried_lines(ev)
+        if not (lines or dropped) or ev.deployment_id is None or \
+                rollout_of(ev.deployment_id) != self.rollout_id:
             return
         try:
             self.logs.append(ev)
