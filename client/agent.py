@@ -39,6 +39,7 @@ from protocol.signing import verify
 from protocol.topics import Topics
 
 log = logging.getLogger(__name__)
+CONFIRM_RESEND_S = 2.0  # a confirmation probe not back by then is sent again
 
 
 @dataclass
@@ -420,12 +421,24 @@ class Agent:
         key = confirm_key("controller" if controller else "agent", nonce, generation)
         fut: asyncio.Future[Confirm] = asyncio.get_running_loop().create_future()
         self._confirms[key] = fut
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        payload = encode(Confirm(host=self.host, generation=generation, nonce=nonce))
         try:
-            probe = Confirm(host=self.host, generation=generation, nonce=nonce)
-            await asyncio.wait_for(
-                self.session.publish(self.topics.confirm(self.host), encode(probe)), timeout)
-            await asyncio.wait_for(fut, timeout)
-            return True
+            # QoS 0, sent again every CONFIRM_RESEND_S until it comes back: a probe needs
+            # no acknowledgement of its own (half the packets of QoS 1), and a lost one
+            # is simply followed by the next.
+            while True:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    return False
+                await asyncio.wait_for(
+                    self.session.publish(self.topics.confirm(self.host), payload, qos=0),
+                    remaining)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(fut),
+                                           min(CONFIRM_RESEND_S, deadline - loop.time()))
+                    return True
         except TimeoutError:
             return False
         finally:

@@ -25,6 +25,9 @@ from protocol.topics import Topics
 
 log = logging.getLogger(__name__)
 SHARE_PROBE_TIMEOUT = 3.0
+# Catching up on every host's retained messages: at 10,000 hosts on a busy machine they
+# take seconds to arrive, and a PUBACK or SUBACK sent after them waits behind them.
+SYNC_TIMEOUT = 60.0
 
 
 def make_client(broker: BrokerCluster, address: BrokerAddress | None = None,
@@ -123,21 +126,26 @@ async def shared_subscription_works(client: aiomqtt.Client, topics: Topics, grou
             await client.unsubscribe(shared)
 
 
-async def sync_marker(client: aiomqtt.Client, topics: Topics) -> str:
-    """Subscribe to a unique marker topic and publish to it; when it comes back, every
-    retained message of earlier subscriptions has been delivered (broker order)."""
-    marker = f"{topics.prefix}/controller/sync/{uuid.uuid4().hex}"
-    await client.subscribe(marker, qos=1)
-    await client.publish(marker, b"sync", qos=1)
-    return marker
+def new_marker(topics: Topics) -> str:
+    return f"{topics.prefix}/controller/sync/{uuid.uuid4().hex}"
+
+
+async def subscribe_and_sync(client: aiomqtt.Client, filters: list[str], marker: str,
+                             timeout: float = SYNC_TIMEOUT) -> None:
+    """Subscribe to `filters` and the unique `marker` topic (`new_marker`), then publish
+    to the marker: when it comes back, every retained message of the filters has been
+    delivered (broker order). One SUBSCRIBE for all, so its SUBACK comes before any
+    retained message; one SUBSCRIBE each would make every later SUBACK (and the
+    marker's PUBACK) wait behind the retained messages of the filters before it."""
+    await client.subscribe([(f, 1) for f in [*filters, marker]], timeout=timeout)
+    await client.publish(marker, b"sync", qos=1, timeout=timeout)
 
 
 async def read_retained(client: aiomqtt.Client, topics: Topics, filters: list[str],
-                        timeout: float = 10.0) -> list[aiomqtt.Message]:
+                        timeout: float = SYNC_TIMEOUT) -> list[aiomqtt.Message]:
     """All retained messages on `filters`, without guessing with an idle timeout."""
-    for f in filters:
-        await client.subscribe(f, qos=1)
-    marker = await sync_marker(client, topics)
+    marker = new_marker(topics)
+    await subscribe_and_sync(client, filters, marker, timeout)
     out: list[aiomqtt.Message] = []
 
     async def collect() -> None:

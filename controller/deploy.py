@@ -25,7 +25,6 @@ import logging
 import math
 import os
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,11 +35,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from controller import store
 from controller.connection import (
+    SYNC_TIMEOUT,
     close_client,
     connect,
+    new_marker,
     open_client,
     read_retained,
     shared_subscription_works,
+    subscribe_and_sync,
 )
 from controller.eventlog import EventLog, Patch
 from controller.logs import LogStore, rollout_of
@@ -80,7 +82,6 @@ from protocol.topics import Topics
 log = logging.getLogger(__name__)
 PUBLISH_CONCURRENCY = 256
 PLAN_INTERVAL = 0.05
-SYNC_TIMEOUT = 30.0
 LOG_POLL_INTERVAL = 0.5
 
 
@@ -519,17 +520,12 @@ class RolloutDriver:
                         self.ctx.share_group)
             self.ctx.share_group = None
         client._queue.handler = self._on_message  # type: ignore[attr-defined]
-        for topic in self._subscriptions():
-            # The retained states of every host arrive (and are handled inline) right
-            # after each SUBACK: at 10,000 hosts the next SUBACK can take longer than
-            # aiomqtt's default timeout on a busy machine.
-            await client.subscribe(topic, qos=1, timeout=SYNC_TIMEOUT)
         self._synced.clear()
         # Known before it is published: with inline handling the marker can
-        # come back before publish() returns.
-        self._marker = f"{self.ctx.topics.prefix}/controller/sync/{uuid.uuid4().hex}"
-        await client.subscribe(self._marker, qos=1)
-        await client.publish(self._marker, b"sync", qos=1)
+        # come back before publish() returns. The retained states of every host are
+        # handled inline as they arrive.
+        self._marker = new_marker(self.ctx.topics)
+        await subscribe_and_sync(client, self._subscriptions(), self._marker)
         await asyncio.wait_for(self._synced.wait(), SYNC_TIMEOUT)
         if not self.ctx.share_group:
             # Caught up; without a share group every event reaches us, so the
