@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -193,9 +194,10 @@ class AgentSession:
                 await asyncio.sleep(0.05)
                 continue
             attempt = asyncio.ensure_future(
-                client.publish(topic, payload, qos=qos, retain=retain, timeout=60))
-            # One callback, not asyncio.wait() on two futures per message: a lost
-            # connection cancels the attempt, which is then tried again.
+                client.publish(topic, payload, qos=qos, retain=retain, timeout=math.inf))
+            # No aiomqtt timeout (a timer and a task per message) and no asyncio.wait() on
+            # two futures: the keepalive ends a dead connection, and a lost connection
+            # cancels the attempt (one callback), which is then tried again.
             def cancel(_: object, attempt: asyncio.Future[None] = attempt) -> None:
                 attempt.cancel()
 

@@ -398,14 +398,27 @@ class RolloutDriver:
                 if client is None or lost is None:
                     await asyncio.sleep(0.1)
                     continue
-                # aiomqtt waits for a PUBACK until its timeout even on a dead connection:
-                # watch the connection too, and retry as soon as it drops.
+                # No aiomqtt timeout (a timer and a task per message): the keepalive ends
+                # a dead connection, and a lost connection cancels the attempt, which is
+                # then tried again on the next one.
                 attempt = asyncio.ensure_future(
-                    client.publish(topic, payload, qos=1, retain=retain, timeout=60))
-                await asyncio.wait([attempt, lost], return_when=asyncio.FIRST_COMPLETED)
-                if attempt.done() and attempt.exception() is None:
+                    client.publish(topic, payload, qos=1, retain=retain, timeout=math.inf))
+
+                def cancel(_: object, attempt: asyncio.Future[None] = attempt) -> None:
+                    attempt.cancel()
+
+                lost.add_done_callback(cancel)
+                try:
+                    await attempt
                     return
-                attempt.cancel()
+                except asyncio.CancelledError:
+                    task = asyncio.current_task()
+                    if not lost.done() or (task is not None and task.cancelling()):
+                        raise  # we are being stopped, not the connection
+                except aiomqtt.MqttError as exc:
+                    log.debug("publish to %s failed (%s); retrying", topic, exc)
+                finally:
+                    lost.remove_done_callback(cancel)
                 await asyncio.sleep(0.2)
 
     async def clear_desired(self, host: str) -> None:
