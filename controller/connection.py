@@ -20,11 +20,19 @@ import aiomqtt
 
 from protocol.broker import BrokerAddress, BrokerCluster
 from protocol.errors import BrokerRefused, BrokerUnavailable
-from protocol.mqtt import Backoff, Failover, connack_code, random_client_id, refusal
+from protocol.mqtt import (
+    Backoff,
+    Failover,
+    connack_code,
+    random_client_id,
+    refusal,
+    refused_subscriptions,
+)
 from protocol.topics import Topics
 
 log = logging.getLogger(__name__)
 SHARE_PROBE_TIMEOUT = 3.0
+SUBSCRIBE_ATTEMPTS = 6  # ~0.5+1+2+4+8 s of backoff before a refused subscription is fatal
 
 
 def make_client(broker: BrokerCluster, address: BrokerAddress | None = None,
@@ -97,6 +105,27 @@ async def connect(broker: BrokerCluster, **kwargs: Any) -> AsyncIterator[aiomqtt
         await close_client(client)
 
 
+async def subscribe(client: aiomqtt.Client, topic: str, qos: int = 1,
+                    timeout: float | None = None) -> None:
+    """Subscribe, and make sure the broker granted it: aiomqtt returns a SUBACK failure
+    instead of raising, and a busy NATS cluster sends one when creating the JetStream
+    consumer behind the subscription times out. Asked again with backoff; still
+    refused after SUBSCRIBE_ATTEMPTS, it is a BrokerUnavailable (a controller that
+    carried on would silently miss every message on `topic`)."""
+    backoff = Backoff(base=0.5, cap=8.0)
+    kwargs: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
+    for attempt in range(SUBSCRIBE_ATTEMPTS):
+        if not refused_subscriptions([topic], await client.subscribe(topic, qos=qos, **kwargs)):
+            return
+        if attempt + 1 < SUBSCRIBE_ATTEMPTS:
+            delay = backoff.next_delay()
+            log.warning("the broker refused the subscription to %s; retrying in %.1fs",
+                        topic, delay)
+            await asyncio.sleep(delay)
+    raise BrokerUnavailable(f"the broker refused the subscription to {topic} "
+                            f"{SUBSCRIBE_ATTEMPTS} times (SUBACK failure)")
+
+
 async def shared_subscription_works(client: aiomqtt.Client, topics: Topics, group: str,
                                     timeout: float = SHARE_PROBE_TIMEOUT) -> bool:
     """Does the broker deliver through `$share/GROUP/...`? Subscribe a shared filter to
@@ -127,7 +156,7 @@ async def sync_marker(client: aiomqtt.Client, topics: Topics) -> str:
     """Subscribe to a unique marker topic and publish to it; when it comes back, every
     retained message of earlier subscriptions has been delivered (broker order)."""
     marker = f"{topics.prefix}/controller/sync/{uuid.uuid4().hex}"
-    await client.subscribe(marker, qos=1)
+    await subscribe(client, marker)
     await client.publish(marker, b"sync", qos=1)
     return marker
 
@@ -136,7 +165,7 @@ async def read_retained(client: aiomqtt.Client, topics: Topics, filters: list[st
                         timeout: float = 10.0) -> list[aiomqtt.Message]:
     """All retained messages on `filters`, without guessing with an idle timeout."""
     for f in filters:
-        await client.subscribe(f, qos=1)
+        await subscribe(client, f)
     marker = await sync_marker(client, topics)
     out: list[aiomqtt.Message] = []
 

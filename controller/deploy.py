@@ -41,6 +41,7 @@ from controller.connection import (
     open_client,
     read_retained,
     shared_subscription_works,
+    subscribe,
 )
 from controller.eventlog import EventLog, Patch
 from controller.logs import LogStore, rollout_of
@@ -521,12 +522,12 @@ class RolloutDriver:
             # The retained states of every host arrive (and are handled inline) right
             # after each SUBACK: at 10,000 hosts the next SUBACK can take longer than
             # aiomqtt's default timeout on a busy machine.
-            await client.subscribe(topic, qos=1, timeout=SYNC_TIMEOUT)
+            await subscribe(client, topic, timeout=SYNC_TIMEOUT)
         self._synced.clear()
         # Known before it is published: with inline handling the marker can
         # come back before publish() returns.
         self._marker = f"{self.ctx.topics.prefix}/controller/sync/{uuid.uuid4().hex}"
-        await client.subscribe(self._marker, qos=1)
+        await subscribe(client, self._marker)
         await client.publish(self._marker, b"sync", qos=1)
         await asyncio.wait_for(self._synced.wait(), SYNC_TIMEOUT)
         if not self.ctx.share_group:
