@@ -22,11 +22,26 @@ from pathlib import Path
 
 import aiomqtt
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from protocol.mqtt import refused_subscriptions
+
 CONNECT_CONCURRENCY = 100
 # MQTT 5 unless FLEET_MQTT_VERSION says 3.1.1 (NATS), like every Flotilla client.
 PROTOCOL = (aiomqtt.ProtocolVersion.V311 if os.environ.get("FLEET_MQTT_VERSION") == "3.1.1"
             else aiomqtt.ProtocolVersion.V5)
 ACK_PAYLOAD = b"\x83\xa1v\x01\xa4type\xa3ack\xa4body" + b"\x00" * 96  # ~ an encoded Ack
+
+
+async def subscribe(client: aiomqtt.Client, topic: str, host: str) -> None:
+    """Subscribe until the broker grants it: a busy NATS cluster refuses a SUBSCRIBE
+    (SUBACK 0x80) when creating its JetStream consumer times out, and an agent that
+    carried on would never see its message (the floor's fan-out would wait forever)."""
+    delay = 0.5
+    while refused_subscriptions([topic], await client.subscribe(topic, qos=1)):
+        print(f"floor agent {host}: broker refused the subscription to {topic}; "
+              f"retrying in {delay:.1f}s", file=sys.stderr)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 10.0)
 
 
 async def agent(host: str, broker: tuple[str, int], prefix: str,
@@ -42,7 +57,7 @@ async def agent(host: str, broker: tuple[str, int], prefix: str,
             async with connect_sem:
                 await client.__aenter__()
             try:
-                await client.subscribe(f"{base}/desired", qos=1)
+                await subscribe(client, f"{base}/desired", host)
                 await client.publish(f"{base}/online", b"online", qos=1, retain=True)
                 async for message in client.messages:
                     if message.payload:

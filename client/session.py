@@ -8,6 +8,7 @@
   resumes; a round in which no node answers is followed by capped, jittered backoff.
 - A refusal no retry can fix (MQTT version, credentials, authorization) ends `run()`
   with BrokerRefused, whose message names the fix; the agent exits non-zero.
+- A subscription the broker refuses (SUBACK failure) is asked for again with backoff.
 - Manual acks: a QoS1 message is acknowledged only after its handler returned (the
   handler journals with fsync first), so a crash in between means redelivery.
 - `publish()` waits for a connection and retries across reconnects.
@@ -31,7 +32,7 @@ import aiomqtt
 
 from protocol.broker import BrokerAddress, BrokerCluster
 from protocol.errors import BrokerRefused
-from protocol.mqtt import Backoff, Failover, connack_code, refusal
+from protocol.mqtt import Backoff, Failover, connack_code, refusal, refused_subscriptions
 
 log = logging.getLogger(__name__)
 Handler = Callable[[aiomqtt.Message], Awaitable[None]]
@@ -118,7 +119,7 @@ class AgentSession:
                     self._client = client
                     self.connections += 1
                     for topic, qos in self.subscriptions:
-                        await client.subscribe(topic, qos=qos)
+                        await self._subscribe(client, topic, qos)
                     self._lost = asyncio.get_running_loop().create_future()
                     self.connected.set()
                     if self.on_connect is not None:
@@ -140,6 +141,18 @@ class AgentSession:
                 if self._lost is not None and not self._lost.done():
                     self._lost.set_result(None)
                 self._client = None
+
+    async def _subscribe(self, client: aiomqtt.Client, topic: str, qos: int) -> None:
+        """Subscribe until the broker grants it (capped, jittered backoff). aiomqtt
+        returns a SUBACK failure instead of raising, and a busy NATS cluster sends one
+        when creating the subscription's JetStream consumer times out: an agent that
+        carried on would never hear of a deploy on that topic."""
+        backoff = Backoff(base=0.5, cap=30.0)
+        while refused_subscriptions([topic], await client.subscribe(topic, qos=qos)):
+            delay = backoff.next_delay()
+            log.warning("%s: the broker refused the subscription to %s; retrying in %.1fs",
+                        self.client_id, topic, delay)
+            await asyncio.sleep(delay)
 
     async def _dispatch(self, client: aiomqtt.Client, message: aiomqtt.Message) -> None:
         topic = str(message.topic)

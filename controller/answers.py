@@ -9,7 +9,7 @@ from typing import Any
 
 import aiomqtt
 
-from controller.connection import connect, read_retained
+from controller.connection import connect, read_retained, subscribe
 from controller.deploy import ControllerContext
 from controller.reader import MessageReader
 from protocol.codec import decode, encode
@@ -79,8 +79,8 @@ async def send_answer(ctx: ControllerContext, host: str, prompt_id: str,
     answer = sign(Answer(host=host, prompt_id=prompt_id, choices=choices, approve=approve,
                          answered_by=answered_by, issued_at=time.time()), ctx.key)
     async with connect(ctx.broker, **ctx.client_kwargs) as client:
-        await client.subscribe(t.events(host), qos=1)
-        await client.subscribe(t.prompt(host), qos=1)
+        await subscribe(client, t.events(host))
+        await subscribe(client, t.prompt(host))
         await client.publish(t.answer(host), encode(answer), qos=1)
         try:
             return await asyncio.wait_for(_outcome(client, t.prompt(host), prompt_id),

@@ -169,8 +169,13 @@ def render_nats_config(node: NatsNodeConfig) -> str:
     - `server_name`: JetStream needs a name per node (unique in the cluster);
     - `jetstream.store_dir`: where the MQTT sessions and retained messages live;
     - `mqtt`: the MQTT 3.1.1 listener (clients need `--mqtt-version 3.1.1`);
-      `stream_replicas`/`consumer_replicas`: keep sessions and retained messages on
-      every node of a 3-node cluster, so one node may restart without losing any;
+      `stream_replicas`: keep sessions, retained and QoS 1 messages on every node of a
+      3-node cluster, so one node may restart without losing any;
+      `consumer_replicas: 1`: every QoS 1 subscription of every session is a durable
+      JetStream consumer; replicated, each is a RAFT group of its own (3 per agent), and
+      at 100 agents starting at once creating them timed out (4 s), which NATS answers
+      with a refused SUBSCRIBE. One copy (on disk, on one node) is what MQTT needs: the
+      messages themselves stay replicated in the stream;
     - `cluster`: the routes between nodes."""
     clustered = bool(node.routes)
     replicas = min(3, len(node.routes) + 1)
@@ -184,7 +189,7 @@ def render_nats_config(node: NatsNodeConfig) -> str:
         f"  listen: {node.host}:{node.mqtt_port}",
     ]
     if clustered:
-        lines += [f"  stream_replicas: {replicas}", f"  consumer_replicas: {replicas}"]
+        lines += [f"  stream_replicas: {replicas}", "  consumer_replicas: 1"]
     lines.append("}")
     if clustered:
         lines += [

@@ -20,7 +20,14 @@ import aiomqtt
 
 from protocol.broker import BrokerAddress, BrokerCluster
 from protocol.errors import BrokerRefused, BrokerUnavailable
-from protocol.mqtt import Backoff, Failover, connack_code, random_client_id, refusal
+from protocol.mqtt import (
+    Backoff,
+    Failover,
+    connack_code,
+    random_client_id,
+    refusal,
+    refused_subscriptions,
+)
 from protocol.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -28,6 +35,7 @@ SHARE_PROBE_TIMEOUT = 3.0
 # Catching up on every host's retained messages: at 10,000 hosts on a busy machine they
 # take seconds to arrive, and a PUBACK or SUBACK sent after them waits behind them.
 SYNC_TIMEOUT = 60.0
+SUBSCRIBE_ATTEMPTS = 6  # ~0.5+1+2+4+8 s of backoff before a refused subscription is fatal
 
 
 def make_client(broker: BrokerCluster, address: BrokerAddress | None = None,
@@ -100,6 +108,31 @@ async def connect(broker: BrokerCluster, **kwargs: Any) -> AsyncIterator[aiomqtt
         await close_client(client)
 
 
+async def subscribe(client: aiomqtt.Client, topic: str | list[str], qos: int = 1,
+                    timeout: float | None = None) -> None:
+    """Subscribe (a list: in one SUBSCRIBE), and make sure the broker granted it:
+    aiomqtt returns a SUBACK failure instead of raising, and a busy NATS cluster sends
+    one when creating the JetStream consumer behind the subscription times out. What
+    was refused is asked again with backoff; still refused after SUBSCRIBE_ATTEMPTS, it
+    is a BrokerUnavailable (a controller that carried on would silently miss every
+    message on that topic)."""
+    backoff = Backoff(base=0.5, cap=8.0)
+    kwargs: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
+    todo = [topic] if isinstance(topic, str) else list(topic)
+    for attempt in range(SUBSCRIBE_ATTEMPTS):
+        granted = await client.subscribe([(t, qos) for t in todo], **kwargs)
+        todo = refused_subscriptions(todo, granted)
+        if not todo:
+            return
+        if attempt + 1 < SUBSCRIBE_ATTEMPTS:
+            delay = backoff.next_delay()
+            log.warning("the broker refused the subscription to %s; retrying in %.1fs",
+                        ", ".join(todo), delay)
+            await asyncio.sleep(delay)
+    raise BrokerUnavailable(f"the broker refused the subscription to {', '.join(todo)} "
+                            f"{SUBSCRIBE_ATTEMPTS} times (SUBACK failure)")
+
+
 async def shared_subscription_works(client: aiomqtt.Client, topics: Topics, group: str,
                                     timeout: float = SHARE_PROBE_TIMEOUT) -> bool:
     """Does the broker deliver through `$share/GROUP/...`? Subscribe a shared filter to
@@ -137,7 +170,7 @@ async def subscribe_and_sync(client: aiomqtt.Client, filters: list[str], marker:
     delivered (broker order). One SUBSCRIBE for all, so its SUBACK comes before any
     retained message; one SUBSCRIBE each would make every later SUBACK (and the
     marker's PUBACK) wait behind the retained messages of the filters before it."""
-    await client.subscribe([(f, 1) for f in [*filters, marker]], timeout=timeout)
+    await subscribe(client, [*filters, marker], timeout=timeout)
     await client.publish(marker, b"sync", qos=1, timeout=timeout)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -123,6 +124,23 @@ def refusal(code: int | None, options: MqttOptions, where: str) -> str | None:
     if code == CLIENT_ID_NOT_VALID:
         return f"the MQTT broker at {where} refused the client id (client identifier not valid)"
     return None
+
+
+# SUBACK: a granted QoS (0-2) or, from 0x80 on, a failure (3.1.1: 0x80; MQTT 5: a reason
+# code such as 0x87 not authorized). A refused subscription delivers nothing, silently.
+SUBACK_FAILURE = 0x80
+
+
+def refused_subscriptions(topics: Sequence[str], granted: Sequence[object]) -> list[str]:
+    """The topics of one SUBSCRIBE the broker refused, from its SUBACK codes (aiomqtt's
+    `subscribe()` returns them, ints or paho ReasonCodes, and raises on none of them).
+    NATS refuses one when it cannot create the subscription's JetStream consumer in
+    time (a busy cluster): the client must subscribe again, or it never hears a
+    message on that topic."""
+    codes = [connack_code(g) for g in granted]
+    if len(codes) != len(topics):
+        return list(topics)  # a SUBACK that does not answer every topic: trust none
+    return [t for t, c in zip(topics, codes, strict=True) if c is None or c >= SUBACK_FAILURE]
 
 
 @dataclass
