@@ -458,7 +458,7 @@ class Phase:
         out.mkdir(parents=True, exist_ok=True)
         for name, pid in targets:
             self.spies.append(subprocess.Popen(
-                [binary, "record", "--pid", str(pid), "--rate", "100", "--nonblocking", "--gil",
+                [binary, "record", "--pid", str(pid), "--rate", os.environ.get("SPY_RATE", "100"), "--nonblocking", "--gil",
                  "--format", "raw", "--output", str(out / f"{self.kind}-{name}.txt")],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
 

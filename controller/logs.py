@@ -69,6 +69,7 @@ class LogStore:
         self._seen: dict[tuple[str, str], int] = {}
         self._sizes: dict[Path, int] = {}  # bytes in each file we append to (one driver per
         # rollout writes its files: the size need not be asked of the disk each time)
+        self._paths: dict[tuple[str, str], Path] = {}  # (rollout, host): checked once
 
     def append(self, ev: Event) -> bool:
         """Store the lines one event carries (`carried_lines`); False for a duplicate (QoS
@@ -80,7 +81,10 @@ class LogStore:
         if ev.seq <= self._seen.get(key, -1):
             return False
         self._seen[key] = ev.seq
-        path = log_file(self.state_dir, rollout_of(ev.deployment_id), ev.host)
+        where = (rollout_of(ev.deployment_id), ev.host)
+        path = self._paths.get(where)
+        if path is None:
+            path = self._paths[where] = log_file(self.state_dir, *where)
         records = [{"deployment_id": ev.deployment_id, "seq": ev.seq, "time": line.time,
                     "stream": line.stream, "source": line.source, "text": line.text}
                    for line in lines]
@@ -96,8 +100,11 @@ class LogStore:
             if size and size + len(data) > self.max_bytes:
                 os.replace(path, path.with_name(path.name + ".1"))
                 size = 0
-            with open(path, "ab") as f:
-                f.write(data)
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, data)
+            finally:
+                os.close(fd)
             self._sizes[path] = size + len(data)
         except OSError as exc:
             self._sizes.pop(path, None)
