@@ -75,10 +75,13 @@ class DeploymentLog:
             log.warning("cannot keep the deployment log %s: %s", self.path, exc)
 
     def _prune(self, keep: int) -> None:
-        logs = sorted((p for p in self.path.parent.glob("*.log") if p != self.path),
-                      key=lambda p: p.stat().st_mtime)
-        for old in logs[:max(0, len(logs) - keep + 1)]:
-            for p in (old, old.with_name(old.name + ".1")):
+        with os.scandir(self.path.parent) as it:
+            logs = [e for e in it if e.name.endswith(".log") and e.name != self.path.name]
+        if len(logs) < keep:
+            return
+        logs.sort(key=lambda e: e.stat().st_mtime)
+        for old in logs[:len(logs) - keep + 1]:
+            for p in (Path(old.path), Path(old.path + ".1")):
                 p.unlink(missing_ok=True)
 
     # -- writing -----------------------------------------------------------------------

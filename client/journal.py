@@ -352,14 +352,15 @@ class Journal:
         """Write one record (durably, with every record before it, unless `needs_sync`
         says it may wait), then apply it to the state."""
         rec = {"kind": kind, "t": round(time.time(), 6), **fields}
-        line = json.dumps(rec, separators=(",", ":"), sort_keys=True).encode() + b"\n"
+        line = memoryview(json.dumps(rec, separators=(",", ":")).encode() + b"\n")
         size: int | None = None
         try:
-            size = os.fstat(self._fh.fileno()).st_size
-            self._fh.write(line)
-            self._fh.flush()
+            fd = self._fh.fileno()
+            size = os.fstat(fd).st_size
+            while line:  # straight to the file (O_APPEND), no buffer in between
+                line = line[os.write(fd, line):]
             if needs_sync(rec):
-                os.fdatasync(self._fh.fileno())
+                os.fdatasync(fd)
         except OSError as exc:
             self._undo_partial(size)
             raise StateError(f"cannot write journal {self.path}: {exc.strerror}") from None
