@@ -76,9 +76,11 @@ class Agent:
         self.journal.append("start", boot_id=backend.boot_id())
         # `desired` is a latest-value topic: QoS 0 means no stale copy is queued in our
         # session while we are away; the retained value arrives on every (re)subscribe.
-        # Answers and confirmations are queued (QoS 1) and acked after journaling.
+        # Answers are queued (QoS 1) and acked after journaling. Confirmations are only
+        # of use while a probe waits, which is sent again until one returns: QoS 0 (on
+        # NATS each QoS 1 subscription is a JetStream consumer to create).
         subscriptions = [(self.topics.desired(self.host), 0), (self.topics.answer(self.host), 1),
-                         (self.topics.confirm(self.host), 1)]
+                         (self.topics.confirm(self.host), 0)]
         self.ha: ha.HomeAssistantBridge | None = None
         if config.home_assistant:
             self.ha = ha.HomeAssistantBridge(self.topics, self.host, self._publish_retained,

@@ -33,6 +33,7 @@ import errno
 import grp
 import json
 import logging
+import math
 import os
 import pwd
 import socket
@@ -55,6 +56,7 @@ CLIENT_TIMEOUT = 30.0
 MAX_CLIENTS = 32
 IDLE_TIMEOUT = 10.0
 REQUEST_TIMEOUT = 10.0
+STARVED_LOG_INTERVAL = 60.0
 ACCEPT_RETRY = 0.5  # pause of accepting while out of descriptors
 OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
@@ -264,22 +266,25 @@ class ControlServer:
 
     async def _accept_loop(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
-        starved = crowded = False
+        crowded = False
+        # Out of descriptors: said once per STARVED_LOG_INTERVAL, not at every flap (an
+        # evicted client frees one descriptor, the next accept takes it, ...).
+        announced, said_at = False, -math.inf
         while True:
             try:
                 conn, _ = await loop.sock_accept(sock)
             except OSError as exc:
                 if exc.errno not in OUT_OF_RESOURCES:
                     raise
-                if not starved:
+                if not announced and loop.time() - said_at >= STARVED_LOG_INTERVAL:
                     log.warning("control socket: cannot accept local clients (%s); pausing"
                                 " until descriptors are free again", exc.strerror)
-                    starved = True
+                    announced, said_at = True, loop.time()
                 await asyncio.sleep(ACCEPT_RETRY)
                 continue
-            if starved:
+            if announced:
                 log.info("control socket: accepting local clients again")
-                starved = False
+                announced = False
             if len(self._clients) >= self.max_clients and not self._evict_idlest():
                 self.refused += 1
                 if not crowded:
