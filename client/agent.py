@@ -39,6 +39,7 @@ from protocol.signing import verify
 from protocol.topics import Topics
 
 log = logging.getLogger(__name__)
+CONFIRM_RESEND_S = 2.0  # a confirmation probe not back by then is sent again
 
 
 @dataclass
@@ -107,6 +108,7 @@ class Agent:
             "phase": "idle" if last is None else phase_of(last.status),
         })
         self._pending: Desired | None = None
+        self._accepted: Desired | None = None  # decoded, until the deploy loop takes it
         self._queued_backoff = Backoff(base=0.5, cap=30.0)
         self._wake = asyncio.Event()
         self._confirms: dict[str, asyncio.Future[Confirm]] = {}
@@ -242,6 +244,7 @@ class Agent:
             await self._unrecordable(desired, exc)
             return
         self._pending = None
+        self._accepted = desired
         self._wake.set()
 
     async def _unrecordable(self, desired: Desired, exc: StateError) -> None:
@@ -350,19 +353,23 @@ class Agent:
                 if self._pending is not None:
                     await self._admit_queued()
                 continue
-            try:
-                desired: Desired = decode(active.desired, expect=(Desired,))
-            except ProtocolError as exc:  # never trust what we cannot read back
-                self.journal.append("result", deployment_id=active.deployment_id,
-                                    generation=active.generation, status="failed",
-                                    message=f"journaled desired state unreadable: {exc}")
-                continue
+            accepted, self._accepted = self._accepted, None
+            if accepted is not None and accepted.deployment_id == active.deployment_id:
+                desired = accepted  # just journaled: the same bytes, already checked
+            else:
+                try:
+                    desired = decode(active.desired, expect=(Desired,))
+                except ProtocolError as exc:  # never trust what we cannot read back
+                    self.journal.append("result", deployment_id=active.deployment_id,
+                                        generation=active.generation, status="failed",
+                                        message=f"journaled desired state unreadable: {exc}")
+                    continue
+            if not active.started:
+                await self.reporter.ack(desired.deployment_id, desired.generation)
             self.runner = DeploymentRunner(self, desired)
             self.runner.on_prompt.append(self._prompt_changed)
             if self.ha is not None:
                 self.ha.submit_desired(desired)
-            if not active.started:
-                await self.reporter.ack(desired.deployment_id, desired.generation)
             result = await self.runner.run()
             self.runner = None
             self.finished.append(result)
@@ -420,12 +427,24 @@ class Agent:
         key = confirm_key("controller" if controller else "agent", nonce, generation)
         fut: asyncio.Future[Confirm] = asyncio.get_running_loop().create_future()
         self._confirms[key] = fut
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        payload = encode(Confirm(host=self.host, generation=generation, nonce=nonce))
         try:
-            probe = Confirm(host=self.host, generation=generation, nonce=nonce)
-            await asyncio.wait_for(
-                self.session.publish(self.topics.confirm(self.host), encode(probe)), timeout)
-            await asyncio.wait_for(fut, timeout)
-            return True
+            # QoS 0, sent again every CONFIRM_RESEND_S until it comes back: a probe needs
+            # no acknowledgement of its own (half the packets of QoS 1), and a lost one
+            # is simply followed by the next.
+            while True:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    return False
+                await asyncio.wait_for(
+                    self.session.publish(self.topics.confirm(self.host), payload, qos=0),
+                    remaining)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(fut),
+                                           min(CONFIRM_RESEND_S, deadline - loop.time()))
+                    return True
         except TimeoutError:
             return False
         finally:

@@ -1,9 +1,9 @@
-"""The agent's durable journal: append-only JSON lines, fsynced before acting.
+"""The agent's durable journal: append-only JSON lines, on disk before acting.
 
 Every transition is written here *before* its side effect starts and marked done
 after, so a crash or reboot resumes at the first step not marked done. A torn last
 record (crash mid-write: no newline yet) is cut off. An unreadable complete record is
-corruption, not a crash (each record and its newline go in one fsynced write): the agent
+corruption, not a crash (each record and its newline go in one write): the agent
 refuses to start (one line naming the record) rather than guess what was done;
 `fleet-agent journal check` shows the damage and `repair` sets the file aside and keeps
 what is readable, conservatively (`repair_records`).
@@ -27,6 +27,28 @@ log = logging.getLogger(__name__)
 JOURNAL_NAME = "journal.jsonl"
 RESERVE_NAME = "journal.reserve"
 RESERVE_BYTES = 64 * 1024
+# Stages that may simply run again after a crash: their begin/end records need not be on
+# disk before the agent goes on (see `needs_sync`).
+REPEATABLE_STAGES = frozenset({"fetch", "check", "dry-activate", "confirm"})
+LAZY_NOTES = frozenset({"confirm_deadline"})
+
+
+def needs_sync(rec: dict[str, Any]) -> bool:
+    """Must this record be on disk before the agent acts on it?
+
+    Every record is written at once, in order; fdatasync is what costs. A record of a
+    repeatable stage (fetch, check, dry-activate, confirm) or a note a restart recomputes
+    may wait for the next synced record (group commit): losing it in a crash only means
+    that stage runs again, as if the crash had come a moment earlier. Everything else
+    (accepting a desired state, beginning or ending a stage that changes the host,
+    prompts, answers, results) is synced before `append` returns, and with it every
+    record before it."""
+    kind = rec["kind"]
+    if kind in ("begin", "end"):
+        return rec.get("stage") not in REPEATABLE_STAGES
+    if kind == "note":
+        return rec.get("key") not in LAZY_NOTES
+    return True
 
 
 @dataclass
@@ -327,7 +349,8 @@ class Journal:
         return self.state
 
     def append(self, kind: str, **fields: Any) -> None:
-        """Write one record durably (write + fsync), then apply it to the state."""
+        """Write one record (durably, with every record before it, unless `needs_sync`
+        says it may wait), then apply it to the state."""
         rec = {"kind": kind, "t": round(time.time(), 6), **fields}
         line = json.dumps(rec, separators=(",", ":"), sort_keys=True).encode() + b"\n"
         size: int | None = None
@@ -335,7 +358,8 @@ class Journal:
             size = os.fstat(self._fh.fileno()).st_size
             self._fh.write(line)
             self._fh.flush()
-            os.fdatasync(self._fh.fileno())
+            if needs_sync(rec):
+                os.fdatasync(self._fh.fileno())
         except OSError as exc:
             self._undo_partial(size)
             raise StateError(f"cannot write journal {self.path}: {exc.strerror}") from None

@@ -4,14 +4,16 @@ Events get a per-host sequence number that keeps growing across restarts (the
 journal's start count is the high part), so the controller can order and dedupe.
 
 The Reporter also decides what is worth a message, so every runner gets the same
-budget per deploy (a quick deploy sends an Ack, its Log lines, a Result and one final
-HostState):
+budget per deploy (a quick deploy sends an Ack, a Result carrying its output lines and
+one final HostState):
 
 - Progress and Log events are *held*: at most one goes out per `hold` seconds after the
   previous event, each at most `hold` late (a Progress that opens a prompt goes at once).
-  A held Progress is replaced by a newer one and dropped once the deployment ends (the
-  Result carries the last lines); held Log lines are merged and always sent, before the
-  next event that is not held.
+  A held Progress is replaced by a newer one and dropped once the deployment ends.
+  Held Log lines are merged and never dropped: they ride on the next Progress or Result
+  of their deployment that goes out (`lines`), and go as a Log event of their own only
+  when no such event goes (the hold ended, or another deployment's event goes), before
+  the next event that is not held.
 - An empty CheckReport of a deployment that is not check-only says nothing anyone
   reads: it is not sent (`deploy --check` and reports with items are).
 - The retained HostState is published at once when its phase is one someone waits on
@@ -112,13 +114,25 @@ class Reporter:
                                   "dropped": fields.get("dropped", 0)}
             self._arm_events()
             return
-        await self._flush_log()
+        if not self._carry_log(msg):
+            await self._flush_log()
         if cls is Progress:  # it opens a prompt: someone waits for it, and it supersedes
             self._held_progress = None
         elif cls in (Result, Rejected) and self._held_progress is not None and \
                 self._held_progress["deployment_id"] == deployment_id:
             self._held_progress = None  # the deployment ended: its progress is moot
         await self._send(msg)
+
+    def _carry_log(self, msg: dict[str, Any]) -> bool:
+        """Put the held Log lines (at most a Log's worth) on `msg`, a Progress or Result of
+        their deployment: one message instead of two. False: they must go on their own."""
+        held = self._held_log
+        if held is None or msg["cls"] not in (Progress, Result) or \
+                held["deployment_id"] != msg["deployment_id"]:
+            return False
+        msg["lines"], msg["dropped"] = held["lines"], held["dropped"]
+        self._held_log = None
+        return True
 
     async def _flush_log(self) -> None:
         held, self._held_log = self._held_log, None
@@ -137,8 +151,9 @@ class Reporter:
 
     async def _flush_events(self) -> None:
         self._event_timer = None
-        await self._flush_log()
         held, self._held_progress = self._held_progress, None
+        if held is None or not self._carry_log(held):
+            await self._flush_log()
         if held is not None:
             await self._send(held)
 

@@ -45,6 +45,10 @@ class SimulatedBackend:
         self.host = host
         self.settings = settings or SimSettings()
         self.switches: list[tuple[str, str]] = []
+        # Read once, then kept with every write: this process is the only writer (a
+        # simulated reboot is a restart of the agent, which reads the files again).
+        self._current: str | None = None
+        self._boot: str | None = None
         self._note_boot()
 
     def _note_boot(self) -> None:
@@ -65,14 +69,26 @@ class SimulatedBackend:
         return int.from_bytes(digest[:4], "big") / 2**32 < s.fail_rate
 
     def current_system(self) -> str | None:
+        if self._current is None:
+            f = self.dir / "current-system"
+            self._current = f.read_text() if f.exists() else ""
+        return self._current or None
+
+    def _set_current(self, system: str | None) -> None:
         f = self.dir / "current-system"
-        return f.read_text() if f.exists() else None
+        if system is None:
+            f.unlink(missing_ok=True)
+        else:
+            f.write_text(system)
+        self._current = system or ""
 
     def boot_id(self) -> str:
-        f = self.dir / "boot-id"
-        if not f.exists():
-            f.write_text(str(uuid.uuid4()))
-        return f.read_text().strip()
+        if self._boot is None:
+            f = self.dir / "boot-id"
+            if not f.exists():
+                f.write_text(str(uuid.uuid4()))
+            self._boot = f.read_text().strip()
+        return self._boot
 
     async def fetch(self, system: str, host: str, progress: ProgressFn,
                     cache: BinaryCache | None = None) -> str:
@@ -95,7 +111,7 @@ class SimulatedBackend:
         if action != "test":
             (self.dir / "profile").write_text(toplevel)
         if action != "boot":
-            (self.dir / "current-system").write_text(toplevel)
+            self._set_current(toplevel)
         return SwitchOutcome()
 
     def agent_unit_changed(self, previous: str | None, toplevel: str) -> bool:
@@ -106,12 +122,12 @@ class SimulatedBackend:
 
     async def rollback(self, previous: str | None, progress: ProgressFn) -> None:
         await progress(f"rolling back to {previous or 'nothing'}")
-        for name in ("current-system", "profile"):
-            f = self.dir / name
-            if previous is None:
-                f.unlink(missing_ok=True)
-            else:
-                f.write_text(previous)
+        self._set_current(previous)
+        profile = self.dir / "profile"
+        if previous is None:
+            profile.unlink(missing_ok=True)
+        else:
+            profile.write_text(previous)
 
     def needs_reboot(self, toplevel: str) -> bool:
         """A toplevel with a `sim-needs-reboot` file has a new kernel: it needs a reboot
@@ -124,6 +140,7 @@ class SimulatedBackend:
         """Like a real reboot: the next boot has a new id, and this process waits to be
         killed (restart the agent to simulate the boot)."""
         (self.dir / "boot-id").write_text(str(uuid.uuid4()))
+        self._boot = None  # as before, the file is what the next boot_id() reads
         await asyncio.sleep(3600)
         raise BackendError("simulated reboot: the agent was not restarted")
 

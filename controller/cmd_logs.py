@@ -13,7 +13,7 @@ from controller.connection import connect
 from controller.eventlog import EventLog
 from protocol.codec import decode
 from protocol.errors import BrokerUnavailable, InputError, ProtocolError
-from protocol.models import EVENT_TYPES, Log, Rejected, Result
+from protocol.models import EVENT_TYPES, Rejected, Result, carried_lines
 from protocol.topics import HOST_NAME_RE
 
 
@@ -115,12 +115,13 @@ async def follow(args: argparse.Namespace, log: EventLog, rollout_id: str,
                     if ev.deployment_id is None or logs.rollout_of(ev.deployment_id) \
                             != rollout_id or (dep is not None and ev.deployment_id != dep):
                         continue
-                    if isinstance(ev, Log) and (ev.deployment_id, ev.seq) not in seen:
+                    lines, _ = carried_lines(ev)
+                    if lines and (ev.deployment_id, ev.seq) not in seen:
                         seen.add((ev.deployment_id, ev.seq))
-                        for line in ev.lines:
+                        for line in lines:
                             _print(args, logs.LogRecord(ev.deployment_id, ev.seq, line.time,
                                                         line.stream, line.source, line.text))
-                    elif isinstance(ev, Result | Rejected):
+                    if isinstance(ev, Result | Rejected):
                         return
     except aiomqtt.MqttError as exc:
         raise BrokerUnavailable(f"cannot reach the MQTT broker at {ctx.broker}: {exc}"

@@ -32,6 +32,9 @@ from protocol.topics import Topics
 
 log = logging.getLogger(__name__)
 SHARE_PROBE_TIMEOUT = 3.0
+# Catching up on every host's retained messages: at 10,000 hosts on a busy machine they
+# take seconds to arrive, and a PUBACK or SUBACK sent after them waits behind them.
+SYNC_TIMEOUT = 60.0
 SUBSCRIBE_ATTEMPTS = 6  # ~0.5+1+2+4+8 s of backoff before a refused subscription is fatal
 
 
@@ -105,24 +108,28 @@ async def connect(broker: BrokerCluster, **kwargs: Any) -> AsyncIterator[aiomqtt
         await close_client(client)
 
 
-async def subscribe(client: aiomqtt.Client, topic: str, qos: int = 1,
+async def subscribe(client: aiomqtt.Client, topic: str | list[str], qos: int = 1,
                     timeout: float | None = None) -> None:
-    """Subscribe, and make sure the broker granted it: aiomqtt returns a SUBACK failure
-    instead of raising, and a busy NATS cluster sends one when creating the JetStream
-    consumer behind the subscription times out. Asked again with backoff; still
-    refused after SUBSCRIBE_ATTEMPTS, it is a BrokerUnavailable (a controller that
-    carried on would silently miss every message on `topic`)."""
+    """Subscribe (a list: in one SUBSCRIBE), and make sure the broker granted it:
+    aiomqtt returns a SUBACK failure instead of raising, and a busy NATS cluster sends
+    one when creating the JetStream consumer behind the subscription times out. What
+    was refused is asked again with backoff; still refused after SUBSCRIBE_ATTEMPTS, it
+    is a BrokerUnavailable (a controller that carried on would silently miss every
+    message on that topic)."""
     backoff = Backoff(base=0.5, cap=8.0)
     kwargs: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
+    todo = [topic] if isinstance(topic, str) else list(topic)
     for attempt in range(SUBSCRIBE_ATTEMPTS):
-        if not refused_subscriptions([topic], await client.subscribe(topic, qos=qos, **kwargs)):
+        granted = await client.subscribe([(t, qos) for t in todo], **kwargs)
+        todo = refused_subscriptions(todo, granted)
+        if not todo:
             return
         if attempt + 1 < SUBSCRIBE_ATTEMPTS:
             delay = backoff.next_delay()
             log.warning("the broker refused the subscription to %s; retrying in %.1fs",
-                        topic, delay)
+                        ", ".join(todo), delay)
             await asyncio.sleep(delay)
-    raise BrokerUnavailable(f"the broker refused the subscription to {topic} "
+    raise BrokerUnavailable(f"the broker refused the subscription to {', '.join(todo)} "
                             f"{SUBSCRIBE_ATTEMPTS} times (SUBACK failure)")
 
 
@@ -152,21 +159,26 @@ async def shared_subscription_works(client: aiomqtt.Client, topics: Topics, grou
             await client.unsubscribe(shared)
 
 
-async def sync_marker(client: aiomqtt.Client, topics: Topics) -> str:
-    """Subscribe to a unique marker topic and publish to it; when it comes back, every
-    retained message of earlier subscriptions has been delivered (broker order)."""
-    marker = f"{topics.prefix}/controller/sync/{uuid.uuid4().hex}"
-    await subscribe(client, marker)
-    await client.publish(marker, b"sync", qos=1)
-    return marker
+def new_marker(topics: Topics) -> str:
+    return f"{topics.prefix}/controller/sync/{uuid.uuid4().hex}"
+
+
+async def subscribe_and_sync(client: aiomqtt.Client, filters: list[str], marker: str,
+                             timeout: float = SYNC_TIMEOUT) -> None:
+    """Subscribe to `filters` and the unique `marker` topic (`new_marker`), then publish
+    to the marker: when it comes back, every retained message of the filters has been
+    delivered (broker order). One SUBSCRIBE for all, so its SUBACK comes before any
+    retained message; one SUBSCRIBE each would make every later SUBACK (and the
+    marker's PUBACK) wait behind the retained messages of the filters before it."""
+    await subscribe(client, [*filters, marker], timeout=timeout)
+    await client.publish(marker, b"sync", qos=1, timeout=timeout)
 
 
 async def read_retained(client: aiomqtt.Client, topics: Topics, filters: list[str],
-                        timeout: float = 10.0) -> list[aiomqtt.Message]:
+                        timeout: float = SYNC_TIMEOUT) -> list[aiomqtt.Message]:
     """All retained messages on `filters`, without guessing with an idle timeout."""
-    for f in filters:
-        await subscribe(client, f)
-    marker = await sync_marker(client, topics)
+    marker = new_marker(topics)
+    await subscribe_and_sync(client, filters, marker, timeout)
     out: list[aiomqtt.Message] = []
 
     async def collect() -> None:

@@ -25,7 +25,6 @@ import logging
 import math
 import os
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,12 +35,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from controller import store
 from controller.connection import (
+    SYNC_TIMEOUT,
     close_client,
     connect,
+    new_marker,
     open_client,
     read_retained,
     shared_subscription_works,
-    subscribe,
+    subscribe_and_sync,
 )
 from controller.eventlog import EventLog, Patch
 from controller.logs import LogStore, rollout_of
@@ -72,7 +73,7 @@ from protocol.models import (
     Desired,
     Event,
     HostState,
-    Log,
+    carried_lines,
 )
 from protocol.mqtt import Backoff, Failover, client_id
 from protocol.signing import sign
@@ -81,7 +82,6 @@ from protocol.topics import Topics
 log = logging.getLogger(__name__)
 PUBLISH_CONCURRENCY = 256
 PLAN_INTERVAL = 0.05
-SYNC_TIMEOUT = 30.0
 LOG_POLL_INTERVAL = 0.5
 
 
@@ -398,14 +398,27 @@ class RolloutDriver:
                 if client is None or lost is None:
                     await asyncio.sleep(0.1)
                     continue
-                # aiomqtt waits for a PUBACK until its timeout even on a dead connection:
-                # watch the connection too, and retry as soon as it drops.
+                # No aiomqtt timeout (a timer and a task per message): the keepalive ends
+                # a dead connection, and a lost connection cancels the attempt, which is
+                # then tried again on the next one.
                 attempt = asyncio.ensure_future(
-                    client.publish(topic, payload, qos=1, retain=retain, timeout=60))
-                await asyncio.wait([attempt, lost], return_when=asyncio.FIRST_COMPLETED)
-                if attempt.done() and attempt.exception() is None:
+                    client.publish(topic, payload, qos=1, retain=retain, timeout=math.inf))
+
+                def cancel(_: object, attempt: asyncio.Future[None] = attempt) -> None:
+                    attempt.cancel()
+
+                lost.add_done_callback(cancel)
+                try:
+                    await attempt
                     return
-                attempt.cancel()
+                except asyncio.CancelledError:
+                    task = asyncio.current_task()
+                    if not lost.done() or (task is not None and task.cancelling()):
+                        raise  # we are being stopped, not the connection
+                except aiomqtt.MqttError as exc:
+                    log.debug("publish to %s failed (%s); retrying", topic, exc)
+                finally:
+                    lost.remove_done_callback(cancel)
                 await asyncio.sleep(0.2)
 
     async def clear_desired(self, host: str) -> None:
@@ -440,9 +453,8 @@ class RolloutDriver:
             self._confirm(msg.host, view, body)
             return
         was_done = view.done
-        if isinstance(body, Log):
-            self._store_log(body)
         if isinstance(body, Event):
+            self._store_log(body)
             if not fold_event(view, body):
                 return
         elif isinstance(body, HostState):
@@ -459,9 +471,12 @@ class RolloutDriver:
         if self.on_change is not None:
             self.on_change(self)
 
-    def _store_log(self, ev: Log) -> None:
-        """Output lines of our hosts go to STATE_DIR/logs/ROLLOUT/HOST.jsonl."""
-        if ev.deployment_id is None or rollout_of(ev.deployment_id) != self.rollout_id:
+    def _store_log(self, ev: Event) -> None:
+        """Output lines of our hosts (in Log, Progress and Result events) go to
+        STATE_DIR/logs/ROLLOUT/HOST.jsonl."""
+        lines, dropped = carried_lines(ev)
+        if not (lines or dropped) or ev.deployment_id is None or \
+                rollout_of(ev.deployment_id) != self.rollout_id:
             return
         try:
             self.logs.append(ev)
@@ -518,17 +533,12 @@ class RolloutDriver:
                         self.ctx.share_group)
             self.ctx.share_group = None
         client._queue.handler = self._on_message  # type: ignore[attr-defined]
-        for topic in self._subscriptions():
-            # The retained states of every host arrive (and are handled inline) right
-            # after each SUBACK: at 10,000 hosts the next SUBACK can take longer than
-            # aiomqtt's default timeout on a busy machine.
-            await subscribe(client, topic, timeout=SYNC_TIMEOUT)
         self._synced.clear()
         # Known before it is published: with inline handling the marker can
-        # come back before publish() returns.
-        self._marker = f"{self.ctx.topics.prefix}/controller/sync/{uuid.uuid4().hex}"
-        await subscribe(client, self._marker)
-        await client.publish(self._marker, b"sync", qos=1)
+        # come back before publish() returns. The retained states of every host are
+        # handled inline as they arrive.
+        self._marker = new_marker(self.ctx.topics)
+        await subscribe_and_sync(client, self._subscriptions(), self._marker)
         await asyncio.wait_for(self._synced.wait(), SYNC_TIMEOUT)
         if not self.ctx.share_group:
             # Caught up; without a share group every event reaches us, so the

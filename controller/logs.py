@@ -1,10 +1,11 @@
 """Deployment logs as the controller keeps them: the one place that reads and writes them.
 
-The lines agents send in `Log` events are stored per rollout, next to the event log
-and not inside it: `STATE_DIR/logs/ROLLOUT/HOST.jsonl`, one JSON object per line
-(`{seq, deployment_id, time, stream, source, text}`; a `{seq, deployment_id, dropped}`
-record notes lines the agent left out of its events). A host's file is bounded: past
-MAX_BYTES it is rotated to `HOST.jsonl.1` (so at most twice that is kept).
+The lines agents send (in Log events, or riding on Progress and Result) are stored per
+rollout, next to the event log and not inside it: `STATE_DIR/logs/ROLLOUT/HOST.jsonl`,
+one JSON object per line (`{seq, deployment_id, time, stream, source, text}`; a
+`{seq, deployment_id, dropped}` record notes lines the agent left out of its events).
+A host's file is bounded: past MAX_BYTES it is rotated to `HOST.jsonl.1` (so at most
+twice that is kept).
 
 Readers (`fleetctl logs`, `deploy`'s failure summary, the web dashboard) use
 `read_lines` / `tail`; the driver writes through `LogStore.append`.
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from protocol.errors import InputError
-from protocol.models import Log
+from protocol.models import Event, carried_lines
 from protocol.topics import HOST_NAME_RE
 
 MAX_BYTES = 4 << 20
@@ -69,9 +70,11 @@ class LogStore:
         self._sizes: dict[Path, int] = {}  # bytes in each file we append to (one driver per
         # rollout writes its files: the size need not be asked of the disk each time)
 
-    def append(self, ev: Log) -> bool:
-        """Store one event's lines; False for a duplicate (QoS 1 redelivery)."""
-        if ev.deployment_id is None:
+    def append(self, ev: Event) -> bool:
+        """Store the lines one event carries (`carried_lines`); False for a duplicate (QoS
+        1 redelivery) or an event without lines."""
+        lines, dropped = carried_lines(ev)
+        if ev.deployment_id is None or not (lines or dropped):
             return False
         key = (ev.host, ev.deployment_id)
         if ev.seq <= self._seen.get(key, -1):
@@ -80,10 +83,10 @@ class LogStore:
         path = log_file(self.state_dir, rollout_of(ev.deployment_id), ev.host)
         records = [{"deployment_id": ev.deployment_id, "seq": ev.seq, "time": line.time,
                     "stream": line.stream, "source": line.source, "text": line.text}
-                   for line in ev.lines]
-        if ev.dropped:
+                   for line in lines]
+        if dropped:
             records.append({"deployment_id": ev.deployment_id, "seq": ev.seq,
-                            "time": ev.time, "dropped": ev.dropped})
+                            "time": ev.time, "dropped": dropped})
         data = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records).encode()
         try:
             size = self._sizes.get(path)

@@ -19,11 +19,11 @@ from protocol.models import (
     CheckReport,
     Event,
     HostState,
-    Log,
     Progress,
     Rejected,
     ReportItem,
     Result,
+    carried_lines,
 )
 from protocol.outcomes import result_of_phase
 
@@ -86,6 +86,11 @@ def fold_event(view: HostView, ev: Event, received: float | None = None) -> bool
     view.last_seq = max(view.last_seq, ev.seq)
     if view.done:
         return True
+    lines, _ = carried_lines(ev)  # programs' output, riding on Log, Progress or Result
+    texts = [f"{ln.source}: {ln.text}" if ln.source else ln.text for ln in lines
+             if ln.stream != "agent"]
+    if texts:
+        view.log_tail = [*view.log_tail, *texts][-10:]
     if isinstance(ev, Ack):
         view.phase = "acked"
     elif isinstance(ev, Progress):
@@ -98,11 +103,6 @@ def fold_event(view: HostView, ev: Event, received: float | None = None) -> bool
         if ev.message:
             view.message = ev.message
             view.log_tail = [*view.log_tail[-9:], ev.message]
-    elif isinstance(ev, Log):
-        texts = [f"{ln.source}: {ln.text}" if ln.source else ln.text for ln in ev.lines
-                 if ln.stream != "agent"]
-        if texts:
-            view.log_tail = [*view.log_tail, *texts][-10:]
     elif isinstance(ev, CheckReport):
         view.check_items, view.open_choices = list(ev.items), list(ev.open_choices)
         view.checked = True

@@ -24,7 +24,7 @@ from typing import Any
 import aiomqtt
 
 from controller import store
-from controller.connection import connect, sync_marker
+from controller.connection import connect, new_marker, subscribe_and_sync
 from controller.deploy import ControllerContext, Outcome
 from controller.monitor import ChangeTracker
 from controller.reader import MessageReader
@@ -204,9 +204,8 @@ class Watcher:
         deadline = time.monotonic() + timeout if timeout is not None else None
         async with connect(self.ctx.broker, client_id=random_client_id("fleetctl-watch"),
                            **self.ctx.client_kwargs) as client:
-            for f in filters:
-                await client.subscribe(f, qos=1)
-            self._marker = await sync_marker(client, t)
+            self._marker = new_marker(t)
+            await subscribe_and_sync(client, filters, self._marker)
             reader = asyncio.create_task(self._read(client))
             try:
                 await self._follow(reader, deadline)

@@ -133,6 +133,20 @@ class Cancel(Model):
     signature: bytes = b""
 
 
+LogStream = Literal["stdout", "stderr", "agent"]
+MAX_LOG_LINE = 2000
+MAX_LOG_BATCH = 500
+
+
+class LogLine(Model):
+    """One line a program (or the agent itself) printed during a deployment."""
+
+    time: float
+    stream: LogStream = "stdout"
+    source: str = Field(default="", max_length=128)
+    text: str = Field(max_length=MAX_LOG_LINE)
+
+
 class Event(Model):
     host: Host
     deployment_id: Id | None = None
@@ -157,6 +171,10 @@ class Rejected(Event):
 
 
 class Progress(Event):
+    """Where a deployment is. It also carries the output lines held since the previous
+    event (`lines`, `dropped`: see Log), so a slow deployment sends one message a
+    second, not two."""
+
     TYPE: ClassVar[str] = "progress"
     stage: Stage
     message: str = ""
@@ -167,6 +185,8 @@ class Progress(Event):
     prompt_kind: PromptKind | None = None
     deferred_until: float | None = None
     """Set while the host's user deferred the deploy ("not now") until then."""
+    lines: list[LogLine] = Field(default_factory=list, max_length=MAX_LOG_BATCH)
+    dropped: int = Field(default=0, ge=0)
 
 
 class ReportItem(Model):
@@ -190,35 +210,35 @@ class CheckReport(Event):
 
 
 class Result(Event):
+    """How a deployment ended; `lines`/`dropped` are its last output lines not sent yet
+    (see Log), `log_tail` the last lines of all, for a quick look."""
+
     TYPE: ClassVar[str] = "result"
     status: ResultStatus
     message: str = ""
     system: str | None = None
     needs_reboot: bool = False
     log_tail: list[str] = Field(default_factory=list)
-
-
-LogStream = Literal["stdout", "stderr", "agent"]
-MAX_LOG_LINE = 2000
-MAX_LOG_BATCH = 500
-
-
-class LogLine(Model):
-    """One line a program (or the agent itself) printed during a deployment."""
-
-    time: float
-    stream: LogStream = "stdout"
-    source: str = Field(default="", max_length=128)
-    text: str = Field(max_length=MAX_LOG_LINE)
+    lines: list[LogLine] = Field(default_factory=list, max_length=MAX_LOG_BATCH)
+    dropped: int = Field(default=0, ge=0)
 
 
 class Log(Event):
     """A batch of output lines; `dropped` counts lines the agent left out of its events
-    (rate bound) since the previous batch: its local log file still has them."""
+    (rate bound) since the previous batch: its local log file still has them. Lines
+    ride on a Progress or Result that goes out anyway; a Log is sent only when none
+    does (`carried_lines` reads them from any of the three)."""
 
     TYPE: ClassVar[str] = "log"
     lines: list[LogLine] = Field(default_factory=list, max_length=MAX_LOG_BATCH)
     dropped: int = Field(default=0, ge=0)
+
+
+def carried_lines(ev: Event) -> tuple[list[LogLine], int]:
+    """The output lines (and the count left out) an event carries."""
+    if isinstance(ev, Log | Progress | Result):
+        return ev.lines, ev.dropped
+    return [], 0
 
 
 class Prompt(Model):

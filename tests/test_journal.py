@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from client.journal import Journal, repair_records, scan
+from client.journal import Journal, needs_sync, repair_records, scan
 from protocol.errors import StateError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -139,3 +140,62 @@ def test_journal_check_and_repair_commands(tmp_path: Path) -> None:
     r = fleet_agent("journal", "repair", "--state-dir", str(tmp_path / "nowhere"))
     assert r.returncode == 2 and r.stderr.startswith("fleet-agent: error: cannot read journal")
     assert "Traceback" not in r.stderr
+
+
+SYNC_CASES = [
+    ({"kind": "accept"}, True),
+    ({"kind": "start"}, True),
+    ({"kind": "begin", "stage": "fetch"}, False),
+    ({"kind": "end", "stage": "fetch"}, False),
+    ({"kind": "begin", "stage": "check"}, False),
+    ({"kind": "end", "stage": "dry-activate"}, False),
+    ({"kind": "begin", "stage": "confirm"}, False),
+    ({"kind": "begin", "stage": "dump"}, True),
+    ({"kind": "begin", "stage": "switch"}, True),
+    ({"kind": "end", "stage": "switch"}, True),
+    ({"kind": "begin", "stage": "step:db"}, True),
+    ({"kind": "end", "stage": "step:db"}, True),
+    ({"kind": "begin", "stage": "rollback"}, True),
+    ({"kind": "note", "key": "confirm_deadline"}, False),
+    ({"kind": "note", "key": "cancel"}, True),
+    ({"kind": "note", "key": "error"}, True),
+    ({"kind": "prompt"}, True),
+    ({"kind": "answer"}, True),
+    ({"kind": "reset"}, True),
+    ({"kind": "result"}, True),
+]
+
+
+@pytest.mark.parametrize(("rec", "sync"), SYNC_CASES)
+def test_which_records_are_synced_before_the_agent_goes_on(rec: dict[str, Any],
+                                                           sync: bool) -> None:
+    assert needs_sync(rec) is sync
+
+
+def test_a_quick_deploy_syncs_four_times_and_every_record_is_written_at_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Group commit: repeatable stages wait for the next synced record, yet every record
+    is in the file (for the agent's next start) as soon as append returns."""
+    syncs: list[int] = []
+    real = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (syncs.append(fd), real(fd))[1])
+    j = Journal(tmp_path)
+    j.open()
+    j.append("accept", deployment_id="d1", generation=1,
+             desired=base64.b64encode(b"x").decode(), previous=None)
+    for stage in ("fetch", "check"):
+        j.append("begin", deployment_id="d1", stage=stage)
+        j.append("end", deployment_id="d1", stage=stage, data=None)
+    j.append("begin", deployment_id="d1", stage="switch")
+    assert len(syncs) == 2
+    replayed = Journal(tmp_path)
+    assert replayed.open().active is not None
+    assert replayed.state.active.done.keys() == {"fetch", "check"}  # type: ignore[union-attr]
+    assert "switch" in replayed.state.active.started  # type: ignore[union-attr]
+    replayed.close()
+    j.append("end", deployment_id="d1", stage="switch", data={})
+    for kind in ("begin", "end"):
+        j.append(kind, deployment_id="d1", stage="confirm")
+    j.append("result", deployment_id="d1", generation=1, status="succeeded")
+    assert len(syncs) == 4  # accept, switch begun, switch ended, result
+    j.close()

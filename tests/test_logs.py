@@ -8,7 +8,7 @@ from pathlib import Path
 
 from client.deplog import DeploymentLog, read_log
 from controller.logs import LogStore, read_lines
-from protocol.models import Log, LogLine
+from protocol.models import Log, LogLine, carried_lines
 from tests.helpers import Listener
 from tests.stepsys import script
 
@@ -46,9 +46,10 @@ async def test_failed_migration_output_is_kept_and_shown_after_the_fact(  # type
     assert out["hosts"]["pg1"] == "rolled_back"
     # deploy --json carries the failed host's last lines, the program's stderr among them
     assert any("relation users has no column email" in ln for ln in out["logs"]["pg1"]), out
-    # batched: 60+ lines in a handful of Log events, never one message per line
-    batches = [e for e in events.events if isinstance(e, Log)]
-    sent = [ln.text for e in batches for ln in e.lines]
+    # batched: 60+ lines in a handful of events (Log, or riding on Progress and Result),
+    # never one message per line
+    batches = [e for e in events.events if carried_lines(e)[0]]
+    sent = [ln.text for e in batches for ln in carried_lines(e)[0]]
     assert "step 60: converting tables" in sent and "checking db" in sent
     assert 1 <= len(batches) <= 10, len(batches)
     # after the fact, from the controller's store (not inside state.jsonl)

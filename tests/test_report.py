@@ -1,6 +1,7 @@
 """The agent's Reporter sends what someone reads: held Progress and Log events (bounded
-rate), folded passing phases, no empty check reports, no needless prompt clears. Unit
-tests with a recording publisher, then one real deploy through Mosquitto."""
+rate, log lines riding on the next Progress or Result), folded passing phases, no empty
+check reports, no needless prompt clears. Unit tests with a recording publisher, then
+one real deploy through Mosquitto."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from client.report import Reporter
 from protocol.codec import decode
 from protocol.models import (
     EVENT_TYPES,
+    MAX_LOG_BATCH,
     Ack,
     CheckReport,
     HostState,
@@ -81,23 +83,56 @@ async def quick_deploy(r: Reporter) -> None:
     await r.host_state(phase="done", last_result="succeeded")
 
 
-async def test_a_quick_deploy_sends_ack_log_result_and_one_state() -> None:
+async def test_a_quick_deploy_sends_an_ack_a_result_with_its_lines_and_one_state() -> None:
     wire = Wire()
     r = Reporter("web1", TOPICS, wire.publish, epoch=1, hold=60)
     await quick_deploy(r)
     await r.close()  # whatever is still held goes out now: nothing is
     events = wire.events()
-    assert [type(e) for e in events] == [Ack, Log, Result]
+    assert [type(e) for e in events] == [Ack, Result]
     assert [ln.text for ln in events[1].lines] == ["fetching /nix/store/x",
                                                    "switch-to-configuration switch"]
     assert [e.seq for e in events] == sorted(e.seq for e in events)
-    assert events[2].log_tail[-1] == "switch-to-configuration switch"
+    assert events[1].log_tail[-1] == "switch-to-configuration switch"
     assert wire.states() == ["done"]
     assert [k for k, _ in wire.sent].count("prompt") == 1  # unknown after start: cleared
     # the next quick deploy: no prompt was set, so none is cleared
     wire.sent.clear()
     await quick_deploy(r)
-    assert [k for k, _ in wire.sent] == ["events", "events", "events", "state"]
+    assert [k for k, _ in wire.sent] == ["events", "events", "state"]
+
+
+async def test_held_lines_ride_on_the_held_progress_one_message_a_hold() -> None:
+    wire = Wire()
+    r = Reporter("web1", TOPICS, wire.publish, epoch=1, hold=0.2)
+    await r.ack(DEP, GEN)
+    await r.progress(DEP, GEN, "fetch", "fetching /nix/store/x")
+    await r.event(Log, DEP, GEN, lines=[line("copying path a")], dropped=0)
+    await r.event(Log, DEP, GEN, lines=[line("copying path b")], dropped=1)
+    await wire.wait(lambda: len(wire.events()) == 2)
+    held = wire.events()[1]
+    assert isinstance(held, Progress) and held.stage == "fetch"
+    assert [ln.text for ln in held.lines] == ["copying path a", "copying path b"]
+    assert held.dropped == 1
+    await r.close()
+    assert len(wire.events()) == 2  # nothing else was held
+
+
+async def test_lines_of_another_deployment_go_as_a_log_of_their_own() -> None:
+    """Held lines ride only on their own deployment's events, and are never lost."""
+    wire = Wire()
+    r = Reporter("web1", TOPICS, wire.publish, epoch=1, hold=60)
+    await r.event(Log, "r0", 1, lines=[line("late line of r0")], dropped=0)
+    await r.ack(DEP, GEN)
+    await r.event(Log, DEP, GEN, lines=[line(f"l{i}") for i in range(MAX_LOG_BATCH)],
+                  dropped=0)
+    await r.event(Log, DEP, GEN, lines=[line("one more")], dropped=0)  # a Log is full
+    await r.result(DEP, GEN, "failed", "boom", None, False, [])
+    events = wire.events()
+    assert [type(e) for e in events] == [Log, Ack, Log, Result]
+    assert events[0].deployment_id == "r0" and events[0].lines[0].text == "late line of r0"
+    assert len(events[2].lines) == MAX_LOG_BATCH
+    assert [ln.text for ln in events[3].lines] == ["one more"]
 
 
 async def test_progress_is_held_then_sent_latest_first_and_at_a_bounded_rate() -> None:
@@ -129,7 +164,7 @@ async def test_a_held_progress_is_dropped_when_the_deployment_ends_log_lines_nev
     await r.result(DEP, GEN, "failed", "boom", None, False, ["a", "b"])
     await r.close()
     events = wire.events()
-    assert [type(e) for e in events] == [Ack, Log, Result]
+    assert [type(e) for e in events] == [Ack, Result]
     assert [ln.text for ln in events[1].lines] == ["a", "b"] and events[1].dropped == 2
 
 
@@ -179,7 +214,7 @@ async def test_check_reports_that_say_something_are_sent() -> None:
     assert reports[0].check_only and reports[1].items == [item]
 
 
-async def test_a_real_quick_deploy_sends_three_events(make_fleet) -> None:  # type: ignore[no-untyped-def]
+async def test_a_real_quick_deploy_sends_an_ack_and_a_result_with_its_lines(make_fleet) -> None:  # type: ignore[no-untyped-def]
     """Through Mosquitto with a real agent: what one host sends for a quick deploy."""
     fleet = make_fleet({"solo": ["web"]})
     fleet.start_simulated(["solo"])
@@ -190,5 +225,8 @@ async def test_a_real_quick_deploy_sends_three_events(make_fleet) -> None:  # ty
         assert await asyncio.wait_for(proc.wait(), 60) == 0
         await events.wait(lambda e: isinstance(e, Result))
         kinds = [type(e) for e in events.events if e.deployment_id is not None]
+        result = events.events[-1]
     assert kinds[0] is Ack and kinds[-1] is Result
-    assert Progress not in kinds and CheckReport not in kinds and len(kinds) <= 3
+    # (a Progress, carrying the lines so far, only if the deploy outlasted the hold)
+    assert Log not in kinds and CheckReport not in kinds and len(kinds) <= 3
+    assert any("fetching /nix/store/q-sys" in ln.text for ln in result.lines)

@@ -395,3 +395,41 @@ async def test_offline_skip_never_sends_to_offline_hosts(make_fleet: Any) -> Non
     assert out["succeeded"] == 15 and out["not_started"] == 5
     assert {out["hosts"][h] for h in offline} == {"skipped"}
     assert sorted(await retained_desired(fleet, HOSTS)) == online
+
+
+async def test_a_driver_whose_catch_up_outlasts_the_mqtt_timeout_still_starts(
+        make_fleet: Any, broker: Any, monkeypatch: Any) -> None:
+    """At 10,000 hosts the retained online flags and states take longer to handle than
+    aiomqtt's per-operation timeout (5 s): the driver's catch-up must not time out
+    (it did: 'Operation timed out' from the SUBACK waiting behind the retained
+    messages). Here 2,500 retained flags of other hosts, each handled slowly, stand in
+    for a large fleet on a busy machine."""
+    import time as _time
+
+    import aiomqtt
+
+    from controller.deploy import ControllerContext, DeployRequest, RolloutDriver
+    from controller.keys import load_key
+    from protocol.broker import BrokerCluster
+    from protocol.topics import Topics
+
+    fleet = make_fleet({"c1": ["x"]})
+    fleet.start_simulated(["c1"])
+    async with aiomqtt.Client("127.0.0.1", broker.port, max_queued_outgoing_messages=0,
+                              max_inflight_messages=500) as client:
+        for i in range(2500):
+            await client.publish(f"{fleet.prefix}/host/other{i:04d}/online", b"online",
+                                 qos=1, retain=True)
+    handle = RolloutDriver._on_message
+
+    def busy(self: RolloutDriver, message: aiomqtt.Message) -> None:
+        _time.sleep(0.0025)  # a busy controller: 2,500 messages take ~6 s to handle
+        handle(self, message)
+
+    monkeypatch.setattr(RolloutDriver, "_on_message", busy)
+    ctx = ControllerContext(broker=BrokerCluster.parse(broker.url), topics=Topics(fleet.prefix),
+                            state_dir=fleet.controller_dir, key=load_key(fleet.controller_dir))
+    driver = RolloutDriver(ctx, DeployRequest(selector="c1", hosts=["c1"], system=SYSTEM,
+                                              timeout=60))
+    outcome = await driver.run()
+    assert outcome.status == "succeeded", outcome.summary()

@@ -22,7 +22,7 @@ from typing import Any
 
 import aiomqtt
 
-from controller.connection import make_client
+from controller.connection import make_client, new_marker, subscribe_and_sync
 from controller.deploy import ControllerContext
 from controller.eventlog import EventLog
 from controller.inventory import Inventory
@@ -188,12 +188,9 @@ class Feed:
                                      client_id=f"fleetctl-serve-{uuid.uuid4().hex[:8]}",
                                      **self.ctx.client_kwargs)
                 async with client:
-                    for f in filters:
-                        await client.subscribe(f, qos=1)
                     self.synced.clear()
-                    self._marker = f"{t.prefix}/controller/sync/{uuid.uuid4().hex}"
-                    await client.subscribe(self._marker, qos=1)
-                    await client.publish(self._marker, b"sync", qos=1)
+                    self._marker = new_marker(t)
+                    await subscribe_and_sync(client, filters, self._marker)
                     reader = asyncio.create_task(self._read(client))
                     try:
                         await asyncio.wait_for(asyncio.shield(self.synced.wait()),
