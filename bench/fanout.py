@@ -458,8 +458,9 @@ class Phase:
         out.mkdir(parents=True, exist_ok=True)
         for name, pid in targets:
             self.spies.append(subprocess.Popen(
-                [binary, "record", "--pid", str(pid), "--rate", os.environ.get("SPY_RATE", "100"), "--nonblocking", "--gil",
-                 "--format", "raw", "--output", str(out / f"{self.kind}-{name}.txt")],
+                [binary, "record", "--pid", str(pid), "--rate", os.environ.get("SPY_RATE", "100"),
+                 "--nonblocking", "--gil", "--format", "raw",
+                 "--output", str(out / f"{self.kind}-{name}.txt")],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
 
     def run(self) -> dict[str, Any]:
