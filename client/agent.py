@@ -427,9 +427,9 @@ class Agent:
         """Prove the broker still routes our messages (magic rollback confirmation)."""
         nonce = new_nonce()
         key = confirm_key("controller" if controller else "agent", nonce, generation)
-        fut: asyncio.Future[Confirm] = asyncio.get_running_loop().create_future()
-        self._confirms[key] = fut
         loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Confirm] = loop.create_future()
+        self._confirms[key] = fut
         deadline = loop.time() + timeout
         payload = encode(Confirm(host=self.host, generation=generation, nonce=nonce))
         try:

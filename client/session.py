@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +31,14 @@ import aiomqtt
 
 from protocol.broker import BrokerAddress, BrokerCluster
 from protocol.errors import BrokerRefused
-from protocol.mqtt import Backoff, Failover, connack_code, refusal, refused_subscriptions
+from protocol.mqtt import (
+    Backoff,
+    Failover,
+    connack_code,
+    publish_until_lost,
+    refusal,
+    refused_subscriptions,
+)
 
 log = logging.getLogger(__name__)
 Handler = Callable[[aiomqtt.Message], Awaitable[None]]
@@ -206,29 +212,15 @@ class AgentSession:
             if client is None or lost is None:
                 await asyncio.sleep(0.05)
                 continue
-            attempt = asyncio.ensure_future(
-                client.publish(topic, payload, qos=qos, retain=retain, timeout=math.inf))
-            # No aiomqtt timeout (a timer and a task per message) and no asyncio.wait() on
-            # two futures: the keepalive ends a dead connection, and a lost connection
-            # cancels the attempt (one callback), which is then tried again.
-            def cancel(_: object, attempt: asyncio.Future[None] = attempt) -> None:
-                attempt.cancel()
-
-            lost.add_done_callback(cancel)
             try:
-                await attempt
-                return
-            except asyncio.CancelledError:
-                task = asyncio.current_task()
-                if not lost.done() or (task is not None and task.cancelling()):
-                    raise  # we are being stopped, not the connection
+                if await publish_until_lost(client, lost, topic, payload, qos=qos,
+                                            retain=retain):
+                    return
             except aiomqtt.MqttError as exc:
                 if self._stopping:
                     raise
                 log.debug("%s: publish to %s failed (%s); retrying", self.client_id,
                           topic, exc)
-            finally:
-                lost.remove_done_callback(cancel)
             await asyncio.sleep(0.1)
 
     async def stop(self, graceful_payload: bytes | None = None) -> None:

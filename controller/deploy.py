@@ -75,7 +75,7 @@ from protocol.models import (
     HostState,
     carried_lines,
 )
-from protocol.mqtt import Backoff, Failover, client_id
+from protocol.mqtt import Backoff, Failover, client_id, publish_until_lost
 from protocol.signing import sign
 from protocol.topics import Topics
 
@@ -398,27 +398,12 @@ class RolloutDriver:
                 if client is None or lost is None:
                     await asyncio.sleep(0.1)
                     continue
-                # No aiomqtt timeout (a timer and a task per message): the keepalive ends
-                # a dead connection, and a lost connection cancels the attempt, which is
-                # then tried again on the next one.
-                attempt = asyncio.ensure_future(
-                    client.publish(topic, payload, qos=1, retain=retain, timeout=math.inf))
-
-                def cancel(_: object, attempt: asyncio.Future[None] = attempt) -> None:
-                    attempt.cancel()
-
-                lost.add_done_callback(cancel)
                 try:
-                    await attempt
-                    return
-                except asyncio.CancelledError:
-                    task = asyncio.current_task()
-                    if not lost.done() or (task is not None and task.cancelling()):
-                        raise  # we are being stopped, not the connection
+                    if await publish_until_lost(client, lost, topic, payload, qos=1,
+                                                retain=retain):
+                        return
                 except aiomqtt.MqttError as exc:
                     log.debug("publish to %s failed (%s); retrying", topic, exc)
-                finally:
-                    lost.remove_done_callback(cancel)
                 await asyncio.sleep(0.2)
 
     async def clear_desired(self, host: str) -> None:

@@ -15,12 +15,15 @@ so MQTT 5 and MQTT 3.1.1 differ in this one module only.
 
 from __future__ import annotations
 
+import asyncio
+import math
 import random
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import aiomqtt
 from aiomqtt import ProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -194,3 +197,30 @@ class Failover:
 
     def delay(self) -> float:
         return self.backoff.next_delay()
+
+
+async def publish_until_lost(client: aiomqtt.Client, lost: asyncio.Future[None], topic: str,
+                             payload: bytes, *, qos: int, retain: bool) -> bool:
+    """One publish, waited for until the broker acknowledges it (True) or the connection
+    `lost` resolves first (False: the caller tries again on the next connection). No
+    aiomqtt timeout (a timer and a task per message) and no asyncio.wait() on two futures:
+    the keepalive ends a dead connection, whose loss cancels the attempt (one callback).
+    The agent's session and the controller's driver publish through this; MqttError and
+    the caller's own cancellation pass through."""
+    attempt = asyncio.ensure_future(
+        client.publish(topic, payload, qos=qos, retain=retain, timeout=math.inf))
+
+    def cancel(_: object) -> None:
+        attempt.cancel()
+
+    lost.add_done_callback(cancel)
+    try:
+        await attempt
+        return True
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if not lost.done() or (task is not None and task.cancelling()):
+            raise  # we are being stopped, not the connection
+        return False
+    finally:
+        lost.remove_done_callback(cancel)
