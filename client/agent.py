@@ -76,10 +76,14 @@ class Agent:
         self.journal.append("start", boot_id=backend.boot_id())
         # `desired` is a latest-value topic: QoS 0 means no stale copy is queued in our
         # session while we are away; the retained value arrives on every (re)subscribe.
-        # Answers are queued (QoS 1) and acked after journaling. Confirmations are only
-        # of use while a probe waits, which is sent again until one returns: QoS 0 (on
-        # NATS each QoS 1 subscription is a JetStream consumer to create).
-        subscriptions = [(self.topics.desired(self.host), 0), (self.topics.answer(self.host), 1),
+        # Confirmations are only of use while a probe waits, which is sent again until
+        # one returns: QoS 0. Answers and cancels are queued (QoS 1) and acked after
+        # journaling, but only while a deployment is active (`_deploy_loop` takes and
+        # drops that subscription): an idle host's session queues nothing, and on NATS,
+        # where each QoS 1 subscription is a JetStream consumer, 10,000 idle hosts need
+        # none (creating one per host at connect kept a 3-node cluster from ever
+        # getting 10,000 agents online).
+        subscriptions = [(self.topics.desired(self.host), 0),
                          (self.topics.confirm(self.host), 0)]
         self.ha: ha.HomeAssistantBridge | None = None
         if config.home_assistant:
@@ -97,6 +101,8 @@ class Agent:
             on_connect=self._on_connect,
             extra_client_kwargs=config.client_kwargs,
             retry_latest=(self.topics.desired(self.host),),
+            # an answer subscription an earlier run (or version) left behind
+            stale=(self.topics.answer(self.host),) if state.active is None else (),
         )
         self.reporter = Reporter(self.host, self.topics, self.session.publish, state.starts)
         if self.ha is not None:
@@ -350,6 +356,7 @@ class Agent:
         while True:
             active = self.journal.state.active
             if active is None:
+                self.session.unwant(self.topics.answer(self.host))
                 await self._wake.wait()
                 self._wake.clear()
                 if self._pending is not None:
@@ -366,6 +373,9 @@ class Agent:
                                         generation=active.generation, status="failed",
                                         message=f"journaled desired state unreadable: {exc}")
                     continue
+            # Before the Ack: whoever learns of the deployment from it (and answers or
+            # cancels) publishes after our SUBSCRIBE went out on this connection.
+            await self.session.want(self.topics.answer(self.host), 1)
             if not active.started:
                 await self.reporter.ack(desired.deployment_id, desired.generation)
             self.runner = DeploymentRunner(self, desired)
@@ -422,6 +432,10 @@ class Agent:
                                         approve=True, answered_by=source,
                                         issued_at=time.time()), source)
 
+
+    async def listening(self) -> None:
+        """Until answers and cancels reach us: the `answer` subscription is granted."""
+        await self.session.subscribed(self.topics.answer(self.host))
 
     async def round_trip(self, generation: int, timeout: float, controller: bool) -> bool:
         """Prove the broker still routes our messages (magic rollback confirmation)."""

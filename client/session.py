@@ -9,6 +9,9 @@
 - A refusal no retry can fix (MQTT version, credentials, authorization) ends `run()`
   with BrokerRefused, whose message names the fix; the agent exits non-zero.
 - A subscription the broker refuses (SUBACK failure) is asked for again with backoff.
+- Subscriptions can be taken and dropped while the session runs (`want`, `unwant`): the
+  agent holds its queued (QoS 1) `answer` subscription only while a deployment is
+  active, so an idle host costs the broker no queue (on NATS: no JetStream consumer).
 - Manual acks: a QoS1 message is acknowledged only after its handler returned (the
   handler journals with fsync first), so a crash in between means redelivery.
 - `publish()` waits for a connection and retries across reconnects.
@@ -23,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +66,7 @@ class AgentSession:
         on_connect: Callable[[], Awaitable[None]] | None = None,
         extra_client_kwargs: dict[str, Any] | None = None,
         retry_latest: tuple[str, ...] = (),
+        stale: tuple[str, ...] = (),
     ) -> None:
         self.broker = BrokerCluster.of(broker)  # a BrokerAddress is a one-node cluster
         self.client_id = client_id
@@ -80,6 +84,12 @@ class AgentSession:
         self.retry_latest = set(retry_latest)
         self._retries: dict[str, asyncio.Task[None]] = {}
         self.retry_backoff = Backoff(base=0.5, cap=30.0)
+        self._granted: set[str] = set()  # subscribed on the live connection
+        self._granted_changed = asyncio.Event()
+        # To unsubscribe on the next connection: `stale` ones an earlier run of this
+        # persistent session may have left on the broker, and those dropped offline.
+        self._drop: set[str] = set(stale)
+        self._tasks: set[asyncio.Task[None]] = set()
 
     def _make_client(self, address: BrokerAddress) -> aiomqtt.Client:
         client = aiomqtt.Client(
@@ -124,8 +134,13 @@ class AgentSession:
                 try:
                     self._client = client
                     self.connections += 1
-                    for topic, qos in self.subscriptions:
-                        await self._subscribe(client, topic, qos)
+                    self._granted.clear()
+                    while pending := [(t, q) for t, q in self.subscriptions
+                                      if t not in self._granted]:
+                        for topic, qos in pending:
+                            await self._subscribe(client, topic, qos)
+                    for topic in sorted(self._drop):
+                        await self._unsubscribe(client, topic)
                     self._lost = asyncio.get_running_loop().create_future()
                     self.connected.set()
                     if self.on_connect is not None:
@@ -144,6 +159,7 @@ class AgentSession:
                 await asyncio.sleep(delay)
             finally:
                 self.connected.clear()
+                self._granted.clear()
                 if self._lost is not None and not self._lost.done():
                     self._lost.set_result(None)
                 self._client = None
@@ -159,6 +175,62 @@ class AgentSession:
             log.warning("%s: the broker refused the subscription to %s; retrying in %.1fs",
                         self.client_id, topic, delay)
             await asyncio.sleep(delay)
+            if (topic, qos) not in self.subscriptions:
+                return  # dropped (`unwant`) meanwhile
+        if (topic, qos) in self.subscriptions:
+            self._granted.add(topic)
+            self._granted_changed.set()
+
+    async def _unsubscribe(self, client: aiomqtt.Client, topic: str) -> None:
+        self._drop.discard(topic)
+        try:
+            await client.unsubscribe(topic)
+        except BaseException:
+            if all(t != topic for t, _ in self.subscriptions):
+                self._drop.add(topic)  # still to do, on the next connection
+            raise
+
+    async def want(self, topic: str, qos: int) -> None:
+        """Hold this subscription from now on, across reconnects. When connected, return
+        once the SUBSCRIBE is queued on the connection (not granted: see `subscribed`),
+        so that it goes out before anything published after this call."""
+        if (topic, qos) in self.subscriptions:
+            return
+        self.subscriptions = [s for s in self.subscriptions if s[0] != topic] + [(topic, qos)]
+        self._drop.discard(topic)
+        client = self._client
+        if client is not None and self.connected.is_set():
+            self._background(self._subscribe(client, topic, qos))
+            # One turn of the loop: the new task runs up to its first wait, and aiomqtt's
+            # subscribe() hands the packet to paho before its first wait.
+            await asyncio.sleep(0)
+
+    def unwant(self, topic: str) -> None:
+        """Drop this subscription (also from the broker's copy of a persistent session,
+        on the next connection if not now): what it would queue is of no use any more."""
+        if all(t != topic for t, _ in self.subscriptions):
+            return
+        self.subscriptions = [s for s in self.subscriptions if s[0] != topic]
+        self._granted.discard(topic)
+        client = self._client
+        if client is not None and self.connected.is_set():
+            self._background(self._unsubscribe(client, topic))
+        else:
+            self._drop.add(topic)
+
+    async def subscribed(self, topic: str) -> None:
+        """Until the broker granted `topic` (a `want`ed one) on the live connection."""
+        while topic not in self._granted:
+            self._granted_changed.clear()
+            await self._granted_changed.wait()
+
+    def _background(self, coro: Coroutine[Any, Any, None]) -> None:
+        async def run() -> None:
+            with contextlib.suppress(aiomqtt.MqttError):  # the next connection redoes it
+                await coro
+        task = asyncio.get_running_loop().create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _dispatch(self, client: aiomqtt.Client, message: aiomqtt.Message) -> None:
         topic = str(message.topic)
@@ -233,5 +305,5 @@ class AgentSession:
             except aiomqtt.MqttError:
                 pass
         self._stopping = True
-        for task in self._retries.values():
+        for task in [*self._retries.values(), *self._tasks]:
             task.cancel()

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,10 +28,14 @@ from typing import Any
 import pytest
 
 from controller.broker import (
+    NATS_INSTALL,
     Mosquitto,
     NatsCluster,
+    NatsNode,
     NatsNodeConfig,
     find_config,
+    free_port,
+    nats_binary,
     render_nats_config,
 )
 from controller.deploy import ControllerContext, DeployRequest, RolloutDriver
@@ -39,7 +45,7 @@ from protocol.broker import BrokerCluster
 from protocol.mqtt import MqttVersion
 from protocol.topics import Topics
 from tests.conftest import write_inventory
-from tests.helpers import Fleet, deploy_bg, finish, wait_for
+from tests.helpers import Fleet, deploy_bg, finish, wait_for, wait_prompt
 
 SYSTEM = "/nix/store/dddd-nixos-system-cluster-25.11"
 
@@ -419,3 +425,59 @@ def test_readme_shows_the_nats_configuration_the_tests_run() -> None:
     node1 = NatsNodeConfig(name="nats1", store_dir=Path("/var/lib/nats"), host="0.0.0.0",
                            routes=("nats2.example.org:6222", "nats3.example.org:6222"))
     assert f"```\n{render_nats_config(node1)}```" in readme
+
+
+@pytest.fixture
+def monitored_nats(tmp_path: Path) -> Iterator[tuple[NatsNode, int]]:
+    """One NATS node with its HTTP monitoring port (`/jsz` counts JetStream consumers)."""
+    if nats_binary() is None:
+        pytest.fail(f"nats-server is not installed: install it with '{NATS_INSTALL}'")
+    http = free_port()
+    node = NatsNode(tmp_path / "nats", NatsNodeConfig(
+        name="monitored", store_dir=tmp_path / "nats" / "js", client_port=free_port(),
+        mqtt_port=free_port(), extra=f"http: 127.0.0.1:{http}\n"))
+    node.start()
+    try:
+        yield node, http
+    finally:
+        node.stop()
+
+
+def consumers(http: int) -> int:
+    with urllib.request.urlopen(f"http://127.0.0.1:{http}/jsz", timeout=5) as r:
+        return int(json.load(r)["consumers"])
+
+
+def test_an_idle_agent_holds_no_consumer_and_a_prompt_is_answered_across_a_restart(
+        monitored_nats: tuple[NatsNode, int], tmp_path: Path, controller_dir: Path,
+        prefix: str) -> None:
+    """NATS makes each QoS 1 subscription of a session a JetStream consumer; one per idle
+    agent (its `answer` topic) kept 10,000 agents from ever coming online on a 3-node
+    cluster. The agent now subscribes to answers only while a deployment is active, and
+    an answer sent while it is down, a prompt open, still reaches it after a restart."""
+    node, http = monitored_nats
+    fleet = Fleet(tmp_path, node.url, prefix, controller_dir, {"p1": ["p"]},
+                  mqtt_version="3.1.1")
+    write_inventory(fleet.inventory, fleet.hosts)
+    try:
+        r = fleet.fleetctl("status")  # creates NATS's MQTT streams; no session kept
+        assert r.returncode == 0, r.stderr
+        before = consumers(http)
+        agent = fleet.start_agent("p1")
+        wait_for(lambda: fleet.fleetctl_json("status", "p1")[1][0]["online"], what="online")
+        assert consumers(http) == before  # idle: nothing queued for it
+        proc = deploy_bg(fleet, "p1", "--system", str(tmp_path), "--approval", "ask",
+                         "--timeout", "90")
+        wait_prompt(fleet, "p1", "approval")
+        assert consumers(http) > before
+        agent.kill()
+        agent.wait()
+        r = fleet.fleetctl("approve", "p1")  # the agent is down: the answer waits for it
+        assert r.returncode == 0, r.stdout + r.stderr
+        fleet.start_agent("p1")
+        rc, out = finish(proc, timeout=90)
+        assert (rc, out["hosts"]) == (0, {"p1": "succeeded"}), out
+        # finished, and fleetctl's own session ended: back to what an idle fleet costs
+        wait_for(lambda: consumers(http) == before, what="the consumers to go")
+    finally:
+        fleet.stop()
