@@ -85,20 +85,32 @@ PLAN_INTERVAL = 0.05
 LOG_POLL_INTERVAL = 0.5
 
 
-class DispatchQueue(asyncio.Queue):  # type: ignore[type-arg]
-    """aiomqtt's incoming-message queue, short-circuited: once `handler` is set, each
-    message is handled right in the socket read callback. aiomqtt's iterator spends a
-    task and several loop turns per message while its reader enqueues hundreds per turn,
-    so under a flood of events the queue (and the RSS) grew without bound."""
+Handler = Callable[[aiomqtt.Message], None]
 
-    handler: Callable[[aiomqtt.Message], None] | None = None
+
+class DispatchQueue(asyncio.Queue):  # type: ignore[type-arg]
+    """aiomqtt's incoming-message queue, short-circuited: once its owner's handler is
+    set, each message is handled right in the socket read callback. aiomqtt's iterator
+    spends a task and several loop turns per message while its reader enqueues hundreds
+    per turn, so under a flood of events the queue (and the RSS) grew without bound.
+    aiomqtt takes the queue's class (`queue_type`), not an instance: `to(get)` makes the
+    class for one owner, whose `get()` returns the handler (None: queue as usual)."""
+
+    @staticmethod
+    def handler() -> Handler | None:
+        return None
+
+    @classmethod
+    def to(cls, get: Callable[[], Handler | None]) -> type[DispatchQueue]:
+        return type("DispatchQueue", (cls,), {"handler": staticmethod(get)})
 
     def put_nowait(self, item: aiomqtt.Message) -> None:
-        if self.handler is None:
+        handler = self.handler()
+        if handler is None:
             super().put_nowait(item)
             return
         try:
-            self.handler(item)
+            handler(item)
         except Exception:  # a handler bug must not tear down the MQTT connection
             log.exception("failed to handle a message on %s", item.topic)
 
@@ -250,6 +262,7 @@ class RolloutDriver:
         self._publish_sem = asyncio.Semaphore(PUBLISH_CONCURRENCY)
         self._changed = asyncio.Event()
         self._marker: str | None = None
+        self._dispatch: Handler | None = None  # handles messages inline once set
         self._reader = MessageReader(ctx.topics)
         self._synced = asyncio.Event()
         self.batches: list[list[str]] = []
@@ -494,7 +507,8 @@ class RolloutDriver:
                 client = await open_client(
                     broker, failover, deadline=math.inf if ready.is_set() else first_deadline,
                     client_id=client_id("fleetctl", self.rollout_id), persistent=True,
-                    queue_type=DispatchQueue, **self.ctx.client_kwargs)
+                    queue_type=DispatchQueue.to(lambda: self._dispatch),
+                    **self.ctx.client_kwargs)
                 try:
                     await self._serve(client, ready)
                 finally:
@@ -511,13 +525,14 @@ class RolloutDriver:
                     self._lost.set_result(None)
 
     async def _serve(self, client: aiomqtt.Client, ready: asyncio.Event) -> None:
+        self._dispatch = None  # a new connection: queued until we are ready for them
         if self.ctx.share_group and not await shared_subscription_works(
                 client, self.ctx.topics, self.ctx.share_group):
             log.warning("the broker accepted the shared subscription of --share-group %s but "
                         "delivered nothing through it; using a plain subscription",
                         self.ctx.share_group)
             self.ctx.share_group = None
-        client._queue.handler = self._on_message  # type: ignore[attr-defined]
+        self._dispatch = self._on_message  # from now on every message, inline
         self._synced.clear()
         # Known before it is published: with inline handling the marker can
         # come back before publish() returns. The retained states of every host are
@@ -532,8 +547,11 @@ class RolloutDriver:
         self._lost = asyncio.get_running_loop().create_future()
         self._client = client
         ready.set()
-        async for _ in client.messages:  # handled inline; ends on disconnect
-            pass
+        # Handled inline; only what arrived before `_dispatch` was set (with a session
+        # present, the broker sends what it queued for us right after CONNACK) comes
+        # through here. Ends on disconnect.
+        async for message in client.messages:
+            self._on_message(message)
 
     async def _end_session(self) -> None:
         """Discard our persistent session on the broker (it would queue every fleet event
