@@ -188,6 +188,16 @@ def finish(proc: subprocess.Popen[str], timeout: float = 60) -> tuple[int, dict[
     return proc.returncode, json.loads(lines[-1])
 
 
+def wait_online(fleet: Fleet, hosts: list[str], timeout: float = 30) -> None:
+    """Until `fleetctl status` shows every one of `hosts` online (its agent connected and
+    subscribed: it publishes `online` after subscribing)."""
+    def online() -> bool:
+        _, rows = fleet.fleetctl_json("status")
+        up = {r["host"] for r in rows if r["online"]}
+        return up.issuperset(hosts)
+    wait_for(online, timeout=timeout, what=f"{len(hosts)} agent(s) online")
+
+
 def wait_prompt(fleet: Fleet, host: str, kind: str | None = None, timeout: float = 30
                 ) -> dict[str, Any]:
     """The open prompt of `host` (of `kind`), as `fleetctl prompts --json` lists it."""

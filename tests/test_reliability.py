@@ -15,18 +15,28 @@ import pytest
 from protocol.codec import encode
 from protocol.models import Progress
 from protocol.topics import Topics
-from tests.helpers import deploy_bg, finish, mqtt_client, publish, wait_for
+from tests.helpers import (
+    deploy_bg,
+    finish,
+    mqtt_client,
+    publish,
+    wait_for,
+    wait_online,
+    wait_prompt,
+)
 
 
 def test_broker_sigkill_mid_rollout_loses_no_result(make_fleet, broker) -> None:  # type: ignore[no-untyped-def]
     hosts = [f"h{i:02d}" for i in range(50)]
     fleet = make_fleet({h: ["all"] for h in hosts})
     fleet.start_simulated(hosts, "--sim-fetch-delay", "1.0", "--sim-switch-delay", "1.5")
-    time.sleep(1.5)  # agents connected
+    wait_online(fleet, hosts)
     proc = deploy_bg(fleet, "@all", "--system", "/nix/store/x-sys", "--timeout", "90")
-    time.sleep(2.0)  # desired states delivered and persisted, hosts mid-deploy
+    # desired states delivered and journaled: every host mid-deploy (fetch takes 1 s)
+    wait_for(lambda: all(any(r["kind"] == "accept" for r in fleet.journal(h)) for h in hosts),
+             what="every host to accept its desired state")
     broker.kill()    # SIGKILL: no clean shutdown
-    time.sleep(1.0)
+    time.sleep(1.0)  # the scenario: the broker stays down for a second
     broker.start()   # same port, same persistence directory
     rc, out = finish(proc)
     assert rc == 0, out
@@ -42,7 +52,7 @@ def test_stuck_agent_does_not_hold_up_the_others(make_fleet) -> None:  # type: i
     fleet = make_fleet({"slow": ["all"], **{f"fast{i}": ["all"] for i in range(5)}})
     fleet.start_simulated([f"fast{i}" for i in range(5)])
     fleet.start_agent("slow", "--sim-fetch-delay", "120")
-    time.sleep(1.0)
+    wait_online(fleet, list(fleet.hosts))
     started = time.monotonic()
     rc, out = fleet.fleetctl_json("deploy", "@all", "--system", "/nix/store/y",
                                   "--host-timeout", "4", "--timeout", "60")
@@ -57,7 +67,7 @@ def test_stuck_agent_does_not_hold_up_the_others(make_fleet) -> None:  # type: i
 async def test_event_flood_does_not_stall_the_controller(make_fleet) -> None:  # type: ignore[no-untyped-def]
     fleet = make_fleet({**{f"n{i}": ["all"] for i in range(5)}, "noisy": ["other"]})
     fleet.start_simulated([f"n{i}" for i in range(5)], "--sim-fetch-delay", "1.0")
-    await asyncio.sleep(1.0)
+    await asyncio.to_thread(wait_online, fleet, [f"n{i}" for i in range(5)])
     proc = deploy_bg(fleet, "@all", "--system", "/nix/store/z", "--timeout", "60")
     topic = Topics(fleet.prefix).events("noisy")
     async with mqtt_client(fleet.broker_url, max_inflight_messages=1000) as client:
@@ -150,14 +160,25 @@ def test_read_only_state_dir_is_a_clear_error(tmp_path: Path) -> None:
 async def test_malformed_payloads_on_agent_topics_never_crash_it(make_fleet) -> None:  # type: ignore[no-untyped-def]
     fleet = make_fleet({"tough": ["x"]})
     agent = fleet.start_agent("tough")
-    await asyncio.sleep(1.0)
+    await asyncio.to_thread(wait_online, fleet, ["tough"])
     t = Topics(fleet.prefix)
-    for topic in (t.desired("tough"), t.answer("tough"), t.confirm("tough")):
-        for payload in (b"\x00", b"\xff" * 1000, b"{}", b"\x93\x01\x02\x03", b"x" * 300_000):
-            await publish(fleet.broker_url, topic, payload)
+
+    async def junk(*topics: str) -> None:
+        for topic in topics:
+            for payload in (b"\x00", b"\xff" * 1000, b"{}", b"\x93\x01\x02\x03",
+                            b"x" * 300_000):
+                await publish(fleet.broker_url, topic, payload)
+
+    await junk(t.desired("tough"), t.confirm("tough"))  # idle
     await publish(fleet.broker_url, t.desired("tough"), b"", retain=True)
-    await asyncio.sleep(1.0)
+    # The agent reads `answer` while a deployment is active: junk on it (and on the
+    # others) while a prompt is open, and the prompt is still answered.
+    proc = deploy_bg(fleet, "tough", "--system", "/nix/store/ok", "--approval", "ask",
+                     "--timeout", "60")
+    await asyncio.to_thread(wait_prompt, fleet, "tough", "approval")
+    await junk(t.answer("tough"), t.confirm("tough"), t.desired("tough"))
+    r = await asyncio.to_thread(fleet.fleetctl, "approve", "tough")
+    assert r.returncode == 0, r.stdout + r.stderr
+    rc, out = await asyncio.to_thread(finish, proc)
+    assert rc == 0 and out["hosts"] == {"tough": "succeeded"}, out
     assert agent.poll() is None  # still running
-    rc, out = await asyncio.to_thread(fleet.fleetctl_json, "deploy", "tough", "--system",
-                                      "/nix/store/ok")
-    assert rc == 0, out
