@@ -67,9 +67,10 @@ class LogStore:
         self.state_dir = state_dir
         self.max_bytes = max_bytes
         self._seen: dict[tuple[str, str], int] = {}
-        self._sizes: dict[Path, int] = {}  # bytes in each file we append to (one driver per
+        self._sizes: dict[str, int] = {}  # bytes in each file we append to (one driver per
         # rollout writes its files: the size need not be asked of the disk each time)
-        self._paths: dict[tuple[str, str], Path] = {}  # (rollout, host): checked once
+        self._paths: dict[tuple[str, str], str] = {}  # (rollout, host): checked once
+        self._dirs: set[str] = set()  # rollout directories made
 
     def append(self, ev: Event) -> bool:
         """Store the lines one event carries (`carried_lines`); False for a duplicate (QoS
@@ -84,7 +85,7 @@ class LogStore:
         where = (rollout_of(ev.deployment_id), ev.host)
         path = self._paths.get(where)
         if path is None:
-            path = self._paths[where] = log_file(self.state_dir, *where)
+            path = self._paths[where] = str(log_file(self.state_dir, *where))
         records = [{"deployment_id": ev.deployment_id, "seq": ev.seq, "time": line.time,
                     "stream": line.stream, "source": line.source, "text": line.text}
                    for line in lines]
@@ -93,21 +94,29 @@ class LogStore:
                             "time": ev.time, "dropped": dropped})
         data = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records).encode()
         try:
-            size = self._sizes.get(path)
-            if size is None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                size = path.stat().st_size if path.exists() else 0
-            if size and size + len(data) > self.max_bytes:
-                os.replace(path, path.with_name(path.name + ".1"))
-                size = 0
+            directory = os.path.dirname(path)
+            if directory not in self._dirs:
+                os.makedirs(directory, exist_ok=True)
+                self._dirs.add(directory)
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             try:
+                size = self._sizes.get(path)
+                if size is None:
+                    size = os.fstat(fd).st_size
+                if size and size + len(data) > self.max_bytes:
+                    os.close(fd)
+                    fd = -1
+                    os.replace(path, path + ".1")
+                    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+                    size = 0
                 os.write(fd, data)
             finally:
-                os.close(fd)
+                if fd >= 0:
+                    os.close(fd)
             self._sizes[path] = size + len(data)
         except OSError as exc:
             self._sizes.pop(path, None)
+            self._dirs.discard(os.path.dirname(path))
             raise InputError(f"cannot write the log {path}: {exc.strerror}") from None
         return True
 
