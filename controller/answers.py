@@ -17,6 +17,7 @@ from protocol.errors import ProtocolError, UsageError
 from protocol.models import Answer, Cancel, Progress, Prompt, Rejected
 from protocol.prompts import fmt_time
 from protocol.signing import sign
+from protocol.topics import Topics
 
 ANSWER_WAIT_S = 10.0
 
@@ -26,12 +27,17 @@ async def open_prompts(ctx: ControllerContext, hosts: list[str]) -> dict[str, Pr
     t = ctx.topics
     async with connect(ctx.broker, **ctx.client_kwargs) as client:
         messages = await read_retained(client, t, [t.all_hosts("prompt")])
-    wanted = set(hosts)
+    return prompts_in(t, messages, set(hosts))
+
+
+def prompts_in(topics: Topics, messages: list[aiomqtt.Message], hosts: set[str]
+               ) -> dict[str, Prompt]:
+    """The prompts of `hosts` among retained `prompt` messages (an empty one: none)."""
     prompts: dict[str, Prompt] = {}
-    reader = MessageReader(t)
+    reader = MessageReader(topics)
     for m in messages:
         payload = m.payload if isinstance(m.payload, bytes) else b""
-        msg = reader.read(str(m.topic), payload, wanted.__contains__)
+        msg = reader.read(str(m.topic), payload, hosts.__contains__)
         if msg is not None and isinstance(msg.body, Prompt):
             prompts[msg.host] = msg.body
     return prompts
@@ -79,6 +85,15 @@ async def send_answer(ctx: ControllerContext, host: str, prompt_id: str,
     answer = sign(Answer(host=host, prompt_id=prompt_id, choices=choices, approve=approve,
                          answered_by=answered_by, issued_at=time.time()), ctx.key)
     async with connect(ctx.broker, **ctx.client_kwargs) as client:
+        # The host's retained prompt says whether anyone waits for this answer. An agent
+        # reads answers only while a deployment is active: one for a prompt that was
+        # answered or whose deployment ended would go unheard, so it is refused here.
+        retained = await read_retained(client, t, [t.prompt(host)])
+        current = prompts_in(t, retained, {host}).get(host)
+        if current is None or current.prompt_id != prompt_id:
+            now = f"; its open prompt is {current.prompt_id}" if current is not None else \
+                " (answered already, or its deployment ended)"
+            return False, f"prompt {prompt_id} is not open on {host}{now}"
         await subscribe(client, t.events(host))
         await subscribe(client, t.prompt(host))
         await client.publish(t.answer(host), encode(answer), qos=1)

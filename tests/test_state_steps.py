@@ -100,7 +100,7 @@ def test_choice_answered_remotely_then_migrations_in_dependency_order(make_fleet
     assert t[("db", "start")] < t[("cache", "end")]
     # a second answer to the closed prompt is told so
     r = fleet.fleetctl("answer", "pg1", prompt["prompt_id"], "db.major=upgrade")
-    assert r.returncode == 1
+    assert r.returncode == 1 and "is not open on pg1" in r.stdout, r.stdout + r.stderr
     # the dump of db exists, keyed by revision and generation, compressed
     dumps = list((fleet.state_dir("pg1") / "dumps" / "db").glob("16-*/dump.tar.zst"))
     assert len(dumps) == 1
