@@ -539,7 +539,8 @@ class RolloutDriver:
         # handled inline as they arrive.
         self._marker = new_marker(self.ctx.topics)
         await subscribe_and_sync(client, self._subscriptions(), self._marker)
-        await asyncio.wait_for(self._synced.wait(), SYNC_TIMEOUT)
+        async with asyncio.timeout(SYNC_TIMEOUT):
+            await self._synced.wait()
         if not self.ctx.share_group:
             # Caught up; without a share group every event reaches us, so the
             # live retained states (one per phase per host) are redundant.
@@ -711,8 +712,11 @@ class RolloutDriver:
             wake = next((a.at for a in actions if isinstance(a, Plan)), now + 1.0)
             until = min(wake, deadline, now + LOG_POLL_INTERVAL)
             self._changed.clear()
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for can lose a cancellation
+            # (Ctrl-C) that comes as the waited-for event completes.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), max(0.01, until - time.time()))
+                async with asyncio.timeout(max(0.01, until - time.time())):
+                    await self._changed.wait()
             await asyncio.sleep(PLAN_INTERVAL)  # let a burst of events fold before re-planning
 
     def _finish_host(self, host: str, result: str, message: str, now: float) -> None:
