@@ -284,10 +284,13 @@ def test_rollouts_nobody_drives_are_shown_and_closed(  # type: ignore[no-untyped
     assert code == 0 and w.count("rollout succeeded") == 1 and "succeeded 2" in w, w
     created, finished = rows[-1]["created"], rows[-1]["finished"]
     assert f"in {finished - created:.1f}s" in w, (w, finished - created)
-    # Ctrl-C on a deploy that waits for an offline host names the resume command
+    # Ctrl-C on a deploy that waits for an offline host names the resume command. The
+    # deploy gets SIGINT's default disposition, as from a terminal: a suite started in the
+    # background (`make test &`) ignores SIGINT, and children inherit that.
     proc = subprocess.Popen([sys.executable, "-m", "controller", "deploy", "w3", "--system",
                              "/nix/store/a-sys"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=fleet.env())
+                            stderr=subprocess.PIPE, text=True, env=fleet.env(),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     rid2 = wait_for_rollout(fleet, rid)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=30)
