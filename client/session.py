@@ -70,7 +70,7 @@ class AgentSession:
     ) -> None:
         self.broker = BrokerCluster.of(broker)  # a BrokerAddress is a one-node cluster
         self.client_id = client_id
-        self.subscriptions = subscriptions
+        self.subscriptions = dict(subscriptions)  # topic -> QoS, held across reconnects
         self.handler = handler
         self.will = will
         self.on_connect = on_connect
@@ -135,7 +135,7 @@ class AgentSession:
                     self._client = client
                     self.connections += 1
                     self._granted.clear()
-                    while pending := [(t, q) for t, q in self.subscriptions
+                    while pending := [(t, q) for t, q in self.subscriptions.items()
                                       if t not in self._granted]:
                         for topic, qos in pending:
                             await self._subscribe(client, topic, qos)
@@ -175,9 +175,9 @@ class AgentSession:
             log.warning("%s: the broker refused the subscription to %s; retrying in %.1fs",
                         self.client_id, topic, delay)
             await asyncio.sleep(delay)
-            if (topic, qos) not in self.subscriptions:
+            if self.subscriptions.get(topic) != qos:
                 return  # dropped (`unwant`) meanwhile
-        if (topic, qos) in self.subscriptions:
+        if self.subscriptions.get(topic) == qos:
             self._granted.add(topic)
             self._granted_changed.set()
 
@@ -186,7 +186,7 @@ class AgentSession:
         try:
             await client.unsubscribe(topic)
         except BaseException:
-            if all(t != topic for t, _ in self.subscriptions):
+            if topic not in self.subscriptions:
                 self._drop.add(topic)  # still to do, on the next connection
             raise
 
@@ -194,9 +194,9 @@ class AgentSession:
         """Hold this subscription from now on, across reconnects. When connected, return
         once the SUBSCRIBE is queued on the connection (not granted: see `subscribed`),
         so that it goes out before anything published after this call."""
-        if (topic, qos) in self.subscriptions:
+        if self.subscriptions.get(topic) == qos:
             return
-        self.subscriptions = [s for s in self.subscriptions if s[0] != topic] + [(topic, qos)]
+        self.subscriptions[topic] = qos
         self._drop.discard(topic)
         client = self._client
         if client is not None and self.connected.is_set():
@@ -208,9 +208,8 @@ class AgentSession:
     def unwant(self, topic: str) -> None:
         """Drop this subscription (also from the broker's copy of a persistent session,
         on the next connection if not now): what it would queue is of no use any more."""
-        if all(t != topic for t, _ in self.subscriptions):
+        if self.subscriptions.pop(topic, None) is None:
             return
-        self.subscriptions = [s for s in self.subscriptions if s[0] != topic]
         self._granted.discard(topic)
         client = self._client
         if client is not None and self.connected.is_set():
