@@ -30,13 +30,8 @@ from protocol.codec import decode, encode
 from protocol.models import Confirm
 from protocol.signing import sign
 from protocol.topics import Topics
-from tests.helpers import Fleet, Listener, deploy_bg, finish, publish, wait_for
+from tests.helpers import Fleet, Listener, deploy_bg, finish, publish, wait_for, wait_online
 from tests.stepsys import script
-
-
-def online(fleet: Fleet, host: str) -> None:
-    wait_for(lambda: fleet.fleetctl_json("status", host)[1][0]["online"] is True,
-             timeout=60, what=f"{host} online")
 
 
 def agent_log(fleet: Fleet, host: str) -> str:
@@ -112,7 +107,7 @@ def test_1100_idle_control_clients_do_not_stop_deploys(make_fleet: Any) -> None:
     during it, and running out of descriptors is logged once."""
     fleet = make_fleet({"h1": ["x"]})
     agent = fleet.start_agent("h1")
-    online(fleet, "h1")
+    wait_online(fleet, ["h1"], timeout=60)
     path = socket_path(fleet.state_dir("h1"))
     _, agent_hard = resource.prlimit(agent.pid, resource.RLIMIT_NOFILE)
     resource.prlimit(agent.pid, resource.RLIMIT_NOFILE, (1024, agent_hard))
@@ -163,7 +158,7 @@ def test_a_desired_state_whose_journal_write_fails_is_refused_with_a_reason(
     succeeds. (Other handler errors are handled again: tests/test_session_retry.py.)"""
     fleet = make_fleet({"h1": ["x"]})
     agent, log = start_agent_piped(fleet, "h1")  # a pipe: RLIMIT_FSIZE does not apply
-    online(fleet, "h1")
+    wait_online(fleet, ["h1"], timeout=60)
     journal = fleet.state_dir("h1") / "journal.jsonl"
     limits = resource.prlimit(agent.pid, resource.RLIMIT_FSIZE)
     resource.prlimit(agent.pid, resource.RLIMIT_FSIZE, (journal.stat().st_size, limits[1]))
@@ -256,7 +251,7 @@ async def test_a_controller_confirm_from_another_round_is_refused(
     the deploy rolls back; the same Confirm with this round's nonce is accepted."""
     fleet = make_fleet({"h1": ["x"]})
     fleet.start_agent("h1")
-    await asyncio.to_thread(online, fleet, "h1")
+    await asyncio.to_thread(wait_online, fleet, ["h1"], 60)
     topic = Topics(fleet.prefix).confirm("h1")
     async with Listener(fleet.broker_url, topic) as probes:
         for system, replay, outcome in (("/nix/store/c-1", True, "rolled_back"),

@@ -45,7 +45,7 @@ from protocol.broker import BrokerCluster
 from protocol.mqtt import MqttVersion
 from protocol.topics import Topics
 from tests.conftest import write_inventory
-from tests.helpers import Fleet, deploy_bg, finish, wait_for, wait_prompt
+from tests.helpers import Fleet, deploy_bg, finish, wait_for, wait_online, wait_prompt
 
 SYSTEM = "/nix/store/dddd-nixos-system-cluster-25.11"
 
@@ -464,7 +464,7 @@ def test_an_idle_agent_holds_no_consumer_and_a_prompt_is_answered_across_a_resta
         assert r.returncode == 0, r.stderr
         before = consumers(http)
         agent = fleet.start_agent("p1")
-        wait_for(lambda: fleet.fleetctl_json("status", "p1")[1][0]["online"], what="online")
+        wait_online(fleet, ["p1"])
         assert consumers(http) == before  # idle: nothing queued for it
         proc = deploy_bg(fleet, "p1", "--system", str(tmp_path), "--approval", "ask",
                          "--timeout", "90")

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from controller.eventlog import EventLog
-from tests.helpers import Fleet, wait_for
+from tests.helpers import Fleet, wait_for, wait_online
 
 HOSTS = [f"h{i:02d}" for i in range(1, 21)]
 SYSTEM = "/nix/store/bbbb-nixos-system-25.11"
@@ -332,7 +332,7 @@ async def test_abort_withdraws_desired_states_nobody_acknowledged(make_fleet: An
     assert all(d.deployment_id == rid for d in retained.values())
     # an offline host coming back finds nothing to do
     fleet.start_simulated(offline[:1])
-    wait_for(lambda: status_rows(fleet)[offline[0]]["online"], timeout=20, what="h06 online")
+    wait_online(fleet, offline[:1], timeout=20)
     assert accepts(fleet, offline[0]) == []
 
 
@@ -387,8 +387,7 @@ async def test_offline_skip_never_sends_to_offline_hosts(make_fleet: Any) -> Non
     fleet = fleet20(make_fleet)
     online, offline = HOSTS[:15], HOSTS[15:]
     fleet.start_simulated(online)
-    wait_for(lambda: all(r["online"] for h, r in status_rows(fleet).items() if h in online),
-             timeout=20, what="agents online")
+    wait_online(fleet, online, timeout=20)
     rc, out = fleet.fleetctl_json("deploy", "@fleet", "--system", SYSTEM, "--offline", "skip",
                                   "--batch", "10", "--timeout", "60")
     assert rc == 0 and out["status"] == "succeeded", out
