@@ -35,7 +35,7 @@ from protocol.errors import BrokerRefused, ProtocolError, StateError
 from protocol.models import Answer, Cancel, Confirm, Desired, HostState, Prompt
 from protocol.mqtt import Backoff, client_id
 from protocol.outcomes import phase_of
-from protocol.signing import verify
+from protocol.signing import verify_payload
 from protocol.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -211,7 +211,7 @@ class Agent:
             await self.reporter.rejected(None, 0, exc.reason, str(exc))
             return
         try:
-            verify(desired, self.config.trusted_keys)
+            verify_payload(payload, self.config.trusted_keys)
         except ProtocolError as exc:
             # The ids are the body's claims (unverified), so the controller that sent it
             # counts this host as rejected now instead of waiting for its --timeout.
@@ -285,7 +285,7 @@ class Agent:
             if confirm.host != self.host:
                 return
             if confirm.source == "controller":
-                verify(confirm, self.config.trusted_keys)
+                verify_payload(payload, self.config.trusted_keys)
         except ProtocolError as exc:
             log.warning("%s: ignoring confirmation: %s", self.host, exc)
             return
@@ -301,7 +301,7 @@ class Agent:
         try:
             message = decode(payload, expect=(Answer, Cancel))
             assert isinstance(message, Answer | Cancel)
-            verify(message, self.config.trusted_keys)
+            verify_payload(payload, self.config.trusted_keys)
         except ProtocolError as exc:
             await self.reporter.rejected(None, 0, exc.reason, f"answer refused: {exc}")
             return

@@ -34,13 +34,8 @@ def encode(model: Model, *, max_size: int = DEFAULT_MAX_PAYLOAD) -> bytes:
     return data
 
 
-def decode(
-    data: bytes,
-    *,
-    expect: tuple[type[M], ...] | None = None,
-    max_size: int = DEFAULT_MAX_PAYLOAD,
-) -> M:
-    """Decode one envelope; `expect` limits which model types are acceptable."""
+def envelope(data: bytes, *, max_size: int = DEFAULT_MAX_PAYLOAD) -> tuple[str, dict[str, Any]]:
+    """The type name and the body of one envelope, as they arrived (not validated)."""
     if len(data) > max_size:
         raise PayloadTooLarge(f"payload is {len(data)} bytes (max {max_size})")
     try:
@@ -52,13 +47,26 @@ def decode(
     if env["v"] != SCHEMA_VERSION or type(env["v"]) is not int:
         raise UnknownVersion(f"unsupported schema version {env['v']!r} (want {SCHEMA_VERSION})")
     type_name = env["type"]
-    cls = REGISTRY.get(type_name) if isinstance(type_name, str) else None
-    if cls is None or (expect is not None and cls not in expect):
+    if not isinstance(type_name, str) or type_name not in REGISTRY:
         raise UnknownType(f"unexpected message type {type_name!r}")
     if not isinstance(env["body"], dict):
         raise InvalidBody(f"{type_name} body must be a map")
+    return type_name, env["body"]
+
+
+def decode(
+    data: bytes,
+    *,
+    expect: tuple[type[M], ...] | None = None,
+    max_size: int = DEFAULT_MAX_PAYLOAD,
+) -> M:
+    """Decode one envelope; `expect` limits which model types are acceptable."""
+    type_name, body = envelope(data, max_size=max_size)
+    cls = REGISTRY.get(type_name)
+    if cls is None or (expect is not None and cls not in expect):
+        raise UnknownType(f"unexpected message type {type_name!r}")
     try:
-        model = cls.model_validate(env["body"])
+        model = cls.model_validate(body)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "body"

@@ -3,6 +3,11 @@
 The signed bytes are a domain tag, the message type, and the body (without
 `signature`) packed with sorted keys, so a signature on one type can never be
 replayed as another and field order never matters.
+
+A receiver checks the signature over the body as it arrived (`verify_payload`), never
+over a re-encoding of the model it parsed: a body signed by an older controller lacks
+the fields added since, which the parsed model fills with defaults, and re-encoding
+would add them and break the signature (agents are upgraded before the controller).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from protocol.codec import encode, envelope
 from protocol.errors import BadSignature, InputError
 from protocol.models import Model
 
@@ -31,10 +37,15 @@ def _canonical(value: Any) -> Any:
     return value
 
 
+def signed_data(type_name: str, body: dict[str, Any]) -> bytes:
+    """What is signed for a message of `type_name` whose body is `body`."""
+    unsigned = {k: v for k, v in body.items() if k != "signature"}
+    packed: bytes = msgpack.packb(_canonical(unsigned), use_bin_type=True)
+    return DOMAIN + type_name.encode() + b"\x00" + packed
+
+
 def signed_bytes(model: Model) -> bytes:
-    body = model.model_dump(mode="python", exclude={"signature"})
-    packed: bytes = msgpack.packb(_canonical(body), use_bin_type=True)
-    return DOMAIN + model.TYPE.encode() + b"\x00" + packed
+    return signed_data(model.TYPE, model.model_dump(mode="python"))
 
 
 def key_id(public: Ed25519PublicKey) -> str:
@@ -49,20 +60,27 @@ def sign(model: S, key: Ed25519PrivateKey) -> S:
 
 
 def verify(model: Model, trusted: list[Ed25519PublicKey]) -> None:
-    """Raise BadSignature unless one trusted key signed exactly this body."""
-    sig = getattr(model, "signature", b"")
+    """Raise BadSignature unless one trusted key signed exactly this model's body."""
+    verify_payload(encode(model), trusted)
+
+
+def verify_payload(payload: bytes, trusted: list[Ed25519PublicKey]) -> None:
+    """Raise BadSignature unless one trusted key signed the body of this envelope exactly
+    as it arrived (a ProtocolError if it is no envelope)."""
+    type_name, body = envelope(payload)
+    sig = body.get("signature", b"")
     if not sig:
-        raise BadSignature(f"{model.TYPE} is not signed")
-    if len(sig) != 64:
-        raise BadSignature(f"{model.TYPE} signature is malformed")
-    data = signed_bytes(model)
+        raise BadSignature(f"{type_name} is not signed")
+    if not isinstance(sig, bytes) or len(sig) != 64:
+        raise BadSignature(f"{type_name} signature is malformed")
+    data = signed_data(type_name, body)
     for pub in trusted:
         try:
             pub.verify(sig, data)
             return
         except InvalidSignature:
             continue
-    raise BadSignature(f"{model.TYPE} signature does not verify against any trusted key")
+    raise BadSignature(f"{type_name} signature does not verify against any trusted key")
 
 
 def generate_key() -> Ed25519PrivateKey:

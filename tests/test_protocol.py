@@ -26,7 +26,7 @@ from protocol.models import (
     ReportItem,
     Result,
 )
-from protocol.signing import generate_key, sign, verify
+from protocol.signing import generate_key, sign, signed_data, verify, verify_payload
 from protocol.topics import Topics, validate_host
 
 NOW = 1_700_000_000.0
@@ -104,6 +104,28 @@ def test_signature_verifies_and_detects_tampering() -> None:
         verify(SAMPLES[0], [key.public_key()])  # unsigned
     with pytest.raises(BadSignature):
         verify(signed.model_copy(update={"signature": b"short"}), [key.public_key()])
+
+
+def test_a_body_signed_without_fields_added_since_verifies_as_it_arrived() -> None:
+    """A controller older than the agent signs a Desired whose body lacks fields added
+    since (`install_bootloader`, a policy field): the agent fills their defaults, and
+    still checks the signature over the body as it arrived, so agents can be upgraded
+    before the controller. Tampering with that body is still caught."""
+    key = generate_key()
+    body = sign(SAMPLES[0], key).model_dump(mode="python")
+    del body["install_bootloader"]
+    del body["policy"]["confirm_timeout_s"]
+    body["signature"] = key.sign(signed_data("desired", body))
+    payload = msgpack.packb({"v": 1, "type": "desired", "body": body}, use_bin_type=True)
+    desired = codec.decode(payload, expect=(Desired,))
+    assert desired.install_bootloader is False  # this version's default
+    verify_payload(payload, [key.public_key()])
+    tampered = msgpack.packb({"v": 1, "type": "desired", "body": body | {"generation": 9}},
+                             use_bin_type=True)
+    with pytest.raises(BadSignature):
+        verify_payload(tampered, [key.public_key()])
+    with pytest.raises(BadSignature):
+        verify_payload(payload, [generate_key().public_key()])
 
 
 def test_signature_cannot_move_between_types() -> None:
