@@ -159,6 +159,8 @@ class Agent:
     async def _on_connect(self) -> None:
         await self.session.publish(self.topics.online(self.host), b"online", retain=True)
         await self.reporter.host_state()
+        if self.journal.state.active is None:  # else its runner owns the prompt
+            await self.reporter.clear_stale_prompt()
         if self.ha is not None:
             await self.ha.announce()
 

@@ -20,8 +20,9 @@ one final HostState):
   (idle, final, awaiting an answer or a reboot) or it carries a rejection; a passing
   phase is folded: published only if it is still the current state `hold` seconds
   later. Listeners (Home Assistant) see every change at once.
-- The retained prompt is cleared only if one may be set (once after start, then after
-  each prompt).
+- The retained prompt is cleared only if one may be set: after each prompt, and once
+  after start (at the first connection when no deployment is in flight, else when that
+  deployment ends).
 """
 
 from __future__ import annotations
@@ -228,6 +229,14 @@ class Reporter:
             self._state_dirty = False
             await self._publish(self.topics.state(self.host), encode(self.state), qos=1,
                                 retain=True)
+
+    async def clear_stale_prompt(self) -> None:
+        """Clear a retained prompt an earlier run may have left (it stopped after its
+        Result, before clearing it); for an agent with no deployment in flight, whose
+        prompt nobody else owns. Once known clear, a deploy that asks nothing sends
+        nothing on `prompt`."""
+        if self._prompt_set is None:
+            await self.prompt(None)
 
     async def prompt(self, prompt: Prompt | None) -> None:
         if prompt is None and self._prompt_set is False:

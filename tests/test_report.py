@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 from client.report import Reporter
-from protocol.codec import decode
+from protocol.codec import decode, encode
 from protocol.models import (
     EVENT_TYPES,
     MAX_LOG_BATCH,
@@ -26,7 +26,7 @@ from protocol.models import (
     Result,
 )
 from protocol.topics import Topics
-from tests.helpers import Listener
+from tests.helpers import Listener, publish
 
 DEP, GEN = "r1", 3
 TOPICS = Topics("fleet/v1")
@@ -230,3 +230,39 @@ async def test_a_real_quick_deploy_sends_an_ack_and_a_result_with_its_lines(make
     # (a Progress, carrying the lines so far, only if the deploy outlasted the hold)
     assert Log not in kinds and CheckReport not in kinds and len(kinds) <= 3
     assert any("fetching /nix/store/q-sys" in ln.text for ln in result.lines)
+
+
+async def test_a_stale_prompt_is_cleared_at_start_and_a_deploy_that_asks_nothing_sends_none(make_fleet) -> None:  # type: ignore[no-untyped-def]
+    """A retained prompt an earlier run left behind (it stopped between its Result and
+    clearing the prompt) is cleared as soon as the agent is back with nothing in
+    flight, not at the end of whatever deploy comes next; after that, a deploy that
+    asks nothing publishes nothing on `prompt`."""
+    fleet = make_fleet({"solo": ["web"]})
+    base = f"{fleet.prefix}/host/solo"
+    stale = Prompt(host="solo", prompt_id="p-old", deployment_id="r0", generation=1,
+                   kind="approval", created_at=time.time())
+    await publish(fleet.broker_url, f"{base}/prompt", encode(stale), retain=True)
+    async with Listener(fleet.broker_url, f"{base}/+") as host:
+        def on(kind: str) -> list[bytes]:
+            return [p for t, p in host.raw if t == f"{base}/{kind}"]
+
+        await wait_until(lambda: on("prompt") == [encode(stale)])
+        fleet.start_simulated(["solo"])
+        await wait_until(lambda: on("prompt")[-1:] == [b""])  # cleared, no deploy yet
+        assert on("desired") == []
+        cleared = len(on("prompt"))
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "controller", "deploy", "solo", "--system",
+            "/nix/store/q-sys", "--json", env=fleet.env(), stdout=asyncio.subprocess.DEVNULL)
+        assert await asyncio.wait_for(proc.wait(), 60) == 0
+        # the final state is published after anything the deploy sent on `prompt`
+        await wait_until(lambda: any(decode(p, expect=(HostState,)).last_result == "succeeded"
+                                     for p in on("state")))
+        assert len(on("prompt")) == cleared
+
+
+async def wait_until(predicate: Any, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.02)
