@@ -40,7 +40,7 @@ from protocol.mqtt import (
     connack_code,
     publish_until_lost,
     refusal,
-    refused_subscriptions,
+    subscribe_until_granted,
 )
 
 log = logging.getLogger(__name__)
@@ -165,18 +165,17 @@ class AgentSession:
                 self._client = None
 
     async def _subscribe(self, client: aiomqtt.Client, topic: str, qos: int) -> None:
-        """Subscribe until the broker grants it (capped, jittered backoff). aiomqtt
-        returns a SUBACK failure instead of raising, and a busy NATS cluster sends one
-        when creating the subscription's JetStream consumer times out: an agent that
-        carried on would never hear of a deploy on that topic."""
-        backoff = Backoff(base=0.5, cap=30.0)
-        while refused_subscriptions([topic], await client.subscribe(topic, qos=qos)):
-            delay = backoff.next_delay()
+        """Subscribe until the broker grants it (capped, jittered backoff, no limit), or
+        until the topic is dropped (`unwant`) meanwhile."""
+        def still_wanted(t: str, q: int) -> bool:
+            return self.subscriptions.get(t) == q
+
+        def refused(topics: list[str], delay: float) -> None:
             log.warning("%s: the broker refused the subscription to %s; retrying in %.1fs",
-                        self.client_id, topic, delay)
-            await asyncio.sleep(delay)
-            if self.subscriptions.get(topic) != qos:
-                return  # dropped (`unwant`) meanwhile
+                        self.client_id, ", ".join(topics), delay)
+
+        await subscribe_until_granted(client, [(topic, qos)], Backoff(base=0.5, cap=30.0),
+                                      wanted=still_wanted, on_refused=refused)
         if self.subscriptions.get(topic) == qos:
             self._granted.add(topic)
             self._granted_changed.set()

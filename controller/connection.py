@@ -26,7 +26,7 @@ from protocol.mqtt import (
     connack_code,
     random_client_id,
     refusal,
-    refused_subscriptions,
+    subscribe_until_granted,
 )
 from protocol.topics import Topics
 
@@ -116,21 +116,20 @@ async def subscribe(client: aiomqtt.Client, topic: str | list[str], qos: int = 1
     was refused is asked again with backoff; still refused after SUBSCRIBE_ATTEMPTS, it
     is a BrokerUnavailable (a controller that carried on would silently miss every
     message on that topic)."""
-    backoff = Backoff(base=0.5, cap=8.0)
     kwargs: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
-    todo = [topic] if isinstance(topic, str) else list(topic)
-    for attempt in range(SUBSCRIBE_ATTEMPTS):
-        granted = await client.subscribe([(t, qos) for t in todo], **kwargs)
-        todo = refused_subscriptions(todo, granted)
-        if not todo:
-            return
-        if attempt + 1 < SUBSCRIBE_ATTEMPTS:
-            delay = backoff.next_delay()
-            log.warning("the broker refused the subscription to %s; retrying in %.1fs",
-                        ", ".join(todo), delay)
-            await asyncio.sleep(delay)
-    raise BrokerUnavailable(f"the broker refused the subscription to {', '.join(todo)} "
-                            f"{SUBSCRIBE_ATTEMPTS} times (SUBACK failure)")
+    topics = [topic] if isinstance(topic, str) else list(topic)
+
+    def refused(todo: list[str], delay: float) -> None:
+        log.warning("the broker refused the subscription to %s; retrying in %.1fs",
+                    ", ".join(todo), delay)
+
+    todo = await subscribe_until_granted(client, [(t, qos) for t in topics],
+                                         Backoff(base=0.5, cap=8.0),
+                                         attempts=SUBSCRIBE_ATTEMPTS, on_refused=refused,
+                                         **kwargs)
+    if todo:
+        raise BrokerUnavailable(f"the broker refused the subscription to {', '.join(todo)} "
+                                f"{SUBSCRIBE_ATTEMPTS} times (SUBACK failure)")
 
 
 async def shared_subscription_works(client: aiomqtt.Client, topics: Topics, group: str,
@@ -179,6 +178,16 @@ async def read_retained(client: aiomqtt.Client, topics: Topics, filters: list[st
     """All retained messages on `filters`, without guessing with an idle timeout."""
     marker = new_marker(topics)
     await subscribe_and_sync(client, filters, marker, timeout)
+    out = await messages_until(client, marker, timeout)
+    for f in [*filters, marker]:
+        await client.unsubscribe(f)
+    return out
+
+
+async def messages_until(client: aiomqtt.Client, marker: str, timeout: float = SYNC_TIMEOUT
+                         ) -> list[aiomqtt.Message]:
+    """The messages that arrive before the `marker` of `subscribe_and_sync` comes back:
+    every retained message of its filters (and whatever else was delivered meanwhile)."""
     out: list[aiomqtt.Message] = []
 
     async def collect() -> None:
@@ -191,6 +200,4 @@ async def read_retained(client: aiomqtt.Client, topics: Topics, filters: list[st
         await asyncio.wait_for(collect(), timeout)
     except TimeoutError:
         raise BrokerUnavailable("the broker did not answer in time") from None
-    for f in [*filters, marker]:
-        await client.unsubscribe(f)
     return out

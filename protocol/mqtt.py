@@ -19,7 +19,7 @@ import asyncio
 import math
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -224,3 +224,33 @@ async def publish_until_lost(client: aiomqtt.Client, lost: asyncio.Future[None],
         return False
     finally:
         lost.remove_done_callback(cancel)
+
+
+async def subscribe_until_granted(
+        client: aiomqtt.Client, subscriptions: Sequence[tuple[str, int]], backoff: Backoff, *,
+        attempts: int | None = None, wanted: Callable[[str, int], bool] | None = None,
+        on_refused: Callable[[list[str], float], None] | None = None,
+        **subscribe_kwargs: Any) -> list[str]:
+    """Subscribe (one SUBSCRIBE), then again, with `backoff`, to what the broker refused,
+    until it grants all of it. aiomqtt returns a SUBACK failure instead of raising, and a
+    busy NATS cluster sends one when creating the JetStream consumer behind the
+    subscription times out: a client that carried on would never hear a message there.
+    Returns what is still refused after `attempts` SUBSCRIBEs (None: no limit, for a
+    daemon); a topic `wanted` says is no longer wanted is not asked for again (nor
+    returned). `on_refused(topics, delay)` is told before each wait (the caller logs)."""
+    todo = list(subscriptions)
+    attempt = 0
+    while todo:
+        granted = await client.subscribe(todo, **subscribe_kwargs)
+        refused = set(refused_subscriptions([t for t, _ in todo], granted))
+        todo = [(t, q) for t, q in todo if t in refused]
+        attempt += 1
+        if not todo or (attempts is not None and attempt >= attempts):
+            break
+        delay = backoff.next_delay()
+        if on_refused is not None:
+            on_refused([t for t, _ in todo], delay)
+        await asyncio.sleep(delay)
+        if wanted is not None:
+            todo = [(t, q) for t, q in todo if wanted(t, q)]
+    return [t for t, _ in todo]
