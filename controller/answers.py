@@ -9,7 +9,13 @@ from typing import Any
 
 import aiomqtt
 
-from controller.connection import connect, read_retained, subscribe
+from controller.connection import (
+    connect,
+    messages_until,
+    new_marker,
+    read_retained,
+    subscribe_and_sync,
+)
 from controller.deploy import ControllerContext
 from controller.reader import MessageReader
 from protocol.codec import decode, encode
@@ -88,14 +94,16 @@ async def send_answer(ctx: ControllerContext, host: str, prompt_id: str,
         # The host's retained prompt says whether anyone waits for this answer. An agent
         # reads answers only while a deployment is active: one for a prompt that was
         # answered or whose deployment ended would go unheard, so it is refused here.
-        retained = await read_retained(client, t, [t.prompt(host)])
+        # The same subscriptions then follow what the agent does with the answer.
+        marker = new_marker(t)
+        await subscribe_and_sync(client, [t.prompt(host), t.events(host)], marker)
+        retained = [m for m in await messages_until(client, marker)
+                    if str(m.topic) == t.prompt(host)]
         current = prompts_in(t, retained, {host}).get(host)
         if current is None or current.prompt_id != prompt_id:
             now = f"; its open prompt is {current.prompt_id}" if current is not None else \
                 " (answered already, or its deployment ended)"
             return False, f"prompt {prompt_id} is not open on {host}{now}"
-        await subscribe(client, t.events(host))
-        await subscribe(client, t.prompt(host))
         await client.publish(t.answer(host), encode(answer), qos=1)
         try:
             return await asyncio.wait_for(_outcome(client, t.prompt(host), prompt_id),
