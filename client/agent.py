@@ -90,7 +90,9 @@ class Agent:
             self.ha = ha.HomeAssistantBridge(self.topics, self.host, self._publish_retained,
                                              ha.load_token(config.state_dir),
                                              reboot_allowed=config.ha_reboot)
-            subscriptions += [(t, 1) for t in self.ha.subscriptions()]
+            # QoS 0 too: a command is for now. One sent while the host is away (Home
+            # Assistant shows it unavailable) is not queued and carried out on return.
+            subscriptions += [(t, 0) for t in self.ha.subscriptions()]
         self.notifier = PromptNotifier(config.notify) if config.notify.enabled else None
         self.session = AgentSession(
             config.broker,

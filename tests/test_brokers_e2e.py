@@ -448,13 +448,17 @@ def consumers(http: int) -> int:
         return int(json.load(r)["consumers"])
 
 
+@pytest.mark.parametrize("agent_flags", [(), ("--home-assistant", "--ha-reboot")],
+                         ids=["plain", "home-assistant"])
 def test_an_idle_agent_holds_no_consumer_and_a_prompt_is_answered_across_a_restart(
         monitored_nats: tuple[NatsNode, int], tmp_path: Path, controller_dir: Path,
-        prefix: str) -> None:
+        prefix: str, agent_flags: tuple[str, ...]) -> None:
     """NATS makes each QoS 1 subscription of a session a JetStream consumer; one per idle
     agent (its `answer` topic) kept 10,000 agents from ever coming online on a 3-node
     cluster. The agent now subscribes to answers only while a deployment is active, and
-    an answer sent while it is down, a prompt open, still reaches it after a restart."""
+    an answer sent while it is down, a prompt open, still reaches it after a restart.
+    Home Assistant's commands are not queued either: a button pressed while the host is
+    away is not carried out hours later when it is back."""
     node, http = monitored_nats
     fleet = Fleet(tmp_path, node.url, prefix, controller_dir, {"p1": ["p"]},
                   mqtt_version="3.1.1")
@@ -463,7 +467,7 @@ def test_an_idle_agent_holds_no_consumer_and_a_prompt_is_answered_across_a_resta
         r = fleet.fleetctl("status")  # creates NATS's MQTT streams; no session kept
         assert r.returncode == 0, r.stderr
         before = consumers(http)
-        agent = fleet.start_agent("p1")
+        agent = fleet.start_agent("p1", *agent_flags)
         wait_online(fleet, ["p1"])
         assert consumers(http) == before  # idle: nothing queued for it
         proc = deploy_bg(fleet, "p1", "--system", str(tmp_path), "--approval", "ask",
@@ -474,7 +478,7 @@ def test_an_idle_agent_holds_no_consumer_and_a_prompt_is_answered_across_a_resta
         agent.wait()
         r = fleet.fleetctl("approve", "p1")  # the agent is down: the answer waits for it
         assert r.returncode == 0, r.stdout + r.stderr
-        fleet.start_agent("p1")
+        fleet.start_agent("p1", *agent_flags)
         rc, out = finish(proc, timeout=90)
         assert (rc, out["hosts"]) == (0, {"p1": "succeeded"}), out
         # finished, and fleetctl's own session ended: back to what an idle fleet costs

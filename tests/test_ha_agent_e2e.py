@@ -4,13 +4,17 @@ real Home Assistant core in tests/test_ha_real.py."""
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pexpect
 
-from tests.helpers import deploy_bg, finish, wait_prompt
+from client import homeassistant as ha
+from protocol.topics import Topics
+from tests.helpers import deploy_bg, finish, publish, wait_online, wait_prompt
 from tests.stepsys import make_db, make_system
 
 
@@ -79,3 +83,28 @@ def test_fleetctl_approve_releases_hosts_waiting_for_approval(make_fleet) -> Non
     assert rc == 0 and set(out) == {"ap1", "ap2"} and all(v["accepted"] for v in out.values())
     rc, result = finish(proc)
     assert rc == 0 and result["succeeded"] == 2, result
+
+
+def test_a_home_assistant_press_while_the_host_is_away_is_not_carried_out_later(  # type: ignore[no-untyped-def]
+        make_fleet, tmp_path: Path) -> None:
+    """Home Assistant shows a host that is away as unavailable; a command sent meanwhile
+    (an automation pressing Install) is not queued for the agent and carried out when
+    it is back, perhaps hours later: the approval still waits for someone present."""
+    fleet = make_fleet({"ha1": ["x"]})
+    agent = fleet.start_agent("ha1", "--home-assistant")
+    proc = deploy_bg(fleet, "ha1", "--system", str(tmp_path), "--approval", "ask",
+                     "--timeout", "90")
+    wait_prompt(fleet, "ha1", "approval")
+    agent.kill()
+    agent.wait()
+    token = ha.load_token(fleet.state_dir("ha1"))
+    asyncio.run(publish(fleet.broker_url, Topics(fleet.prefix).ha_host("ha1", "update/install"),
+                        ha.install_payload(token).encode()))
+    fleet.start_agent("ha1", "--home-assistant")
+    wait_online(fleet, ["ha1"])
+    time.sleep(2)  # a negative check: what the broker would have queued arrives at once
+    assert wait_prompt(fleet, "ha1", "approval", timeout=5)  # still waiting
+    r = fleet.fleetctl("approve", "ha1")
+    assert r.returncode == 0, r.stdout + r.stderr
+    rc, out = finish(proc, timeout=90)
+    assert (rc, out["hosts"]) == (0, {"ha1": "succeeded"}), out
