@@ -128,21 +128,41 @@ async def wait_online(url: str, hosts: list[str], timeout: float) -> float:
     return time.monotonic() - started
 
 
+# The floors, each a phase of bare agents (bench/floor_agents.py --protocol P): "floor"
+# acks each message; "protocol" sends a quick Flotilla deploy's packets; "lean" (only
+# with --lean-floor) sends two retained states, a protocol Flotilla does not speak.
+FLOORS = {"floor": "floor", "protocol": "flotilla", "lean": "lean"}
+
+
 # -- child: the floor's controller ------------------------------------------------------
 async def floor_controller(cfg: dict[str, Any]) -> None:
-    """`rounds` fan-outs on the same connections; the floor is their median."""
+    """`rounds` fan-outs on the same connections; the floor is their median. With the
+    protocol floor's agents a host is acked at its Ack and done at its Result."""
     hosts: list[str] = cfg["hosts"]
+    protocol = cfg.get("protocol") in ("flotilla", "lean")
+    # the lean protocol reports in the retained state, Flotilla and the floor in events
+    leaf = "state" if cfg.get("protocol") == "lean" else "events"
     startup = await wait_online(cfg["url"], hosts, cfg["timeout"])
     acked: set[str] = set()
-    all_acked = asyncio.Event()
+    done: set[str] = set()
+    all_acked, all_done = asyncio.Event(), asyncio.Event()
     async with make_client(cfg["url"], "bench-floor-controller") as client:
-        await client.subscribe(f"{PREFIX}/host/+/events", qos=1)
+        await client.subscribe(f"{PREFIX}/host/+/{leaf}", qos=1)
 
         async def collect() -> None:
             async for m in client.messages:
-                acked.add(str(m.topic).split("/")[-2])
-                if len(acked) == len(hosts):
-                    all_acked.set()
+                if m.retain:
+                    continue  # a state from before this round
+                host = str(m.topic).split("/")[-2]
+                kind = bytes(m.payload)[:1] if isinstance(m.payload, bytes) else b""
+                if not protocol or kind == b"A":
+                    acked.add(host)
+                    if len(acked) == len(hosts):
+                        all_acked.set()
+                if not protocol or kind == b"R":
+                    done.add(host)
+                    if len(done) == len(hosts):
+                        all_done.set()
 
         reader = asyncio.create_task(collect())
         emit({"ev": "ready", "startup_s": startup, "rss_mb": rss_mb()})
@@ -150,10 +170,13 @@ async def floor_controller(cfg: dict[str, Any]) -> None:
         emit({"ev": "t0"})
         sem = asyncio.Semaphore(PUBLISH_CONCURRENCY)
         rounds: list[float] = []
+        acked_s: list[float] = []
         publish_s: list[float] = []
         for _ in range(cfg["floor_rounds"]):
-            acked.clear()
+            for s in (acked, done):
+                s.clear()
             all_acked.clear()
+            all_done.clear()
             payload = os.urandom(cfg["payload_size"])
             t0 = time.monotonic()
 
@@ -165,10 +188,13 @@ async def floor_controller(cfg: dict[str, Any]) -> None:
             await asyncio.gather(*(publish(h) for h in hosts))
             publish_s.append(time.monotonic() - t0)
             await asyncio.wait_for(all_acked.wait(), cfg["timeout"])
+            acked_s.append(time.monotonic() - t0)
+            await asyncio.wait_for(all_done.wait(), cfg["timeout"])
             rounds.append(time.monotonic() - t0)
         emit({"ev": "end"})
         reader.cancel()
     emit({"ev": "result", "floor_s": statistics.median(rounds),
+          "acked_s": statistics.median(acked_s),
           "rounds_s": [round(r, 3) for r in rounds],
           "publish_s": round(statistics.median(publish_s), 3),
           "controller_cpu_s": cpu_self() - cpu0, "controller_rss_mb": rss_mb()})
@@ -300,7 +326,7 @@ def child_main(cfg_path: str) -> int:
     cfg = json.loads(Path(cfg_path).read_text())
     import logging
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    if cfg["kind"] == "floor":
+    if cfg["kind"] in FLOORS:
         asyncio.run(floor_controller(cfg))
     else:
         asyncio.run(flotilla_controller(cfg))
@@ -377,8 +403,9 @@ class Phase:
                                "timeline": self.args.timeline,
                                "floor_rounds": self.args.floor_rounds}
         pub: Path | None = None
-        if self.kind == "floor":
+        if self.kind in FLOORS:
             cfg["payload_size"] = desired_size()
+            cfg["protocol"] = FLOORS[self.kind]
         else:
             from controller.keys import init_keys
             state = self.dir / "controller"
@@ -404,9 +431,10 @@ class Phase:
             url = agent_urls[i % len(agent_urls)]
             hosts_file = self.dir / f"hosts-{i}.txt"
             hosts_file.write_text("\n".join(chunk))
-            if self.kind == "floor":
+            if self.kind in FLOORS:
                 argv = [sys.executable, str(Path(__file__).with_name("floor_agents.py")),
-                        "--broker", url, "--hosts-file", str(hosts_file)]
+                        "--broker", url, "--hosts-file", str(hosts_file),
+                        "--protocol", FLOORS[self.kind]]
             else:
                 argv = [sys.executable, "-m", "client", "simulate", "--hosts", ",".join(chunk),
                         "--state-dir", str(agents_dir), "--trust-key", str(pub),
@@ -557,20 +585,32 @@ def print_table(out: dict[str, Any]) -> None:
     """A side-by-side table on stderr; the last stdout line stays the JSON object."""
     per_host = out.get("cpu_ms_per_host", {})
     floor, flot = per_host.get("floor", {}), per_host.get("flotilla", {})
+    proto = per_host.get("protocol", {})
+    pf = out.get("protocol_floor") or {}
 
     def f(x: Any, unit: str = "") -> str:
         return "-" if x is None else (f"{x:.3f}{unit}" if isinstance(x, float) else str(x))
 
-    rows = [("acked s", out["floor_s"], out["acked_s"]),
-            ("done s", out["floor_s"], out["done_s"]),
-            ("controller CPU ms/host", floor.get("controller"), flot.get("controller")),
-            ("agent CPU ms/deploy", floor.get("agents"), flot.get("agents"))]
+    rows = [("acked s", out["floor_s"], pf.get("acked_s"), out["acked_s"]),
+            ("done s", out["floor_s"], pf.get("done_s"), out["done_s"]),
+            ("controller CPU ms/host", floor.get("controller"), proto.get("controller"),
+             flot.get("controller")),
+            ("agent CPU ms/deploy", floor.get("agents"), proto.get("agents"), flot.get("agents"))]
     lines = [f"fanout: {out['hosts']} hosts via {out['broker']}, status {out.get('status')}, "
              f"controller RSS {out.get('controller_rss_mb')} MB, load {out['load_before']} -> "
              f"{out.get('load_after')}",
-             f"  {'':24} {'floor':>10} {'flotilla':>10} {'ratio':>7}"]
-    for name, a, b in rows:
-        lines.append(f"  {name:24} {f(a):>10} {f(b):>10} {f(ratio(b, a)):>7}")
+             f"  {'':24} {'floor':>10} {'protocol':>10} {'flotilla':>10} {'ratio':>7}"
+             f" {'proto/floor':>11} {'flot/proto':>10}"]
+    for name, a, p, b in rows:
+        lines.append(f"  {name:24} {f(a):>10} {f(p):>10} {f(b):>10} {f(ratio(b, a)):>7}"
+                     f" {f(ratio(p, a)):>11} {f(ratio(b, p)):>10}")
+    if "lean_floor" in out:
+        lean, lf = per_host.get("lean", {}), out["lean_floor"]
+        lines.append("  lean protocol / floor: " + ", ".join(
+            f"{name} {f(ratio(b, a))}" for name, a, b in [
+                ("acked", out["floor_s"], lf["acked_s"]), ("done", out["floor_s"], lf["done_s"]),
+                ("controller CPU", floor.get("controller"), lean.get("controller")),
+                ("agent CPU", floor.get("agents"), lean.get("agents"))]))
     for t in out.get("targets", {}).values():
         met = {True: "met", False: "NOT met", None: "not measured"}[t["met"]]
         lines.append(f"  target {t['what']}: {f(t['value'])} (limit {t['limit']}) {met}")
@@ -616,6 +656,10 @@ def main(argv: list[str] | None = None) -> int:
                         "(MQTT 3.1.1; agents on nodes 2-3, the controller on node 1)")
     p.add_argument("--floor-rounds", type=int, default=3,
                    help="fan-outs in the floor phase; floor_s is their median")
+    p.add_argument("--no-protocol-floor", action="store_true",
+                   help="skip the protocol floor (bare agents sending Flotilla's packets)")
+    p.add_argument("--lean-floor", action="store_true",
+                   help="also measure the lean protocol (two retained states per deploy)")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
     args = p.parse_args(argv)
     if args.n < 1:
@@ -645,6 +689,19 @@ def main(argv: list[str] | None = None) -> int:
             detail["floor"] = {k: r3(v) if isinstance(v, float) else v for k, v in res.items()
                                if k not in ("ev", "floor_s")}
             log(f"floor: {floor:.3f}s")
+            if not args.no_protocol_floor:
+                res = run_phase("protocol", args, work)
+                detail["protocol"] = {k: r3(v) if isinstance(v, float) else v
+                                      for k, v in res.items() if k != "ev"}
+                out["protocol_floor"] = {"acked_s": r3(res["acked_s"]),
+                                         "done_s": r3(res["floor_s"])}
+                log(f"protocol floor: acked {res['acked_s']:.3f}s, done {res['floor_s']:.3f}s")
+            if args.lean_floor:
+                res = run_phase("lean", args, work)
+                detail["lean"] = {k: r3(v) if isinstance(v, float) else v
+                                  for k, v in res.items() if k != "ev"}
+                out["lean_floor"] = {"acked_s": r3(res["acked_s"]), "done_s": r3(res["floor_s"])}
+                log(f"lean floor: acked {res['acked_s']:.3f}s, done {res['floor_s']:.3f}s")
         res = run_phase("flotilla", args, work)
         out.update(floor_s=r3(floor), acked_s=r3(res["acked_s"]), done_s=r3(res["done_s"]),
                    acked_ratio=ratio(res["acked_s"], floor), done_ratio=ratio(res["done_s"], floor))
@@ -656,7 +713,9 @@ def main(argv: list[str] | None = None) -> int:
         detail["flotilla"] = {k: r3(v) if isinstance(v, float) else v for k, v in res.items()
                               if k not in ("ev", "acked_s", "done_s", "controller_rss_mb")}
         # Per host and deploy: the floor's window holds --floor-rounds fan-outs.
-        deploys = {"floor": args.n * args.floor_rounds, "flotilla": args.n}
+        deploys = {"floor": args.n * args.floor_rounds,
+                   "protocol": args.n * args.floor_rounds, "lean": args.n * args.floor_rounds,
+                   "flotilla": args.n}
         out["cpu_ms_per_host"] = per_host = {
             phase: {"controller": round(d["cpu_s"]["controller"] * 1000 / deploys[phase], 3),
                     "agents": round(d["cpu_s"]["agents"] * 1000 / deploys[phase], 3)}
