@@ -296,6 +296,8 @@ class EventLog:
 
     def _write_snapshot(self, doc: dict[str, Any], meta: dict[str, Any],
                         keep_aside: Path | None = None) -> None:
+        """Replace the log by one index-0 snapshot of `doc`, atomically (write, fsync,
+        rename, fsync the directory); the old file kept as `keep_aside` if given."""
         tmp = self.path.with_suffix(".jsonl.tmp")
         entry = {"index": 0, "meta": {"time": time.time(), **meta},
                  "patch": [{"op": "replace", "path": "", "value": doc}]}
@@ -324,23 +326,7 @@ class EventLog:
             if self.index < 0:
                 return 0, 0
             before, size = self.index + 1, self._offset
-            tmp = self.path.with_suffix(".jsonl.tmp")
-            entry = {"index": 0, "meta": {"time": time.time(), "event": "snapshot",
-                                          "entries": before},
-                     "patch": [{"op": "replace", "path": "", "value": self.doc}]}
-            try:
-                with open(tmp, "wb") as fh:
-                    fh.write(json.dumps(entry, separators=(",", ":")).encode() + b"\n")
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                os.replace(tmp, self.path)
-                dfd = os.open(self.dir, os.O_RDONLY)
-                try:
-                    os.fsync(dfd)
-                finally:
-                    os.close(dfd)
-            except OSError as exc:
-                raise StateError(f"cannot compact {self.path}: {exc.strerror}") from None
+            self._write_snapshot(self.doc, {"event": "snapshot", "entries": before})
             self._reset()
             self._catch_up()
             return before, size - self._offset
