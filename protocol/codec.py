@@ -1,4 +1,4 @@
-"""msgpack envelope codec: `{v: version, type: name, body: model}`.
+"""msgpack envelope codec: `{v: version, type: name, body: model}` (`body_dict`).
 
 Decoding never raises anything but a ProtocolError subclass, whatever the bytes.
 """
@@ -20,7 +20,11 @@ M = TypeVar("M", bound=Model)
 
 
 def body_dict(model: Model) -> dict[str, Any]:
-    return model.model_dump(mode="python")
+    """A message's body on the wire: only the fields that differ from their defaults, so
+    a receiver older than the sender takes a message that does not use a field it does
+    not know (and refuses one that does). A default is therefore part of the protocol:
+    changing one changes what older messages mean."""
+    return model.model_dump(mode="python", exclude_defaults=True)
 
 
 def encode(model: Model, *, max_size: int = DEFAULT_MAX_PAYLOAD) -> bytes:

@@ -4,10 +4,10 @@ The signed bytes are a domain tag, the message type, and the body (without
 `signature`) packed with sorted keys, so a signature on one type can never be
 replayed as another and field order never matters.
 
+The body signed is the body sent (`codec.body_dict`: fields at their defaults left out).
 A receiver checks the signature over the body as it arrived (`verify_payload`), never
-over a re-encoding of the model it parsed: a body signed by an older controller lacks
-the fields added since, which the parsed model fills with defaults, and re-encoding
-would add them and break the signature (agents are upgraded before the controller).
+over a re-encoding of the model it parsed: a body from an older controller lacks the
+fields added since, which the parsed model fills in, so a re-encoding could differ.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from protocol.codec import encode, envelope
+from protocol.codec import body_dict, encode, envelope
 from protocol.errors import BadSignature, InputError
 from protocol.models import Model
 
@@ -45,7 +45,7 @@ def signed_data(type_name: str, body: dict[str, Any]) -> bytes:
 
 
 def signed_bytes(model: Model) -> bytes:
-    return signed_data(model.TYPE, model.model_dump(mode="python"))
+    return signed_data(model.TYPE, body_dict(model))  # the body as it goes on the wire
 
 
 def key_id(public: Ed25519PublicKey) -> str:

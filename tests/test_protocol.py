@@ -128,6 +128,26 @@ def test_a_body_signed_without_fields_added_since_verifies_as_it_arrived() -> No
         verify_payload(payload, [generate_key().public_key()])
 
 
+class NewerDesired(Desired):
+    """A Desired as a newer controller might have it: one field this version lacks."""
+
+    rings: int = 0
+
+
+def test_a_newer_controller_s_message_is_taken_unless_it_uses_what_is_new() -> None:
+    """A body carries only the fields that differ from their defaults, so an agent older
+    than its controller takes a desired state that does not use a newer field, and
+    refuses one that does (it cannot know what that field asks of it)."""
+    key = generate_key()
+    plain = sign(NewerDesired.model_validate(SAMPLES[0].model_dump()), key)
+    payload = codec.encode(plain)
+    assert codec.decode(payload, expect=(Desired,)).system == SAMPLES[0].system
+    verify_payload(payload, [key.public_key()])
+    uses_it = codec.encode(sign(plain.model_copy(update={"rings": 3}), key))
+    with pytest.raises(InvalidBody):
+        codec.decode(uses_it, expect=(Desired,))
+
+
 def test_signature_cannot_move_between_types() -> None:
     key = generate_key()
     answer = sign(Answer(host="web1", prompt_id="p", issued_at=NOW), key)
