@@ -66,13 +66,17 @@ async def subscribe(client: aiomqtt.Client, topic: str, host: str, qos: int = 1)
 
 async def flotilla_packets(client: aiomqtt.Client, base: str, host: str,
                            confirmed: asyncio.Queue[None]) -> None:
-    """One quick deploy's packets, in Flotilla's order, with nothing done in between."""
-    await subscribe(client, f"{base}/answer", host)
+    """One quick deploy's packets, in Flotilla's order, with nothing done in between.
+    Like `AgentSession.want`, the Ack goes once the SUBSCRIBE is queued, without waiting
+    for its SUBACK."""
+    answer = asyncio.ensure_future(subscribe(client, f"{base}/answer", host))
+    await asyncio.sleep(0)  # the SUBSCRIBE is queued on the connection
     await client.publish(f"{base}/events", PROTOCOL_ACK, qos=1)
     await client.publish(f"{base}/confirm", PROTOCOL_CONFIRM, qos=0)
     await confirmed.get()
     await client.publish(f"{base}/events", PROTOCOL_RESULT, qos=1)
     await client.publish(f"{base}/state", PROTOCOL_STATE, qos=1, retain=True)
+    await answer
     await client.unsubscribe(f"{base}/answer")
 
 
