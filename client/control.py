@@ -398,15 +398,7 @@ class ControlClient:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
                 sock.settimeout(self.timeout)
                 sock.connect(str(self.path))
-                sock.sendall(json.dumps(obj).encode() + b"\n")
-                buf = b""
-                while not buf.endswith(b"\n"):
-                    chunk = sock.recv(65536)
-                    if not chunk:
-                        break
-                    buf += chunk
-                    if len(buf) > 16 * MAX_LINE:
-                        raise ControlError("reply from the agent is too large")
+                return self.exchange(sock, obj)
         except FileNotFoundError:
             raise ControlError(f"no control socket at {self.path}: is fleet-agent running"
                                " (and is --state-dir right)?") from None
@@ -420,6 +412,23 @@ class ControlClient:
             raise ControlError(f"the agent did not answer within {self.timeout:g}s") from None
         except OSError as exc:
             raise ControlError(f"cannot use {self.path}: {exc.strerror or exc}") from None
+
+    def exchange(self, sock: socket.socket, obj: dict[str, Any]) -> dict[str, Any]:
+        """One request and its reply on a connected socket. An agent that refuses the
+        connection (busy) sends one line and closes, perhaps before it read ours: the
+        send then fails, and the line already sent says why."""
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            sock.sendall(json.dumps(obj).encode() + b"\n")
+        buf = b""
+        while not buf.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            buf += chunk
+            if len(buf) > 16 * MAX_LINE:
+                raise ControlError("reply from the agent is too large")
+        if not buf:
+            raise ControlError("the agent closed the connection without a reply")
         try:
             reply = json.loads(buf)
         except ValueError:

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import pwd
+import select
 import shutil
 import socket
 import stat
@@ -347,6 +348,47 @@ async def test_idle_connections_are_closed_after_the_idle_timeout(open_dir: Path
         writer.close()
         assert (await call(server, {"op": "status"}))["ok"] is True
     finally:
+        await server.close()
+
+
+async def test_a_client_refused_before_it_sent_its_request_still_gets_the_reason(
+        open_dir: Path) -> None:
+    """A busy agent refuses a connection with one line and closes it, maybe before the
+    client has sent its request: the client's send then fails (EPIPE), and it must still
+    show the reason it was already sent, not "Broken pipe" (seen in a full test run)."""
+    agent = InTestAgent()
+    server = ControlServer(socket_path(open_dir), agent, group=spare_group()[1],
+                           max_clients=3, idle_timeout=60, request_timeout=30)
+    await server.start()
+    hang = asyncio.Event()
+
+    async def status() -> HostState:
+        await hang.wait()
+        raise AssertionError("released")
+
+    agent.status = status  # type: ignore[method-assign]
+    busy = [asyncio.create_task(call(server, {"op": "status"})) for _ in range(3)]
+    try:
+        for _ in range(500):
+            if server.clients == 3:
+                break
+            await asyncio.sleep(0.01)
+        assert server.clients == 3
+
+        def refused_first() -> dict[str, Any]:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(5)
+                sock.connect(str(server.path))
+                hup = select.poll()
+                hup.register(sock, select.POLLRDHUP)
+                assert hup.poll(5000), "the agent did not close the connection"
+                return ControlClient(server.path).exchange(sock, {"op": "status"})
+
+        reply = await asyncio.to_thread(refused_first)
+        assert "serves 3 local clients already" in reply["error"]
+    finally:
+        hang.set()
+        await asyncio.gather(*busy, return_exceptions=True)
         await server.close()
 
 
