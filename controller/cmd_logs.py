@@ -94,18 +94,34 @@ def _host_finished(log: EventLog, rollout_id: str, host: str) -> bool:
     return r["hosts"][host].get("result") is not None or r.get("status") != "running"
 
 
+def unseen(records: list[logs.LogRecord], seen: set[tuple[str, int]], after: int,
+           before: int | None = None) -> list[logs.LogRecord]:
+    """The stored lines of events not printed yet, newer than `after` (what was printed
+    first) and older than `before` (the live event about to be printed), in order."""
+    return [r for r in records if (r.deployment_id, r.seq) not in seen and r.seq > after
+            and (before is None or r.seq < before)]
+
+
 async def follow(args: argparse.Namespace, log: EventLog, rollout_id: str,
                  dep: str | None) -> None:
     """The stored lines, then live Log events of the host until its deployment in this
-    rollout ends (subscribed first, so no line falls between the two)."""
+    rollout ends (subscribed first, so no line falls between the two). An event sent
+    before we subscribed that the driver had not stored yet when we read the store is
+    printed from the store before the next live event (and before we end)."""
     ctx = cliutil.context(args)
     try:
         async with connect(ctx.broker, **ctx.client_kwargs) as client:
             await client.subscribe(ctx.topics.events(args.host), qos=1)
             seen: set[tuple[str, int]] = set()
-            for r in stored(args, rollout_id, dep):
-                seen.add((r.deployment_id, r.seq))
-                _print(args, r)
+            first = stored(args, rollout_id, dep)
+            after = max((r.seq for r in first), default=-1)
+
+            def show(records: list[logs.LogRecord]) -> None:
+                for r in records:
+                    _print(args, r)
+                seen.update((r.deployment_id, r.seq) for r in records)
+
+            show(first)
             if _host_finished(log, rollout_id, args.host):
                 return
             async for m in client.messages:
@@ -116,7 +132,10 @@ async def follow(args: argparse.Namespace, log: EventLog, rollout_id: str,
                             != rollout_id or (dep is not None and ev.deployment_id != dep):
                         continue
                     lines, _ = carried_lines(ev)
-                    if lines and (ev.deployment_id, ev.seq) not in seen:
+                    if (lines or isinstance(ev, Result | Rejected)) \
+                            and (ev.deployment_id, ev.seq) not in seen:
+                        show(unseen(logs.read_lines(args.state_dir, rollout_id, args.host,
+                                                    dep), seen, after, before=ev.seq))
                         seen.add((ev.deployment_id, ev.seq))
                         for line in lines:
                             _print(args, logs.LogRecord(ev.deployment_id, ev.seq, line.time,

@@ -6,8 +6,11 @@ import asyncio
 import json
 from pathlib import Path
 
+import pytest
+
 from client.deplog import DeploymentLog, read_log
-from controller.logs import LogStore, read_lines
+from controller.cmd_logs import unseen
+from controller.logs import LogRecord, LogStore, read_lines
 from protocol.models import Log, LogLine, carried_lines
 from tests.helpers import Listener
 from tests.stepsys import script
@@ -102,6 +105,26 @@ def test_controller_store_dedupes_and_rotates(tmp_path: Path) -> None:
     assert len(lines) == 80 and lines[0].text.startswith("1-0z") and lines[-1].seq == 2
     assert read_lines(tmp_path, "r1", "h1", "r1.3") == []
     assert (tmp_path / "logs" / "r1" / "h1.jsonl.1").exists()
+
+
+def rec(seq: int, text: str, dep: str = "r1") -> LogRecord:
+    return LogRecord(dep, seq, 0.0, "stdout", "migrate:db", text)
+
+
+@pytest.mark.parametrize(("records", "seen", "after", "before", "want"), [
+    # the event carrying "a" was sent before `logs --follow` subscribed and stored only
+    # after it read the store: printed from the store before the live event 5
+    ([rec(3, "a"), rec(3, "a2")], set(), -1, 5, ["a", "a2"]),
+    ([rec(3, "a"), rec(5, "b")], set(), -1, 5, ["a"]),           # not the live one itself
+    ([rec(3, "a"), rec(4, "b")], {("r1", 3)}, -1, 5, ["b"]),     # printed once only
+    ([rec(1, "old"), rec(3, "a")], {("r1", 3)}, 3, 9, []),       # older than the first read
+    ([rec(3, "a"), rec(6, "c")], set(), -1, None, ["a", "c"]),   # at the end: all of it
+    ([rec(3, "a", "r1.2")], {("r1", 3)}, -1, 5, ["a"]),          # another attempt's event
+])
+def test_follow_catches_up_on_lines_the_driver_stored_late(
+        records: list[LogRecord], seen: set[tuple[str, int]], after: int, before: int | None,
+        want: list[str]) -> None:
+    assert [r.text for r in unseen(records, seen, after, before)] == want
 
 
 def test_logs_follow_prints_live_lines_until_the_deployment_ends(  # type: ignore[no-untyped-def]
