@@ -66,8 +66,8 @@ def decode(
 ) -> M:
     """Decode one envelope; `expect` limits which model types are acceptable."""
     type_name, body = envelope(data, max_size=max_size)
-    cls = REGISTRY.get(type_name)
-    if cls is None or (expect is not None and cls not in expect):
+    cls = REGISTRY[type_name]  # `envelope` refused a type not registered
+    if expect is not None and cls not in expect:
         raise UnknownType(f"unexpected message type {type_name!r}")
     try:
         model = cls.model_validate(body)
