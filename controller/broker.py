@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -60,10 +61,39 @@ def render_config(text: str, port: int, data_dir: Path, extra: str = "") -> str:
     return "\n".join(out) + "\nlog_dest stderr\n" + as_root + extra
 
 
+_handed_out: set[int] = set()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port that is free now, for a server we are about to start.
+
+    It is taken below the kernel's ephemeral range: a port the kernel hands out for
+    `bind(0)` is also what it picks as the local port of outgoing connections, so any
+    client connecting meanwhile may take it before the server binds ("Address already in
+    use"). Ports are not handed out twice by one process (a caller that asks for several
+    before starting anything would otherwise get the same one back)."""
+    low, high = _ephemeral_range()
+    start, stop = (10000, low) if low - 10000 >= 4096 else (high + 1, 65536)
+    for _ in range(1000):
+        port = random.randrange(start, stop)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise OSError("no free loopback port found outside the ephemeral range")
 
 
 def mosquitto_binary() -> str | None:

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from controller.broker import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 HA_VENV = Path(os.environ.get("FLOTILLA_HA_VENV", REPO / ".venv-ha"))
 HA_PYTHON = HA_VENV / "bin" / "python"
@@ -47,12 +49,6 @@ def ha_installed() -> str | None:
     return None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def write_config(root: Path, *, broker_port: int, username: str | None,
                  password: str | None, sock: Path) -> Path:
     """A Home Assistant config dir: core settings, MQTT config entry, control channel."""
@@ -65,7 +61,7 @@ def write_config(root: Path, *, broker_port: int, username: str | None,
         "homeassistant:\n"
         "  name: Flotilla test\n  latitude: 52.5\n  longitude: 13.4\n  elevation: 0\n"
         "  unit_system: metric\n  time_zone: UTC\n  currency: EUR\n  country: DE\n"
-        f"http:\n  server_host: 127.0.0.1\n  server_port: {_free_port()}\n"
+        f"http:\n  server_host: 127.0.0.1\n  server_port: {free_port()}\n"
         "logger:\n  default: warning\n  logs:\n"
         "    homeassistant.components.mqtt: debug\n"
         f"flotilla_test:\n  socket: {sock}\n")
