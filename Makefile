@@ -48,6 +48,10 @@ system-deps:
 	    echo "missing system packages:$$missing"; \
 	    echo "install them with: sudo apt-get install -y$$missing"; exit 1; \
 	  fi; \
+	fi; \
+	if [ ! -d /nix/var/nix/db ] && [ "$$(id -u)" = 0 ]; then \
+	  echo "initialising the single-user Nix store (nix-store --init)"; \
+	  NIX_REMOTE= nix-store --init; \
 	fi
 
 demo: setup

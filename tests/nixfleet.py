@@ -107,7 +107,9 @@ def require_real_nix() -> None:
                     "nix-bin' (make test does this)")
     if not os.access("/nix/store", os.W_OK) or not os.access("/nix/var/nix/db", os.W_OK):
         pytest.fail("these tests build into a single-user /nix/store and need to write it: "
-                    "run them as root (or the store's owner) with NIX_REMOTE unset")
+                    "run them as root (or the store's owner) with NIX_REMOTE unset; a store "
+                    "never used yet is made with 'NIX_REMOTE= nix-store --init' (make test "
+                    "does this)")
 
 
 def nix(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
