@@ -280,7 +280,7 @@ async def flotilla_controller(cfg: dict[str, Any]) -> None:
         """(seconds since t0, RSS MB, messages received but not yet handled)."""
         while True:
             client = driver._client
-            backlog = client._queue.qsize() if client is not None else 0
+            backlog = len(client.messages) if client is not None else 0
             rss_series.append((round(time.monotonic() - marks.get("t0", t_run), 2),
                                round(current_rss_mb(), 1), backlog))
             await asyncio.sleep(0.5)

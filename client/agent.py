@@ -42,6 +42,15 @@ log = logging.getLogger(__name__)
 CONFIRM_RESEND_S = 2.0  # a confirmation probe not back by then is sent again
 
 
+@dataclass(frozen=True)
+class Incoming:
+    """A verified desired state and the bytes it came in: the journal keeps those
+    bytes (signature and all), not a re-encoding of what this version decoded."""
+
+    desired: Desired
+    payload: bytes
+
+
 @dataclass
 class AgentConfig:
     host: str
@@ -117,7 +126,7 @@ class Agent:
             "deployment_id": last.deployment_id if last else None,
             "phase": "idle" if last is None else phase_of(last.status),
         })
-        self._pending: Desired | None = None
+        self._pending: Incoming | None = None
         self._accepted: Desired | None = None  # decoded, until the deploy loop takes it
         self._queued_backoff = Backoff(base=0.5, cap=30.0)
         self._wake = asyncio.Event()
@@ -223,10 +232,11 @@ class Agent:
                                          f"{exc} (deployment id and generation unverified)",
                                          unverified=True)
             return
-        await self._admit(desired)
+        await self._admit(Incoming(desired, payload))
 
-    async def _admit(self, desired: Desired) -> None:
+    async def _admit(self, incoming: Incoming) -> None:
         """Act on a verified desired state (also a queued one, once the host is free)."""
+        desired = incoming.desired
         verdict = admit(desired, self.host, self.journal.state, time.time())
         if verdict.verdict == "reject":
             await self.reporter.rejected(desired.deployment_id, desired.generation,
@@ -238,18 +248,19 @@ class Agent:
         elif verdict.verdict == "queue":
             # A newer desired state supersedes the running deployment's wait (approval,
             # choice, reboot); the deployment ends and this one starts.
-            self._pending = desired
+            self._pending = incoming
             if self.runner is not None:
                 self.runner.cancel(f"superseded by deployment {desired.deployment_id}")
         else:
-            await self._accept(desired)
+            await self._accept(incoming)
 
-    async def _accept(self, desired: Desired) -> None:
+    async def _accept(self, incoming: Incoming) -> None:
         """Journal the desired state (fsync) before we ack it or act on it."""
+        desired = incoming.desired
         try:
             self.journal.append(
                 "accept", deployment_id=desired.deployment_id, generation=desired.generation,
-                desired=encode_blob(encode(desired)), previous=self.backend.current_system(),
+                desired=encode_blob(incoming.payload), previous=self.backend.current_system(),
                 previous_generation=self.journal.state.generation,
             )
         except StateError as exc:
@@ -324,7 +335,7 @@ class Agent:
         reason = f"cancelled by {cancel.cancelled_by or 'the controller'}" + (
             f": {cancel.reason}" if cancel.reason else "")
         done = []
-        pending = self._pending
+        pending = self._pending.desired if self._pending is not None else None
         if pending is not None and cancel.deployment_id in (None, pending.deployment_id):
             self._pending = None
             self.journal.append("result", deployment_id=pending.deployment_id,
@@ -406,7 +417,7 @@ class Agent:
             self._queued_backoff.reset()
         except Exception:
             log.exception("%s: cannot accept queued generation %d yet; will retry",
-                          self.host, pending.generation)
+                          self.host, pending.desired.generation)
             if self._pending is None:
                 self._pending = pending
             await asyncio.sleep(self._queued_backoff.next_delay())

@@ -37,6 +37,7 @@ from protocol.errors import BrokerRefused
 from protocol.mqtt import (
     Backoff,
     Failover,
+    ManualAck,
     connack_code,
     publish_until_lost,
     refusal,
@@ -91,23 +92,22 @@ class AgentSession:
         self._drop: set[str] = set(stale)
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def _make_client(self, address: BrokerAddress) -> aiomqtt.Client:
+    def _make_client(self, address: BrokerAddress) -> tuple[aiomqtt.Client, ManualAck]:
         client = aiomqtt.Client(
             **self.broker.client_kwargs(address, self.client_id, persistent=True),
             **self.extra,
             keepalive=30,
             will=aiomqtt.Will(self.will.topic, self.will.payload, qos=1, retain=True),
         )
-        client._client.manual_ack_set(True)
-        return client
+        return client, ManualAck(client)
 
-    async def _open(self) -> aiomqtt.Client:
+    async def _open(self) -> tuple[aiomqtt.Client, ManualAck]:
         """Connect to the first node that answers (failover order); until stopped."""
         while True:
             last: aiomqtt.MqttError | None = None
             for index in self.failover.round():
                 address = self.broker.addresses[index]
-                client = self._make_client(address)
+                client, acks = self._make_client(address)
                 try:
                     await client.__aenter__()
                 except aiomqtt.MqttError as exc:
@@ -120,7 +120,7 @@ class AgentSession:
                 if self.failover.current not in (None, index):
                     log.info("%s: failed over to %s", self.client_id, address)
                 self.failover.connected(index)
-                return client
+                return client, acks
             delay = self.failover.delay()
             log.warning("%s: no broker answered (%s); retry in %.1fs", self.client_id, last,
                         delay)
@@ -130,7 +130,7 @@ class AgentSession:
         """Connect, subscribe, dispatch; reconnect (fail over) until `stop()`."""
         while not self._stopping:
             try:
-                client = await self._open()
+                client, acks = await self._open()
                 try:
                     self._client = client
                     self.connections += 1
@@ -146,7 +146,7 @@ class AgentSession:
                     if self.on_connect is not None:
                         await self.on_connect()
                     async for message in client.messages:
-                        await self._dispatch(client, message)
+                        await self._dispatch(acks, message)
                 finally:
                     with contextlib.suppress(aiomqtt.MqttError, OSError, TimeoutError):
                         await client.__aexit__(None, None, None)
@@ -230,7 +230,7 @@ class AgentSession:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _dispatch(self, client: aiomqtt.Client, message: aiomqtt.Message) -> None:
+    async def _dispatch(self, acks: ManualAck, message: aiomqtt.Message) -> None:
         topic = str(message.topic)
         superseded = self._retries.pop(topic, None)
         if superseded is not None:
@@ -246,7 +246,7 @@ class AgentSession:
                                                            name=f"retry-{topic}")
             return
         if message.qos > 0:
-            client._client.ack(message.mid, message.qos)
+            acks.ack(message)
 
     async def _retry(self, topic: str, message: aiomqtt.Message) -> None:
         """Handle `message` again until the handler returns (cancelled by a newer one)."""

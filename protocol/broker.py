@@ -169,6 +169,8 @@ def parse_broker_url(url: str) -> BrokerAddress:
     try:
         port = parts.port
     except ValueError:
+        if re.fullmatch(r".*:\d+", parts.netloc.rpartition("@")[2]):
+            raise UsageError("invalid broker URL: port out of range (1-65535)") from None
         raise UsageError(
             "invalid broker URL: bad port (a password holding '/', '?' or '#' must be "
             "percent-encoded; better use --password-file)") from None
@@ -181,7 +183,7 @@ def parse_broker_url(url: str) -> BrokerAddress:
     if not HOST_RE.fullmatch(parts.hostname):
         raise UsageError("invalid broker URL: bad host name")
     if port == 0:
-        raise UsageError("invalid broker URL: port 0")
+        raise UsageError("invalid broker URL: port out of range (1-65535)")
     tcp = parts.scheme in ("mqtt", "mqtts")
     if (tcp and parts.path not in ("", "/")) or parts.query or parts.fragment or \
             "@" in parts.path:

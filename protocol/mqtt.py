@@ -28,7 +28,7 @@ from aiomqtt import ProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from protocol.errors import UsageError
+from protocol.errors import FlotillaError, UsageError
 
 MqttVersion = Literal["5", "3.1.1"]
 MQTT_VERSIONS: tuple[MqttVersion, ...] = ("5", "3.1.1")
@@ -254,3 +254,26 @@ async def subscribe_until_granted(
         if wanted is not None:
             todo = [(t, q) for t, q in todo if wanted(t, q)]
     return [t for t, _ in todo]
+
+
+class ManualAck:
+    """QoS 1 acknowledgement after the handler returned, not when paho read the packet.
+
+    aiomqtt 2.x has no manual-ack API (empicano/aiomqtt#345): paho acks a QoS 1 PUBLISH
+    as soon as its `on_message` returns, before the agent journaled it. This is the one
+    place Flotilla reaches into aiomqtt's private paho client (`Client._client`), and it
+    checks what it needs so that a changed aiomqtt fails at start with one clear line
+    instead of silently acking early (messages lost on a crash)."""
+
+    def __init__(self, client: aiomqtt.Client) -> None:
+        paho = getattr(client, "_client", None)
+        if not (callable(getattr(paho, "manual_ack_set", None))
+                and callable(getattr(paho, "ack", None))):
+            raise FlotillaError(
+                f"aiomqtt {getattr(aiomqtt, '__version__', '?')} has no paho client with "
+                "manual acks; install aiomqtt 2.5 (what Flotilla is tested with)")
+        paho.manual_ack_set(True)
+        self._paho = paho
+
+    def ack(self, message: aiomqtt.Message) -> None:
+        self._paho.ack(message.mid, message.qos)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import base64
 import time
+
+import msgpack
 
 from protocol.codec import encode
 from protocol.models import Desired, Rejected, Result
-from protocol.signing import generate_key, sign
+from protocol.signing import generate_key, key_id, sign, signed_data, verify_payload
 from protocol.topics import Topics
 from tests.helpers import Listener, publish, wait_for
 
@@ -120,6 +123,30 @@ async def test_forged_wrong_host_and_stale_desired_are_rejected(make_fleet, sign
     _, rows = fleet.fleetctl_json("status", "web1")
     assert rows[0]["system"] == SYSTEM and rows[0]["generation"] == 1  # nothing executed
     assert all(r.get("kind") != "accept" or r["generation"] == 1 for r in fleet.journal("web1"))
+
+
+async def test_the_journal_keeps_the_signed_desired_state_as_received(  # type: ignore[no-untyped-def]
+        make_fleet, signing_key, trusted) -> None:
+    """The accept record is the evidence of who ordered this deployment: the bytes the
+    controller signed, not this agent's re-encoding of what it decoded. A signer that
+    writes a field at its default (another implementation, another version) signs it
+    too; a re-encoding leaves it out, and its signature no longer verifies."""
+    fleet = make_fleet({"web1": ["web"]})
+    fleet.start_agent("web1")
+    topics = Topics(fleet.prefix)
+    body = {"host": "web1", "deployment_id": "manual-1", "generation": 1, "system": SYSTEM,
+            "issued_at": time.time(), "check_only": False, "key_id": key_id(
+                signing_key.public_key())}
+    body["signature"] = signing_key.sign(signed_data("desired", body))
+    payload = msgpack.packb({"v": 1, "type": "desired", "body": body}, use_bin_type=True)
+    async with Listener(fleet.broker_url, topics.events("web1")) as events:
+        await publish(fleet.broker_url, topics.desired("web1"), payload, retain=True)
+        result = await events.wait(lambda e: isinstance(e, Result))
+    assert isinstance(result, Result) and result.status == "succeeded"
+    [accept] = [r for r in fleet.journal("web1") if r["kind"] == "accept"]
+    journaled = base64.b64decode(accept["desired"])
+    assert journaled == payload
+    verify_payload(journaled, trusted)  # raises if the signature did not survive
 
 
 def test_broker_down_gives_exit_3_and_one_line(make_fleet) -> None:  # type: ignore[no-untyped-def]

@@ -718,6 +718,8 @@ def test_tls_and_credential_flag_errors_are_one_line(tmp_path: Path,
          "cannot load client certificate"),
         (["--password-file", str(tmp_path / "nope")], "cannot read password file"),
         (["--password-file", str(empty)], "is empty"),
+        (["--broker", "mqtt://u:S3cret@127.0.0.1:70000"], "port out of range (1-65535)"),
+        (["--broker", "mqtt://u:S3cret@127.0.0.1:0"], "port out of range (1-65535)"),
         (["--broker", "mqtt://u:S3cret/Passw0rd@127.0.0.1:1"], "bad port"),
     ]
     for extra, fragment in cases:
