@@ -266,7 +266,7 @@ class ManualAck:
     instead of silently acking early (messages lost on a crash)."""
 
     def __init__(self, client: aiomqtt.Client) -> None:
-        paho = getattr(client, "_client", None)
+        paho: Any = getattr(client, "_client", None)
         if not (callable(getattr(paho, "manual_ack_set", None))
                 and callable(getattr(paho, "ack", None))):
             raise FlotillaError(
