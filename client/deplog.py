@@ -20,6 +20,7 @@ from pathlib import Path
 
 from client.backend import LineFn
 from protocol.models import MAX_LOG_BATCH, MAX_LOG_LINE, LogLine
+from protocol.rotlog import RotatingFile, read_lines
 
 log = logging.getLogger(__name__)
 SendFn = Callable[[list[LogLine], int], Awaitable[None]]
@@ -40,15 +41,9 @@ def log_path(state_dir: Path, deployment_id: str) -> Path:
 def read_log(state_dir: Path, deployment_id: str) -> list[LogLine]:
     """The lines kept for a deployment (rotated part first); unreadable lines skipped."""
     out: list[LogLine] = []
-    base = log_path(state_dir, deployment_id)
-    for path in (base.with_name(base.name + ".1"), base):
-        try:
-            text = path.read_text(errors="replace")
-        except OSError:
-            continue
-        for raw in text.splitlines():
-            with contextlib.suppress(ValueError):
-                out.append(LogLine.model_validate_json(raw))
+    for raw in read_lines(log_path(state_dir, deployment_id)):
+        with contextlib.suppress(ValueError):
+            out.append(LogLine.model_validate_json(raw))
     return out
 
 
@@ -63,16 +58,14 @@ class DeploymentLog:
         self._dropped = 0
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._file: int | None = None
-        self._size = 0
+        self._file: RotatingFile | None = RotatingFile(self.path, max_bytes, mode=0o640)
         self.tail: list[str] = []
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._prune(keep)
-            self._file = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
-            self._size = os.fstat(self._file).st_size
         except OSError as exc:  # the deploy goes on; its lines are still sent
             log.warning("cannot keep the deployment log %s: %s", self.path, exc)
+            self._file = None
 
     def _prune(self, keep: int) -> None:
         with os.scandir(self.path.parent) as it:
@@ -104,23 +97,15 @@ class DeploymentLog:
     def _write(self, entry: LogLine) -> None:
         if self._file is None:
             return
-        data = (entry.model_dump_json() + "\n").encode()
         try:
-            if self._size + len(data) > self.max_bytes:
-                os.close(self._file)
-                os.replace(self.path, self.path.with_name(self.path.name + ".1"))
-                self._file = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
-                self._size = 0
-            os.write(self._file, data)
-            self._size += len(data)
+            self._file.append((entry.model_dump_json() + "\n").encode())
         except OSError as exc:
             log.warning("deployment log %s: %s; no longer written", self.path, exc)
             self._close_file()
 
     def _close_file(self) -> None:
         if self._file is not None:
-            with contextlib.suppress(OSError):
-                os.close(self._file)
+            self._file.close()
             self._file = None
 
     # -- sending -----------------------------------------------------------------------

@@ -113,7 +113,9 @@ async def follow(args: argparse.Namespace, log: EventLog, rollout_id: str,
         async with connect(ctx.broker, **ctx.client_kwargs) as client:
             await client.subscribe(ctx.topics.events(args.host), qos=1)
             seen: set[tuple[str, int]] = set()
-            first = stored(args, rollout_id, dep)
+            kept = logs.LineFollower(args.state_dir, rollout_id, args.host, dep)
+            first = kept.read()  # then only what the driver appends (no re-reading)
+            first = first[-args.lines:] if args.lines else first
             after = max((r.seq for r in first), default=-1)
 
             def show(records: list[logs.LogRecord]) -> None:
@@ -134,8 +136,7 @@ async def follow(args: argparse.Namespace, log: EventLog, rollout_id: str,
                     lines, _ = carried_lines(ev)
                     if (lines or isinstance(ev, Result | Rejected)) \
                             and (ev.deployment_id, ev.seq) not in seen:
-                        show(unseen(logs.read_lines(args.state_dir, rollout_id, args.host,
-                                                    dep), seen, after, before=ev.seq))
+                        show(unseen(kept.read(), seen, after, before=ev.seq))
                         seen.add((ev.deployment_id, ev.seq))
                         for line in lines:
                             _print(args, logs.LogRecord(ev.deployment_id, ev.seq, line.time,

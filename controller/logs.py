@@ -14,14 +14,15 @@ Readers (`fleetctl logs`, `deploy`'s failure summary, the web dashboard) use
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from protocol import rotlog
 from protocol.errors import InputError
 from protocol.models import Event, carried_lines
+from protocol.rotlog import RotatingFile
 from protocol.topics import HOST_NAME_RE
 
 MAX_BYTES = 4 << 20
@@ -67,10 +68,9 @@ class LogStore:
         self.state_dir = state_dir
         self.max_bytes = max_bytes
         self._seen: dict[tuple[str, str], int] = {}
-        self._sizes: dict[str, int] = {}  # bytes in each file we append to (one driver per
-        # rollout writes its files: the size need not be asked of the disk each time)
-        self._paths: dict[tuple[str, str], str] = {}  # (rollout, host): checked once
-        self._dirs: set[str] = set()  # rollout directories made
+        # (rollout, host) -> its file, path checked once; opened per append (one per host)
+        self._files: dict[tuple[str, str], RotatingFile] = {}
+        self._dirs: set[Path] = set()  # rollout directories made
 
     def append(self, ev: Event) -> bool:
         """Store the lines one event carries (`carried_lines`); False for a duplicate (QoS
@@ -83,9 +83,10 @@ class LogStore:
             return False
         self._seen[key] = ev.seq
         where = (rollout_of(ev.deployment_id), ev.host)
-        path = self._paths.get(where)
-        if path is None:
-            path = self._paths[where] = str(log_file(self.state_dir, *where))
+        file = self._files.get(where)
+        if file is None:
+            file = self._files[where] = RotatingFile(log_file(self.state_dir, *where),
+                                                     self.max_bytes, keep_open=False)
         records = [{"deployment_id": ev.deployment_id, "seq": ev.seq, "time": line.time,
                     "stream": line.stream, "source": line.source, "text": line.text}
                    for line in lines]
@@ -93,31 +94,15 @@ class LogStore:
             records.append({"deployment_id": ev.deployment_id, "seq": ev.seq,
                             "time": ev.time, "dropped": dropped})
         data = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records).encode()
+        directory = file.path.parent
         try:
-            directory = os.path.dirname(path)
             if directory not in self._dirs:
-                os.makedirs(directory, exist_ok=True)
+                directory.mkdir(parents=True, exist_ok=True)
                 self._dirs.add(directory)
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-            try:
-                size = self._sizes.get(path)
-                if size is None:
-                    size = os.fstat(fd).st_size
-                if size and size + len(data) > self.max_bytes:
-                    os.close(fd)
-                    fd = -1
-                    os.replace(path, path + ".1")
-                    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-                    size = 0
-                os.write(fd, data)
-            finally:
-                if fd >= 0:
-                    os.close(fd)
-            self._sizes[path] = size + len(data)
+            file.append(data)
         except OSError as exc:
-            self._sizes.pop(path, None)
-            self._dirs.discard(os.path.dirname(path))
-            raise InputError(f"cannot write the log {path}: {exc.strerror}") from None
+            self._dirs.discard(directory)
+            raise InputError(f"cannot write the log {file.path}: {exc.strerror}") from None
         return True
 
 
@@ -138,18 +123,29 @@ def _parse(raw: str) -> LogRecord | None:
 def read_lines(state_dir: Path, rollout_id: str, host: str,
                deployment_id: str | None = None) -> list[LogRecord]:
     """Every stored line of `host` in `rollout_id` (one attempt if `deployment_id`)."""
-    base = log_file(state_dir, rollout_id, host)
-    out: list[LogRecord] = []
-    for path in (base.with_name(base.name + ".1"), base):
-        try:
-            text = path.read_text(errors="replace")
-        except OSError:
-            continue
-        for raw in text.splitlines():
-            rec = _parse(raw)
-            if rec is not None and (deployment_id is None or rec.deployment_id == deployment_id):
-                out.append(rec)
+    return parse(rotlog.read_lines(log_file(state_dir, rollout_id, host)), deployment_id)
+
+
+def parse(raw_lines: list[str], deployment_id: str | None = None) -> list[LogRecord]:
+    """The records of stored lines (of one attempt if `deployment_id`)."""
+    out = []
+    for raw in raw_lines:
+        rec = _parse(raw)
+        if rec is not None and (deployment_id is None or rec.deployment_id == deployment_id):
+            out.append(rec)
     return out
+
+
+class LineFollower:
+    """The records stored for `host` in `rollout_id` since the last `read()`."""
+
+    def __init__(self, state_dir: Path, rollout_id: str, host: str,
+                 deployment_id: str | None = None) -> None:
+        self._file = rotlog.Follower(log_file(state_dir, rollout_id, host))
+        self._deployment_id = deployment_id
+
+    def read(self) -> list[LogRecord]:
+        return parse(self._file.read(), self._deployment_id)
 
 
 def tail(state_dir: Path, rollout_id: str, host: str, n: int = 10,

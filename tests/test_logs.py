@@ -10,8 +10,9 @@ import pytest
 
 from client.deplog import DeploymentLog, read_log
 from controller.cmd_logs import unseen
-from controller.logs import LogRecord, LogStore, read_lines
+from controller.logs import LineFollower, LogRecord, LogStore, read_lines
 from protocol.models import Log, LogLine, carried_lines
+from protocol.rotlog import Follower, RotatingFile
 from tests.helpers import Listener
 from tests.stepsys import script
 
@@ -105,6 +106,57 @@ def test_controller_store_dedupes_and_rotates(tmp_path: Path) -> None:
     assert len(lines) == 80 and lines[0].text.startswith("1-0z") and lines[-1].seq == 2
     assert read_lines(tmp_path, "r1", "h1", "r1.3") == []
     assert (tmp_path / "logs" / "r1" / "h1.jsonl.1").exists()
+
+
+@pytest.mark.parametrize("reads_per_rotation", [1, 3])
+def test_a_follower_gets_every_line_once_in_order_across_rotations(
+        tmp_path: Path, reads_per_rotation: int) -> None:
+    """`logs --follow` reads what the driver appended since its last read (not the
+    whole file again per event): every line once, also when the file was rotated to
+    `.1` between two reads; the first read is everything kept."""
+    path = tmp_path / "h1.jsonl"
+    writer = RotatingFile(path, max_bytes=1_000, keep_open=False)
+    follower = Follower(path)
+    assert follower.read() == []  # no file yet
+    written: list[str] = []
+    got: list[str] = []
+    for i in range(200):  # 20 bytes a line: a rotation every ~50 lines
+        line = f"line {i:04d} " + "x" * 9
+        writer.append((line + "\n").encode())
+        written.append(line)
+        if i % (50 // reads_per_rotation) == 0:
+            got += follower.read()
+    got += follower.read()
+    assert (tmp_path / "h1.jsonl.1").exists()
+    assert got == written
+    assert follower.read() == []
+    # a late follower starts with what is kept: the rotated part, then the file
+    kept = Follower(path).read()
+    assert 50 < len(kept) < len(written) and kept == written[-len(kept):]
+
+
+def test_a_follower_keeps_a_line_being_written_for_the_next_read(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(b"one\ntw")
+    follower = Follower(path)
+    assert follower.read() == ["one"]
+    with path.open("ab") as fh:
+        fh.write(b"o\nthree\n")
+    assert follower.read() == ["two", "three"]
+
+
+def test_the_controllers_line_follower_returns_only_new_records(tmp_path: Path) -> None:
+    store = LogStore(tmp_path)
+    follower = LineFollower(tmp_path, "r1", "h1", "r1")
+    store.append(Log(host="h1", deployment_id="r1", seq=1, time=1.0,
+                     lines=[LogLine(time=1.0, text="a")]))
+    store.append(Log(host="h1", deployment_id="r1.2", seq=1, time=1.0,
+                     lines=[LogLine(time=1.0, text="other attempt")]))
+    assert [r.text for r in follower.read()] == ["a"]
+    store.append(Log(host="h1", deployment_id="r1", seq=2, time=2.0,
+                     lines=[LogLine(time=2.0, text="b"), LogLine(time=2.0, text="c")]))
+    assert [(r.seq, r.text) for r in follower.read()] == [(2, "b"), (2, "c")]
+    assert follower.read() == []
 
 
 def rec(seq: int, text: str, dep: str = "r1") -> LogRecord:
