@@ -31,7 +31,7 @@ from client.session import AgentSession, Retained
 from protocol import prompts
 from protocol.broker import BrokerCluster
 from protocol.codec import decode, encode
-from protocol.errors import BrokerRefused, ProtocolError, StateError
+from protocol.errors import FlotillaError, ProtocolError, StateError
 from protocol.models import Answer, Cancel, Confirm, Desired, HostState, Prompt
 from protocol.mqtt import Backoff, client_id
 from protocol.outcomes import phase_of
@@ -153,7 +153,8 @@ class Agent:
                     if self.ha is not None:
                         tg.create_task(self.ha.run(), name=f"homeassistant-{self.host}")
             except ExceptionGroup as group:
-                refused: BaseException | None = group.subgroup(BrokerRefused)
+                # A refusal (BrokerRefused) or a missing capability: no retry can fix it
+                refused: BaseException | None = group.subgroup(FlotillaError)
                 if refused is None:
                     raise
                 while isinstance(refused, BaseExceptionGroup):  # the CLI prints one line

@@ -1,8 +1,10 @@
 """How every Flotilla MQTT client is built: version, session, client ids, refusals, backoff.
 
-Pure (no I/O): the agent (`client.session`), the controller (`controller.connection`),
-the tests and the benchmarks all build their `aiomqtt.Client` from `connect_kwargs()`,
-so MQTT 5 and MQTT 3.1.1 differ in this one module only.
+The agent (`client.session`), the controller (`controller.connection`), the tests and
+the benchmarks all build their `aiomqtt.Client` from `connect_kwargs()`, so MQTT 5 and
+MQTT 3.1.1 differ in this one module only. The decisions here are pure; it opens no
+connection itself: `publish_until_lost` and `subscribe_until_granted` act on a client
+they are given, and `ManualAck` is the one reach into aiomqtt's paho client.
 
 - MQTT 5 (default): a persistent session is `clean_start=False` plus a
   SessionExpiryInterval, so a session nobody ends expires on its own.
