@@ -269,6 +269,45 @@ def test_mqtt5_refused_by_nats_is_one_line_naming_the_fix(nats_node: NatsCluster
     assert r.returncode == 0, r.stderr
 
 
+def test_every_broker_command_refused_mqtt5_says_the_fix(nats_node: NatsCluster,
+                                                         tmp_path: Path) -> None:
+    """Not only `status`: every command that talks to the broker (the dashboard's own
+    connection too) stops at once with the same line."""
+    write_inventory(tmp_path / "fleet.toml", {"h1": ["x"]})
+    assert fleetctl(nats_node.url, "5", "keys", "init", tmp=tmp_path).returncode == 0
+    for args in (["deploy", "h1", "--system", SYSTEM], ["prompts"], ["approve", "h1"],
+                 ["cancel", "h1"], ["rollback", "h1"], ["hosts"],
+                 ["serve", "--listen", f"127.0.0.1:{free_port()}"]):
+        one_line(fleetctl(nats_node.url, "5", *args, tmp=tmp_path), 3, "--mqtt-version 3.1.1")
+
+
+@pytest.mark.parametrize("target", ["nats-cluster"], indirect=True)
+def test_the_dashboard_connects_to_another_node_when_the_first_is_down(
+        target: Target) -> None:
+    fleet = target.fleet({"h1": ["web"]})
+    fleet.start_simulated(["h1"])
+    wait_online(fleet, ["h1"])
+    with target.down():  # the first node of the controller's list
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "controller", "serve", "--listen",
+             f"127.0.0.1:{free_port()}", "--json"], stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True, env=fleet.env())
+        try:
+            assert proc.stdout is not None
+            line = proc.stdout.readline()
+            assert line, proc.communicate(timeout=10)[1]
+            url = json.loads(line)["url"]
+
+            def h1_online() -> bool:
+                with urllib.request.urlopen(url + "api/hosts", timeout=10) as r:
+                    return any(row["host"] == "h1" and row["online"]
+                               for row in json.loads(r.read()))
+            wait_for(h1_online, timeout=30, what="the dashboard to show h1 online")
+        finally:
+            proc.terminate()
+            proc.wait(10)
+
+
 def test_agent_stops_on_a_version_refusal_instead_of_retrying(nats_node: NatsCluster,
                                                               tmp_path: Path,
                                                               controller_dir: Path) -> None:

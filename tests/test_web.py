@@ -387,3 +387,17 @@ def test_tokens_csrf_and_cross_site(make_fleet, serve, browser, tmp_path: Path) 
     assert token not in log and cookie["value"] not in log
     assert "refused POST" in log
     context.close()
+
+
+def test_the_dashboard_reconnects_after_the_broker_restarts(make_fleet, broker, serve) -> None:  # type: ignore[no-untyped-def]
+    """A dashboard outlives its broker: after a restart it connects again, catches up
+    and shows what happened since (here a host that came online meanwhile)."""
+    fleet = make_fleet({"h1": ["web"]})
+    server = serve(fleet)
+    assert api(server, "/api/hosts")[0]["online"] is False
+    broker.kill()
+    broker.start()
+    fleet.start_simulated(["h1"])
+    wait_for(lambda: api(server, "/api/hosts")[0]["online"] is True, timeout=30,
+             what="the dashboard to show h1 online after the broker restart")
+    assert server.proc is not None and server.proc.poll() is None

@@ -22,15 +22,16 @@ from typing import Any
 
 import aiomqtt
 
-from controller.connection import make_client, new_marker, subscribe_and_sync
+from controller.connection import close_client, new_marker, open_client, subscribe_and_sync
 from controller.deploy import ControllerContext
 from controller.eventlog import EventLog
 from controller.inventory import Inventory
 from controller.reader import MessageReader
 from controller.view import HostView, fold_event, fold_state
-from protocol.errors import BrokerUnavailable, FlotillaError
+from protocol.errors import BrokerRefused, BrokerUnavailable, FlotillaError
 from protocol.messages import HostMessage
 from protocol.models import Desired, Event, HostState, Prompt
+from protocol.mqtt import Backoff, Failover
 
 log = logging.getLogger(__name__)
 LOG_POLL_S = 0.25
@@ -178,16 +179,21 @@ class Feed:
             await asyncio.sleep(LOG_POLL_S)
 
     async def _follow_broker(self, ready: asyncio.Event) -> None:
+        """Connect through `open_client` like every command (any node of a cluster, in
+        failover order, within --connect-timeout; a refusal raises BrokerRefused at
+        once). Before `ready`, failing to connect ends the dashboard; after, a lost
+        connection is retried (the pages say the broker is unreachable), a refusal
+        still ends it (retrying cannot fix credentials or the MQTT version)."""
         t = self.ctx.topics
         filters = [t.all_hosts("desired"), t.all_hosts("state"), t.all_hosts("prompt"),
                    t.all_hosts("online"), t.all_hosts("events")]
-        delay = 0.2
+        failover = Failover(len(self.ctx.broker.addresses), backoff=Backoff(cap=5.0))
         while True:
             try:
-                client = make_client(self.ctx.broker,
-                                     client_id=f"fleetctl-serve-{uuid.uuid4().hex[:8]}",
-                                     **self.ctx.client_kwargs)
-                async with client:
+                client = await open_client(self.ctx.broker, failover,
+                                           client_id=f"fleetctl-serve-{uuid.uuid4().hex[:8]}",
+                                           **self.ctx.client_kwargs)
+                try:
                     self.synced.clear()
                     self._marker = new_marker(t)
                     await subscribe_and_sync(client, filters, self._marker)
@@ -195,7 +201,7 @@ class Feed:
                     try:
                         await asyncio.wait_for(asyncio.shield(self.synced.wait()),
                                                SYNC_TIMEOUT_S)
-                        self.connected, self.error, delay = True, None, 0.2
+                        self.connected, self.error = True, None
                         self._notify()
                         ready.set()
                         await reader
@@ -203,8 +209,14 @@ class Feed:
                         reader.cancel()
                         with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
                             await reader
-            except (aiomqtt.MqttError, TimeoutError) as exc:
+                finally:
+                    await close_client(client)
+            except BrokerRefused:
+                raise
+            except (aiomqtt.MqttError, TimeoutError, BrokerUnavailable) as exc:
                 if not ready.is_set():
+                    if isinstance(exc, BrokerUnavailable):
+                        raise
                     raise BrokerUnavailable(
                         f"cannot reach the MQTT broker at {self.ctx.broker}: {exc}") from None
                 self.error = f"broker {self.ctx.broker} unreachable: {exc}"
@@ -213,8 +225,7 @@ class Feed:
                 if self.connected:
                     self.connected = False
                     self._notify()
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+            await asyncio.sleep(failover.delay())
 
     async def _read(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:
