@@ -246,7 +246,10 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_USAGE
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # paho logs an ERROR for every dropped socket through "mqtt"; the session logs the
+    # loss and the reconnect itself (-v shows paho's)
     logging.getLogger("aiomqtt").setLevel(logging.WARNING)
+    logging.getLogger("mqtt").setLevel(logging.DEBUG if args.verbose else logging.CRITICAL)
     try:
         if args.command == "run":
             agents = [make_agent(args, args.host, args.state_dir)]

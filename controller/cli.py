@@ -193,7 +193,10 @@ def main(argv: list[str] | None = None) -> int:
     args = with_defaults(build_parser().parse_args(argv))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    logging.getLogger("aiomqtt").setLevel(logging.CRITICAL)
+    # aiomqtt's paho client logs through "mqtt" (an ERROR for every dropped socket); the
+    # caller reports a lost connection itself, and how it handles it (-v shows paho's)
+    for name in ("aiomqtt", "mqtt"):
+        logging.getLogger(name).setLevel(logging.DEBUG if args.verbose else logging.CRITICAL)
     try:
         result = args.func(args)
         if asyncio.iscoroutine(result):

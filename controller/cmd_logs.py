@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
+import logging
+from collections.abc import Callable
 from typing import Any
 
 import aiomqtt
 
 from controller import cliutil, logs, store
-from controller.connection import connect
+from controller.connection import close_client, open_client
 from controller.eventlog import EventLog
 from protocol.codec import decode
-from protocol.errors import BrokerUnavailable, InputError, ProtocolError
+from protocol.errors import InputError, ProtocolError
 from protocol.models import EVENT_TYPES, Rejected, Result, carried_lines
+from protocol.mqtt import Backoff, Failover
 from protocol.topics import HOST_NAME_RE
+
+_log = logging.getLogger(__name__)
+FINISHED_POLL_S = 1.0  # how often --follow asks the event log whether the host finished
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -107,42 +114,74 @@ async def follow(args: argparse.Namespace, log: EventLog, rollout_id: str,
     """The stored lines, then live Log events of the host until its deployment in this
     rollout ends (subscribed first, so no line falls between the two). An event sent
     before we subscribed that the driver had not stored yet when we read the store is
-    printed from the store before the next live event (and before we end)."""
+    printed from the store before the next live event (and before we end). A lost
+    connection is taken up again on any node (within --connect-timeout); what the
+    driver stored meanwhile is printed from the store."""
     ctx = cliutil.context(args)
-    try:
-        async with connect(ctx.broker, **ctx.client_kwargs) as client:
+    seen: set[tuple[str, int]] = set()
+    kept = logs.LineFollower(args.state_dir, rollout_id, args.host, dep)
+    after: int | None = None  # the newest event printed by the first read of the store
+
+    def show(records: list[logs.LogRecord]) -> None:
+        for r in records:
+            _print(args, r)
+        seen.update((r.deployment_id, r.seq) for r in records)
+
+    failover = Failover(len(ctx.broker.addresses), backoff=Backoff(cap=5.0))
+    while True:
+        client = await open_client(ctx.broker, failover, **ctx.client_kwargs)
+        try:
             await client.subscribe(ctx.topics.events(args.host), qos=1)
-            seen: set[tuple[str, int]] = set()
-            kept = logs.LineFollower(args.state_dir, rollout_id, args.host, dep)
-            first = kept.read()  # then only what the driver appends (no re-reading)
-            first = first[-args.lines:] if args.lines else first
-            after = max((r.seq for r in first), default=-1)
-
-            def show(records: list[logs.LogRecord]) -> None:
-                for r in records:
-                    _print(args, r)
-                seen.update((r.deployment_id, r.seq) for r in records)
-
-            show(first)
-            if _host_finished(log, rollout_id, args.host):
+            if after is None:
+                first = kept.read()  # then only what the driver appends (no re-reading)
+                first = first[-args.lines:] if args.lines else first
+                after = max((r.seq for r in first), default=-1)
+                show(first)
+            else:
+                show(unseen(kept.read(), seen, after))  # stored while we were away
+            if await _follow_live(client, log, rollout_id, dep, kept, seen, after, show,
+                                  args):
                 return
-            async for m in client.messages:
-                payload = m.payload if isinstance(m.payload, bytes) else b""
-                with contextlib.suppress(ProtocolError):
-                    ev = decode(payload, expect=EVENT_TYPES)
-                    if ev.deployment_id is None or logs.rollout_of(ev.deployment_id) \
-                            != rollout_id or (dep is not None and ev.deployment_id != dep):
-                        continue
-                    lines, _ = carried_lines(ev)
-                    if (lines or isinstance(ev, Result | Rejected)) \
-                            and (ev.deployment_id, ev.seq) not in seen:
-                        show(unseen(kept.read(), seen, after, before=ev.seq))
-                        seen.add((ev.deployment_id, ev.seq))
-                        for line in lines:
-                            _print(args, logs.LogRecord(ev.deployment_id, ev.seq, line.time,
-                                                        line.stream, line.source, line.text))
-                    if isinstance(ev, Result | Rejected):
-                        return
-    except aiomqtt.MqttError as exc:
-        raise BrokerUnavailable(f"cannot reach the MQTT broker at {ctx.broker}: {exc}"
-                                ) from None
+            lost: object = "the broker closed the connection"
+        except aiomqtt.MqttError as exc:
+            lost = exc
+        finally:
+            await close_client(client)
+        _log.warning("broker connection lost (%s); reconnecting", lost)
+        await asyncio.sleep(failover.delay())
+
+
+async def _follow_live(client: aiomqtt.Client, log: EventLog, rollout_id: str,
+                       dep: str | None, kept: logs.LineFollower, seen: set[tuple[str, int]],
+                       after: int, show: Callable[[list[logs.LogRecord]], None],
+                       args: argparse.Namespace) -> bool:
+    """Print live lines until the deployment ends (True) or the connection does. It
+    ends at its Result, or when the event log says the host finished: a Result sent
+    while we were not connected never arrives, and the store has its lines."""
+    messages = client.messages  # its __anext__ may be cancelled: a message stays queued
+    while True:
+        if _host_finished(log, rollout_id, args.host):
+            show(unseen(kept.read(), seen, after))
+            return True
+        try:
+            m = await asyncio.wait_for(anext(messages), FINISHED_POLL_S)
+        except TimeoutError:
+            continue
+        except StopAsyncIteration:
+            return False
+        payload = m.payload if isinstance(m.payload, bytes) else b""
+        with contextlib.suppress(ProtocolError):
+            ev = decode(payload, expect=EVENT_TYPES)
+            if ev.deployment_id is None or logs.rollout_of(ev.deployment_id) != rollout_id \
+                    or (dep is not None and ev.deployment_id != dep):
+                continue
+            lines, _ = carried_lines(ev)
+            if (lines or isinstance(ev, Result | Rejected)) \
+                    and (ev.deployment_id, ev.seq) not in seen:
+                show(unseen(kept.read(), seen, after, before=ev.seq))
+                seen.add((ev.deployment_id, ev.seq))
+                for line in lines:
+                    _print(args, logs.LogRecord(ev.deployment_id, ev.seq, line.time,
+                                                line.stream, line.source, line.text))
+            if isinstance(ev, Result | Rejected):
+                return True

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,16 +25,17 @@ from typing import Any
 import aiomqtt
 
 from controller import store
-from controller.connection import connect, new_marker, subscribe_and_sync
+from controller.connection import close_client, new_marker, open_client, subscribe_and_sync
 from controller.deploy import ControllerContext, Outcome
 from controller.monitor import ChangeTracker
 from controller.reader import MessageReader
 from controller.view import HostView, fold_event, fold_state
-from protocol.errors import BrokerUnavailable, InputError, UsageError
+from protocol.errors import InputError, UsageError
 from protocol.models import Desired, Event, HostState
-from protocol.mqtt import random_client_id
+from protocol.mqtt import Backoff, Failover, random_client_id
 from protocol.outcomes import ROLLOUT_FINAL, rollout_result
 
+log = logging.getLogger(__name__)
 REFRESH_INTERVAL = 0.5
 
 
@@ -198,23 +200,49 @@ class Watcher:
 
     # -- the loop ------------------------------------------------------------------------
     async def run(self, timeout: float | None) -> WatchResult:
+        """Follow until the rollout finishes (or `timeout`). A connection lost meanwhile
+        (a cluster node restarting, Mosquitto restarted) is taken up again on any node,
+        in failover order, within --connect-timeout: retained states and the event log
+        catch the watch up, and a host is printed again only if it changed."""
         t = self.ctx.topics
         filters = [t.all_hosts("desired"), t.all_hosts("state"), t.all_hosts("online"),
                    self.ctx.events_filter()]
         deadline = time.monotonic() + timeout if timeout is not None else None
-        async with connect(self.ctx.broker, client_id=random_client_id("fleetctl-watch"),
-                           **self.ctx.client_kwargs) as client:
-            self._marker = new_marker(t)
-            await subscribe_and_sync(client, filters, self._marker)
-            reader = asyncio.create_task(self._read(client))
+        failover = Failover(len(self.ctx.broker.addresses), backoff=Backoff(cap=5.0))
+        while True:
+            client = await open_client(self.ctx.broker, failover,
+                                       client_id=random_client_id("fleetctl-watch"),
+                                       **self.ctx.client_kwargs)
             try:
-                await self._follow(reader, deadline)
+                lost = await self._watch(client, filters, deadline)
             finally:
-                reader.cancel()
-                with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
-                    await reader
+                await close_client(client)
+            if lost is None:
+                break
+            log.warning("broker connection lost (%s); reconnecting", lost)
+            await asyncio.sleep(failover.delay())
         return WatchResult(self.rollout_id, self.final_status(), self.finished(),
                            self.summary())
+
+    async def _watch(self, client: aiomqtt.Client, filters: list[str],
+                     deadline: float | None) -> aiomqtt.MqttError | None:
+        """Follow on one connection: None once done, or why the connection was lost."""
+        self._synced.clear()
+        self._marker = new_marker(self.ctx.topics)
+        try:
+            await subscribe_and_sync(client, filters, self._marker)
+        except aiomqtt.MqttError as exc:
+            return exc
+        reader = asyncio.create_task(self._read(client))
+        try:
+            await self._follow(reader, deadline)
+            return None
+        except aiomqtt.MqttError as exc:
+            return exc
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                await reader
 
     async def _read(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:
@@ -256,5 +284,5 @@ class Watcher:
             task.cancel()
         if reader in done:
             reader.result()  # the connection broke: raise MqttError
-            raise BrokerUnavailable("the broker closed the connection")
+            raise aiomqtt.MqttError("the broker closed the connection")
 

@@ -240,6 +240,54 @@ def test_deploy_through_a_node_outage_and_a_restart_mid_rollout(target: Target) 
         assert len(accepts(fleet, h)) == 1, h
 
 
+@pytest.mark.parametrize("target", ["mosquitto-5", "nats-cluster"], indirect=True)
+def test_watch_and_logs_follow_outlive_their_node_going_away(target: Target) -> None:
+    """`fleetctl watch` and `logs --follow` run for as long as a rollout does; their
+    node going away (NATS: the first of the controller's list, while the hosts finish;
+    Mosquitto: restarted) used to end both with exit 3. They take the connection up
+    again and end with the rollout, the follower having printed every line once."""
+    fleet = target.fleet({"w1": ["w"], "w2": ["w"]})
+    fleet.start_simulated(["w1", "w2"], "--sim-fetch-delay", "3")
+    deploy = deploy_bg(fleet, "@w", "--system", SYSTEM, "--timeout", "90")
+
+    def accepted() -> bool:
+        try:
+            return all(accepts(fleet, h) for h in ("w1", "w2"))
+        except (FileNotFoundError, ValueError):
+            return False
+
+    wait_for(accepted, timeout=40, what="both hosts to accept")
+    followers = {}
+    for name, args in (("watch", ["watch", "--json"]), ("logs", ["logs", "w1", "--follow"])):
+        out = fleet.root / f"{name}.out"
+        followers[name] = (out, subprocess.Popen(
+            [sys.executable, "-m", "controller", *args], stdout=out.open("w"),
+            stderr=subprocess.PIPE, text=True, env=fleet.env()))
+    for name, (out, proc) in followers.items():
+        wait_for(lambda o=out, p=proc: p.poll() is None and o.read_text().strip(), timeout=30,
+                 what=f"{name} to print its first line")
+    with target.down():
+        if target.name == "nats-cluster":  # the hosts finish while the node is away
+            wait_for(lambda: all(r["kind"] != "result" or r["status"] == "succeeded"
+                                 for h in ("w1", "w2") for r in fleet.journal(h))
+                     and all(any(r["kind"] == "result" for r in fleet.journal(h))
+                             for h in ("w1", "w2")), timeout=40, what="both hosts to finish")
+    rc, summary = finish(deploy, timeout=90)
+    assert rc == 0 and summary["succeeded"] == 2, summary
+    results = {}
+    for name, (out, proc) in followers.items():
+        _, err = proc.communicate(timeout=60)
+        results[name] = (proc.returncode, out.read_text().splitlines(), err)
+    rc, lines, err = results["watch"]
+    assert rc == 0 and "Traceback" not in err and "ERROR" not in err, err
+    end = json.loads(lines[-1])
+    assert end["type"] == "end" and end["status"] == "succeeded", end
+    rc, lines, err = results["logs"]
+    assert rc == 0 and "Traceback" not in err, err
+    stored = fleet.fleetctl("logs", "w1")
+    assert stored.returncode == 0 and lines == stored.stdout.splitlines()  # each once
+
+
 # -- refusals and capabilities (symptoms of the issue) --------------------------------
 def one_line(r: subprocess.CompletedProcess[str], code: int, fragment: str) -> str:
     assert r.returncode == code, (r.returncode, r.stdout, r.stderr)
