@@ -121,7 +121,8 @@ class SimulatedBackend:
         return None
 
     async def rollback(self, previous: str | None, progress: ProgressFn) -> None:
-        await progress(f"rolling back to {previous or 'nothing'}")
+        await progress(f"rolling back to {previous}" if previous is not None else
+                       "rolling back (no earlier system recorded)")
         self._set_current(previous)
         profile = self.dir / "profile"
         if previous is None:
