@@ -38,6 +38,7 @@ from controller.broker import (
     nats_binary,
     render_nats_config,
 )
+from controller.connection import read_retained
 from controller.deploy import ControllerContext, DeployRequest, RolloutDriver
 from controller.eventlog import EventLog
 from controller.keys import load_key
@@ -45,7 +46,15 @@ from protocol.broker import BrokerCluster
 from protocol.mqtt import MqttVersion
 from protocol.topics import Topics
 from tests.conftest import write_inventory
-from tests.helpers import Fleet, deploy_bg, finish, wait_for, wait_online, wait_prompt
+from tests.helpers import (
+    Fleet,
+    deploy_bg,
+    finish,
+    mqtt_client,
+    wait_for,
+    wait_online,
+    wait_prompt,
+)
 
 SYSTEM = "/nix/store/dddd-nixos-system-cluster-25.11"
 
@@ -238,6 +247,43 @@ def test_deploy_through_a_node_outage_and_a_restart_mid_rollout(target: Target) 
     assert out["succeeded"] == 6 and set(out["hosts"].values()) == {"succeeded"}
     for h in hosts:
         assert len(accepts(fleet, h)) == 1, h
+
+
+@CROSS
+def test_cancel_and_approve_through_another_node(target: Target) -> None:
+    """The operator's commands from another node than the driver's: `cancel` ends the
+    wait and withdraws the retained desired state (an empty retained message: none is
+    left on the agents' node for a host coming back); `approve` lets the next deploy go
+    on."""
+    fleet = target.fleet({"c1": ["c"]})
+    fleet.start_agent("c1")
+    first = deploy_bg(fleet, "c1", "--system", SYSTEM, "--approval", "ask", "--timeout", "60")
+    wait_prompt(fleet, "c1", "approval")
+    saved, fleet.broker_url = fleet.broker_url, target.other_url
+    try:
+        r = fleet.fleetctl("cancel", "c1", "--reason", "not today")
+        assert r.returncode == 0, r.stdout + r.stderr
+        rc, out = finish(first)
+        assert rc != 0 and out["hosts"] == {"c1": "cancelled"}, out
+
+        async def retained_desired() -> list[bytes]:
+            topics = Topics(fleet.prefix)
+            async with mqtt_client(target.agent_url, target.version) as client:
+                kept = await read_retained(client, topics, [topics.desired("c1")])
+            return [bytes(m.payload) for m in kept if m.payload]  # type: ignore[arg-type]
+
+        assert asyncio.run(retained_desired()) == []
+        second = deploy_bg(fleet, "c1", "--system", SYSTEM + "-2", "--approval", "ask",
+                           "--timeout", "60")
+        wait_prompt(fleet, "c1", "approval")
+        r = fleet.fleetctl("approve", "c1")
+        assert r.returncode == 0, r.stdout + r.stderr
+    finally:
+        fleet.broker_url = saved
+    rc, out = finish(second)
+    assert rc == 0 and out["hosts"] == {"c1": "succeeded"}, out
+    results = [r["status"] for r in fleet.journal("c1") if r["kind"] == "result"]
+    assert results == ["cancelled", "succeeded"], results
 
 
 @pytest.mark.parametrize("target", ["mosquitto-5", "nats-cluster"], indirect=True)
