@@ -33,8 +33,9 @@ def validate_host(name: str) -> str:
 def prefix_problem(prefix: str) -> str | None:
     """Why `prefix` cannot be a topic prefix, or None. Refused: the MQTT wildcards `+`
     and `#`, a leading `$` (broker-internal topics), empty levels (`a//b`, a leading or
-    trailing `/`), and `.` or white space: NATS maps `/` to `.` and disconnects a client
-    whose topic holds either, so such a prefix would work on Mosquitto only."""
+    trailing `/`), and what works on Mosquitto only: `.` or white space (NATS maps `/`
+    to `.` and disconnects a client whose topic holds either) and a level that is `*`
+    or `>` (NATS wildcards: a subscription would match other prefixes' topics)."""
     if not prefix:
         return "it is empty"
     if prefix.startswith("$"):
@@ -43,6 +44,8 @@ def prefix_problem(prefix: str) -> str | None:
         return "it holds an MQTT wildcard ('+' or '#')"
     if "" in prefix.split("/"):
         return "it has an empty level (a leading, trailing or doubled '/')"
+    if any(level in ("*", ">") for level in prefix.split("/")):
+        return "it has a level '*' or '>' (a NATS wildcard: it would match other topics)"
     if "." in prefix:
         return "it holds '.' (NATS maps topic levels to '.'-separated subjects)"
     if any(c.isspace() or ord(c) < 0x20 or c == "\x7f" for c in prefix):

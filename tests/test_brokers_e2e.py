@@ -458,6 +458,7 @@ def test_share_group_is_refused_in_mqtt311_mode(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("args", [["--topic-prefix", "fleet.v1"], ["--topic-prefix", "my fleet"],
                                   ["--topic-prefix", "$fleet"], ["--topic-prefix", "a//b"],
+                                  ["--topic-prefix", "fleet/*"],
                                   ["--mqtt-version", "4.0"]])
 def test_prefixes_nats_would_disconnect_and_bad_versions_are_usage_errors(
         args: list[str], tmp_path: Path, controller_dir: Path,

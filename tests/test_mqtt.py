@@ -162,6 +162,10 @@ PREFIXES: list[tuple[str, str | None]] = [
     ("fleet/+/v1", "wildcard"), ("fleet/#", "wildcard"), ("$SYS/fleet", "'$'"),
     ("fleet//v1", "empty level"), ("/fleet", "empty level"), ("fleet/", "empty level"),
     ("", "empty"),
+    # a level that is exactly `*` or `>` is a NATS wildcard: `fleet/*` would hear every
+    # fleet's topics; under `>` nothing arrives (seen: a NATS node delivered
+    # nothing on `a/>/x`). Inside a level they are ordinary characters.
+    ("fleet/*", "NATS wildcard"), ("fleet/>/v1", "NATS wildcard"), ("fl*et/v>1", None),
 ]
 
 
