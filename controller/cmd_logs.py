@@ -97,7 +97,7 @@ def _print(args: argparse.Namespace, r: logs.LogRecord) -> None:
 
 
 def _host_finished(log: EventLog, rollout_id: str, host: str) -> bool:
-    r = log.load()["rollouts"][rollout_id]
+    r = log.refresh()["rollouts"][rollout_id]  # what the driver appended since (not all)
     return r["hosts"][host].get("result") is not None or r.get("status") != "running"
 
 
