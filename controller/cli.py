@@ -28,7 +28,7 @@ from controller import (
 )
 from controller.cliutil import EXIT_BROKER, EXIT_OK, EXIT_USAGE
 from controller.keys import init_keys
-from protocol.broker import DEFAULT_CONNECT_TIMEOUT_S
+from protocol.broker import DEFAULT_CONNECT_TIMEOUT_S, shown_urls
 from protocol.errors import BrokerUnavailable, FlotillaError, UsageError
 from protocol.mqtt import DEFAULT_MQTT_VERSION, MqttVersion, parse_mqtt_version
 from protocol.topics import DEFAULT_PREFIX
@@ -47,6 +47,8 @@ class HelpFormatter(argparse.HelpFormatter):
         if "default" in text or not action.option_strings or default in (None, False) \
                 or isinstance(action, argparse._HelpAction | argparse._VersionAction):
             return text
+        if action.dest == "broker":
+            default = shown_urls(default)
         return f"{text} (default: {str(default).replace('%', '%%')})"
 
 

@@ -200,6 +200,14 @@ def parse_broker_url(url: str) -> BrokerAddress:
     )
 
 
+def shown_urls(text: str) -> str:
+    """A broker list as a help text may show it (the FLEET_BROKER default): no password."""
+    try:
+        return ", ".join(str(a) for a in parse_broker_urls(text))
+    except UsageError:
+        return "FLEET_BROKER (unreadable)"
+
+
 def parse_broker_urls(text: str) -> tuple[BrokerAddress, ...]:
     """One URL, or a cluster's nodes as comma-separated URLs (a ',' in a password must be
     percent-encoded as %2C); errors never quote the text (it may hold a password)."""

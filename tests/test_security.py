@@ -742,6 +742,16 @@ def test_tls_and_credential_flag_errors_are_one_line(tmp_path: Path,
         assert "Traceback" not in r.stderr and "S3cret" not in r.stderr
 
 
+def test_help_never_shows_a_password_from_the_environment() -> None:
+    """`--help` shows each option's default; FLEET_BROKER's may hold a password."""
+    env = {**os.environ, "FLEET_BROKER": "mqtt://ctl:S3cret@broker.example:1883"}
+    for argv in (["controller", "status", "--help"], ["client", "run", "--help"]):
+        r = subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True,
+                           timeout=30, env=env)
+        assert r.returncode == 0 and "S3cret" not in r.stdout + r.stderr
+        assert "mqtt://ctl@broker.example:1883" in r.stdout
+
+
 def test_help_recommends_password_file() -> None:
     for argv in (["controller", "status", "--help"], ["client", "run", "--help"]):
         r = subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True,
