@@ -42,7 +42,7 @@ def _common(p: argparse.ArgumentParser) -> None:
                         " in the URL shows in process listings: use --password-file instead")
     p.add_argument("--mqtt-version", type=mqtt_version_arg,
                    default=os.environ.get("FLEET_MQTT_VERSION", DEFAULT_MQTT_VERSION),
-                   help="MQTT protocol: 5 (default) or 3.1.1 for brokers that speak only"
+                   help="MQTT protocol: 5, or 3.1.1 for brokers that speak only"
                         " 3.1.1, such as NATS (env FLEET_MQTT_VERSION)")
     p.add_argument("--username", help="broker username (default: the host name)")
     p.add_argument("--password-file", type=Path,
