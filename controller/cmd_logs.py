@@ -5,22 +5,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import logging
-from collections.abc import Callable
 from typing import Any
 
 import aiomqtt
 
 from controller import cliutil, logs, store
-from controller.connection import close_client, open_client
+from controller.connection import while_connected
 from controller.eventlog import EventLog
 from protocol.codec import decode
 from protocol.errors import InputError, ProtocolError
 from protocol.models import EVENT_TYPES, Rejected, Result, carried_lines
-from protocol.mqtt import Backoff, Failover
 from protocol.topics import HOST_NAME_RE
 
-_log = logging.getLogger(__name__)
 FINISHED_POLL_S = 1.0  # how often --follow asks the event log whether the host finished
 
 
@@ -118,70 +114,81 @@ async def follow(args: argparse.Namespace, log: EventLog, rollout_id: str,
     connection is taken up again on any node (within --connect-timeout); what the
     driver stored meanwhile is printed from the store."""
     ctx = cliutil.context(args)
-    seen: set[tuple[str, int]] = set()
-    kept = logs.LineFollower(args.state_dir, rollout_id, args.host, dep)
-    after: int | None = None  # the newest event printed by the first read of the store
+    following = LogFollow(args, log, rollout_id, dep, ctx.topics.events(args.host))
+    await while_connected(ctx.broker, following.on_connection, **ctx.client_kwargs)
 
-    def show(records: list[logs.LogRecord]) -> None:
+
+class LogFollow:
+    """What `logs --follow` printed so far, across connections."""
+
+    def __init__(self, args: argparse.Namespace, log: EventLog, rollout_id: str,
+                 dep: str | None, topic: str) -> None:
+        self.args, self.log, self.rollout_id, self.dep = args, log, rollout_id, dep
+        self.topic = topic  # the host's events
+        self.kept = logs.LineFollower(args.state_dir, rollout_id, args.host, dep)
+        self.seen: set[tuple[str, int]] = set()
+        self.after: int | None = None  # the newest event of the first read of the store
+
+    def show(self, records: list[logs.LogRecord]) -> None:
         for r in records:
-            _print(args, r)
-        seen.update((r.deployment_id, r.seq) for r in records)
+            _print(self.args, r)
+        self.seen.update((r.deployment_id, r.seq) for r in records)
 
-    failover = Failover(len(ctx.broker.addresses), backoff=Backoff(cap=5.0))
-    while True:
-        client = await open_client(ctx.broker, failover, **ctx.client_kwargs)
-        try:
-            await client.subscribe(ctx.topics.events(args.host), qos=1)
-            if after is None:
-                first = kept.read()  # then only what the driver appends (no re-reading)
-                first = first[-args.lines:] if args.lines else first
-                after = max((r.seq for r in first), default=-1)
-                show(first)
-            else:
-                show(unseen(kept.read(), seen, after))  # stored while we were away
-            if await _follow_live(client, log, rollout_id, dep, kept, seen, after, show,
-                                  args):
-                return
-            lost: object = "the broker closed the connection"
-        except aiomqtt.MqttError as exc:
-            lost = exc
-        finally:
-            await close_client(client)
-        _log.warning("broker connection lost (%s); reconnecting", lost)
-        await asyncio.sleep(failover.delay())
+    def catch_up(self, before: int | None = None) -> None:
+        """Print what the driver stored that was not printed (older than `before`)."""
+        assert self.after is not None
+        self.show(unseen(self.kept.read(), self.seen, self.after, before))
 
+    async def on_connection(self, client: aiomqtt.Client) -> bool:
+        """Follow on one connection: True once the deployment ended."""
+        await client.subscribe(self.topic, qos=1)
+        if self.after is None:
+            first = self.kept.read()  # then only what the driver appends (no re-reading)
+            first = first[-self.args.lines:] if self.args.lines else first
+            self.after = max((r.seq for r in first), default=-1)
+            self.show(first)
+        else:
+            self.catch_up()  # stored while we were away
+        return await self._live(client)
 
-async def _follow_live(client: aiomqtt.Client, log: EventLog, rollout_id: str,
-                       dep: str | None, kept: logs.LineFollower, seen: set[tuple[str, int]],
-                       after: int, show: Callable[[list[logs.LogRecord]], None],
-                       args: argparse.Namespace) -> bool:
-    """Print live lines until the deployment ends (True) or the connection does. It
-    ends at its Result, or when the event log says the host finished: a Result sent
-    while we were not connected never arrives, and the store has its lines."""
-    messages = client.messages  # its __anext__ may be cancelled: a message stays queued
-    while True:
-        if _host_finished(log, rollout_id, args.host):
-            show(unseen(kept.read(), seen, after))
+    def _finished(self) -> bool:
+        if _host_finished(self.log, self.rollout_id, self.args.host):
+            self.catch_up()
             return True
-        try:
-            m = await asyncio.wait_for(anext(messages), FINISHED_POLL_S)
-        except TimeoutError:
-            continue
-        except StopAsyncIteration:
-            return False
-        payload = m.payload if isinstance(m.payload, bytes) else b""
-        with contextlib.suppress(ProtocolError):
-            ev = decode(payload, expect=EVENT_TYPES)
-            if ev.deployment_id is None or logs.rollout_of(ev.deployment_id) != rollout_id \
-                    or (dep is not None and ev.deployment_id != dep):
+        return False
+
+    async def _live(self, client: aiomqtt.Client) -> bool:
+        """Print live lines until the deployment ends (True) or the connection does. It
+        ends at its Result, or when the event log says the host finished (asked at once
+        and whenever no event came for FINISHED_POLL_S): a Result sent while we were not
+        connected never arrives, and the store has its lines. Asked also at an event of
+        another deployment: one that follows ours can keep the topic busy."""
+        if self._finished():
+            return True
+        messages = client.messages  # its __anext__ may be cancelled: a message stays queued
+        while True:
+            try:
+                m = await asyncio.wait_for(anext(messages), FINISHED_POLL_S)
+            except TimeoutError:
+                if self._finished():
+                    return True
                 continue
-            lines, _ = carried_lines(ev)
-            if (lines or isinstance(ev, Result | Rejected)) \
-                    and (ev.deployment_id, ev.seq) not in seen:
-                show(unseen(kept.read(), seen, after, before=ev.seq))
-                seen.add((ev.deployment_id, ev.seq))
-                for line in lines:
-                    _print(args, logs.LogRecord(ev.deployment_id, ev.seq, line.time,
-                                                line.stream, line.source, line.text))
-            if isinstance(ev, Result | Rejected):
-                return True
+            payload = m.payload if isinstance(m.payload, bytes) else b""
+            with contextlib.suppress(ProtocolError):
+                ev = decode(payload, expect=EVENT_TYPES)
+                if ev.deployment_id is None or logs.rollout_of(ev.deployment_id) \
+                        != self.rollout_id or (self.dep is not None
+                                               and ev.deployment_id != self.dep):
+                    if self._finished():
+                        return True
+                    continue
+                lines, _ = carried_lines(ev)
+                if (lines or isinstance(ev, Result | Rejected)) \
+                        and (ev.deployment_id, ev.seq) not in self.seen:
+                    self.catch_up(before=ev.seq)
+                    self.seen.add((ev.deployment_id, ev.seq))
+                    for line in lines:
+                        _print(self.args, logs.LogRecord(ev.deployment_id, ev.seq, line.time,
+                                                         line.stream, line.source, line.text))
+                if isinstance(ev, Result | Rejected):
+                    return True

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiomqtt
@@ -106,6 +106,29 @@ async def connect(broker: BrokerCluster, **kwargs: Any) -> AsyncIterator[aiomqtt
         raise BrokerUnavailable(f"lost the MQTT broker connection ({broker}): {exc}") from None
     finally:
         await close_client(client)
+
+
+async def while_connected(broker: BrokerCluster,
+                          follow: Callable[[aiomqtt.Client], Awaitable[bool]],
+                          **kwargs: Any) -> None:
+    """Run `follow` on a connection until it returns True (done), for a command that
+    lasts (`watch`, `logs --follow`). A connection lost meanwhile (MqttError, or `follow`
+    returning False) is taken up again on any node, in failover order, after capped,
+    jittered backoff; `follow` then catches up itself. No node within connect_timeout:
+    BrokerUnavailable; a refusal: BrokerRefused."""
+    failover = Failover(len(broker.addresses), backoff=Backoff(cap=5.0))
+    while True:
+        client = await open_client(broker, failover, **kwargs)
+        try:
+            if await follow(client):
+                return
+            lost: object = "the broker closed the connection"
+        except aiomqtt.MqttError as exc:
+            lost = exc
+        finally:
+            await close_client(client)
+        log.warning("broker connection lost (%s); reconnecting", lost)
+        await asyncio.sleep(failover.delay())
 
 
 async def subscribe(client: aiomqtt.Client, topic: str | list[str], qos: int = 1,

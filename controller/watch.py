@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,17 +24,16 @@ from typing import Any
 import aiomqtt
 
 from controller import store
-from controller.connection import close_client, new_marker, open_client, subscribe_and_sync
+from controller.connection import new_marker, subscribe_and_sync, while_connected
 from controller.deploy import ControllerContext, Outcome
 from controller.monitor import ChangeTracker
 from controller.reader import MessageReader
 from controller.view import HostView, fold_event, fold_state
 from protocol.errors import InputError, UsageError
 from protocol.models import Desired, Event, HostState
-from protocol.mqtt import Backoff, Failover, random_client_id
+from protocol.mqtt import random_client_id
 from protocol.outcomes import ROLLOUT_FINAL, rollout_result
 
-log = logging.getLogger(__name__)
 REFRESH_INTERVAL = 0.5
 
 
@@ -208,37 +206,23 @@ class Watcher:
         filters = [t.all_hosts("desired"), t.all_hosts("state"), t.all_hosts("online"),
                    self.ctx.events_filter()]
         deadline = time.monotonic() + timeout if timeout is not None else None
-        failover = Failover(len(self.ctx.broker.addresses), backoff=Backoff(cap=5.0))
-        while True:
-            client = await open_client(self.ctx.broker, failover,
-                                       client_id=random_client_id("fleetctl-watch"),
-                                       **self.ctx.client_kwargs)
-            try:
-                lost = await self._watch(client, filters, deadline)
-            finally:
-                await close_client(client)
-            if lost is None:
-                break
-            log.warning("broker connection lost (%s); reconnecting", lost)
-            await asyncio.sleep(failover.delay())
+        await while_connected(self.ctx.broker,
+                              lambda client: self._watch(client, filters, deadline),
+                              client_id=random_client_id("fleetctl-watch"),
+                              **self.ctx.client_kwargs)
         return WatchResult(self.rollout_id, self.final_status(), self.finished(),
                            self.summary())
 
     async def _watch(self, client: aiomqtt.Client, filters: list[str],
-                     deadline: float | None) -> aiomqtt.MqttError | None:
-        """Follow on one connection: None once done, or why the connection was lost."""
+                     deadline: float | None) -> bool:
+        """Follow on one connection until done (True); MqttError when it is lost."""
         self._synced.clear()
         self._marker = new_marker(self.ctx.topics)
-        try:
-            await subscribe_and_sync(client, filters, self._marker)
-        except aiomqtt.MqttError as exc:
-            return exc
+        await subscribe_and_sync(client, filters, self._marker)
         reader = asyncio.create_task(self._read(client))
         try:
             await self._follow(reader, deadline)
-            return None
-        except aiomqtt.MqttError as exc:
-            return exc
+            return True
         finally:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
