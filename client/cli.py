@@ -17,8 +17,9 @@ from client.backend import BackendError, SystemBackend
 from client.journal import JOURNAL_NAME, check_file, repair_file
 from client.notify import NotifyConfig
 from client.sim import SimSettings, SimulatedBackend
-from protocol.broker import BrokerCluster, read_password_file, shown_urls
+from protocol.broker import BrokerCluster, read_password_file
 from protocol.errors import BrokerRefused, FlotillaError, UsageError
+from protocol.helptext import DefaultsHelpFormatter
 from protocol.mqtt import DEFAULT_MQTT_VERSION, MqttVersion, parse_mqtt_version
 from protocol.prompts import DEFAULT_TONIGHT, parse_hhmm
 from protocol.signing import load_public_keys
@@ -95,24 +96,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
-class _Help(argparse.HelpFormatter):
-    """Each option's help ends with its default, unless it has none or says it."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if "default" in text or not action.option_strings \
-                or action.default in (None, False, argparse.SUPPRESS):
-            return text
-        default = shown_urls(action.default) if action.dest == "broker" else action.default
-        return f"{text} (default: {str(default).replace('%', '%%')})"
-
-
-class _RawDefaults(argparse.RawDescriptionHelpFormatter, _Help):
+class _RawDefaults(argparse.RawDescriptionHelpFormatter, DefaultsHelpFormatter):
     pass
 
 
 def build_parser() -> argparse.ArgumentParser:
-    fmt = _Help
+    fmt = DefaultsHelpFormatter
     parser = argparse.ArgumentParser(prog="fleet-agent", description=__doc__,
                                      formatter_class=fmt)
     parser.add_argument("--version", action="version", version=f"fleet-agent {_version()}")

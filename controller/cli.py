@@ -28,8 +28,9 @@ from controller import (
 )
 from controller.cliutil import EXIT_BROKER, EXIT_OK, EXIT_USAGE
 from controller.keys import init_keys
-from protocol.broker import DEFAULT_CONNECT_TIMEOUT_S, shown_urls
+from protocol.broker import DEFAULT_CONNECT_TIMEOUT_S
 from protocol.errors import BrokerUnavailable, FlotillaError, UsageError
+from protocol.helptext import DefaultsHelpFormatter
 from protocol.mqtt import DEFAULT_MQTT_VERSION, MqttVersion, parse_mqtt_version
 from protocol.topics import DEFAULT_PREFIX
 
@@ -37,19 +38,13 @@ COMMAND_MODULES = (cmd_build, cmd_deploy, cmd_fleet, cmd_logs, cmd_rollout, cmd_
                    cmd_serve, cmd_steps)
 
 
-class HelpFormatter(argparse.HelpFormatter):
-    """Every option's help ends with its default (unless it has none or says it)."""
+class HelpFormatter(DefaultsHelpFormatter):
+    """The common options' parsers default to SUPPRESS: their help shows COMMON_DEFAULTS."""
 
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        default = COMMON_DEFAULTS.get(action.dest, action.default) \
-            if action.default is argparse.SUPPRESS else action.default
-        if "default" in text or not action.option_strings or default in (None, False) \
-                or isinstance(action, argparse._HelpAction | argparse._VersionAction):
-            return text
-        if action.dest == "broker":
-            default = shown_urls(default)
-        return f"{text} (default: {str(default).replace('%', '%%')})"
+    def default_of(self, action: argparse.Action) -> Any:
+        if action.default is argparse.SUPPRESS:
+            return COMMON_DEFAULTS.get(action.dest, argparse.SUPPRESS)
+        return action.default
 
 
 class Parser(argparse.ArgumentParser):
