@@ -22,7 +22,6 @@ from typing import Any
 from protocol import rotlog
 from protocol.errors import InputError
 from protocol.models import Event, carried_lines
-from protocol.rotlog import RotatingFile
 from protocol.topics import HOST_NAME_RE
 
 MAX_BYTES = 4 << 20
@@ -69,7 +68,7 @@ class LogStore:
         self.max_bytes = max_bytes
         self._seen: dict[tuple[str, str], int] = {}
         # (rollout, host) -> its file, path checked once; opened per append (one per host)
-        self._files: dict[tuple[str, str], RotatingFile] = {}
+        self._files: dict[tuple[str, str], rotlog.RotatingFile] = {}
         self._dirs: set[Path] = set()  # rollout directories made
 
     def append(self, ev: Event) -> bool:
@@ -85,8 +84,8 @@ class LogStore:
         where = (rollout_of(ev.deployment_id), ev.host)
         file = self._files.get(where)
         if file is None:
-            file = self._files[where] = RotatingFile(log_file(self.state_dir, *where),
-                                                     self.max_bytes, keep_open=False)
+            file = self._files[where] = rotlog.RotatingFile(
+                log_file(self.state_dir, *where), self.max_bytes, keep_open=False)
         records = [{"deployment_id": ev.deployment_id, "seq": ev.seq, "time": line.time,
                     "stream": line.stream, "source": line.source, "text": line.text}
                    for line in lines]
