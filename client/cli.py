@@ -17,22 +17,16 @@ from client.backend import BackendError, SystemBackend
 from client.journal import JOURNAL_NAME, check_file, repair_file
 from client.notify import NotifyConfig
 from client.sim import SimSettings, SimulatedBackend
+from protocol import cliargs
 from protocol.broker import BrokerCluster, read_password_file
+from protocol.cliargs import DefaultsHelpFormatter
 from protocol.errors import BrokerRefused, FlotillaError, UsageError
-from protocol.helptext import DefaultsHelpFormatter
-from protocol.mqtt import DEFAULT_MQTT_VERSION, MqttVersion, parse_mqtt_version
+from protocol.mqtt import DEFAULT_MQTT_VERSION
 from protocol.prompts import DEFAULT_TONIGHT, parse_hhmm
 from protocol.signing import load_public_keys
 from protocol.topics import DEFAULT_PREFIX, Topics, validate_host
 
 EXIT_USAGE, EXIT_BROKER = 2, 3
-
-
-def mqtt_version_arg(text: str) -> MqttVersion:
-    try:
-        return parse_mqtt_version(text)
-    except UsageError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -41,7 +35,7 @@ def _common(p: argparse.ArgumentParser) -> None:
                         " wss://); a cluster's nodes as comma-separated URLs (the first that"
                         " answers is used, the next on failover). Env FLEET_BROKER. A password"
                         " in the URL shows in process listings: use --password-file instead")
-    p.add_argument("--mqtt-version", type=mqtt_version_arg,
+    p.add_argument("--mqtt-version", type=cliargs.MQTT_VERSION,
                    default=os.environ.get("FLEET_MQTT_VERSION", DEFAULT_MQTT_VERSION),
                    help="MQTT protocol: 5, or 3.1.1 for brokers that speak only"
                         " 3.1.1, such as NATS (env FLEET_MQTT_VERSION)")
@@ -66,11 +60,11 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="nixos backend: prefix for /run and /nix/var paths (tests)")
     p.add_argument("--from-cache", metavar="URL",
                    help="nixos backend: binary cache to 'nix copy --from' before realising")
-    p.add_argument("--sim-fetch-delay", type=float, default=0.0,
+    p.add_argument("--sim-fetch-delay", type=cliargs.SECONDS_OR_ZERO, default=0.0,
                    help="sim backend: seconds a fetch takes")
-    p.add_argument("--sim-switch-delay", type=float, default=0.0,
+    p.add_argument("--sim-switch-delay", type=cliargs.SECONDS_OR_ZERO, default=0.0,
                    help="sim backend: seconds a switch takes")
-    p.add_argument("--sim-fail-rate", type=float, default=0.0,
+    p.add_argument("--sim-fail-rate", type=cliargs.SHARE, default=0.0,
                    help="sim backend: share of hosts whose fetch or switch fails (per "
                         "host and system, from --sim-seed)")
     p.add_argument("--sim-fail-stage", choices=["fetch", "switch"], default="switch",
@@ -89,7 +83,8 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="wall message to terminal users when a prompt opens")
     p.add_argument("--defer-tonight", default=DEFAULT_TONIGHT, metavar="HH:MM",
                    help="when 'tonight' is for a user deferring an approval (host-local)")
-    p.add_argument("--dump-retention", type=int, default=3, help="dumps kept per step")
+    p.add_argument("--dump-retention", type=cliargs.AT_LEAST_ONE, default=3,
+                   help="dumps kept per step")
     p.add_argument("--age-recipient", help="encrypt dumps to this age recipient (pyrage)")
     p.add_argument("--age-identity", help="file with the age identity that decrypts dumps "
                                           "on rollback")
@@ -102,10 +97,9 @@ class _RawDefaults(argparse.RawDescriptionHelpFormatter, DefaultsHelpFormatter):
 
 def build_parser() -> argparse.ArgumentParser:
     fmt = DefaultsHelpFormatter
-    parser = argparse.ArgumentParser(prog="fleet-agent", description=__doc__,
-                                     formatter_class=fmt)
+    parser = cliargs.Parser(prog="fleet-agent", description=__doc__, formatter_class=fmt)
     parser.add_argument("--version", action="version", version=f"fleet-agent {_version()}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=cliargs.Parser)
     run = sub.add_parser("run", help="run the agent for this host", formatter_class=fmt)
     run.add_argument("--host", required=True, help="this host's name (as in the inventory)")
     run.add_argument("--state-dir", type=Path, default=Path("/var/lib/flotilla"),

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from controller import cliutil
 from controller.nixbuild import BuildRun, HostBuild, build_fleet, load_cache, push
+from protocol import cliargs
 from protocol.errors import UsageError
 
 STATUS_STYLE = {"queued": "dim", "building": "yellow", "built": "green", "failed": "red"}
@@ -26,7 +27,7 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sign-key", type=Path, metavar="FILE",
                    help="Nix signing key (nix-store --generate-binary-cache-key); its public "
                         "half is what agents accept")
-    g.add_argument("--max-jobs", type=int, metavar="N",
+    g.add_argument("--max-jobs", type=cliargs.AT_LEAST_ONE, metavar="N",
                    help="hosts built at once (default 4)")
 
 
@@ -57,8 +58,6 @@ async def build_and_push(args: argparse.Namespace, hosts: list[str]) -> BuildRun
     to --cache when given. Failures are recorded in the returned run, never raised."""
     cached = cache_args(args)
     cache = load_cache(*cached) if cached else None  # bad key or URL: fail before building
-    if args.max_jobs is not None and args.max_jobs < 1:
-        raise UsageError("--max-jobs must be at least 1")
     err = Console(file=sys.stderr)
     live = cliutil.live_view(args, lambda: "") if sys.stderr.isatty() else None
     runs: list[BuildRun] = []

@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from controller import (
     cmd_build,
@@ -28,10 +28,11 @@ from controller import (
 )
 from controller.cliutil import EXIT_BROKER, EXIT_OK, EXIT_USAGE
 from controller.keys import init_keys
+from protocol import cliargs
 from protocol.broker import DEFAULT_CONNECT_TIMEOUT_S
-from protocol.errors import BrokerUnavailable, FlotillaError, UsageError
-from protocol.helptext import DefaultsHelpFormatter
-from protocol.mqtt import DEFAULT_MQTT_VERSION, MqttVersion, parse_mqtt_version
+from protocol.cliargs import DefaultsHelpFormatter
+from protocol.errors import BrokerUnavailable, FlotillaError
+from protocol.mqtt import DEFAULT_MQTT_VERSION
 from protocol.topics import DEFAULT_PREFIX
 
 COMMAND_MODULES = (cmd_build, cmd_deploy, cmd_fleet, cmd_logs, cmd_rollout, cmd_security,
@@ -47,21 +48,10 @@ class HelpFormatter(DefaultsHelpFormatter):
         return action.default
 
 
-class Parser(argparse.ArgumentParser):
+class Parser(cliargs.Parser):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
-
-    def error(self, message: str) -> NoReturn:
-        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
-        sys.exit(EXIT_USAGE)
-
-
-def mqtt_version_arg(text: str) -> MqttVersion:
-    try:
-        return parse_mqtt_version(text)
-    except UsageError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _env_path(name: str) -> Path | None:
@@ -88,11 +78,11 @@ def _common() -> Parser:
              "(the first that answers is used, the next on failover). A password in the "
              "URL shows in process listings: use --password-file instead")
     # Defaults are raw (env) strings, checked with the rest of the broker options.
-    opt("--mqtt-version", type=mqtt_version_arg,
+    opt("--mqtt-version", type=cliargs.MQTT_VERSION,
         default=os.environ.get("FLEET_MQTT_VERSION", DEFAULT_MQTT_VERSION),
         help="MQTT protocol: 5, or 3.1.1 for brokers that speak only 3.1.1, such as "
              "NATS (env FLEET_MQTT_VERSION)")
-    opt("--connect-timeout", type=float,
+    opt("--connect-timeout", type=cliargs.SECONDS,
         default=os.environ.get("FLEET_CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT_S),
         help="seconds to keep trying every listed broker address at start before giving "
              "up with exit 3 (env FLEET_CONNECT_TIMEOUT)")

@@ -15,6 +15,7 @@ from rich.table import Table
 from controller.deploy import ControllerContext
 from controller.inventory import Inventory, load_inventory
 from protocol.broker import BrokerCluster, read_password_file
+from protocol.cliargs import seconds
 from protocol.errors import UsageError
 from protocol.mqtt import parse_mqtt_version
 from protocol.topics import Topics
@@ -44,10 +45,9 @@ def broker_cluster(args: argparse.Namespace) -> BrokerCluster:
     --connect-timeout, plus --username/--password-file and the TLS files; the password
     is only ever held in the BrokerAddress, whose str() and repr() hide it."""
     try:
-        connect_timeout = float(args.connect_timeout)
-    except ValueError:
-        raise UsageError(f"invalid --connect-timeout {args.connect_timeout!r} "
-                         "(env FLEET_CONNECT_TIMEOUT): give seconds") from None
+        connect_timeout = seconds(args.connect_timeout)
+    except UsageError as exc:
+        raise UsageError(f"--connect-timeout (env FLEET_CONNECT_TIMEOUT): {exc}") from None
     broker = BrokerCluster.parse(args.broker, parse_mqtt_version(args.mqtt_version),
                                  connect_timeout)
     first = broker.addresses[0]

@@ -31,6 +31,7 @@ from controller.nixbuild import load_systems
 from controller.planner import RolloutPolicy
 from controller.systemref import check_system
 from controller.view import HostView
+from protocol import cliargs
 from protocol.errors import InputError, UsageError
 from protocol.models import DeployPolicy
 
@@ -60,7 +61,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
                         "report what a switch would restart)")
     p.add_argument("--install-bootloader", action="store_true",
                    help="(re)install the boot loader (NIXOS_INSTALL_BOOTLOADER=1)")
-    p.add_argument("--timeout", type=float, default=600.0,
+    p.add_argument("--timeout", type=cliargs.SECONDS, default=600.0,
                    help="seconds to wait for all hosts")
     p.add_argument("--no-wait", action="store_true", help="return after publishing")
     p.add_argument("--stream", action="store_true",
@@ -74,20 +75,22 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
                         "nothing, record nothing")
     p.add_argument("--choose", action="append", default=[], metavar="STEP.ITEM=CHOICE",
                    help="pre-answer a migration choice (repeatable)")
-    p.add_argument("--expires-in", type=float, help="agents ignore the deploy after S seconds")
+    p.add_argument("--expires-in", type=cliargs.SECONDS,
+                   help="agents ignore the deploy after S seconds")
     g = p.add_argument_group("rollout (defaults from [rollout] in the inventory)")
-    g.add_argument("--canary", type=int,
+    g.add_argument("--canary", type=cliargs.COUNT,
                    help="hosts in a first batch that must succeed before the rest start "
                         "(default: [rollout] canary, else 0)")
     g.add_argument("--batch", help="N hosts or P%% per batch")
-    g.add_argument("--max-parallel", type=int,
+    g.add_argument("--max-parallel", type=cliargs.AT_LEAST_ONE,
                    help="hosts deploying at once (default: [rollout] max_parallel, else a "
                         "whole batch)")
     g.add_argument("--max-failures", help="N or P%%: abort beyond this")
-    g.add_argument("--min-executed", type=int, help="hosts finished before judging failures")
-    g.add_argument("--host-timeout", type=float, help="per-host in-progress timeout (s)")
-    g.add_argument("--retries", type=int, help="retries for failed or timed-out hosts")
-    g.add_argument("--pause-between-batches", type=float,
+    g.add_argument("--min-executed", type=cliargs.COUNT,
+                   help="hosts finished before judging failures")
+    g.add_argument("--host-timeout", type=cliargs.SECONDS, help="per-host in-progress timeout (s)")
+    g.add_argument("--retries", type=cliargs.COUNT, help="retries for failed or timed-out hosts")
+    g.add_argument("--pause-between-batches", type=cliargs.SECONDS_OR_ZERO,
                    help="seconds to wait after a batch finishes (default: [rollout], else 0)")
     g.add_argument("--confirm-batches", action="store_true", default=None,
                    help="ask before each batch after the first (y/n on a terminal, or "
@@ -103,10 +106,11 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
                         "and switches")
     a.add_argument("--confirm", choices=["broker", "controller", "none"], default="broker",
                    help="how the agent proves it still reaches the broker after switching")
-    a.add_argument("--confirm-timeout", type=float, default=60.0,
+    a.add_argument("--confirm-timeout", type=cliargs.SECONDS, default=60.0,
                    help="seconds for that proof; without it the host rolls back")
     a.add_argument("--reboot", default="never", help="never, ask, now or 'window HH:MM-HH:MM'")
-    a.add_argument("--prompt-deadline", type=float, help="seconds before a prompt times out")
+    a.add_argument("--prompt-deadline", type=cliargs.SECONDS,
+                   help="seconds before a prompt times out")
     a.add_argument("--take-default", action="store_true",
                    help="after the prompt deadline, take each item's default")
     a.add_argument("--on-step-failure", choices=["ask", "retry", "skip", "rollback"],
@@ -150,7 +154,11 @@ def agent_policy(args: argparse.Namespace) -> DeployPolicy:
             reboot=args.reboot, prompt_deadline_s=args.prompt_deadline,
             take_default_on_deadline=args.take_default, on_step_failure=args.on_step_failure)
     except ValidationError as exc:
-        raise UsageError(f"invalid deploy option: {exc.errors()[0]['msg']}") from None
+        first = exc.errors()[0]
+        field = str(first["loc"][0]) if first["loc"] else "option"
+        option = "--" + field.removesuffix("_s").replace("_", "-")
+        message = first['msg'].removeprefix('Value error, ')
+        raise UsageError(f"invalid {option}: {message}") from None
 
 
 def system_source(args: argparse.Namespace) -> str:
@@ -173,8 +181,6 @@ def build_request(args: argparse.Namespace) -> DeployRequest:
     hosts = inv.resolve(args.selector)
     if not hosts:
         raise UsageError(f"selector {args.selector!r} matches no host")
-    if args.timeout <= 0:
-        raise UsageError("--timeout must be positive")
     if args.install_bootloader and args.action not in ("switch", "boot"):
         raise UsageError("--install-bootloader goes with --action switch or boot")
     system, systems, cache = args.system, {}, None

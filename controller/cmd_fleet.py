@@ -24,6 +24,7 @@ from controller.inventory import render_inventory
 from controller.keys import init_keys
 from controller.reader import MessageReader
 from controller.status import fetch_states
+from protocol import cliargs
 from protocol.errors import UsageError
 
 
@@ -41,14 +42,15 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
                     "on another (rolled back, log shown, retried). The state directory is "
                     "kept, so `fleetctl rollouts`, `watch` and `logs` work on it afterwards. "
                     "Exit code: 0 if the rollout succeeded, 1 if not (as `deploy`).")
-    d.add_argument("--hosts", type=int, default=12, help="simulated hosts (default: 12)")
-    d.add_argument("--fail-rate", type=float, default=0.0,
+    d.add_argument("--hosts", type=cliargs.AT_LEAST_ONE,
+                   default=12, help="simulated hosts (default: 12)")
+    d.add_argument("--fail-rate", type=cliargs.SHARE, default=0.0,
                    help="share of hosts whose migration always fails, chosen with the seed "
                         "(default: 0; one more host fails once and is retried)")
-    d.add_argument("--delay", type=float, default=0.3,
+    d.add_argument("--delay", type=cliargs.SECONDS_OR_ZERO, default=0.3,
                    help="simulated fetch/switch seconds (default: 0.3)")
     d.add_argument("--seed", type=int, help="repeat a run (default: random; printed)")
-    d.add_argument("--prompt-deadline", type=float, default=4.0,
+    d.add_argument("--prompt-deadline", type=cliargs.SECONDS, default=4.0,
                    help="seconds before the demo prompt takes its default (default: 4)")
     d.add_argument("--serve", metavar="HOST:PORT",
                    help="also show the rollout on the web dashboard at this loopback address "
@@ -79,10 +81,6 @@ async def cmd_demo(args: argparse.Namespace) -> int:
 
     if not 1 <= args.hosts <= 10000:
         raise UsageError("--hosts must be between 1 and 10000")
-    if not 0 <= args.fail_rate <= 1:
-        raise UsageError("--fail-rate must be between 0 and 1")
-    if args.prompt_deadline <= 0 or args.delay < 0:
-        raise UsageError("--prompt-deadline must be positive and --delay not negative")
     seed = args.seed if args.seed is not None else secrets.randbelow(100_000)
     console = Console(stderr=args.json, soft_wrap=True)
     work = Path(tempfile.mkdtemp(prefix="flotilla-demo-"))

@@ -12,6 +12,7 @@ import aiomqtt
 from controller import cliutil, logs, store
 from controller.connection import while_connected
 from controller.eventlog import EventLog
+from protocol import cliargs
 from protocol.codec import decode
 from protocol.errors import InputError, ProtocolError
 from protocol.models import EVENT_TYPES, Rejected, Result, carried_lines
@@ -33,7 +34,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
                         "the first), or a unique prefix (default: the host's latest rollout)")
     p.add_argument("--follow", "-f", action="store_true",
                    help="keep printing new lines until the host's deployment ends")
-    p.add_argument("--lines", "-n", type=int, default=0,
+    p.add_argument("--lines", "-n", type=cliargs.COUNT, default=0,
                    help="only the last N lines (default: all)")
     p.set_defaults(func=cmd_logs)
 

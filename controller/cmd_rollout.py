@@ -25,13 +25,13 @@ from controller.monitor import (
     render,
 )
 from controller.watch import Watcher
-from protocol import outcomes
+from protocol import cliargs, outcomes
 from protocol.errors import InputError, UsageError
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("rollouts", parents=[common], help="list rollouts from the event log")
-    p.add_argument("--limit", type=int, default=0, help="only the N most recent")
+    p.add_argument("--limit", type=cliargs.COUNT, default=0, help="only the N most recent")
     p.set_defaults(func=cmd_rollouts)
 
     r = sub.add_parser("rollout", parents=[common], help="inspect and steer one rollout")
@@ -46,19 +46,20 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     cont = rs.add_parser("continue", parents=[common],
                          help="release the next batch of a --confirm-batches rollout")
     cont.add_argument("id")
-    cont.add_argument("--batch", type=int, help="the batch number to release (1-based)")
+    cont.add_argument("--batch", type=cliargs.AT_LEAST_ONE,
+                      help="the batch number to release (1-based)")
     cont.set_defaults(func=cmd_continue)
     res = rs.add_parser("resume", parents=[common],
                         help="drive a rollout whose controller stopped (crash, --no-wait)")
     res.add_argument("id")
-    res.add_argument("--timeout", type=float,
+    res.add_argument("--timeout", type=cliargs.SECONDS,
                      help="seconds from now (default: the rollout's own --timeout)")
     res.add_argument("--share-group", help="MQTT 5 shared subscription group for events")
     res.set_defaults(func=cmd_resume)
 
     w = sub.add_parser("watch", parents=[common], help="follow a rollout live, from anywhere")
     w.add_argument("id", nargs="?", help="rollout id (default: the latest running one)")
-    w.add_argument("--timeout", type=float, help="give up after S seconds (exit 1)")
+    w.add_argument("--timeout", type=cliargs.SECONDS, help="give up after S seconds (exit 1)")
     w.add_argument("--share-group", help="MQTT 5 shared subscription group for events "
                    "(use a different group than the driver's, or none)")
     w.set_defaults(func=cmd_watch)
@@ -210,8 +211,6 @@ def cmd_continue(args: argparse.Namespace) -> int:
 
 
 async def cmd_resume(args: argparse.Namespace) -> int:
-    if args.timeout is not None and args.timeout <= 0:
-        raise UsageError("--timeout must be positive")
     ctx = cliutil.context(args, need_key=True)
     if not ctx.eventlog.exists():
         raise InputError(f"no controller state at {ctx.eventlog.path}")
@@ -221,8 +220,6 @@ async def cmd_resume(args: argparse.Namespace) -> int:
 
 
 async def cmd_watch(args: argparse.Namespace) -> int:
-    if args.timeout is not None and args.timeout <= 0:
-        raise UsageError("--timeout must be positive")
     ctx = cliutil.context(args)
     watcher = Watcher(ctx, args.id)
     log = ctx.eventlog

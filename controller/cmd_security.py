@@ -22,6 +22,7 @@ from rich.console import Console
 
 from controller import certs, cliutil
 from controller.inventory import check_tag, parse_inventory
+from protocol import cliargs
 from protocol.broker import BrokerAddress, parse_broker_urls
 from protocol.errors import InputError, StateError, UsageError
 from protocol.mqtt import DEFAULT_MQTT_VERSION
@@ -69,7 +70,8 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     c_sub = c.add_subparsers(dest="certs_command", required=True, parser_class=type(c))
     init = c_sub.add_parser("init", parents=[common],
                             help="create the CA (STATE_DIR/pki/ca.key, ca.crt)")
-    init.add_argument("--days", type=int, default=3650, help="validity of the CA certificate")
+    init.add_argument("--days", type=cliargs.AT_LEAST_ONE,
+                      default=3650, help="validity of the CA certificate")
     init.add_argument("--force", action="store_true", help="replace an existing CA")
     init.set_defaults(func=cmd_certs_init)
     host = c_sub.add_parser("host", parents=[common],
@@ -79,7 +81,8 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
                       help="a broker certificate: SAN NAME, localhost and 127.0.0.1")
     host.add_argument("--san", action="append", default=[], metavar="DNS-OR-IP",
                       help="extra subjectAltName (repeatable)")
-    host.add_argument("--days", type=int, default=825, help="validity of the certificate")
+    host.add_argument("--days", type=cliargs.AT_LEAST_ONE,
+                      default=825, help="validity of the certificate")
     host.add_argument("--force", action="store_true", help="replace existing files")
     host.set_defaults(func=cmd_certs_host)
 

@@ -12,6 +12,7 @@ from rich.console import Console
 from controller import cliutil
 from controller.answers import open_prompts, prompt_row, send_answer, send_cancel
 from controller.cmd_deploy import parse_choices
+from protocol import cliargs
 from protocol.errors import InputError, UsageError
 from protocol.prompts import APPROVE_KEY, DEFERRALS
 from protocol.topics import validate_host
@@ -45,10 +46,10 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
                        help="undo each host's last deployment: restore its dumps, then the "
                             "previous generation")
     b.add_argument("selector")
-    b.add_argument("--timeout", type=float, default=600.0,
+    b.add_argument("--timeout", type=cliargs.SECONDS, default=600.0,
                    help="seconds to wait for all hosts")
     b.add_argument("--batch", help="N hosts or P%% per batch")
-    b.add_argument("--max-parallel", type=int, help="hosts rolling back at once "
+    b.add_argument("--max-parallel", type=cliargs.AT_LEAST_ONE, help="hosts rolling back at once "
                    "(default: a whole batch)")
     b.set_defaults(func=cmd_rollback)
 
@@ -157,8 +158,6 @@ async def cmd_rollback(args: argparse.Namespace) -> int:
     from controller.planner import RolloutPolicy
 
     hosts = cliutil.inventory(args).resolve(args.selector)
-    if args.timeout <= 0:
-        raise UsageError("--timeout must be positive")
     req = DeployRequest(selector=args.selector, hosts=hosts, system="rollback",
                         timeout=args.timeout, rollback=True,
                         rollout=RolloutPolicy(batch=args.batch, max_parallel=args.max_parallel))

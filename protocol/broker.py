@@ -13,6 +13,7 @@ as the client certificate when the broker listener has `require_certificate true
 
 from __future__ import annotations
 
+import math
 import re
 import socket
 import ssl
@@ -243,8 +244,8 @@ class BrokerCluster:
     @classmethod
     def parse(cls, text: str, version: MqttVersion = DEFAULT_MQTT_VERSION,
               connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S) -> BrokerCluster:
-        if not connect_timeout > 0:
-            raise UsageError("--connect-timeout must be more than 0 seconds")
+        if not 0 < connect_timeout < math.inf:
+            raise UsageError("--connect-timeout must be a finite number of seconds > 0")
         return cls(parse_broker_urls(text), MqttOptions(version), connect_timeout)
 
     def __str__(self) -> str:

@@ -37,9 +37,11 @@ REBOOT_POLICY_RE = re.compile(rf"^(never|ask|now|window {HHMM}-{HHMM})$")
 
 
 class Model(BaseModel):
-    """Strict base: unknown keys are refused so typos never pass silently."""
+    """Strict base: unknown keys are refused so typos never pass silently, and so are
+    non-finite numbers (msgpack carries NaN and infinities; an infinite timeout or an
+    expiry at NaN would make an agent wait for ever or never expire)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     TYPE: ClassVar[str] = ""
 
 

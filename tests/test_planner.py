@@ -286,7 +286,10 @@ def test_batches(policy: dict[str, Any], hosts: int, sizes: list[int]) -> None:
     ({"canary": "2"}, "--canary"),
     ({"retries": 1.5}, "--retries"),
     ({"host_timeout": 0}, "--host-timeout"),
+    ({"host_timeout": float("inf")}, "--host-timeout"),  # TOML has inf and nan
+    ({"host_timeout": float("nan")}, "--host-timeout"),
     ({"pause_between_batches": -1}, "--pause-between-batches"),
+    ({"pause_between_batches": float("nan")}, "--pause-between-batches"),
     ({"confirm_batches": "yes"}, "confirm_batches"),
     ({"offline": "maybe"}, "--offline"),
 ])

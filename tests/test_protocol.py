@@ -70,6 +70,15 @@ def env(**over) -> bytes:  # type: ignore[no-untyped-def]
     (env(body={"host": "WEB/1", "time": NOW}), InvalidBody),
     (env(body={"host": "web1", "time": NOW, "extra": 1}), InvalidBody),
     (env(body={"host": "web1"}), InvalidBody),
+    # msgpack carries NaN and infinities; none of them is a time or a timeout
+    (env(body={"host": "web1", "time": float("nan")}), InvalidBody),
+    (env(body={"host": "web1", "time": float("inf")}), InvalidBody),
+    (env(type="desired", body={"host": "web1", "deployment_id": "r1", "generation": 1,
+                               "system": "/nix/store/abc-system", "issued_at": NOW,
+                               "expires_at": float("nan")}), InvalidBody),
+    (env(type="desired", body={"host": "web1", "deployment_id": "r1", "generation": 1,
+                               "system": "/nix/store/abc-system", "issued_at": NOW,
+                               "policy": {"confirm_timeout_s": float("inf")}}), InvalidBody),
 ])
 def test_malformed_payloads_are_typed_rejections(payload: bytes, error: type) -> None:
     with pytest.raises(error):
