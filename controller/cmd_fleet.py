@@ -81,6 +81,7 @@ async def cmd_demo(args: argparse.Namespace) -> int:
 
     if not 1 <= args.hosts <= 10000:
         raise UsageError("--hosts must be between 1 and 10000")
+    listen = demo_listen(args.serve) if args.serve else None  # before anything starts
     seed = args.seed if args.seed is not None else secrets.randbelow(100_000)
     console = Console(stderr=args.json, soft_wrap=True)
     work = Path(tempfile.mkdtemp(prefix="flotilla-demo-"))
@@ -117,10 +118,10 @@ async def cmd_demo(args: argparse.Namespace) -> int:
                                 agent_policy=demo.agent_policy(args.prompt_deadline))
             driver = RolloutDriver(ctx, req)
             async with contextlib.AsyncExitStack() as stack:
-                if args.serve:
-                    await stack.enter_async_context(demo_dashboard(ns, ctx, console))
+                if listen:
+                    await stack.enter_async_context(demo_dashboard(ns, ctx, console, listen))
                 outcome = await run_with_view(ns, driver, wait=True)
-                if args.serve and sys.stdin.isatty():
+                if listen and sys.stdin.isatty():
                     await asyncio.to_thread(input, "rollout finished; press Enter to stop "
                                             "the dashboard ")
         finally:
@@ -135,17 +136,25 @@ async def cmd_demo(args: argparse.Namespace) -> int:
     return code
 
 
-@contextlib.asynccontextmanager
-async def demo_dashboard(args: argparse.Namespace, ctx: Any, console: Console
-                         ) -> AsyncIterator[None]:
-    """`demo --serve`: the web dashboard on the demo's broker and state, loopback only."""
-    from controller.web.app import running
-    from controller.web.auth import Guard, TokenFile, is_loopback, parse_listen
+def demo_listen(value: str) -> tuple[str, int]:
+    """`demo --serve HOST:PORT`: a loopback address only (the demo has no tokens)."""
+    from controller.web.auth import is_loopback, parse_listen
 
-    host, port = parse_listen(args.serve)
+    host, port = parse_listen(value, "--serve")
     if not is_loopback(host):
         raise UsageError("demo --serve listens on a loopback address only (the demo has no "
                          "access tokens); use fleetctl serve for anything else")
+    return host, port
+
+
+@contextlib.asynccontextmanager
+async def demo_dashboard(args: argparse.Namespace, ctx: Any, console: Console,
+                         listen: tuple[str, int]) -> AsyncIterator[None]:
+    """`demo --serve`: the web dashboard on the demo's broker and state."""
+    from controller.web.app import running
+    from controller.web.auth import Guard, TokenFile
+
+    host, port = listen
     guard = Guard(TokenFile(args.state_dir / "web-tokens.json"), loopback_listener=True)
     async with running(ctx, cliutil.inventory(args), guard, host, port) as (url, _):
         console.print(f"[bold]dashboard:[/] {url}")

@@ -169,3 +169,18 @@ def test_the_checks_at_their_bounds() -> None:
                  lambda: share("1.01"), lambda: seconds("-0.0", zero=False)):
         with pytest.raises(UsageError):
             call()
+
+
+@pytest.mark.parametrize(("value", "why"), [("127.0.0.1:99999", "port must be 0-65535"),
+                                            ("localhost", "give HOST:PORT"),
+                                            ("10.1.2.3:8470", "loopback address only")])
+def test_demo_serve_is_checked_before_the_demo_starts(
+        controller_dir: Path, capsys: pytest.CaptureFixture[str], value: str,
+        why: str) -> None:
+    """Not after a broker and the simulated fleet came up (it said `--listen`, an option
+    `demo` does not have)."""
+    with pytest.raises(SystemExit) as exc:  # UsageError is main's; this is before it
+        raise SystemExit(fleetctl_main(["demo", "--hosts", "2", "--serve", value]))
+    out = capsys.readouterr()
+    assert_one_line_naming(int(exc.value.code or 0), out.err, "--serve")
+    assert why in out.err and out.out == ""  # no "flotilla demo ...", no "agents online"

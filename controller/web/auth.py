@@ -54,18 +54,18 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def parse_listen(value: str) -> tuple[str, int]:
-    """`HOST:PORT` (or `[V6]:PORT`) of a listener; UsageError for anything else."""
+def parse_listen(value: str, option: str = "--listen") -> tuple[str, int]:
+    """`HOST:PORT` (or `[V6]:PORT`) of a listener; UsageError naming `option` else."""
     host, sep, port = value.rpartition(":")
     if not sep or not host:
-        raise UsageError(f"--listen {value!r}: give HOST:PORT, e.g. {DEFAULT_LISTEN}")
+        raise UsageError(f"{option} {value!r}: give HOST:PORT, e.g. {DEFAULT_LISTEN}")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     try:
         number = int(port)
     except ValueError:
         number = -1
     if not 0 <= number <= 65535:
-        raise UsageError(f"--listen {value!r}: port must be 0-65535")
+        raise UsageError(f"{option} {value!r}: port must be 0-65535")
     return host, number
 
 
