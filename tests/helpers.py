@@ -42,6 +42,7 @@ class Fleet:
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     mqtt_version: MqttVersion = "5"
     agent_broker_url: str | None = None  # agents' --broker, when not the controller's
+    controller_auth: tuple[str, Path] | None = None  # fleetctl's username, password file
 
     @property
     def inventory(self) -> Path:
@@ -52,10 +53,14 @@ class Fleet:
         return self.controller_dir / "controller.pub"
 
     def env(self) -> dict[str, str]:
+        auth = {} if self.controller_auth is None else {
+            "FLEET_USERNAME": self.controller_auth[0],
+            "FLEET_PASSWORD_FILE": str(self.controller_auth[1])}
         return {**os.environ, "FLEET_BROKER": self.broker_url,
                 "FLEET_MQTT_VERSION": self.mqtt_version,
                 "FLEET_INVENTORY": str(self.inventory),
-                "FLEET_STATE_DIR": str(self.controller_dir), "FLEET_TOPIC_PREFIX": self.prefix}
+                "FLEET_STATE_DIR": str(self.controller_dir), "FLEET_TOPIC_PREFIX": self.prefix,
+                **auth}
 
     def fleetctl(self, *args: str, timeout: float = 90, input: str | None = None
                  ) -> subprocess.CompletedProcess[str]:

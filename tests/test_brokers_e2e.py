@@ -35,6 +35,7 @@ from controller.broker import (
     NatsNodeConfig,
     find_config,
     free_port,
+    mqtt_connack,
     nats_binary,
     render_nats_config,
 )
@@ -619,3 +620,107 @@ def test_an_idle_agent_holds_no_consumer_and_a_prompt_is_answered_across_a_resta
         wait_for(lambda: consumers(http) == before, what="the consumers to go")
     finally:
         fleet.stop()
+
+
+def readme_nats_authorization(passwords: dict[str, str]) -> str:
+    """The README's NATS `authorization` block, as printed there, with one entry per host
+    of `passwords` generated from its `web1` entry (as it says to) and plain passwords."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("```\nauthorization {", 1)[1].split("```", 1)[0]
+    head, rest = block.split("    { user: web1,", 1)
+    web1, tail = rest.split("}\n  ]", 1)
+    entries = "".join("    { user: " + host + "," + web1.replace("web1", host) + "}\n"
+                      for host in passwords if host.startswith("web"))
+    text = "authorization {" + head + entries + "  ]" + tail
+    for user, password in passwords.items():
+        text = text.replace(f'user: {user}, password: "$2a$11$..."',
+                            f'user: {user}, password: "{password}"')
+    assert "$2a$11$..." not in text, text
+    return text
+
+
+@pytest.fixture
+def acl_nats(tmp_path: Path) -> Iterator[NatsNode]:
+    if nats_binary() is None:
+        pytest.fail(f"nats-server is not installed: install it with '{NATS_INSTALL}'")
+    passwords = {"flotilla-controller": "ctl-secret", "homeassistant": "ha-secret",
+                 "web1": "w1-secret", "web2": "w2-secret"}
+    node = NatsNode(tmp_path / "nats", NatsNodeConfig(
+        name="acl", store_dir=tmp_path / "nats" / "js", client_port=free_port(),
+        mqtt_port=free_port(), extra=readme_nats_authorization(passwords)))
+    node.launch()
+    deadline = time.monotonic() + 30
+    while mqtt_connack("127.0.0.1", node.config.mqtt_port) != 5:  # anonymous: not authorized
+        assert node.proc is not None and node.proc.poll() is None, node.log_path.read_text()
+        assert time.monotonic() < deadline, "NATS did not serve MQTT"
+        time.sleep(0.1)
+    for user, password in passwords.items():
+        (tmp_path / f"{user}.pw").write_text(password + "\n")
+    try:
+        yield node
+    finally:
+        node.stop()
+
+
+def test_the_readme_nats_permissions_carry_a_deploy_and_confine_each_host(
+        acl_nats: NatsNode, tmp_path: Path, controller_dir: Path) -> None:
+    """The README's per-user NATS permissions are what a fleet runs with: two hosts, each
+    its own NATS user, deploy; one waits for an approval that `fleetctl approve` sends
+    (its `answer` subscription is permitted: without it nothing reaches the agent); the
+    controller reads their states and logs; the `homeassistant` user discovers the host
+    that runs with `--home-assistant`; one host cannot read the other's desired state
+    (refused SUBACK). The ACL is written for the default prefix, so this fleet uses it
+    (its node is its own)."""
+    url = f"mqtt://127.0.0.1:{acl_nats.config.mqtt_port}"
+    fleet = Fleet(tmp_path, url, "fleet/v1", controller_dir, {"web1": ["web"], "web2": ["web"]},
+                  mqtt_version="3.1.1",
+                  controller_auth=("flotilla-controller", tmp_path / "flotilla-controller.pw"))
+    write_inventory(fleet.inventory, fleet.hosts)
+    try:
+        for host, flags in (("web1", ("--home-assistant",)), ("web2", ())):
+            fleet.start_agent(host, "--username", host, "--password-file",
+                              str(tmp_path / f"{host}.pw"), *flags)
+        wait_online(fleet, ["web1", "web2"], timeout=40)
+        rc, out = fleet.fleetctl_json("deploy", "web1", "--system", SYSTEM, "--timeout", "60")
+        assert rc == 0 and out["hosts"] == {"web1": "succeeded"}, out
+        waiting = deploy_bg(fleet, "web2", "--system", SYSTEM, "--approval", "ask",
+                            "--timeout", "60")
+        wait_prompt(fleet, "web2", "approval")
+        r = fleet.fleetctl("approve", "web2")
+        assert r.returncode == 0, r.stdout + r.stderr
+        rc, out = finish(waiting)
+        assert rc == 0 and out["hosts"] == {"web2": "succeeded"}, out
+        rc, rows = fleet.fleetctl_json("status")
+        assert rc == 0 and {r["host"]: r["result"] for r in rows} == {
+            "web1": "succeeded", "web2": "succeeded"}, rows
+        logs = fleet.fleetctl("logs", "web2")
+        assert logs.returncode == 0 and "switch" in logs.stdout, logs.stderr
+    finally:
+        fleet.stop()
+
+    port = acl_nats.config.mqtt_port
+
+    async def web1_reads_web2() -> list[int]:
+        async with mqtt_client(f"mqtt://web1:w1-secret@127.0.0.1:{port}", "3.1.1") as c:
+            granted = await c.subscribe("fleet/v1/host/web2/desired", qos=1)
+            return [int(getattr(code, "value", code)) for code in granted]
+
+    want = {Topics("fleet/v1").ha_discovery(component, "web1", leaf) for component, leaf in
+            (("update", "system"), ("binary_sensor", "online"), ("sensor", "phase"))}
+
+    async def discovered() -> set[str]:
+        """What Home Assistant's user receives of web1's retained discovery configs."""
+        seen: set[str] = set()
+        async with mqtt_client(f"mqtt://homeassistant:ha-secret@127.0.0.1:{port}",
+                               "3.1.1") as c:
+            await c.subscribe("homeassistant/+/flotilla_web1/+/config")
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(10):
+                    async for m in c.messages:
+                        seen.add(str(m.topic))
+                        if want <= seen:
+                            break
+        return seen
+
+    assert asyncio.run(web1_reads_web2())[0] >= 0x80
+    assert want <= asyncio.run(discovered())
