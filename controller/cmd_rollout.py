@@ -298,7 +298,10 @@ def cmd_state_repair(args: argparse.Namespace) -> int:
     report = _eventlog(args).repair()
     if args.json:
         cliutil.emit_json({"kept": report.kept, "skipped": report.skipped,
-                           "damaged_copy": str(report.damaged_copy)})
+                           "damaged_copy": report.damaged_copy and str(report.damaged_copy)})
+    elif report.damaged_copy is None:
+        print(f"{_eventlog(args).path}: all {report.kept} entries are readable; nothing to "
+              "repair, the log is left as it is")
     else:
         print(f"rebuilt {_eventlog(args).path} from {report.kept} readable "
               f"entr{'y' if report.kept == 1 else 'ies'}; skipped {len(report.skipped)}; "

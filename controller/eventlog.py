@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import fcntl
+import itertools
 import json
 import logging
 import os
@@ -96,7 +97,7 @@ class Transaction:
 class RepairReport:
     kept: int
     skipped: list[str]
-    damaged_copy: Path
+    damaged_copy: Path | None  # None: every entry was readable, nothing was rewritten
 
 
 class EventLog:
@@ -260,7 +261,8 @@ class EventLog:
     def repair(self) -> RepairReport:
         """Replay every readable entry, skipping lines that are not JSON or whose patch no
         longer applies; keep the damaged file aside (`state.jsonl.damaged-TIME`) and
-        replace the log by one snapshot of the replayed document (atomic)."""
+        replace the log by one snapshot of the replayed document (atomic). A log whose
+        every entry is readable is left as it is (its history too)."""
         with self._locked():
             try:
                 raw = self.path.read_bytes()
@@ -287,12 +289,28 @@ class EventLog:
             if doc is None:
                 raise StateError(f"{self.path}: no readable entry to rebuild from; restore "
                                  "it from a backup")
+            if not skipped and self._replays():
+                return RepairReport(kept, [], None)
             aside = self.path.with_name(f"{self.path.name}.damaged-{int(time.time())}")
+            for n in itertools.count(2):  # never replace an earlier damaged copy
+                if not aside.exists():
+                    break
+                aside = aside.with_name(f"{self.path.name}.damaged-{int(time.time())}-{n}")
             self._write_snapshot(doc, {"event": "repair", "kept": kept,
                                        "skipped": len(skipped)}, keep_aside=aside)
             self._reset()
             self._catch_up()
             return RepairReport(kept, skipped, aside)
+
+    def _replays(self) -> bool:
+        """Whether the log as it is on disk loads whole (every index in order, no torn
+        last line): what `repair` leaves alone."""
+        self._reset()
+        try:
+            self._catch_up()
+        except StateError:
+            return False
+        return self.torn is None
 
     def _write_snapshot(self, doc: dict[str, Any], meta: dict[str, Any],
                         keep_aside: Path | None = None) -> None:

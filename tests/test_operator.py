@@ -382,3 +382,55 @@ def test_state_repair_recovers_a_log_with_a_corrupt_middle_line(capsys, tmp_path
     log.append("rollout-created", store.create_rollout(
         EventLog(tmp_path).load(), "r9", "@web", "/nix/store/x", "switch", {}, [["w1"]]))
     assert "r9" in EventLog(tmp_path).load()["rollouts"]
+
+
+def _four_rollouts(tmp_path: Path):  # type: ignore[no-untyped-def]
+    from controller import store
+    from controller.eventlog import EventLog
+    log = EventLog(tmp_path)
+    for i in range(4):
+        log.append("rollout-created", store.create_rollout(
+            log.doc, f"r{i}", "@web", "/nix/store/x", "switch", {}, [["w1"]]))
+    return log
+
+
+def test_state_repair_leaves_a_healthy_log_and_its_history_alone(capsys, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Repairing a log that loads whole used to replace its history by one snapshot and
+    keep the intact original as `state.jsonl.damaged-*`."""
+    log = _four_rollouts(tmp_path)
+    before = log.path.read_bytes()
+    code, out, err = fleetctl_main(capsys, "state", "repair", "--state-dir", str(tmp_path))
+    assert code == 0 and "nothing to repair" in out, out + err
+    assert log.path.read_bytes() == before and not list(tmp_path.glob("state.jsonl.damaged-*"))
+    code, out, _ = fleetctl_main(capsys, "state", "repair", "--json", "--state-dir",
+                                 str(tmp_path))
+    assert code == 0 and json.loads(out) == {"kept": len(before.splitlines()), "skipped": [],
+                                             "damaged_copy": None}
+
+
+def test_state_repair_rebuilds_a_log_with_a_line_removed(capsys, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Every line parses, but an index is missing: the log does not load, so it is no
+    healthy log and repair rebuilds it."""
+    log = _four_rollouts(tmp_path)
+    lines = log.path.read_text().splitlines()
+    log.path.write_text("\n".join(lines[:2] + lines[3:]) + "\n")
+    code, out, err = fleetctl_main(capsys, "state", "repair", "--state-dir", str(tmp_path))
+    assert code == 0 and "rebuilt" in out and "damaged file is kept" in out, out + err
+    code, out, _ = fleetctl_main(capsys, "rollouts", "--json", "--state-dir", str(tmp_path))
+    assert code == 0 and [r["id"] for r in json.loads(out)] == ["r0", "r2", "r3"]  # r1's line
+    assert list(tmp_path.glob("state.jsonl.damaged-*"))
+
+
+def test_state_repair_never_replaces_an_earlier_damaged_copy(capsys, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                             monkeypatch) -> None:
+    import time
+    log = _four_rollouts(tmp_path)
+    monkeypatch.setattr(time, "time", lambda: 1_800_000_000.0)  # both repairs: one second
+    for garbage in (b"#first\n", b"#second\n"):
+        with open(log.path, "ab") as fh:
+            fh.write(garbage)
+        code, out, err = fleetctl_main(capsys, "state", "repair", "--state-dir", str(tmp_path))
+        assert code == 0 and "skipped 1" in out, out + err
+    kept = sorted(p.read_bytes() for p in tmp_path.glob("state.jsonl.damaged-*"))
+    assert len(kept) == 2 and any(b"#first" in k for k in kept) \
+        and any(b"#second" in k for k in kept), kept
