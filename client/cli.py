@@ -14,6 +14,7 @@ from pathlib import Path
 from client import prompt_tui
 from client.agent import Agent, AgentConfig
 from client.backend import BackendError, SystemBackend
+from client.dumps import check_age_keys
 from client.journal import JOURNAL_NAME, check_file, repair_file
 from client.notify import NotifyConfig
 from client.sim import SimSettings, SimulatedBackend
@@ -87,7 +88,7 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="dumps kept per step")
     p.add_argument("--age-recipient", help="encrypt dumps to this age recipient (pyrage)")
     p.add_argument("--age-identity", help="file with the age identity that decrypts dumps "
-                                          "on rollback")
+                                          "on rollback (as age-keygen writes it)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
@@ -184,6 +185,7 @@ def make_agent(args: argparse.Namespace, host: str, state_dir: Path) -> Agent:
         parse_hhmm(args.defer_tonight)
     except ValueError as exc:
         raise UsageError(f"--defer-tonight: {exc}") from None
+    check_age_keys(args.age_recipient, args.age_identity)
     config = AgentConfig(
         host=host, broker=_broker(args, host), state_dir=state_dir,
         trusted_keys=load_public_keys(args.trust_key),

@@ -21,10 +21,12 @@ import shutil
 import tarfile
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import zstandard
 
 from client.backend import BackendError
+from protocol.errors import UsageError
 
 ARCHIVE = "dump.tar.zst"
 SCRATCH_BASE = Path("/var/tmp")
@@ -201,7 +203,51 @@ def _age_decrypt(data: bytes, identity: str | None) -> bytes:
                            "--age-identity FILE")
     try:
         import pyrage
-        key = pyrage.x25519.Identity.from_str(Path(identity).read_text().strip())
-        return bytes(pyrage.decrypt(data, [key]))
+        return bytes(pyrage.decrypt(data, _identities(identity)))
     except Exception as exc:
         raise BackendError(f"cannot decrypt dump: {exc}") from None
+
+
+def _identities(path: str) -> list[Any]:
+    """The identities in an age identity file as `age-keygen` writes it: `#` comment
+    lines (created, public key), then one AGE-SECRET-KEY-1... line per identity."""
+    import pyrage
+    lines = [ln.strip() for ln in Path(path).read_text().splitlines()]
+    keys = [pyrage.x25519.Identity.from_str(ln) for ln in lines if ln and not ln.startswith("#")]
+    if not keys:
+        raise ValueError("no AGE-SECRET-KEY-1... line")
+    return keys
+
+
+def check_age_keys(recipient: str | None, identity: str | None) -> None:
+    """What a dump and a rollback will need, checked when the agent starts rather than
+    at the first dump (a recipient that does not parse fails every deploy with a
+    dump) or at the first rollback (an identity that cannot be read leaves the data
+    where the failed migration left it): the recipient parses, the identity file reads
+    and parses, and, both given, the identity decrypts what is encrypted to the
+    recipient. UsageError naming the option."""
+    if recipient is None and identity is None:
+        return
+    try:
+        import pyrage
+    except ImportError:
+        raise UsageError("age encryption needs the 'pyrage' package (pip install "
+                         "flotilla[age])") from None
+    if recipient is not None:
+        try:
+            pyrage.x25519.Recipient.from_str(recipient)
+        except Exception as exc:
+            raise UsageError(f"--age-recipient {recipient!r} is no age recipient "
+                             f"(age1...): {exc}") from None
+    if identity is None:
+        return
+    try:
+        keys = _identities(identity)
+    except OSError as exc:
+        raise UsageError(f"--age-identity: cannot read {identity}: {exc.strerror}") from None
+    except Exception as exc:
+        raise UsageError(f"--age-identity {identity}: no age identity in it ({exc})") from None
+    if recipient is not None and recipient not in {str(k.to_public()) for k in keys}:
+        raise UsageError(f"--age-identity {identity} cannot decrypt what is encrypted to "
+                         f"--age-recipient {recipient}: a rollback could not restore the "
+                         "dumps")

@@ -10,6 +10,7 @@ import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pyrage
 import pytest
@@ -184,3 +185,55 @@ def test_a_step_user_cannot_redirect_the_restore(tmp_path: Path, world: Path) ->
     finally:
         store.discard(staging)
     assert not src.exists()  # sealed dirs are removed
+
+
+def keygen_file(path: Path, identity: Any) -> Path:
+    """An identity file as `age-keygen -o FILE` writes it."""
+    path.write_text(f"# created: 2026-12-03T11:30:00Z\n# public key: {identity.to_public()}\n"
+                    f"{identity}\n")
+    return path
+
+
+def test_an_identity_file_written_by_age_keygen_restores_the_dump(tmp_path: Path) -> None:
+    """Its two comment lines made the whole file no identity: the rollback failed."""
+    identity = pyrage.x25519.Identity.generate()
+    key_file = keygen_file(tmp_path / "age.key", identity)
+    data = tmp_path / "data"
+    files = make_tree(data)
+    store = DumpStore(tmp_path / "state", age_recipient=str(identity.to_public()),
+                      age_identity=str(key_file))
+    archive = store.seal_paths(store.slot("db", "1", 1), [str(data)])
+    (data / "a.bin").write_bytes(b"changed")
+    store.restore_paths(archive, [str(data)])
+    assert_tree(data, files)
+
+
+def test_age_keys_are_checked_when_the_agent_starts(tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """Not at the first dump or the first rollback."""
+    from client.cli import main
+    from client.dumps import check_age_keys
+    from controller.keys import init_keys
+    from protocol.errors import UsageError
+    mine, other = pyrage.x25519.Identity.generate(), pyrage.x25519.Identity.generate()
+    good = keygen_file(tmp_path / "mine.key", mine)
+    bare = tmp_path / "bare.key"
+    bare.write_text(f"{mine}\n")
+    (tmp_path / "garbage.key").write_text("# just a comment\n")
+    check_age_keys(str(mine.to_public()), str(good))
+    check_age_keys(str(mine.to_public()), str(bare))
+    check_age_keys(None, str(good))  # decrypting older dumps only
+    check_age_keys(str(other.to_public()), None)  # identity kept elsewhere
+    for recipient, identity, fragment in [
+            ("bogus", None, "--age-recipient 'bogus' is no age recipient"),
+            (None, str(tmp_path / "missing.key"), "cannot read"),
+            (None, str(tmp_path / "garbage.key"), "no age identity"),
+            (str(other.to_public()), str(good), "cannot decrypt what is encrypted")]:
+        with pytest.raises(UsageError, match=fragment):
+            check_age_keys(recipient, identity)
+    _, pub = init_keys(tmp_path / "controller")
+    code = main(["run", "--host", "web1", "--state-dir", str(tmp_path / "agent"),
+                 "--trust-key", str(pub), "--broker", "mqtt://127.0.0.1:9",
+                 "--age-recipient", str(other.to_public()), "--age-identity", str(good)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--age-identity" in err[0], err
