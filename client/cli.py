@@ -159,10 +159,14 @@ def _broker(args: argparse.Namespace, host: str) -> BrokerCluster:
 
 
 def choose_backend(requested: str, root: Path) -> tuple[str, str]:
-    """(backend, why): `auto` is nixos on a NixOS host (it has /run/current-system)."""
+    """(backend, why): `auto` is nixos on a NixOS host (it has /run/current-system);
+    `nixos` on a host without it is a usage error (every deploy would fail there)."""
+    marker = root / "run" / "current-system"
+    if requested == "nixos" and not marker.exists():
+        raise UsageError(f"--backend nixos: {marker} does not exist, so this is no NixOS "
+                         "host (or give --root the prefix that has it)")
     if requested != "auto":
         return requested, "--backend " + requested
-    marker = root / "run" / "current-system"
     if marker.exists():
         return "nixos", f"auto: {marker} exists"
     return "sim", f"auto: {marker} does not exist, so this is no NixOS host; nothing is " \

@@ -53,11 +53,12 @@ def prefix_problem(prefix: str) -> str | None:
     return None
 
 
-def _validate_prefix(prefix: str) -> str:
+def _validate_prefix(prefix: str, what: str = "topic prefix", example: str = "fleet/v1"
+                     ) -> str:
     problem = prefix_problem(prefix) if isinstance(prefix, str) else "it is not a string"
     if problem is not None:
-        raise InputError(f"invalid topic prefix {prefix!r}: {problem}; use levels of "
-                         "letters, digits, '-' and '_' separated by '/' (e.g. fleet/v1)")
+        raise InputError(f"invalid {what} {prefix!r}: {problem}; use levels of letters, "
+                         f"digits, '-' and '_' separated by '/' (e.g. {example})")
     return prefix
 
 
@@ -70,7 +71,8 @@ class Topics:
 
     def __post_init__(self) -> None:
         _validate_prefix(self.prefix)
-        _validate_prefix(self.ha_prefix)
+        _validate_prefix(self.ha_prefix, "Home Assistant discovery prefix (--ha-prefix)",
+                         "homeassistant")
 
     def host(self, host: str, kind: HostTopicKind) -> str:
         return f"{self.prefix}/host/{validate_host(host)}/{kind}"

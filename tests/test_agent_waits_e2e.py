@@ -14,6 +14,9 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from protocol.errors import UsageError
 from tests.helpers import Fleet, deploy_bg, finish, wait_for, wait_prompt
 from tests.stepsys import make_db, make_system
 
@@ -206,11 +209,14 @@ def test_rolling_back_a_first_deployment_agrees_everywhere(make_fleet: Any,  # s
 def test_backend_is_chosen_and_logged_and_help_shows_defaults(tmp_path: Path) -> None:  # 9
     from client.cli import build_parser, choose_backend
     assert choose_backend("auto", tmp_path)[0] == "sim"
+    with pytest.raises(UsageError, match="no NixOS host"):  # not a failure at each deploy
+        choose_backend("nixos", tmp_path)
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "current-system").symlink_to(tmp_path)
     backend, why = choose_backend("auto", tmp_path)
     assert backend == "nixos" and "current-system exists" in why
     assert choose_backend("sim", tmp_path) == ("sim", "--backend sim")
+    assert choose_backend("nixos", tmp_path) == ("nixos", "--backend nixos")
     out = subprocess.run([sys.executable, "-m", "client", "run", "--help"],
                          capture_output=True, text=True, timeout=30, env={"COLUMNS": "400",
                                                                            "PATH": "/usr/bin"})

@@ -179,6 +179,9 @@ def test_topic_prefixes(prefix: str, fragment: str | None) -> None:
         assert problem is not None and fragment in problem
         with pytest.raises(InputError, match="invalid topic prefix"):
             Topics(prefix)
+        with pytest.raises(InputError, match=r"invalid Home Assistant discovery prefix "
+                                             r"\(--ha-prefix\)"):
+            Topics(ha_prefix=prefix)
 
 
 @pytest.mark.parametrize("group", ["a.b", "a b", "a/b", "a+", ""])
