@@ -47,7 +47,8 @@ def parse_mqtt_version(text: str) -> MqttVersion:
         return "5"
     if value in ("3.1.1", "311", "3", "4", "v3.1.1"):
         return "3.1.1"
-    raise UsageError(f"invalid MQTT version {text!r}: use 5 or 3.1.1")
+    raise UsageError(f"invalid MQTT version {text!r} (--mqtt-version, env FLEET_MQTT_VERSION): "
+                     "use 5 or 3.1.1")
 
 
 def client_id(*parts: str) -> str:

@@ -184,3 +184,17 @@ def test_demo_serve_is_checked_before_the_demo_starts(
     out = capsys.readouterr()
     assert_one_line_naming(int(exc.value.code or 0), out.err, "--serve")
     assert why in out.err and out.out == ""  # no "flotilla demo ...", no "agents online"
+
+
+def test_a_bad_mqtt_version_from_the_environment_names_the_variable(
+        controller_dir: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Set once in a profile and forgotten: the line says where the value came from."""
+    monkeypatch.setenv("FLEET_MQTT_VERSION", "3.1")
+    assert_one_line_naming(fleetctl_main(["status"]), capsys.readouterr().err,
+                           "FLEET_MQTT_VERSION")
+    with pytest.raises(SystemExit) as exc:
+        agent_main(["run", "--host", "web1", "--state-dir", str(controller_dir / "agent"),
+                    "--trust-key", str(controller_dir / "controller.pub")])
+    assert_one_line_naming(int(exc.value.code or 0), capsys.readouterr().err,
+                           "FLEET_MQTT_VERSION")
