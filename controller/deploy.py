@@ -73,6 +73,7 @@ from protocol.models import (
     Desired,
     Event,
     HostState,
+    Result,
     carried_lines,
 )
 from protocol.mqtt import Backoff, Failover, client_id, publish_until_lost
@@ -83,6 +84,9 @@ log = logging.getLogger(__name__)
 PUBLISH_CONCURRENCY = 256
 PLAN_INTERVAL = 0.05
 LOG_POLL_INTERVAL = 0.5
+# How long a finished rollout waits for the last events of hosts whose outcome it learnt
+# from their retained state (see RolloutDriver._drain).
+DRAIN_S = 5.0
 
 
 Handler = Callable[[aiomqtt.Message], None]
@@ -276,6 +280,8 @@ class RolloutDriver:
         self._ask_task: asyncio.Task[None] | None = None
         self._to_clear: list[str] = []
         self._cleared: set[str] = set()
+        self._unheard: set[str] = set()  # outcome from a retained state, Result not yet in
+        self._heard = asyncio.Event()
         self.lock = DriverLock(ctx.state_dir, self.rollout_id)
 
     # -- construction from the event log (resume) ------------------------------------
@@ -453,11 +459,17 @@ class RolloutDriver:
         was_done = view.done
         if isinstance(body, Event):
             self._store_log(body)
+            if isinstance(body, Result) and body.deployment_id == view.deployment_id \
+                    and msg.host in self._unheard:
+                self._unheard.discard(msg.host)
+                self._heard.set()
             if not fold_event(view, body):
                 return
         elif isinstance(body, HostState):
             if not fold_state(view, body):
                 return
+            if not was_done and view.done and view.result != "rejected":
+                self._unheard.add(msg.host)  # its Result (and last lines) may follow
         else:
             return
         self._note(view)
@@ -618,6 +630,8 @@ class RolloutDriver:
             if self.resumed:
                 self.started = time.time()  # a resumed rollout gets a fresh deadline
             status = await self._drive(self.started + self.req.timeout, wait)
+            if status not in ("running", "published"):
+                await self._drain()
         finally:
             if self._ask_task is not None:
                 self._ask_task.cancel()
@@ -631,6 +645,26 @@ class RolloutDriver:
                 await self._end_session()
             self.lock.release(remove=finished or not self.created)
         return Outcome(self.rollout_id, status, self.views, self.started, time.time())
+
+    async def _drain(self, limit: float = DRAIN_S) -> None:
+        """Before the session ends (and with it what the broker queued for us): a host
+        whose outcome came from its retained state, when we (re)connected, may still
+        have its last events on the way (a NATS cluster delivers a resumed session's
+        queued events after the retained messages of a new subscription). They carry
+        its last output lines: wait for its Result, which comes after them, for up to
+        `limit` seconds. With a share group another member may receive it: no wait."""
+        if self.ctx.share_group:
+            return
+        deadline = time.monotonic() + limit
+        while self._unheard and (left := deadline - time.monotonic()) > 0:
+            self._heard.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(left):
+                    await self._heard.wait()
+        if self._unheard:
+            log.info("no Result event from %s within %.0f s: their stored logs may lack "
+                     "their last lines (`fleetctl logs` shows what arrived)",
+                     ", ".join(sorted(self._unheard)), limit)
 
     def _begin_abort(self, reason: str) -> None:
         self.progress.aborted = reason

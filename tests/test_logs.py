@@ -211,3 +211,56 @@ def test_logs_follow_prints_live_lines_until_the_deployment_ends(  # type: ignor
     assert "[migrate:db] copying rows" in out and "[migrate:db] all rows copied" in out, out
     rc, summary = finish(proc)
     assert rc == 0 and summary["hosts"]["pg1"] == "succeeded"
+
+
+async def test_lines_that_arrive_after_the_retained_outcome_are_stored(
+        broker, controller_dir: Path, prefix: str) -> None:  # type: ignore[no-untyped-def]
+    """A driver that (re)connects catches up from the hosts' retained states; on a NATS
+    cluster the events its session queued meanwhile can arrive after them. It used to
+    finish on the retained outcome at once and end its session, and the stored log
+    (`fleetctl logs`) lacked the host's last lines (seen 1 run in 4 in the NATS
+    watch/logs test). Here a rollout is published (`--no-wait`), the host finishes and
+    retains its outcome, and only once the resumed driver has caught up on it do the
+    host's last events arrive: the driver stores them before it ends."""
+    import time
+
+    from controller.deploy import ControllerContext, DeployRequest, RolloutDriver
+    from controller.keys import load_key
+    from protocol.broker import BrokerCluster
+    from protocol.codec import decode, encode
+    from protocol.models import Desired, HostState, Result
+    from protocol.topics import Topics
+    from tests.helpers import mqtt_client
+
+    topics = Topics(prefix)
+    system = "/nix/store/dddd-nixos-system-late-lines"
+    ctx = ControllerContext(broker=BrokerCluster.parse(broker.url), topics=topics,
+                            state_dir=controller_dir, key=load_key(controller_dir))
+    first = RolloutDriver(ctx, DeployRequest(selector="h1", hosts=["h1"], system=system,
+                                             timeout=30))
+    assert (await first.run(wait=False)).status == "published"
+    async with mqtt_client(broker.url) as host:
+        await host.subscribe(topics.desired("h1"), qos=1)
+        async for m in host.messages:
+            d = decode(bytes(m.payload), expect=(Desired,))  # type: ignore[arg-type]
+            break
+        ids = {"host": "h1", "deployment_id": d.deployment_id, "generation": d.generation}
+        now = time.time()
+        await host.publish(topics.state("h1"), encode(HostState(
+            host="h1", system=system, generation=d.generation, phase="done",
+            deployment_id=d.deployment_id, last_result="succeeded", updated_at=now)),
+            qos=1, retain=True)
+        resumed = RolloutDriver.from_log(ctx, first.rollout_id)
+        run = asyncio.create_task(resumed.run())
+        deadline = time.monotonic() + 20
+        while not resumed.views["h1"].done:  # caught up on the retained outcome
+            assert time.monotonic() < deadline and not run.done(), "no catch-up"
+            await asyncio.sleep(0.01)
+        await host.publish(topics.events("h1"), encode(Log(**ids, seq=1, time=now, lines=[
+            LogLine(time=now, source="switch", text="activating the new system")])), qos=1)
+        await host.publish(topics.events("h1"), encode(Result(**ids, seq=2, time=now,
+            status="succeeded", lines=[LogLine(time=now, text="done")])), qos=1)
+        outcome = await asyncio.wait_for(run, 30)
+    assert outcome.status == "succeeded", outcome.summary()
+    texts = [r.text for r in read_lines(controller_dir, first.rollout_id, "h1")]
+    assert texts == ["activating the new system", "done"], texts
