@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import time
 from typing import Any
 
 import aiomqtt
@@ -93,9 +94,23 @@ def _print(args: argparse.Namespace, r: logs.LogRecord) -> None:
         print(logs.format_line(r), flush=True)
 
 
+def follow_ends(rollout: dict[str, Any], host: str, now: float) -> bool:
+    """May `logs --follow`, having printed what the store holds, end without having
+    seen the host's Result? When the rollout ended (its driver stored all it got), or
+    the host's outcome is LATE_LINES_S old: until then its last lines may still be on
+    their way to the driver (an outcome learnt from a retained state comes first)."""
+    if rollout.get("status") != "running":
+        return True
+    hr = rollout["hosts"][host]
+    if hr.get("result") is None:
+        return False
+    finished = hr.get("finished")
+    return not isinstance(finished, int | float) or now - finished >= logs.LATE_LINES_S
+
+
 def _host_finished(log: EventLog, rollout_id: str, host: str) -> bool:
     r = log.refresh()["rollouts"][rollout_id]  # what the driver appended since (not all)
-    return r["hosts"][host].get("result") is not None or r.get("status") != "running"
+    return follow_ends(r, host, time.time())
 
 
 def unseen(records: list[logs.LogRecord], seen: set[tuple[str, int]], after: int,

@@ -45,7 +45,7 @@ from controller.connection import (
     subscribe_and_sync,
 )
 from controller.eventlog import EventLog, Patch
-from controller.logs import LogStore, rollout_of
+from controller.logs import LATE_LINES_S, LogStore, rollout_of
 from controller.planner import (
     Abort,
     AwaitContinue,
@@ -84,9 +84,6 @@ log = logging.getLogger(__name__)
 PUBLISH_CONCURRENCY = 256
 PLAN_INTERVAL = 0.05
 LOG_POLL_INTERVAL = 0.5
-# How long a finished rollout waits for the last events of hosts whose outcome it learnt
-# from their retained state (see RolloutDriver._drain).
-DRAIN_S = 5.0
 
 
 Handler = Callable[[aiomqtt.Message], None]
@@ -646,7 +643,7 @@ class RolloutDriver:
             self.lock.release(remove=finished or not self.created)
         return Outcome(self.rollout_id, status, self.views, self.started, time.time())
 
-    async def _drain(self, limit: float = DRAIN_S) -> None:
+    async def _drain(self, limit: float = LATE_LINES_S) -> None:
         """Before the session ends (and with it what the broker queued for us): a host
         whose outcome came from its retained state, when we (re)connected, may still
         have its last events on the way (a NATS cluster delivers a resumed session's

@@ -24,6 +24,11 @@ from protocol.errors import InputError
 from protocol.models import Event, carried_lines
 from protocol.topics import HOST_NAME_RE
 
+LATE_LINES_S = 5.0
+"""How long after a host's outcome its last lines may still reach the driver: the
+outcome can come from its retained state when the driver (re)connects, ahead of the
+events its session queued (a NATS cluster delivers them after). The driver waits this
+long for them before it ends; `logs --follow` keeps reading the store as long."""
 MAX_BYTES = 4 << 20
 ROLLOUT_RE_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._:@-")
 

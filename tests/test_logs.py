@@ -264,3 +264,27 @@ async def test_lines_that_arrive_after_the_retained_outcome_are_stored(
     assert outcome.status == "succeeded", outcome.summary()
     texts = [r.text for r in read_lines(controller_dir, first.rollout_id, "h1")]
     assert texts == ["activating the new system", "done"], texts
+
+
+NOW = 1_800_000_000.0
+FOLLOW_CASES = [
+    # (rollout status, host result, finished seconds ago, ends?)
+    ("running", None, None, False),           # still deploying
+    ("running", "succeeded", 0.5, False),     # its last lines may still be on their way
+    ("running", "succeeded", 5.0, True),      # LATE_LINES_S passed: the store has them
+    ("running", "failed", 60.0, True),
+    ("succeeded", "succeeded", 0.5, True),    # the driver ended: it stored all it got
+    ("aborted", None, None, True),            # the host never got to run
+    ("running", "succeeded", "garbage", True),  # an odd record does not keep it waiting
+]
+
+
+@pytest.mark.parametrize(("status", "result", "ago", "ends"), FOLLOW_CASES)
+def test_logs_follow_ends_without_the_result_only_when_no_line_can_come(
+        status: str, result: str | None, ago: object, ends: bool) -> None:
+    """`logs --follow` that missed the host's Result (it was away) ends from the event
+    log; a host finished a moment ago may still have lines on their way to the driver."""
+    from controller.cmd_logs import follow_ends
+    finished = NOW - ago if isinstance(ago, float) else ago
+    rollout = {"status": status, "hosts": {"h1": {"result": result, "finished": finished}}}
+    assert follow_ends(rollout, "h1", NOW) is ends
