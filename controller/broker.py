@@ -159,6 +159,7 @@ class Mosquitto(OwnedProcess):
                     ("127.0.0.1", self.port), timeout=0.2):
                 return
             time.sleep(0.05)
+        self.kill()  # never left running behind the error
         raise BrokerStartError(f"mosquitto did not listen on port {self.port} in {timeout}s")
 
 
@@ -306,7 +307,11 @@ class NatsNode(OwnedProcess):
 
     def start(self, timeout: float = 30.0) -> None:
         self.launch()
-        self.wait_ready(time.monotonic() + timeout)
+        try:
+            self.wait_ready(time.monotonic() + timeout)
+        except BrokerStartError:
+            self.kill()  # never left running behind the error
+            raise
 
 
 

@@ -648,15 +648,16 @@ def acl_nats(tmp_path: Path) -> Iterator[NatsNode]:
     node = NatsNode(tmp_path / "nats", NatsNodeConfig(
         name="acl", store_dir=tmp_path / "nats" / "js", client_port=free_port(),
         mqtt_port=free_port(), extra=readme_nats_authorization(passwords)))
-    node.launch()
-    deadline = time.monotonic() + 30
-    while mqtt_connack("127.0.0.1", node.config.mqtt_port) != 5:  # anonymous: not authorized
-        assert node.proc is not None and node.proc.poll() is None, node.log_path.read_text()
-        assert time.monotonic() < deadline, "NATS did not serve MQTT"
-        time.sleep(0.1)
     for user, password in passwords.items():
         (tmp_path / f"{user}.pw").write_text(password + "\n")
+    node.launch()
     try:
+        deadline = time.monotonic() + 30
+        while mqtt_connack("127.0.0.1", node.config.mqtt_port) != 5:  # anonymous: refused
+            assert node.proc is not None and node.proc.poll() is None, \
+                node.log_path.read_text()
+            assert time.monotonic() < deadline, "NATS did not serve MQTT"
+            time.sleep(0.1)
         yield node
     finally:
         node.stop()

@@ -145,3 +145,18 @@ def test_refused_subscriptions_reads_paho_reason_codes() -> None:
     ok = ReasonCode(PacketTypes.SUBACK, identifier=1)
     denied = ReasonCode(PacketTypes.SUBACK, identifier=0x87)
     assert refused_subscriptions(["a", "b"], [ok, denied]) == ["b"]
+
+
+def test_a_node_that_never_serves_mqtt_is_not_left_running(tmp_path: Path) -> None:
+    """`NatsNode.start` gave up with BrokerStartError and left the nats-server running
+    (a test fixture then leaked it for the rest of the run). This node requires a
+    password, so an anonymous CONNECT, the readiness probe, never gets CONNACK 0."""
+    from controller.broker import BrokerStartError
+    if nats_binary() is None:
+        pytest.fail(f"nats-server is not installed: install it with '{NATS_INSTALL}'")
+    node = NatsNode(tmp_path, NatsNodeConfig(
+        name="never", store_dir=tmp_path / "js", client_port=free_port(),
+        mqtt_port=free_port(), extra=users([DENIED])))
+    with pytest.raises(BrokerStartError, match="did not serve MQTT"):
+        node.start(timeout=2)
+    assert node.proc is not None and node.proc.poll() is not None  # it was stopped
