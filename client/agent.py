@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -449,9 +450,21 @@ class Agent:
                                         issued_at=time.time()), source)
 
 
-    async def listening(self) -> None:
-        """Until answers and cancels reach us: the `answer` subscription is granted."""
-        await self.session.subscribed(self.topics.answer(self.host))
+    async def listening(self, waiting: Callable[[str], Awaitable[None]] | None = None) -> None:
+        """Until answers and cancels reach us: the `answer` subscription is granted.
+        While the broker refuses it (its ACL, or a NATS cluster too busy to create the
+        consumer behind it), `waiting(why)` is told each time, for the operator: a
+        prompt published now could never be answered."""
+        topic = self.topics.answer(self.host)
+
+        async def refused(times: int) -> None:
+            if waiting is not None:
+                await waiting(f"the broker refused the subscription to {topic} "
+                              f"({times}x); answers cannot reach this host, so its prompt "
+                              "waits until the broker grants it (check the broker's ACL "
+                              "for this host's answer topic)")
+
+        await self.session.subscribed(topic, refused)
 
     async def round_trip(self, generation: int, timeout: float, controller: bool) -> bool:
         """Prove the broker still routes our messages (magic rollback confirmation)."""

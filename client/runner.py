@@ -76,7 +76,8 @@ class AgentContext(Protocol):
     @property
     def state_dir(self) -> Path: ...
 
-    async def listening(self) -> None: ...
+    async def listening(self, waiting: Callable[[str], Awaitable[None]] | None = None
+                        ) -> None: ...
 
     async def round_trip(self, generation: int, timeout: float, controller: bool) -> bool: ...
 
@@ -298,7 +299,8 @@ class DeploymentRunner:
             if self._prompt is not None:
                 await self._close_prompt()
             self._prompt = prompt
-            await self.ctx.listening()  # whoever sees the prompt can answer it
+            # whoever sees the prompt can answer it; a refused subscription is told
+            await self.ctx.listening(lambda why: self.progress(step.kind, why))
             await self.ctx.reporter.prompt(prompt)
             # Also as an event: a controller following events (not retained states)
             # learns that this host now waits, and for which prompt.

@@ -86,7 +86,8 @@ class AgentSession:
         self._retries: dict[str, asyncio.Task[None]] = {}
         self.retry_backoff = Backoff(base=0.5, cap=30.0)
         self._granted: set[str] = set()  # subscribed on the live connection
-        self._granted_changed = asyncio.Event()
+        self._granted_changed = asyncio.Event()  # also set at each refusal
+        self.refusals: dict[str, int] = {}  # SUBACK failures of a wanted topic, in a row
         # To unsubscribe on the next connection: `stale` ones an earlier run of this
         # persistent session may have left on the broker, and those dropped offline.
         self._drop: set[str] = set(stale)
@@ -173,9 +174,13 @@ class AgentSession:
         def refused(topics: list[str], delay: float) -> None:
             log.warning("%s: the broker refused the subscription to %s; retrying in %.1fs",
                         self.client_id, ", ".join(topics), delay)
+            for t in topics:
+                self.refusals[t] = self.refusals.get(t, 0) + 1
+            self._granted_changed.set()  # whoever waits for it may say so
 
         await subscribe_until_granted(client, [(topic, qos)], Backoff(base=0.5, cap=30.0),
                                       wanted=still_wanted, on_refused=refused)
+        self.refusals.pop(topic, None)
         if self.subscriptions.get(topic) == qos:
             self._granted.add(topic)
             self._granted_changed.set()
@@ -216,10 +221,18 @@ class AgentSession:
         else:
             self._drop.add(topic)
 
-    async def subscribed(self, topic: str) -> None:
-        """Until the broker granted `topic` (a `want`ed one) on the live connection."""
+    async def subscribed(self, topic: str,
+                         refused: Callable[[int], Awaitable[None]] | None = None) -> None:
+        """Until the broker granted `topic` (a `want`ed one) on the live connection;
+        `refused(n)` is awaited each time the broker refused it (n: times in a row)."""
+        told = 0
         while topic not in self._granted:
             self._granted_changed.clear()
+            count = self.refusals.get(topic, 0)
+            if refused is not None and count > told:
+                told = count
+                await refused(count)
+                continue
             await self._granted_changed.wait()
 
     def _background(self, coro: Coroutine[Any, Any, None]) -> None:

@@ -21,7 +21,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -639,15 +639,25 @@ def readme_nats_authorization(passwords: dict[str, str]) -> str:
     return text
 
 
+ACL_PASSWORDS = {"flotilla-controller": "ctl-secret", "homeassistant": "ha-secret",
+                 "web1": "w1-secret", "web2": "w2-secret"}
+
+
 @pytest.fixture
-def acl_nats(tmp_path: Path) -> Iterator[NatsNode]:
+def acl_nats(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[NatsNode]:
+    """One NATS node with the README's permissions; a test's `acl_edit` mark names a
+    (text, replacement) to apply to them first."""
     if nats_binary() is None:
         pytest.fail(f"nats-server is not installed: install it with '{NATS_INSTALL}'")
-    passwords = {"flotilla-controller": "ctl-secret", "homeassistant": "ha-secret",
-                 "web1": "w1-secret", "web2": "w2-secret"}
+    passwords = ACL_PASSWORDS
+    block = readme_nats_authorization(passwords)
+    edit = request.node.get_closest_marker("acl_edit")
+    if edit is not None:
+        assert edit.args[0] in block, edit.args
+        block = block.replace(*edit.args)
     node = NatsNode(tmp_path / "nats", NatsNodeConfig(
         name="acl", store_dir=tmp_path / "nats" / "js", client_port=free_port(),
-        mqtt_port=free_port(), extra=readme_nats_authorization(passwords)))
+        mqtt_port=free_port(), extra=block))
     for user, password in passwords.items():
         (tmp_path / f"{user}.pw").write_text(password + "\n")
     node.launch()
@@ -725,3 +735,43 @@ def test_the_readme_nats_permissions_carry_a_deploy_and_confine_each_host(
 
     assert asyncio.run(web1_reads_web2())[0] >= 0x80
     assert want <= asyncio.run(discovered())
+
+
+@pytest.mark.acl_edit('"fleet.v1.host.web2.desired", "fleet.v1.host.web2.answer",',
+                      '"fleet.v1.host.web2.desired",')
+def test_a_refused_answer_subscription_is_reported_not_waited_on_in_silence(
+        acl_nats: NatsNode, tmp_path: Path, controller_dir: Path) -> None:
+    """Permissions that forget a host's `answer` topic: NATS refuses the subscription,
+    so a prompt could never be answered and the agent holds it back. It used to wait
+    without a word (the deploy sat in `acked` until its timeout); now the operator reads
+    why in the host's log, and the deploy goes on once the broker grants it."""
+    url = f"mqtt://127.0.0.1:{acl_nats.config.mqtt_port}"
+    fleet = Fleet(tmp_path, url, "fleet/v1", controller_dir, {"web2": ["web"]},
+                  mqtt_version="3.1.1",
+                  controller_auth=("flotilla-controller", tmp_path / "flotilla-controller.pw"))
+    write_inventory(fleet.inventory, fleet.hosts)
+    try:
+        fleet.start_agent("web2", "--username", "web2", "--password-file",
+                          str(tmp_path / "web2.pw"))
+        wait_online(fleet, ["web2"], timeout=40)
+        waiting = deploy_bg(fleet, "web2", "--system", SYSTEM, "--approval", "ask",
+                            "--timeout", "60")
+
+        def told() -> bool:
+            r = fleet.fleetctl("logs", "web2")
+            return r.returncode == 0 and "refused the subscription to " \
+                "fleet/v1/host/web2/answer" in r.stdout and "ACL" in r.stdout
+
+        wait_for(told, timeout=40, what="the refusal in the host's log")
+        # the operator fixes the permissions (NATS reloads its configuration on SIGHUP)
+        fixed = replace(acl_nats.config, extra=readme_nats_authorization(ACL_PASSWORDS))
+        (acl_nats.workdir / f"{fixed.name}.conf").write_text(render_nats_config(fixed))
+        assert acl_nats.proc is not None
+        acl_nats.proc.send_signal(signal.SIGHUP)
+        wait_prompt(fleet, "web2", "approval", timeout=60)
+        r = fleet.fleetctl("approve", "web2")
+        assert r.returncode == 0, r.stdout + r.stderr
+        rc, out = finish(waiting)
+        assert rc == 0 and out["hosts"] == {"web2": "succeeded"}, out
+    finally:
+        fleet.stop()
