@@ -462,7 +462,8 @@ class Agent:
                 await waiting(f"the broker refused the subscription to {topic} "
                               f"({times}x); answers cannot reach this host, so its prompt "
                               "waits until the broker grants it (check the broker's ACL "
-                              "for this host's answer topic)")
+                              "for this host's answer topic; a busy NATS cluster refuses "
+                              "for a while too)")
 
         await self.session.subscribed(topic, refused)
 
