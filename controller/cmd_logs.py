@@ -60,8 +60,6 @@ def pick(doc: dict[str, Any], host: str, ident: str | None) -> tuple[str, str | 
 async def cmd_logs(args: argparse.Namespace) -> int:
     if not HOST_NAME_RE.fullmatch(args.host):
         raise InputError(f"invalid host name {args.host!r}")
-    if args.lines < 0:
-        raise InputError("--lines must not be negative")
     log = EventLog(args.state_dir)
     if not log.exists():
         raise InputError(f"no controller state at {log.path} (set --state-dir or "

@@ -26,7 +26,7 @@ from controller.monitor import (
 )
 from controller.watch import Watcher
 from protocol import cliargs, outcomes
-from protocol.errors import InputError, UsageError
+from protocol.errors import InputError
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -99,8 +99,6 @@ def _fmt_time(t: float | None) -> str:
 
 
 def cmd_rollouts(args: argparse.Namespace) -> int:
-    if args.limit < 0:
-        raise UsageError("--limit must not be negative")
     log = _eventlog(args)
     doc = log.load() if log.exists() else {}
     if close_finished(log, doc):
