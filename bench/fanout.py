@@ -42,7 +42,7 @@ from protocol.mqtt import MqttVersion  # noqa: E402
 
 PREFIX = "fleet/v1"
 SYSTEM = "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-nixos-system-bench-25.11"
-PUBLISH_CONCURRENCY = 256  # the same bound as controller.deploy uses
+PUBLISH_CONCURRENCY = 256  # the same bound as controller.rollout.driver uses
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -202,9 +202,9 @@ async def floor_controller(cfg: dict[str, Any]) -> None:
 
 # -- child: Flotilla's controller (the real RolloutDriver) --------------------------------
 async def flotilla_controller(cfg: dict[str, Any]) -> None:
-    from controller.deploy import ControllerContext, DeployRequest, RolloutDriver
-    from controller.keys import load_key
-    from controller.planner import RolloutPolicy
+    from controller.rollout.driver import ControllerContext, DeployRequest, RolloutDriver
+    from controller.rollout.planner import RolloutPolicy
+    from controller.state.keys import load_key
     from protocol.topics import Topics
 
     hosts: list[str] = cfg["hosts"]
@@ -385,7 +385,7 @@ class Phase:
         return [self.hosts[i::procs] for i in range(procs)]
 
     def start(self) -> None:
-        from controller.broker import Mosquitto, NatsCluster
+        from controller.mqtt.broker import Mosquitto, NatsCluster
         if self.args.broker == "nats-cluster":
             # Agents on nodes 2 and 3, the controller on node 1: every message crosses
             # the cluster, as with agents and fleetctl on different nodes.
@@ -407,7 +407,7 @@ class Phase:
             cfg["payload_size"] = desired_size()
             cfg["protocol"] = FLOORS[self.kind]
         else:
-            from controller.keys import init_keys
+            from controller.state.keys import init_keys
             state = self.dir / "controller"
             _, pub = init_keys(state)
             cfg["state_dir"] = str(state)

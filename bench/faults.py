@@ -27,9 +27,9 @@ sys.path.insert(0, str(REPO))
 
 import aiomqtt  # noqa: E402
 
-from controller.broker import Mosquitto  # noqa: E402
-from controller.inventory import render_inventory  # noqa: E402
-from controller.keys import init_keys  # noqa: E402
+from controller.mqtt.broker import Mosquitto  # noqa: E402
+from controller.state.inventory import render_inventory  # noqa: E402
+from controller.state.keys import init_keys  # noqa: E402
 from protocol.broker import BrokerCluster  # noqa: E402
 from protocol.codec import encode  # noqa: E402
 from protocol.models import Progress  # noqa: E402

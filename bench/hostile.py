@@ -29,10 +29,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from client.control import ControlClient, ControlError, socket_path  # noqa: E402
-from controller.broker import Mosquitto  # noqa: E402
-from controller.inventory import render_inventory  # noqa: E402
-from controller.keys import init_keys  # noqa: E402
+from client.ask.control import ControlClient, ControlError, socket_path  # noqa: E402
+from controller.mqtt.broker import Mosquitto  # noqa: E402
+from controller.state.inventory import render_inventory  # noqa: E402
+from controller.state.keys import init_keys  # noqa: E402
 
 
 def hwm_kib(pid: int) -> int:

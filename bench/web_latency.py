@@ -32,9 +32,9 @@ sys.path.insert(0, str(REPO))
 
 import paho.mqtt.client as mqtt  # noqa: E402
 
-from controller.broker import Mosquitto, free_port  # noqa: E402
-from controller.inventory import render_inventory  # noqa: E402
-from controller.keys import init_keys  # noqa: E402
+from controller.mqtt.broker import Mosquitto, free_port  # noqa: E402
+from controller.state.inventory import render_inventory  # noqa: E402
+from controller.state.keys import init_keys  # noqa: E402
 from protocol.broker import parse_broker_url  # noqa: E402
 from protocol.codec import encode  # noqa: E402
 from protocol.models import HostState  # noqa: E402

@@ -1,6 +1,6 @@
 """fleet-agent: receives desired states, admits them, runs one deployment at a time.
 
-The message handler only verifies, decides (`client.decide.admit`) and journals;
+The message handler only verifies, decides (`client.receive.decide.admit`) and journals;
 the deployment runs in its own task so the MQTT loop keeps serving answers and
 confirmations while a switch is in progress.
 """
@@ -19,16 +19,16 @@ from typing import Any
 import aiomqtt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from client import homeassistant as ha
-from client.backend import SystemBackend
-from client.control import ControlServer, socket_path
-from client.decide import admit
-from client.dumps import DumpStore
+from client.ask import homeassistant as ha
+from client.ask.control import ControlServer, socket_path
+from client.ask.notify import NotifyConfig, PromptNotifier
+from client.host.backend import SystemBackend
 from client.journal import Journal, RecordedResult, encode_blob
-from client.notify import NotifyConfig, PromptNotifier
-from client.report import Reporter
-from client.runner import DeploymentRunner, new_nonce
-from client.session import AgentSession, Retained
+from client.receive.decide import admit
+from client.receive.session import AgentSession, Retained
+from client.report.reporter import Reporter
+from client.run.runner import DeploymentRunner, new_nonce
+from client.steps.dumps import DumpStore
 from protocol import prompts
 from protocol.broker import BrokerCluster
 from protocol.codec import decode, encode
@@ -504,7 +504,7 @@ def confirm_key(source: str, nonce: str, generation: int) -> str:
 
 
 class LocalControl:
-    """The agent as seen from the local control socket (client.control.AgentControl)."""
+    """The agent as seen from the local control socket (client.ask.control.AgentControl)."""
 
     def __init__(self, agent: Agent) -> None:
         self.agent = agent

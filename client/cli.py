@@ -11,13 +11,13 @@ import signal
 import sys
 from pathlib import Path
 
-from client import prompt_tui
 from client.agent import Agent, AgentConfig
-from client.backend import BackendError, SystemBackend
-from client.dumps import check_age_keys
+from client.ask import prompt_tui
+from client.ask.notify import NotifyConfig
+from client.host.backend import BackendError, SystemBackend
+from client.host.sim import SimSettings, SimulatedBackend
 from client.journal import JOURNAL_NAME, check_file, repair_file
-from client.notify import NotifyConfig
-from client.sim import SimSettings, SimulatedBackend
+from client.steps.dumps import check_age_keys
 from protocol import cliargs
 from protocol.broker import BrokerCluster, read_password_file
 from protocol.cliargs import DefaultsHelpFormatter
@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _steps_of(toplevel: str) -> list[str]:
-    from client.statesteps import load_steps
+    from client.steps.programs import load_steps
     try:
         return [s.name for s in load_steps(toplevel).steps]
     except BackendError as exc:
@@ -176,7 +176,7 @@ def choose_backend(requested: str, root: Path) -> tuple[str, str]:
 def make_backend(args: argparse.Namespace, host: str, state_dir: Path, backend: str
                  ) -> SystemBackend:
     if backend == "nixos":
-        from client.nixos import NixosBackend
+        from client.host.nixos import NixosBackend
         return NixosBackend(root=args.root, state_dir=state_dir, from_cache=args.from_cache)
     settings = SimSettings(args.sim_fetch_delay, args.sim_switch_delay, args.sim_fail_rate,
                            args.sim_fail_stage, args.sim_seed)

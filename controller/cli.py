@@ -16,18 +16,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from controller import (
-    cmd_build,
-    cmd_deploy,
-    cmd_fleet,
-    cmd_logs,
-    cmd_rollout,
-    cmd_security,
-    cmd_serve,
-    cmd_steps,
-)
-from controller.cliutil import EXIT_BROKER, EXIT_OK, EXIT_USAGE
-from controller.keys import init_keys
+from controller.commands import build, deploy, fleet, logs, rollout, security, serve, steps
+from controller.commands.cliutil import EXIT_BROKER, EXIT_OK, EXIT_USAGE
+from controller.state.keys import init_keys
 from protocol import cliargs
 from protocol.broker import DEFAULT_CONNECT_TIMEOUT_S
 from protocol.cliargs import DefaultsHelpFormatter
@@ -35,8 +26,7 @@ from protocol.errors import BrokerUnavailable, FlotillaError
 from protocol.mqtt import DEFAULT_MQTT_VERSION
 from protocol.topics import DEFAULT_PREFIX
 
-COMMAND_MODULES = (cmd_build, cmd_deploy, cmd_fleet, cmd_logs, cmd_rollout, cmd_security,
-                   cmd_serve, cmd_steps)
+COMMAND_MODULES = (build, deploy, fleet, logs, rollout, security, serve, steps)
 
 
 class HelpFormatter(DefaultsHelpFormatter):

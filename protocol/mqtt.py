@@ -1,6 +1,6 @@
 """How every Flotilla MQTT client is built: version, session, client ids, refusals, backoff.
 
-The agent (`client.session`), the controller (`controller.connection`), the tests and
+The agent (`client.receive.session`), the controller (`controller.mqtt.connection`), the tests and
 the benchmarks all build their `aiomqtt.Client` from `connect_kwargs()`, so MQTT 5 and
 MQTT 3.1.1 differ in this one module only. The decisions here are pure; it opens no
 connection itself: `publish_until_lost` and `subscribe_until_granted` act on a client

@@ -1,7 +1,7 @@
 """Bounded line files: appended to, rotated once to `NAME.1`, read and followed whole.
 
 Both sides keep deployment output this way (the agent per deployment in
-`client.deplog`, the controller per rollout and host in `controller.logs`): a file
+`client.report.deplog`, the controller per rollout and host in `controller.state.logs`): a file
 past `max_bytes` is renamed to `NAME.1` (replacing the previous one) and started
 afresh, so at most about twice `max_bytes` is kept. Each `append` is one write(2) of
 whole lines on an O_APPEND descriptor, so a reader never sees half a record except

@@ -19,8 +19,14 @@ from pathlib import Path
 
 import pytest
 
-from controller.broker import NATS_INSTALL, Mosquitto, NatsCluster, mosquitto_binary, nats_binary
-from controller.keys import init_keys, load_key
+from controller.mqtt.broker import (
+    NATS_INSTALL,
+    Mosquitto,
+    NatsCluster,
+    mosquitto_binary,
+    nats_binary,
+)
+from controller.state.keys import init_keys, load_key
 from protocol.signing import load_public_keys
 from tests.fakeroot import FakeRoot
 
@@ -44,7 +50,7 @@ class ContainerBroker:
 
         self.workdir = workdir
         conf = (REPO / "mosquitto.conf").read_text()
-        from controller.broker import render_config
+        from controller.mqtt.broker import render_config
         rendered = render_config(conf, 1883, Path("/mosquitto/data"))
         (workdir / "mosquitto.conf").write_text(
             rendered.replace("listener 1883 127.0.0.1", "listener 1883"))
@@ -133,7 +139,7 @@ def trusted(controller_dir: Path):  # type: ignore[no-untyped-def]
 
 def write_inventory(path: Path, hosts: dict[str, list[str]],
                     groups: dict[str, list[str]] | None = None, extra: str = "") -> Path:
-    from controller.inventory import render_inventory
+    from controller.state.inventory import render_inventory
     path.write_text(render_inventory(hosts, groups or {}) + extra)
     return path
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from controller.broker import free_port
+from controller.mqtt.broker import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 HA_VENV = Path(os.environ.get("FLOTILLA_HA_VENV", REPO / ".venv-ha"))

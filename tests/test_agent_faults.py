@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from client.control import ControlClient, ControlError, socket_path
+from client.ask.control import ControlClient, ControlError, socket_path
 from protocol.codec import decode, encode
 from protocol.models import Confirm
 from protocol.signing import sign

@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from controller.broker import (
+from controller.mqtt.broker import (
     NATS_INSTALL,
     Mosquitto,
     NatsCluster,
@@ -39,10 +39,10 @@ from controller.broker import (
     nats_binary,
     render_nats_config,
 )
-from controller.connection import read_retained
-from controller.deploy import ControllerContext, DeployRequest, RolloutDriver
-from controller.eventlog import EventLog
-from controller.keys import load_key
+from controller.mqtt.connection import read_retained
+from controller.rollout.driver import ControllerContext, DeployRequest, RolloutDriver
+from controller.state.eventlog import EventLog
+from controller.state.keys import load_key
 from protocol.broker import BrokerCluster
 from protocol.mqtt import MqttVersion
 from protocol.topics import Topics
@@ -546,7 +546,7 @@ async def test_share_group_that_delivers_nothing_falls_back_to_a_plain_subscript
                                 key=load_key(fleet.controller_dir), share_group="ctl")
         driver = RolloutDriver(ctx, DeployRequest(selector="@x", hosts=hosts, system=SYSTEM,
                                                   timeout=60))
-        with caplog.at_level(logging.WARNING, logger="controller.deploy"):
+        with caplog.at_level(logging.WARNING, logger="controller.rollout.driver"):
             outcome = await driver.run()
     assert outcome.status == "succeeded"
     assert any("delivered nothing" in r.getMessage() for r in caplog.records)

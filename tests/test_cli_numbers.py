@@ -17,7 +17,7 @@ import pytest
 
 from client.cli import main as agent_main
 from controller.cli import main as fleetctl_main
-from controller.keys import init_keys
+from controller.state.keys import init_keys
 
 STORE = "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-nixos-system"
 DEPLOY = ("deploy", "web1", "--system", STORE)

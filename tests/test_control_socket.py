@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from client.control import (
+from client.ask.control import (
     ControlClient,
     ControlError,
     ControlServer,

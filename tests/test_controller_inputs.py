@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from controller.keys import init_keys
+from controller.state.keys import init_keys
 from protocol.codec import encode
 from protocol.messages import BadHostMessage, host_message
 from protocol.models import HostState
@@ -175,7 +175,7 @@ def test_deploy_refuses_a_system_that_is_no_path_or_flake(make_fleet, system: st
                                     "path:/srv/fleet#web1", "DIR"])
 def test_deploy_accepts_store_paths_flake_refs_and_sim_directories(
         make_fleet, tmp_path: Path, system: str) -> None:  # type: ignore[no-untyped-def]
-    from controller.systemref import check_system
+    from controller.build.systemref import check_system
     if system == "DIR":
         system = str(tmp_path)
     assert check_system(system) == system

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from client.deadline import deadline_answer, deadline_outcome, effective_deadline, seconds_left
+from client.ask.deadline import deadline_answer, deadline_outcome, effective_deadline, seconds_left
 from protocol.models import Choice, DeployPolicy, Prompt, ReportItem
 
 AB = [Choice(id="a"), Choice(id="b")]

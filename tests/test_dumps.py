@@ -15,10 +15,10 @@ from typing import Any
 import pyrage
 import pytest
 
-from client.backend import BackendError
-from client.dumps import DumpStore
-from client.sim import SimulatedBackend
-from client.statesteps import StepEnv, dump_step, restore_step
+from client.host.backend import BackendError
+from client.host.sim import SimulatedBackend
+from client.steps.dumps import DumpStore
+from client.steps.programs import StepEnv, dump_step, restore_step
 from protocol.models import Desired
 from protocol.steps import StepDecl
 from tests.stepsys import script
@@ -212,8 +212,8 @@ def test_age_keys_are_checked_when_the_agent_starts(tmp_path: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     """Not at the first dump or the first rollback."""
     from client.cli import main
-    from client.dumps import check_age_keys
-    from controller.keys import init_keys
+    from client.steps.dumps import check_age_keys
+    from controller.state.keys import init_keys
     from protocol.errors import UsageError
     mine, other = pyrage.x25519.Identity.generate(), pyrage.x25519.Identity.generate()
     good = keygen_file(tmp_path / "mine.key", mine)

@@ -15,8 +15,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from controller import store
-from controller.eventlog import DOC_TYPE, PATCH_ERRORS, EventLog, apply_patch
+from controller.state import store
+from controller.state.eventlog import DOC_TYPE, PATCH_ERRORS, EventLog, apply_patch
 from protocol.errors import StateError
 
 

@@ -1,4 +1,4 @@
-"""Ports for the brokers and servers the tests start (controller.broker.free_port).
+"""Ports for the brokers and servers the tests start (controller.mqtt.broker.free_port).
 
 A port from `bind(0)` lies in the kernel's ephemeral range, which is also where the
 local ports of outgoing connections come from: an agent connecting between the choice
@@ -9,7 +9,7 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-from controller.broker import free_port
+from controller.mqtt.broker import free_port
 
 
 def ephemeral_range() -> tuple[int, int]:

@@ -7,9 +7,9 @@ Targets and the only exception each may raise:
   controller parse_inventory     fleet.toml text                     InputError
   protocol.broker.parse_broker_url   --broker URLs                   UsageError
   client.journal.Journal.open    the agent's journal file            StateError
-  client.homeassistant.parse_command + authorize   Home Assistant commands  (none: None)
+  client.ask.homeassistant.parse_command + authorize   Home Assistant commands  (none: None)
   client.agent.Agent._handle     any topic and payload the broker delivers   (none)
-  client.control.dispatch + ControlServer   control-socket requests and bytes (none)
+  client.ask.control.dispatch + ControlServer   control-socket requests and bytes (none)
 
 Profiles (registered here, not in the shared conftest): `ci` (the default, used by
 `make test`, a few hundred examples per test) and `fuzz` (HYPOTHESIS_PROFILE=fuzz, used
@@ -38,9 +38,9 @@ import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from client import homeassistant as ha
+from client.ask import homeassistant as ha
 from client.journal import Journal
-from controller.inventory import Inventory, parse_inventory
+from controller.state.inventory import Inventory, parse_inventory
 from protocol import models
 from protocol.broker import BrokerAddress, BrokerCluster, parse_broker_url
 from protocol.codec import REGISTRY, decode, encode
@@ -686,7 +686,7 @@ SIGNED_PAYLOADS = [encode(sign(m, KEY)) for m in (
 
 def agent_for_fuzz(state_dir: Path) -> tuple[Any, list[tuple[str, bytes]]]:
     from client.agent import Agent, AgentConfig
-    from client.sim import SimulatedBackend
+    from client.host.sim import SimulatedBackend
 
     config = AgentConfig(host=AGENT_HOST, broker=BrokerCluster.parse("mqtt://127.0.0.1:1"),
                          state_dir=state_dir, trusted_keys=TRUSTED, topics=AGENT_TOPICS,
@@ -788,7 +788,7 @@ class FuzzControl:
 def test_control_dispatch_replies_to_any_request(request: Any) -> None:
     import asyncio
 
-    from client.control import dispatch
+    from client.ask.control import dispatch
 
     reply = asyncio.run(dispatch(FuzzControl(), request, "local:fuzz"))
     assert isinstance(reply.get("ok"), bool)
@@ -802,7 +802,7 @@ def fuzz_control_server() -> tuple[Any, Any]:
     """One server (on its own loop, run while an example runs) for every example."""
     import asyncio
 
-    from client.control import ControlServer, socket_path
+    from client.ask.control import ControlServer, socket_path
 
     d = Path(tempfile.mkdtemp(prefix="flotilla-fuzz-ctl-"))
     loop = asyncio.new_event_loop()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pexpect
 
-from client import homeassistant as ha
+from client.ask import homeassistant as ha
 from protocol.topics import Topics
 from tests.helpers import deploy_bg, finish, publish, wait_online, wait_prompt
 from tests.stepsys import make_db, make_system

@@ -22,9 +22,9 @@ from typing import Any
 import aiomqtt
 import pytest
 
-from client import homeassistant as ha
-from controller.broker import Mosquitto
-from controller.cmd_security import set_broker_password
+from client.ask import homeassistant as ha
+from controller.commands.security import set_broker_password
+from controller.mqtt.broker import Mosquitto
 from protocol.broker import BrokerAddress, parse_broker_url
 from protocol.topics import Topics
 from tests.helpers import Fleet, deploy_bg, finish, wait_for

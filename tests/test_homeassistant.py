@@ -21,7 +21,7 @@ import pytest
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from referencing import Registry, Resource
 
-from client import homeassistant as ha
+from client.ask import homeassistant as ha
 from protocol.models import Choice, DeployPolicy, Desired, HostState, Prompt, ReportItem
 from protocol.topics import Topics
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from controller.inventory import parse_inventory
+from controller.state.inventory import parse_inventory
 from protocol.errors import InputError, UnknownHostError
 
 INV = """

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from client.deplog import DeploymentLog, read_log
-from controller.cmd_logs import unseen
-from controller.logs import LineFollower, LogRecord, LogStore, read_lines
+from client.report.deplog import DeploymentLog, read_log
+from controller.commands.logs import unseen
+from controller.state.logs import LineFollower, LogRecord, LogStore, read_lines
 from protocol.models import Log, LogLine, carried_lines
 from protocol.rotlog import Follower, RotatingFile
 from tests.helpers import Listener
@@ -224,8 +224,8 @@ async def test_lines_that_arrive_after_the_retained_outcome_are_stored(
     host's last events arrive: the driver stores them before it ends."""
     import time
 
-    from controller.deploy import ControllerContext, DeployRequest, RolloutDriver
-    from controller.keys import load_key
+    from controller.rollout.driver import ControllerContext, DeployRequest, RolloutDriver
+    from controller.state.keys import load_key
     from protocol.broker import BrokerCluster
     from protocol.codec import decode, encode
     from protocol.models import Desired, HostState, Result
@@ -284,7 +284,7 @@ def test_logs_follow_ends_without_the_result_only_when_no_line_can_come(
         status: str, result: str | None, ago: object, ends: bool) -> None:
     """`logs --follow` that missed the host's Result (it was away) ends from the event
     log; a host finished a moment ago may still have lines on their way to the driver."""
-    from controller.cmd_logs import follow_ends
+    from controller.commands.logs import follow_ends
     finished = NOW - ago if isinstance(ago, float) else ago
     rollout = {"status": status, "hosts": {"h1": {"result": result, "finished": finished}}}
     assert follow_ends(rollout, "h1", NOW) is ends

@@ -1,4 +1,4 @@
-"""The agent's stage machine (client/machine.py), without a broker: one table of single
+"""The agent's stage machine (client/run/machine.py), without a broker: one table of single
 `next_step` calls over resume points x answer sources x policies, then whole deployments
 driven step by step and resumed from every journal prefix."""
 
@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from client.journal import ActiveDeployment, JournalState, check_record
-from client.machine import (
+from client.run.machine import (
     Ask,
     Facts,
     Finish,

@@ -7,8 +7,8 @@ import time
 
 from rich.console import Console
 
-from controller.monitor import render
-from controller.view import HostView, fold_event, fold_state
+from controller.follow.monitor import render
+from controller.follow.view import HostView, fold_event, fold_state
 from protocol.models import HostState, Progress, Result
 
 
@@ -58,12 +58,12 @@ PLURALS = [
 
 
 def test_counts_are_spelled_as_people_read_them() -> None:
-    from controller.monitor import plural
+    from controller.follow.monitor import plural
     assert [plural(*args) for args, _ in PLURALS] == [want for _, want in PLURALS]
 
 
 def test_prompt_choices_keep_label_and_description_apart() -> None:
-    from controller.cmd_steps import choice_line
+    from controller.commands.steps import choice_line
     line = choice_line({"id": "upgrade", "label": "Upgrade in place",
                         "description": "pg_upgrade --link, minutes", "destructive": False},
                        "upgrade")

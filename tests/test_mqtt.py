@@ -193,7 +193,7 @@ def test_share_group_names_nats_or_mqtt_would_refuse(group: str) -> None:
 def test_hosts_add_prints_the_cluster_and_the_mqtt_version_without_credentials() -> None:
     import argparse
 
-    from controller.cmd_security import agent_config
+    from controller.commands.security import agent_config
     args = argparse.Namespace(broker="mqtt://ctl:pw@n1:1883,mqtt://n2:1883", agent_broker=None,
                               mqtt_version="3.1.1")
     argv, nixos = agent_config(args, "web1")

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from controller.build.nixbuild import SystemsFile, parse_systems, push_commands
 from controller.cli import main
-from controller.nixbuild import SystemsFile, parse_systems, push_commands
 from protocol.errors import InputError
 from protocol.models import BinaryCache
 from protocol.nixref import (
@@ -141,7 +141,7 @@ def test_a_resumed_rollout_keeps_each_host_its_system_and_the_cache(tmp_path: Pa
     """`fleetctl rollout resume` rebuilds the request from the event log: per-host paths,
     the cache and the boot-loader flag must survive, or a resumed batch would get the
     wrong system."""
-    from controller.deploy import ControllerContext, DeployRequest, RolloutDriver
+    from controller.rollout.driver import ControllerContext, DeployRequest, RolloutDriver
     from protocol.broker import BrokerCluster
     from protocol.topics import Topics
 

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from client.backend import BackendError, SwitchOutcome
-from client.nixos import (
+from client.host.backend import BackendError, SwitchOutcome
+from client.host.nixos import (
     FlakeRef,
     NixosBackend,
     StorePath,

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from client.notify import (
+from client.ask.notify import (
     NotifyConfig,
     PromptNotifier,
     graphical_user,
@@ -138,6 +138,6 @@ def test_session_parsing() -> None:
 
 
 async def test_default_runner_reports_a_missing_program() -> None:
-    from client.notify import run_command
+    from client.ask.notify import run_command
     assert (await run_command(["/nonexistent/flotilla-notify"]))[0] == 127
     assert await run_command(["sh", "-c", "echo hi"]) == (0, "hi\n")

@@ -149,7 +149,7 @@ def test_global_options_before_and_after_the_command(capsys, tmp_path: Path) -> 
 def test_inventory_typos_and_bad_tags_are_errors_naming_the_key() -> None:
     import pytest
 
-    from controller.inventory import parse_inventory
+    from controller.state.inventory import parse_inventory
     from protocol.errors import InputError
     cases = {
         '[hosts.web1]\ntagz = ["web"]\n': "unknown key 'tagz'; did you mean 'tags'",
@@ -174,8 +174,8 @@ def test_hosts_add_tags_follow_the_inventory_rules(capsys, tmp_path: Path) -> No
 
 
 def test_prompt_answers_name_the_right_command() -> None:
-    from client.prompt_tui import outcome_line
-    from controller.cmd_steps import answer_command
+    from client.ask.prompt_tui import outcome_line
+    from controller.commands.steps import answer_command
     row = {"host": "pg1", "prompt_id": "r1.approve", "kind": "approval", "items": []}
     assert answer_command(row) == "fleetctl approve pg1"
     row = {"host": "pg1", "prompt_id": "r1.choose", "kind": "choice",
@@ -362,8 +362,8 @@ def test_package_metadata_uses_an_spdx_license() -> None:
 
 
 def test_state_repair_recovers_a_log_with_a_corrupt_middle_line(capsys, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from controller import store
-    from controller.eventlog import EventLog
+    from controller.state import store
+    from controller.state.eventlog import EventLog
     log = EventLog(tmp_path)
     for i in range(4):
         log.append("rollout-created", store.create_rollout(
@@ -385,8 +385,8 @@ def test_state_repair_recovers_a_log_with_a_corrupt_middle_line(capsys, tmp_path
 
 
 def _four_rollouts(tmp_path: Path):  # type: ignore[no-untyped-def]
-    from controller import store
-    from controller.eventlog import EventLog
+    from controller.state import store
+    from controller.state.eventlog import EventLog
     log = EventLog(tmp_path)
     for i in range(4):
         log.append("rollout-created", store.create_rollout(

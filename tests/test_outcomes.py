@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from controller.eventlog import EventLog
-from controller.planner import Finish, RolloutPolicy, plan
-from controller.view import HostView
-from controller.watch import Watcher
+from controller.follow.view import HostView
+from controller.follow.watch import Watcher
+from controller.rollout.planner import Finish, RolloutPolicy, plan
+from controller.state.eventlog import EventLog
 from protocol import outcomes
 
 # (results of every host, rollout outcome)

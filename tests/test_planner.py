@@ -10,7 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from controller.planner import (
+from controller.follow.view import HostView
+from controller.rollout.planner import (
     ACK_GRACE,
     Abort,
     Action,
@@ -27,7 +28,6 @@ from controller.planner import (
     TimeOut,
     plan,
 )
-from controller.view import HostView
 from protocol.errors import UsageError
 
 NOW = 1000.0

@@ -1,6 +1,6 @@
 """Issue 11 items 3 and 4: what a step program does cannot hang the agent or fill its memory.
 
-Real programs (sh, setsid, sleep, head) run through `client.backend.run_subprocess`, the
+Real programs (sh, setsid, sleep, head) run through `client.host.backend.run_subprocess`, the
 one way the agent runs them. The systemd scope path runs through the fake `systemd-run`
 and `systemctl` of tests/fakenix, which record their command lines.
 """
@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from client.backend import (
+from client.host.backend import (
     RUN_MARKER,
     STDOUT_CAP,
     find_marked,
@@ -24,7 +24,7 @@ from client.backend import (
     scope_command,
     scope_kill_command,
 )
-from client.nixos import NixosBackend
+from client.host.nixos import NixosBackend
 from tests.fakeroot import FakeRoot
 from tests.stepsys import script
 
@@ -144,7 +144,7 @@ def test_memory_stays_bounded_under_a_program_printing_400_mb(tmp_path: Path) ->
     deployment log's, and reports its peak RSS (VmHWM). bench/programs.py runs 1.5 GB."""
     code = (
         "import asyncio, resource\n"
-        "from client.backend import run_subprocess\n"
+        "from client.host.backend import run_subprocess\n"
         "n = 0\n"
         "def hook(s, line):\n"
         "    global n; n += 1\n"

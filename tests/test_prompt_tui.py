@@ -13,8 +13,8 @@ from pathlib import Path
 import pexpect
 import pytest
 
-from client import prompt_tui as tui
-from client.control import ControlServer, socket_path
+from client.ask import prompt_tui as tui
+from client.ask.control import ControlServer, socket_path
 from protocol.models import Choice, HostState, Prompt, ReportItem
 
 REPO = Path(__file__).resolve().parents[1]

@@ -6,7 +6,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from client.reboot import (
+from client.run.reboot import (
     RebootDecision,
     RebootPolicy,
     activation_needs_reboot,

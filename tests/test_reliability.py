@@ -144,7 +144,7 @@ def test_read_only_state_dir_is_a_clear_error(tmp_path: Path) -> None:
     if r.returncode != 0:
         pytest.fail(f"cannot mount a read-only tmpfs: {r.stderr.strip()}")
     try:
-        from controller.keys import init_keys
+        from controller.state.keys import init_keys
         _, pub = init_keys(tmp_path / "keys")
         r = subprocess.run([sys.executable, "-m", "client", "run", "--host", "ro1",
                             "--state-dir", str(ro / "state"), "--trust-key", str(pub)],

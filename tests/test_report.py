@@ -10,7 +10,7 @@ import sys
 import time
 from typing import Any
 
-from client.report import Reporter
+from client.report.reporter import Reporter
 from protocol.codec import decode, encode
 from protocol.models import (
     EVENT_TYPES,

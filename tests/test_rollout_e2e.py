@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from controller.eventlog import EventLog
+from controller.state.eventlog import EventLog
 from tests.helpers import Fleet, wait_for, wait_online
 
 HOSTS = [f"h{i:02d}" for i in range(1, 21)]
@@ -207,7 +207,7 @@ def test_watch_streams_json_lines_while_a_shared_subscription_driver_runs(
         make_fleet: Any, tmp_path: Path) -> None:
     fleet = fleet20(make_fleet)
     # a fetch that outlasts the agent's 1 s hold, so its Progress is sent (a quicker
-    # deploy sends only Ack and Result, by design of client/report.py)
+    # deploy sends only Ack and Result, by design of client/report/reporter.py)
     fleet.start_simulated(HOSTS, "--sim-fetch-delay", "1.5")
     proc = start_deploy(fleet, "@fleet", "--system", SYSTEM, "--batch", "10",
                         "--share-group", "controllers", "--timeout", "60")
@@ -269,7 +269,7 @@ def test_no_wait_then_resume_and_state_commands(make_fleet: Any) -> None:
 
 
 def test_rollout_commands_fail_with_one_line(make_fleet: Any, tmp_path: Path) -> None:
-    from controller.broker import free_port
+    from controller.mqtt.broker import free_port
     fleet = fleet20(make_fleet)
     one_line_error(fleet.fleetctl("rollout", "show", "r-nope"), 2, "no controller state")
     one_line_error(fleet.fleetctl("state", "show"), 2, "no controller state")
@@ -298,7 +298,7 @@ def test_rollout_commands_fail_with_one_line(make_fleet: Any, tmp_path: Path) ->
 
 async def retained_desired(fleet: Fleet, hosts: list[str]) -> dict[str, Any]:
     """The retained desired state per host (decoded), read to the end."""
-    from controller.connection import connect, read_retained
+    from controller.mqtt.connection import connect, read_retained
     from protocol.broker import BrokerCluster
     from protocol.codec import decode
     from protocol.models import Desired
@@ -338,8 +338,8 @@ async def test_abort_withdraws_desired_states_nobody_acknowledged(make_fleet: An
 
 def test_resume_republishes_a_desired_the_broker_never_got(make_fleet: Any) -> None:
     """The controller died after the write-ahead log entry, before the publish."""
-    from controller import store
-    from controller.deploy import DeployRequest
+    from controller.rollout.driver import DeployRequest
+    from controller.state import store
     fleet = fleet20(make_fleet)
     fleet.start_simulated(HOSTS[:3])
     req = DeployRequest(selector="h01,h02,h03", hosts=HOSTS[:3], system=SYSTEM, timeout=60)
@@ -407,8 +407,8 @@ async def test_a_driver_whose_catch_up_outlasts_the_mqtt_timeout_still_starts(
 
     import aiomqtt
 
-    from controller.deploy import ControllerContext, DeployRequest, RolloutDriver
-    from controller.keys import load_key
+    from controller.rollout.driver import ControllerContext, DeployRequest, RolloutDriver
+    from controller.state.keys import load_key
     from protocol.broker import BrokerCluster
     from protocol.topics import Topics
 

@@ -30,10 +30,10 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from controller import certs
-from controller.broker import Mosquitto, free_port
 from controller.cli import main as fleetctl_main
-from controller.cmd_security import set_broker_password
+from controller.commands.security import set_broker_password
+from controller.mqtt import certs
+from controller.mqtt.broker import Mosquitto, free_port
 from protocol.broker import BrokerAddress, BrokerCluster, parse_broker_url
 from protocol.codec import decode, encode
 from protocol.models import EVENT_TYPES, Ack, Desired, Event, Rejected, Result
@@ -609,7 +609,7 @@ def test_hosts_add_appends_inventory_creates_password_and_prints_config(
     text = inv.read_text()
     assert text.startswith('# my fleet\n[hosts.web1]\ntags = ["web"]  # keep me\n')
     assert '[hosts.web2]\ntags = ["web", "eu"]\n' in text
-    from controller.inventory import parse_inventory
+    from controller.state.inventory import parse_inventory
     assert parse_inventory(text).resolve("@eu") == ["web2"]
     passwd = (tmp_path / "mosquitto.passwd").read_text()
     assert passwd.startswith("web2:$7$")

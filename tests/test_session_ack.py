@@ -14,8 +14,8 @@ import contextlib
 import aiomqtt
 import pytest
 
-from client.session import AgentSession, Retained
-from controller.broker import Mosquitto
+from client.receive.session import AgentSession, Retained
+from controller.mqtt.broker import Mosquitto
 from protocol.broker import parse_broker_url
 from protocol.errors import FlotillaError
 from protocol.mqtt import ManualAck

@@ -6,7 +6,7 @@ import asyncio
 
 import aiomqtt
 
-from client.session import AgentSession, Backoff, Retained
+from client.receive.session import AgentSession, Backoff, Retained
 from protocol.broker import parse_broker_url
 
 

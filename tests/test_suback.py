@@ -21,9 +21,9 @@ from pathlib import Path
 import aiomqtt
 import pytest
 
-from client.session import AgentSession, Retained
-from controller import connection
-from controller.broker import (
+from client.receive.session import AgentSession, Retained
+from controller.mqtt import connection
+from controller.mqtt.broker import (
     NATS_INSTALL,
     NatsNode,
     NatsNodeConfig,
@@ -92,7 +92,7 @@ async def test_the_agent_subscribes_again_until_the_broker_grants_it(
     session = AgentSession(cluster, "agent-h1", [(DESIRED, 1)], handler,
                            Retained("fleet/v1/host/h1/online", b""))
     refused = Seen("refused the subscription")
-    logging.getLogger("client.session").addHandler(refused)
+    logging.getLogger("client.receive.session").addHandler(refused)
     task = asyncio.create_task(session.run())
     try:
         await asyncio.wait_for(refused.seen.wait(), 30)
@@ -109,7 +109,7 @@ async def test_the_agent_subscribes_again_until_the_broker_grants_it(
             await pub.publish(DESIRED, b"gen-1", qos=1, retain=True)
         assert await asyncio.wait_for(got.get(), 30) == b"gen-1"
     finally:
-        logging.getLogger("client.session").removeHandler(refused)
+        logging.getLogger("client.receive.session").removeHandler(refused)
         await session.stop()
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
@@ -151,7 +151,7 @@ def test_a_node_that_never_serves_mqtt_is_not_left_running(tmp_path: Path) -> No
     """`NatsNode.start` gave up with BrokerStartError and left the nats-server running
     (a test fixture then leaked it for the rest of the run). This node requires a
     password, so an anonymous CONNECT, the readiness probe, never gets CONNACK 0."""
-    from controller.broker import BrokerStartError
+    from controller.mqtt.broker import BrokerStartError
     if nats_binary() is None:
         pytest.fail(f"nats-server is not installed: install it with '{NATS_INSTALL}'")
     node = NatsNode(tmp_path, NatsNodeConfig(

@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
-from controller.broker import free_port
-from controller.eventlog import EventLog
+from controller.mqtt.broker import free_port
+from controller.state.eventlog import EventLog
 from tests.helpers import Fleet, deploy_bg, finish, wait_for
 from tests.stepsys import make_db, make_system, runs
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from controller.broker import free_port
-from controller.view import HostView
+from controller.follow.view import HostView
+from controller.mqtt.broker import free_port
 from controller.web.app import _local_path
 from controller.web.auth import Guard, TokenFile, is_loopback, parse_listen
 from controller.web.feed import HostLive

@@ -7,7 +7,7 @@ page's script swaps them in by element id. `/api/events` is the same for program
 host and rollout rows as they change.
 
 Actions (answer, approve, abort, continue) are POSTs that need the session's CSRF
-token; answers are signed with the controller key by `controller.answers`, exactly as
+token; answers are signed with the controller key by `controller.rollout.answers`, exactly as
 `fleetctl answer` signs them, and name `web:<token name>` as who answered.
 """
 
@@ -27,10 +27,11 @@ from urllib.parse import quote, urlsplit
 import jinja2
 from aiohttp import web
 
-from controller import rollout_ops, store
-from controller.answers import check_choices, destructive_choices, send_answer, send_cancel
-from controller.deploy import ControllerContext
-from controller.inventory import Inventory
+from controller.rollout import steer as rollout_ops
+from controller.rollout.answers import check_choices, destructive_choices, send_answer, send_cancel
+from controller.rollout.driver import ControllerContext
+from controller.state import store
+from controller.state.inventory import Inventory
 from controller.web import pages
 from controller.web.auth import SESSION_COOKIE, Guard, Identity, is_loopback
 from controller.web.feed import Feed, HostLive

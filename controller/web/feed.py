@@ -2,7 +2,7 @@
 
 One MQTT connection subscribes to every host's retained `desired`, `state`, `prompt`
 and `online` topics and to the live `events`; each host's current deployment is a
-`HostView` folded with `controller.view` exactly as the rollout driver and `fleetctl
+`HostView` folded with `controller.follow.view` exactly as the rollout driver and `fleetctl
 watch` fold it. The controller's event log (rollouts, what the driver decided) is
 followed incrementally. Every change wakes the listeners (one per open page stream),
 which re-render what they show and send what changed.
@@ -22,12 +22,12 @@ from typing import Any
 
 import aiomqtt
 
-from controller.connection import close_client, new_marker, open_client, subscribe_and_sync
-from controller.deploy import ControllerContext
-from controller.eventlog import EventLog
-from controller.inventory import Inventory
-from controller.reader import MessageReader
-from controller.view import HostView, fold_event, fold_state
+from controller.follow.reader import MessageReader
+from controller.follow.view import HostView, fold_event, fold_state
+from controller.mqtt.connection import close_client, new_marker, open_client, subscribe_and_sync
+from controller.rollout.driver import ControllerContext
+from controller.state.eventlog import EventLog
+from controller.state.inventory import Inventory
 from protocol.errors import BrokerRefused, BrokerUnavailable, FlotillaError
 from protocol.messages import HostMessage
 from protocol.models import Desired, Event, HostState, Prompt

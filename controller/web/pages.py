@@ -12,12 +12,13 @@ import time
 from collections import Counter
 from typing import Any
 
-from controller import logs, rollout_ops, store
-from controller.answers import prompt_row
-from controller.inventory import Inventory
-from controller.monitor import phase_label
-from controller.status import host_row
-from controller.view import HostView
+from controller.follow.monitor import phase_label
+from controller.follow.status import host_row
+from controller.follow.view import HostView
+from controller.rollout import steer as rollout_ops
+from controller.rollout.answers import prompt_row
+from controller.state import logs, store
+from controller.state.inventory import Inventory
 from controller.web.feed import Feed, HostLive
 from protocol.outcomes import counts_as_failure
 

@@ -1,0 +1,1 @@
+"""Stage 6: everything the agent tells the world: progress, results, log lines, retained state."""

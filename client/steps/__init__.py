@@ -1,0 +1,1 @@
+"""Stage 3: state steps: which checks, dumps, migrations and restores run, and running them."""

@@ -1,0 +1,1 @@
+"""Per-host builds, the signed binary cache, and what `--system` accepts."""

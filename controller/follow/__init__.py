@@ -1,0 +1,1 @@
+"""What comes back from hosts: reading messages, the live view, status, watch and rendering."""

@@ -1,0 +1,1 @@
+"""The controller's MQTT edge: connecting to a broker or cluster, TLS material, test brokers."""

@@ -1,0 +1,1 @@
+"""Rollouts: the pure planner, the driver that publishes its actions, steering, answers, checks."""

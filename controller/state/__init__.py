@@ -1,0 +1,1 @@
+"""What the controller keeps: inventory, keys, the JSON-Patch event log, deployment logs."""
