@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import json
+import socket
 import time
 
 import msgpack
@@ -150,7 +152,7 @@ async def test_the_journal_keeps_the_signed_desired_state_as_received(  # type: 
 
 
 def test_broker_down_gives_exit_3_and_one_line(make_fleet) -> None:  # type: ignore[no-untyped-def]
-    from controller.broker import free_port
+    from controller.mqtt.broker import free_port
     fleet = make_fleet({"web1": ["web"]})
     fleet.broker_url = f"mqtt://127.0.0.1:{free_port()}"
     for args in (["deploy", "web1", "--system", SYSTEM], ["status"]):
@@ -161,6 +163,31 @@ def test_broker_down_gives_exit_3_and_one_line(make_fleet) -> None:  # type: ign
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and "Traceback" not in r.stderr
         assert "cannot reach the MQTT broker" in lines[0]
+
+
+def test_a_node_that_never_answers_costs_no_more_than_connect_timeout(  # type: ignore[no-untyped-def]
+        make_fleet) -> None:
+    """A node that accepts TCP and never sends a CONNACK (frozen, or a firewall that
+    swallows MQTT): `--connect-timeout` bounds the whole wait, and a live node listed
+    after it is used."""
+    fleet = make_fleet({"web1": ["web"]})
+    live = fleet.broker_url
+    with socket.socket() as frozen:
+        frozen.bind(("127.0.0.1", 0))
+        frozen.listen(16)  # the kernel completes the handshake; nobody ever reads
+        url = f"mqtt://127.0.0.1:{frozen.getsockname()[1]}"
+        fleet.broker_url = url
+        started = time.monotonic()
+        r = fleet.fleetctl("status", "--connect-timeout", "0.5")
+        waited = time.monotonic() - started
+        assert r.returncode == 3, r.stderr
+        [line] = r.stderr.strip().splitlines()
+        assert "cannot reach the MQTT broker" in line and url in line
+        assert waited < 4.0  # 0.5 s and the command's start, not an attempt's own 5 s
+        fleet.broker_url = f"{url},{live}"
+        r = fleet.fleetctl("status", "--json", "--connect-timeout", "10")
+        assert r.returncode == 0, r.stderr
+        assert [h["host"] for h in json.loads(r.stdout)] == ["web1"]
 
 
 def test_usage_and_input_errors_give_exit_2(make_fleet) -> None:  # type: ignore[no-untyped-def]

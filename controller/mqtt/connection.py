@@ -36,11 +36,13 @@ SHARE_PROBE_TIMEOUT = 3.0
 # take seconds to arrive, and a PUBACK or SUBACK sent after them waits behind them.
 SYNC_TIMEOUT = 60.0
 SUBSCRIBE_ATTEMPTS = 6  # ~0.5+1+2+4+8 s of backoff before a refused subscription is fatal
+OPERATION_TIMEOUT = 5.0  # aiomqtt's wait for a CONNACK, SUBACK or UNSUBACK
+LAST_ATTEMPT_MIN = 0.5  # a node tried at the deadline still gets this long to answer
 
 
 def make_client(broker: BrokerCluster, address: BrokerAddress | None = None,
                 client_id: str | None = None, persistent: bool = False,
-                timeout: float = 5.0, **extra: Any) -> aiomqtt.Client:
+                timeout: float = OPERATION_TIMEOUT, **extra: Any) -> aiomqtt.Client:
     """An unconnected client for one node (default: the first) of `broker`."""
     client = aiomqtt.Client(
         **broker.client_kwargs(address or broker.addresses[0],
@@ -65,15 +67,22 @@ async def open_client(broker: BrokerCluster, failover: Failover | None = None,
     """A connected client on the first node that answers, in `failover` order (a fresh
     Failover: the listed order). Rounds over every node are separated by capped,
     jittered backoff until `deadline` (monotonic; None: the broker's connect_timeout
-    from now), then BrokerUnavailable. Refusals raise BrokerRefused at once."""
+    from now), then BrokerUnavailable. Refusals raise BrokerRefused at once.
+
+    A node that accepts the connection and never answers (frozen, or a firewall that
+    swallows MQTT) holds an attempt only until the deadline, not for a whole
+    `timeout`: the wait for its CONNACK is cut to what is left (at least
+    LAST_ATTEMPT_MIN)."""
     failover = failover or Failover(len(broker.addresses), backoff=Backoff(cap=2.0))
     if deadline is None:
         deadline = time.monotonic() + broker.connect_timeout
+    timeout = kwargs.pop("timeout", OPERATION_TIMEOUT)
     last: BaseException | None = None
     while True:
         for index in failover.round():
             address = broker.addresses[index]
-            client = make_client(broker, address, **kwargs)
+            left = max(LAST_ATTEMPT_MIN, deadline - time.monotonic())
+            client = make_client(broker, address, timeout=min(timeout, left), **kwargs)
             try:
                 await client.__aenter__()
             except aiomqtt.MqttError as exc:
@@ -81,6 +90,7 @@ async def open_client(broker: BrokerCluster, failover: Failover | None = None,
                 log.debug("broker %s did not answer: %s", address, exc)
                 last = exc
                 continue
+            client.timeout = timeout  # later SUBACKs and UNSUBACKs get the full wait
             failover.connected(index)
             return client
         delay = failover.delay()
