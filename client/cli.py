@@ -71,6 +71,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sim-fail-stage", choices=["fetch", "switch"], default="switch",
                    help="sim backend: which stage --sim-fail-rate fails")
     p.add_argument("--sim-seed", default="", help="sim backend: seed of --sim-fail-rate")
+    p.add_argument("--sim-system", metavar="PATH",
+                   help="sim backend: the system a new simulated host runs before its first "
+                        "deploy (default: none, so a rollback has nothing to go back to)")
     p.add_argument("--home-assistant", action="store_true",
                    help="announce this host to Home Assistant (MQTT discovery)")
     p.add_argument("--ha-prefix", default="homeassistant", help="discovery prefix")
@@ -179,7 +182,7 @@ def make_backend(args: argparse.Namespace, host: str, state_dir: Path, backend: 
         from client.host.nixos import NixosBackend
         return NixosBackend(root=args.root, state_dir=state_dir, from_cache=args.from_cache)
     settings = SimSettings(args.sim_fetch_delay, args.sim_switch_delay, args.sim_fail_rate,
-                           args.sim_fail_stage, args.sim_seed)
+                           args.sim_fail_stage, args.sim_seed, args.sim_system)
     return SimulatedBackend(state_dir, host, settings)
 
 

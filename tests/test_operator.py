@@ -332,6 +332,8 @@ def test_demo_shows_canary_prompt_failure_rollback_retry_and_keeps_its_state(cap
     assert "demo-0004 rolled_back" in out and "demo-0004 succeeded switch to generation 2" in out
     assert "ERROR: could not obtain lock on relation orders" in out  # its log, shown
     assert "[restore:db] restored schema 15" in out
+    # the simulated hosts run an earlier system, and the failed host went back to it
+    assert re.search(r"\[rollback\] rolling back to \S+/demo-nixos-system-25\.05\b", out), out
     state = Path(re.search(r"export FLEET_STATE_DIR=(\S+)", out).group(1))  # type: ignore[union-attr]
     try:
         _, out, _ = fleetctl_main(capsys, "rollouts", "--json", "--state-dir", str(state))

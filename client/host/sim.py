@@ -34,6 +34,7 @@ class SimSettings:
     fail_rate: float = 0.0
     fail_stage: str = "switch"
     seed: str = ""
+    system: str | None = None  # what a new simulated host runs before its first deploy
 
 
 class SimulatedBackend:
@@ -49,6 +50,9 @@ class SimulatedBackend:
         # simulated reboot is a restart of the agent, which reads the files again).
         self._current: str | None = None
         self._boot: str | None = None
+        if self.settings.system and not (self.dir / "boot-id").exists():  # a new host
+            (self.dir / "profile").write_text(self.settings.system)
+            self._set_current(self.settings.system)
         self._note_boot()
 
     def _note_boot(self) -> None:

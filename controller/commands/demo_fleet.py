@@ -64,6 +64,14 @@ def _script(path: Path, body: str) -> str:
     return str(path)
 
 
+def make_previous_system(root: Path) -> Path:
+    """The system the simulated hosts run before the demo: no state steps, so the
+    demo's `db` step is new to them; a host that rolls back goes back to it."""
+    top = root / "demo-nixos-system-25.05"
+    (top / "bin").mkdir(parents=True, exist_ok=True)
+    return top
+
+
 def make_system(root: Path, plan: DemoPlan, pace: float) -> Path:
     """The toplevel the demo deploys (the simulated backend 'fetches' it as it is)."""
     top = root / "demo-nixos-system-25.11"

@@ -87,6 +87,7 @@ async def cmd_demo(args: argparse.Namespace) -> int:
     work = Path(tempfile.mkdtemp(prefix="flotilla-demo-"))
     plan = demo_fleet.plan_demo(args.hosts, args.fail_rate, seed)
     system = demo_fleet.make_system(work, plan, pace=max(0.1, args.delay))
+    previous = demo_fleet.make_previous_system(work)
     state, inv = work / "controller", work / "fleet.toml"
     _, pub = init_keys(state)
     roles = ("web", "db", "cache")
@@ -104,7 +105,7 @@ async def cmd_demo(args: argparse.Namespace) -> int:
             [sys.executable, "-m", "client", "simulate", "--hosts", ",".join(plan.hosts),
              "--state-dir", str(work / "agents"), "--trust-key", str(pub),
              "--broker", broker.url, "--sim-fetch-delay", str(args.delay),
-             "--sim-switch-delay", str(args.delay)],
+             "--sim-switch-delay", str(args.delay), "--sim-system", str(previous)],
             stdout=subprocess.DEVNULL, stderr=open(work / "agents.log", "wb"),  # noqa: SIM115
             env={**os.environ, "PYTHONUNBUFFERED": "1"})
         try:
