@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -124,8 +123,10 @@ def test_prompt_survives_agent_restart(make_fleet, tmp_path: Path) -> None:  # t
     prompt = wait_prompt(fleet, "pg1")
     agent.send_signal(signal.SIGKILL)
     agent.wait()
+    starts = sum(r["kind"] == "start" for r in fleet.journal("pg1"))
     fleet.start_agent("pg1")
-    time.sleep(1.0)
+    wait_for(lambda: sum(r["kind"] == "start" for r in fleet.journal("pg1")) > starts,
+             timeout=30, what="the restarted agent")
     again = wait_prompt(fleet, "pg1")
     assert again["prompt_id"] == prompt["prompt_id"]
     r = fleet.fleetctl("answer", "pg1", prompt["prompt_id"], "db.major=upgrade")
