@@ -59,6 +59,7 @@ from controller.rollout.planner import (
     Start,
     TimeOut,
 )
+from controller.rollout.reconcile import reconcile
 from controller.state import store
 from controller.state.eventlog import EventLog, Patch
 from controller.state.logs import LATE_LINES_S, LogStore, rollout_of
@@ -590,18 +591,17 @@ class RolloutDriver:
             msg = self._reader.read(str(m.topic), payload, inflight.__contains__)
             if msg is not None and isinstance(msg.body, Desired):
                 current[msg.host] = (msg.body.deployment_id, msg.body.generation)
+        verdict = reconcile(inflight.values(), current, self.progress.aborted is not None)
+        for h, why in verdict.superseded:
+            v = inflight[h]
+            v.result = v.phase = "cancelled"
+            v.message = why
+            self._host_status(h, "cancelled", why)
         republish = []
-        for h, v in inflight.items():
+        for h in verdict.republish:
+            v = inflight[h]
             assert v.deployment_id is not None
-            cur = current.get(h)
-            if cur == (v.deployment_id, v.generation) or v.acked is not None:
-                continue
-            if cur is not None and cur[1] > v.generation:
-                v.result = v.phase = "cancelled"
-                v.message = f"superseded by deployment {cur[0]} (generation {cur[1]})"
-                self._host_status(h, "cancelled", v.message)
-            elif self.progress.aborted is None:
-                republish.append((h, self._desired(h, v.deployment_id, v.generation)))
+            republish.append((h, self._desired(h, v.deployment_id, v.generation)))
         if republish:
             log.info("re-publishing %d desired state(s) the broker did not hold", len(republish))
         await asyncio.gather(*(self._publish(t.desired(h), p, retain=True) for h, p in republish))
