@@ -183,7 +183,16 @@ def test_a_node_that_never_answers_costs_no_more_than_connect_timeout(  # type: 
         assert r.returncode == 3, r.stderr
         [line] = r.stderr.strip().splitlines()
         assert "cannot reach the MQTT broker" in line and url in line
+        assert "no CONNACK within 0.5 s" in line  # not aiomqtt's bare "timed out"
         assert waited < 4.0  # 0.5 s and the command's start, not an attempt's own 5 s
+        from controller.mqtt.broker import free_port
+        dead = f"mqtt://127.0.0.1:{free_port()}"
+        fleet.broker_url = f"{url},{dead}"
+        r = fleet.fleetctl("status", "--connect-timeout", "0.5")
+        assert r.returncode == 3, r.stderr
+        [line] = r.stderr.strip().splitlines()  # each node, and why it did not answer
+        assert f"{url}: took the connection, no CONNACK within" in line, line
+        assert f"{dead}: " in line and "refused" in line.lower(), line
         fleet.broker_url = f"{url},{live}"
         r = fleet.fleetctl("status", "--json", "--connect-timeout", "10")
         assert r.returncode == 0, r.stderr

@@ -62,6 +62,23 @@ def check_refusal(exc: aiomqtt.MqttError, broker: BrokerCluster,
             raise BrokerRefused(message) from None
 
 
+def attempt_failure(error: str, took: float, wait: float) -> str:
+    """Why one connection attempt failed, for the operator: aiomqtt says only
+    "Operation timed out" for a node that took the connection and never answered."""
+    if took >= wait * 0.95:
+        return f"took the connection, no CONNACK within {wait:g} s"
+    return error
+
+
+def unreachable(failures: dict[str, str]) -> str:
+    """The one line for a broker none of whose nodes answered: each node and why."""
+    if len(failures) == 1:
+        [(address, why)] = failures.items()
+        return f"cannot reach the MQTT broker at {address}: {why}"
+    nodes = "; ".join(f"{address}: {why}" for address, why in failures.items())
+    return f"cannot reach the MQTT broker (no node answered): {nodes}"
+
+
 async def open_client(broker: BrokerCluster, failover: Failover | None = None,
                       deadline: float | None = None, **kwargs: Any) -> aiomqtt.Client:
     """A connected client on the first node that answers, in `failover` order (a fresh
@@ -77,18 +94,22 @@ async def open_client(broker: BrokerCluster, failover: Failover | None = None,
     if deadline is None:
         deadline = time.monotonic() + broker.connect_timeout
     timeout = kwargs.pop("timeout", OPERATION_TIMEOUT)
-    last: BaseException | None = None
+    failures: dict[str, str] = {}  # each node's last failure, in the listed order
+    for address in broker.addresses:
+        failures[str(address)] = "not tried"
     while True:
         for index in failover.round():
             address = broker.addresses[index]
-            left = max(LAST_ATTEMPT_MIN, deadline - time.monotonic())
-            client = make_client(broker, address, timeout=min(timeout, left), **kwargs)
+            wait = min(timeout, max(LAST_ATTEMPT_MIN, deadline - time.monotonic()))
+            client = make_client(broker, address, timeout=wait, **kwargs)
+            began = time.monotonic()
             try:
                 await client.__aenter__()
             except aiomqtt.MqttError as exc:
                 check_refusal(exc, broker, address)
                 log.debug("broker %s did not answer: %s", address, exc)
-                last = exc
+                failures[str(address)] = attempt_failure(
+                    str(exc), time.monotonic() - began, wait)
                 continue
             client.timeout = timeout  # later SUBACKs and UNSUBACKs get the full wait
             failover.connected(index)
@@ -96,7 +117,7 @@ async def open_client(broker: BrokerCluster, failover: Failover | None = None,
         delay = failover.delay()
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise BrokerUnavailable(f"cannot reach the MQTT broker at {broker}: {last}")
+            raise BrokerUnavailable(unreachable(failures))
         await asyncio.sleep(min(delay, remaining))  # one last round at the deadline
 
 
