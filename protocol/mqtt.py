@@ -259,6 +259,24 @@ async def subscribe_until_granted(
     return [t for t, _ in todo]
 
 
+def attempt_failure(error: str, took: float, wait: float) -> str:
+    """Why one connection attempt failed, for the operator: aiomqtt says only
+    "Operation timed out" for a node that took the connection and never answered."""
+    if took >= wait * 0.95:
+        return f"took the connection, no CONNACK within {wait:g} s"
+    return error
+
+
+def unreachable(failures: dict[str, str]) -> str:
+    """The one line for a broker none of whose nodes answered: each node (in the
+    order of `failures`) and why."""
+    if len(failures) == 1:
+        [(address, why)] = failures.items()
+        return f"cannot reach the MQTT broker at {address}: {why}"
+    nodes = "; ".join(f"{address}: {why}" for address, why in failures.items())
+    return f"cannot reach the MQTT broker (no node answered): {nodes}"
+
+
 class ManualAck:
     """QoS 1 acknowledgement after the handler returned, not when paho read the packet.
 

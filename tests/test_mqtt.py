@@ -15,11 +15,13 @@ from protocol.mqtt import (
     Backoff,
     Failover,
     MqttOptions,
+    attempt_failure,
     client_id,
     connack_code,
     failover_order,
     parse_mqtt_version,
     refusal,
+    unreachable,
 )
 from protocol.topics import Topics, prefix_problem
 
@@ -204,3 +206,22 @@ def test_hosts_add_prints_the_cluster_and_the_mqtt_version_without_credentials()
     args.mqtt_version = "5"
     argv, nixos = agent_config(args, "web1")
     assert "--mqtt-version" not in argv and "mqttVersion" not in nixos
+
+
+@pytest.mark.parametrize(("error", "took", "wait", "shown"), [
+    ("Operation timed out", 0.5, 0.5, "took the connection, no CONNACK within 0.5 s"),
+    ("Operation timed out", 4.99, 5.0, "took the connection, no CONNACK within 5 s"),
+    ("[Errno 111] Connection refused", 0.001, 5.0, "[Errno 111] Connection refused"),
+    ("[Errno -2] Name or service not known", 0.02, 10.0,
+     "[Errno -2] Name or service not known"),
+])
+def test_a_failed_attempt_says_why(error: str, took: float, wait: float, shown: str) -> None:
+    assert attempt_failure(error, took, wait) == shown
+
+
+def test_an_unreachable_cluster_names_every_node() -> None:
+    assert unreachable({"mqtt://a:1": "refused"}) == \
+        "cannot reach the MQTT broker at mqtt://a:1: refused"
+    assert unreachable({"mqtt://a:1": "refused", "mqtt://b:2": "no CONNACK"}) == (
+        "cannot reach the MQTT broker (no node answered): mqtt://a:1: refused; "
+        "mqtt://b:2: no CONNACK")

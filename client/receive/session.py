@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -38,10 +39,12 @@ from protocol.mqtt import (
     Backoff,
     Failover,
     ManualAck,
+    attempt_failure,
     connack_code,
     publish_until_lost,
     refusal,
     subscribe_until_granted,
+    unreachable,
 )
 
 log = logging.getLogger(__name__)
@@ -105,10 +108,11 @@ class AgentSession:
     async def _open(self) -> tuple[aiomqtt.Client, ManualAck]:
         """Connect to the first node that answers (failover order); until stopped."""
         while True:
-            last: aiomqtt.MqttError | None = None
+            failures: dict[str, str] = {}
             for index in self.failover.round():
                 address = self.broker.addresses[index]
                 client, acks = self._make_client(address)
+                began = time.monotonic()
                 try:
                     await client.__aenter__()
                 except aiomqtt.MqttError as exc:
@@ -116,15 +120,15 @@ class AgentSession:
                         message = refusal(connack_code(exc.rc), self.broker.mqtt, str(address))
                         if message is not None:
                             raise BrokerRefused(message) from None
-                    last = exc
+                    failures[str(address)] = attempt_failure(
+                        str(exc), time.monotonic() - began, client.timeout)
                     continue
                 if self.failover.current not in (None, index):
                     log.info("%s: failed over to %s", self.client_id, address)
                 self.failover.connected(index)
                 return client, acks
             delay = self.failover.delay()
-            log.warning("%s: no broker answered (%s); retry in %.1fs", self.client_id, last,
-                        delay)
+            log.warning("%s: %s; retry in %.1fs", self.client_id, unreachable(failures), delay)
             await asyncio.sleep(delay)
 
     async def run(self) -> None:

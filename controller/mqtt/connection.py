@@ -23,10 +23,12 @@ from protocol.errors import BrokerRefused, BrokerUnavailable
 from protocol.mqtt import (
     Backoff,
     Failover,
+    attempt_failure,
     connack_code,
     random_client_id,
     refusal,
     subscribe_until_granted,
+    unreachable,
 )
 from protocol.topics import Topics
 
@@ -60,23 +62,6 @@ def check_refusal(exc: aiomqtt.MqttError, broker: BrokerCluster,
         message = refusal(connack_code(exc.rc), broker.mqtt, str(address))
         if message is not None:
             raise BrokerRefused(message) from None
-
-
-def attempt_failure(error: str, took: float, wait: float) -> str:
-    """Why one connection attempt failed, for the operator: aiomqtt says only
-    "Operation timed out" for a node that took the connection and never answered."""
-    if took >= wait * 0.95:
-        return f"took the connection, no CONNACK within {wait:g} s"
-    return error
-
-
-def unreachable(failures: dict[str, str]) -> str:
-    """The one line for a broker none of whose nodes answered: each node and why."""
-    if len(failures) == 1:
-        [(address, why)] = failures.items()
-        return f"cannot reach the MQTT broker at {address}: {why}"
-    nodes = "; ".join(f"{address}: {why}" for address, why in failures.items())
-    return f"cannot reach the MQTT broker (no node answered): {nodes}"
 
 
 async def open_client(broker: BrokerCluster, failover: Failover | None = None,
