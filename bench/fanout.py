@@ -629,6 +629,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["_controller"]:
         return child_main(argv[1])
+    # `timeout 600 bench/fanout.py ...` or a CI's kill: stop the brokers and agents
+    # (each in a session of its own, so they get no signal of their own) on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("n", type=int, metavar="N", help="number of simulated hosts")
