@@ -13,7 +13,6 @@ as the client certificate when the broker listener has `require_certificate true
 
 from __future__ import annotations
 
-import math
 import re
 import socket
 import ssl
@@ -24,6 +23,7 @@ from urllib.parse import unquote, urlsplit
 
 from protocol.errors import InputError, UsageError
 from protocol.mqtt import DEFAULT_MQTT_VERSION, MqttOptions, MqttVersion
+from protocol.numbers import seconds
 
 DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883, "ws": 80, "wss": 443}
 HOST_RE = re.compile(r"[A-Za-z0-9._:%-]{1,253}")
@@ -243,10 +243,13 @@ class BrokerCluster:
 
     @classmethod
     def parse(cls, text: str, version: MqttVersion = DEFAULT_MQTT_VERSION,
-              connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S) -> BrokerCluster:
-        if not 0 < connect_timeout < math.inf:
-            raise UsageError("--connect-timeout must be a finite number of seconds > 0")
-        return cls(parse_broker_urls(text), MqttOptions(version), connect_timeout)
+              connect_timeout: float | str = DEFAULT_CONNECT_TIMEOUT_S) -> BrokerCluster:
+        """`connect_timeout` may be the raw text of --connect-timeout or its variable."""
+        try:
+            timeout = seconds(connect_timeout)
+        except UsageError as exc:
+            raise UsageError(f"--connect-timeout (env FLEET_CONNECT_TIMEOUT): {exc}") from None
+        return cls(parse_broker_urls(text), MqttOptions(version), timeout)
 
     def __str__(self) -> str:
         return ", ".join(str(a) for a in self.addresses)

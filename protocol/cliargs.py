@@ -1,17 +1,15 @@
 """What both programs' command lines share: one-line usage errors, how `--help` shows
 defaults, and the option types that check a value before anything runs.
 
-A number an option takes is checked when it is parsed: a count is a whole number with a
-lower bound, a duration is a finite number of seconds (`nan`, `inf` and negatives are
-refused: `float()` takes all three, and an infinite `--timeout` is an endless wait).
-The checks raise UsageError, so a value from the environment or a file gets the same
-message as one typed after the option.
+A number an option takes is checked when it is parsed, by the checks of
+`protocol.numbers` (a count is a whole number with a lower bound, a duration a finite
+number of seconds), so a value from the environment or a file gets the same message as
+one typed after the option.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from collections.abc import Callable
 from typing import Any, NoReturn, TypeVar
@@ -19,6 +17,7 @@ from typing import Any, NoReturn, TypeVar
 from protocol.broker import shown_urls
 from protocol.errors import UsageError
 from protocol.mqtt import MqttVersion, parse_mqtt_version
+from protocol.numbers import seconds, share, whole
 
 EXIT_USAGE = 2
 T = TypeVar("T")
@@ -53,41 +52,6 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
         sys.exit(EXIT_USAGE)
-
-
-def _number(text: str | float) -> float:
-    try:
-        return float(text)
-    except (TypeError, ValueError):
-        raise UsageError(f"{text!r} is not a number") from None
-
-
-def seconds(text: str | float, *, zero: bool = False) -> float:
-    """A duration: finite, more than 0 (or at least 0 with `zero`)."""
-    value = _number(text)
-    if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
-        bound = ">= 0" if zero else "> 0"
-        raise UsageError(f"must be a finite number of seconds {bound}, not {text!r}")
-    return value
-
-
-def whole(text: str | int, *, minimum: int = 0) -> int:
-    """A count: a whole number of at least `minimum`."""
-    try:
-        value = int(text)
-    except (TypeError, ValueError):
-        raise UsageError(f"must be a whole number >= {minimum}, not {text!r}") from None
-    if value < minimum:
-        raise UsageError(f"must be a whole number >= {minimum}, not {text!r}")
-    return value
-
-
-def share(text: str | float) -> float:
-    """A share of hosts: from 0 to 1."""
-    value = _number(text)
-    if not 0 <= value <= 1:  # also refuses nan
-        raise UsageError(f"must be a number from 0 to 1, not {text!r}")
-    return value
 
 
 def option(parse: Callable[..., T], **bounds: Any) -> Callable[[str], T]:

@@ -161,8 +161,8 @@ def test_agent_usage_errors_are_one_line(capsys: pytest.CaptureFixture[str],
 
 
 def test_the_checks_at_their_bounds() -> None:
-    from protocol.cliargs import seconds, share, whole
     from protocol.errors import UsageError
+    from protocol.numbers import seconds, share, whole
     assert seconds("1.5") == 1.5 and seconds("0", zero=True) == 0.0
     assert whole("3", minimum=1) == 3 and share("0.25") == 0.25
     for call in (lambda: seconds("0"), lambda: seconds("1e400"), lambda: whole("0", minimum=1),

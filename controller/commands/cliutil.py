@@ -16,7 +16,6 @@ from rich.table import Table
 from controller.rollout.driver import ControllerContext
 from controller.state.inventory import Inventory, load_inventory
 from protocol.broker import BrokerCluster, read_password_file
-from protocol.cliargs import seconds
 from protocol.errors import UsageError
 from protocol.mqtt import parse_mqtt_version
 from protocol.topics import Topics
@@ -45,12 +44,8 @@ def broker_cluster(args: argparse.Namespace) -> BrokerCluster:
     """--broker (one URL or a cluster's comma-separated URLs), --mqtt-version and
     --connect-timeout, plus --username/--password-file and the TLS files; the password
     is only ever held in the BrokerAddress, whose str() and repr() hide it."""
-    try:
-        connect_timeout = seconds(args.connect_timeout)
-    except UsageError as exc:
-        raise UsageError(f"--connect-timeout (env FLEET_CONNECT_TIMEOUT): {exc}") from None
     broker = BrokerCluster.parse(args.broker, parse_mqtt_version(args.mqtt_version),
-                                 connect_timeout)
+                                 args.connect_timeout)
     first = broker.addresses[0]
     if args.password_file is not None:
         password = read_password_file(args.password_file)

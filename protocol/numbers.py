@@ -1,0 +1,48 @@
+"""Checked numbers: a duration is a finite number of seconds, a count a whole number with
+a lower bound, a share of hosts a number from 0 to 1.
+
+`float()` takes `nan`, `inf` and negatives, and an infinite timeout is an endless wait,
+so every number a person gives (an option, the environment, a file) goes through one of
+these. They raise UsageError; `protocol.cliargs` turns them into argparse types.
+"""
+
+from __future__ import annotations
+
+import math
+
+from protocol.errors import UsageError
+
+
+def _number(text: str | float) -> float:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        raise UsageError(f"{text!r} is not a number") from None
+
+
+def seconds(text: str | float, *, zero: bool = False) -> float:
+    """A duration: finite, more than 0 (or at least 0 with `zero`)."""
+    value = _number(text)
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+        bound = ">= 0" if zero else "> 0"
+        raise UsageError(f"must be a finite number of seconds {bound}, not {text!r}")
+    return value
+
+
+def whole(text: str | int, *, minimum: int = 0) -> int:
+    """A count: a whole number of at least `minimum`."""
+    try:
+        value = int(text)
+    except (TypeError, ValueError):
+        raise UsageError(f"must be a whole number >= {minimum}, not {text!r}") from None
+    if value < minimum:
+        raise UsageError(f"must be a whole number >= {minimum}, not {text!r}")
+    return value
+
+
+def share(text: str | float) -> float:
+    """A share of hosts: from 0 to 1."""
+    value = _number(text)
+    if not 0 <= value <= 1:  # also refuses nan
+        raise UsageError(f"must be a number from 0 to 1, not {text!r}")
+    return value
