@@ -30,7 +30,7 @@ from aiomqtt import ProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from protocol.errors import FlotillaError, UsageError
+from protocol.errors import BrokerRefused, FlotillaError, UsageError
 
 MqttVersion = Literal["5", "3.1.1"]
 MQTT_VERSIONS: tuple[MqttVersion, ...] = ("5", "3.1.1")
@@ -257,6 +257,15 @@ async def subscribe_until_granted(
         if wanted is not None:
             todo = [(t, q) for t, q in todo if wanted(t, q)]
     return [t for t, _ in todo]
+
+
+def raise_if_refused(exc: aiomqtt.MqttError, options: MqttOptions, where: str) -> None:
+    """Raise BrokerRefused if `exc`, raised while connecting to `where`, is a refusal
+    no retry can fix (see `refusal`); return for anything a retry may cure."""
+    if isinstance(exc, aiomqtt.MqttCodeError):
+        message = refusal(connack_code(exc.rc), options, where)
+        if message is not None:
+            raise BrokerRefused(message) from None
 
 
 def attempt_failure(error: str, took: float, wait: float) -> str:

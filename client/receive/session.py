@@ -34,15 +34,13 @@ from typing import Any
 import aiomqtt
 
 from protocol.broker import BrokerAddress, BrokerCluster
-from protocol.errors import BrokerRefused
 from protocol.mqtt import (
     Backoff,
     Failover,
     ManualAck,
     attempt_failure,
-    connack_code,
     publish_until_lost,
-    refusal,
+    raise_if_refused,
     subscribe_until_granted,
     unreachable,
 )
@@ -116,10 +114,7 @@ class AgentSession:
                 try:
                     await client.__aenter__()
                 except aiomqtt.MqttError as exc:
-                    if isinstance(exc, aiomqtt.MqttCodeError):
-                        message = refusal(connack_code(exc.rc), self.broker.mqtt, str(address))
-                        if message is not None:
-                            raise BrokerRefused(message) from None
+                    raise_if_refused(exc, self.broker.mqtt, str(address))
                     failures[str(address)] = attempt_failure(
                         str(exc), time.monotonic() - began, client.timeout)
                     continue

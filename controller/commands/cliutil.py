@@ -22,6 +22,7 @@ from protocol.topics import Topics
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BROKER = 0, 1, 2, 3
 DEFAULT_CONTROLLER_USER = "flotilla-controller"
+CHOICE_RE = re.compile(r"^([A-Za-z0-9_.-]+)\.([A-Za-z0-9_:-]+)=([A-Za-z0-9._:@-]+)$")
 
 
 def context(args: argparse.Namespace, need_key: bool = False) -> ControllerContext:
@@ -77,7 +78,6 @@ def table(columns: list[str], rows: list[list[str]]) -> Table:
     return t
 
 
-
 def inventory(args: argparse.Namespace) -> Inventory:
     """fleet.toml; without one, the hosts and tags of `--flake` (a fleet.toml wins)."""
     flake = getattr(args, "flake", None)
@@ -85,9 +85,6 @@ def inventory(args: argparse.Namespace) -> Inventory:
         from controller.build.nixbuild import flake_inventory
         return flake_inventory(flake)
     return load_inventory(args.inventory)
-
-
-CHOICE_RE = re.compile(r"^([A-Za-z0-9_.-]+)\.([A-Za-z0-9_:-]+)=([A-Za-z0-9._:@-]+)$")
 
 
 def parse_choices(items: list[str], what: str = "--choose") -> dict[str, str]:

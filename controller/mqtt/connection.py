@@ -19,14 +19,13 @@ from typing import Any
 import aiomqtt
 
 from protocol.broker import BrokerAddress, BrokerCluster
-from protocol.errors import BrokerRefused, BrokerUnavailable
+from protocol.errors import BrokerUnavailable
 from protocol.mqtt import (
     Backoff,
     Failover,
     attempt_failure,
-    connack_code,
+    raise_if_refused,
     random_client_id,
-    refusal,
     subscribe_until_granted,
     unreachable,
 )
@@ -55,15 +54,6 @@ def make_client(broker: BrokerCluster, address: BrokerAddress | None = None,
     return client
 
 
-def check_refusal(exc: aiomqtt.MqttError, broker: BrokerCluster,
-                  address: BrokerAddress) -> None:
-    """Raise BrokerRefused if `exc` (raised while connecting) is a refusal no retry fixes."""
-    if isinstance(exc, aiomqtt.MqttCodeError):
-        message = refusal(connack_code(exc.rc), broker.mqtt, str(address))
-        if message is not None:
-            raise BrokerRefused(message) from None
-
-
 async def open_client(broker: BrokerCluster, failover: Failover | None = None,
                       deadline: float | None = None, **kwargs: Any) -> aiomqtt.Client:
     """A connected client on the first node that answers, in `failover` order (a fresh
@@ -79,9 +69,8 @@ async def open_client(broker: BrokerCluster, failover: Failover | None = None,
     if deadline is None:
         deadline = time.monotonic() + broker.connect_timeout
     timeout = kwargs.pop("timeout", OPERATION_TIMEOUT)
-    failures: dict[str, str] = {}  # each node's last failure, in the listed order
-    for address in broker.addresses:
-        failures[str(address)] = "not tried"
+    # each node's last failure, in the listed order (every round tries every node)
+    failures = dict.fromkeys(map(str, broker.addresses), "not tried")
     while True:
         for index in failover.round():
             address = broker.addresses[index]
@@ -91,7 +80,7 @@ async def open_client(broker: BrokerCluster, failover: Failover | None = None,
             try:
                 await client.__aenter__()
             except aiomqtt.MqttError as exc:
-                check_refusal(exc, broker, address)
+                raise_if_refused(exc, broker.mqtt, str(address))
                 log.debug("broker %s did not answer: %s", address, exc)
                 failures[str(address)] = attempt_failure(
                     str(exc), time.monotonic() - began, wait)
