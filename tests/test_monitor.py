@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 from rich.console import Console
 
 from controller.follow.monitor import render
@@ -71,3 +72,32 @@ def test_prompt_choices_keep_label_and_description_apart() -> None:
     assert "(default)" in line and "(destructive)" not in line
     bare = choice_line({"id": "wipe", "label": "", "description": "", "destructive": True}, None)
     assert bare.strip().startswith("- wipe") and "(destructive)" in bare and ":" not in bare
+
+
+# A retained HostState of another deployment: (ours, done already, theirs, their
+# desired generation) -> what our view becomes. Only a newer deployment of another
+# rollout supersedes ours: the agent runs the latest desired state only, so ours will
+# never report. A retry of our own rollout (R.2) is a new attempt the rollout's log
+# or desired state announces, never a reason to end the host.
+SUPERSEDE_CASES = [
+    ("r1", None, "r2", 5, "cancelled"),        # another rollout took the host
+    ("r1", None, "r2", 3, None),               # an older deployment's state
+    ("r1", None, "r0", 2, None),               # an older rollout's state
+    ("r1", None, "r1.2", 5, None),             # our own retry: not superseded
+    ("r1.2", None, "r1", 5, None),             # (attempts of one rollout never supersede)
+    ("r1", "succeeded", "r2", 5, "succeeded"),  # finished before: stays as it ended
+    (None, None, "r2", 5, None),               # not deployed here
+]
+
+
+@pytest.mark.parametrize(("ours", "done", "theirs", "gen", "expect"), SUPERSEDE_CASES)
+def test_a_newer_rollout_supersedes_a_host(ours: str | None, done: str | None, theirs: str,
+                                           gen: int, expect: str | None) -> None:
+    v = HostView("a", deployment_id=ours, generation=3 if ours else 0, result=done)
+    fold_state(v, HostState(host="a", deployment_id=theirs, rollout_id=theirs.split(".")[0],
+                            desired_generation=gen, generation=gen, phase="switched",
+                            updated_at=time.time()))
+    assert v.result == expect
+    if expect == "cancelled":
+        assert v.message == f"superseded by deployment {theirs} (generation {gen})"
+        assert v.done

@@ -302,6 +302,41 @@ def test_rollouts_nobody_drives_are_shown_and_closed(  # type: ignore[no-untyped
     assert detail["status"] == "running" and detail["driven"] is False
 
 
+def test_watch_ends_a_host_a_newer_rollout_took(  # type: ignore[no-untyped-def]
+        make_fleet, monkeypatch, capsys) -> None:
+    """A rollout nobody drives whose host another rollout then deployed: that host will
+    never report for it again (its agent runs the latest desired state only). `watch`
+    used to wait for it for ever; now it ends the host as superseded, as `rollout
+    resume` does, and closes the rollout."""
+    from tests.helpers import wait_for
+    fleet = make_fleet({"w1": ["web"], "w2": ["web"]})
+    fleet.start_simulated(["w1"])
+    ctl = InProcess(fleet, monkeypatch, capsys)
+    # w1 is online: it runs the first rollout, then a second one replaces its state
+    _, first = ctl.json("deploy", "w1", "--system", "/nix/store/a-sys", "--no-wait")
+    wait_for(lambda: ctl.json("status", "w1")[1][0]["deployment"] == first["rollout"],
+             what="w1 to take the first rollout")
+    code, _ = ctl("deploy", "w1", "--system", "/nix/store/b-sys")
+    assert code == 0
+    # w2 is offline: its desired state is replaced before it ever saw the first
+    _, third = ctl.json("deploy", "w2", "--system", "/nix/store/a-sys", "--no-wait")
+    _, fourth = ctl.json("deploy", "w2", "--system", "/nix/store/b-sys", "--no-wait")
+    for old, new, host in ((first, None, "w1"), (third, fourth, "w2")):
+        code, w = ctl("watch", old["rollout"], "--timeout", "20")
+        assert code == 1 and "superseded by deployment" in w, w
+        if new is not None:
+            assert f"superseded by deployment {new['rollout']}" in w, w
+        _, rows = ctl.json("rollouts")
+        row = next(r for r in rows if r["id"] == old["rollout"])
+        assert row["status"] == "failed" and row["counts"]["running"] == 0, row
+        _, shown = ctl.json("rollout", "show", old["rollout"])
+        assert shown["hosts"][host]["result"] == "cancelled", shown["hosts"][host]
+    # the newer rollout still reaches w2 once it comes online
+    fleet.start_simulated(["w2"])
+    code, w = ctl("watch", fourth["rollout"], "--timeout", "60")
+    assert code == 0, w
+
+
 def wait_for_rollout(fleet: Fleet, other: str) -> str:
     from tests.helpers import wait_for
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from controller.state.logs import rollout_of
 from protocol.models import (
     Ack,
     CheckReport,
@@ -120,8 +121,31 @@ def fold_event(view: HostView, ev: Event, received: float | None = None) -> bool
     return True
 
 
+def superseded_note(deployment_id: str, generation: int) -> str:
+    return f"superseded by deployment {deployment_id} (generation {generation})"
+
+
+def fold_superseded(view: HostView, deployment_id: str | None, generation: int,
+                    at: float | None = None) -> bool:
+    """A newer deployment of another rollout took the host (its retained state or desired
+    state says so): the agent runs the latest desired state only, so ours will never
+    report; the host ends `cancelled` in our rollout, as `rollout resume` decides. A
+    newer attempt of our own rollout is announced by its log or desired state instead."""
+    if (view.deployment_id is None or view.done or deployment_id is None
+            or generation <= view.generation
+            or rollout_of(deployment_id) == rollout_of(view.deployment_id)):
+        return False
+    view.result = view.phase = "cancelled"
+    view.message = superseded_note(deployment_id, generation)
+    view.prompt_id = view.prompt_kind = None
+    view.finished = at if at is not None else time.time()
+    return True
+
+
 def fold_state(view: HostView, st: HostState, received: float | None = None) -> bool:
     """Catch up from a retained HostState (we may have missed the events)."""
+    if fold_superseded(view, st.deployment_id, st.desired_generation, st.updated_at):
+        return True
     rej = st.rejected
     if (rej is not None and view.deployment_id is not None and not view.done
             and rej.deployment_id == view.deployment_id and rej.generation == view.generation):

@@ -25,7 +25,7 @@ import aiomqtt
 
 from controller.follow.monitor import ChangeTracker
 from controller.follow.reader import MessageReader
-from controller.follow.view import HostView, fold_event, fold_state
+from controller.follow.view import HostView, fold_event, fold_state, fold_superseded
 from controller.mqtt.connection import new_marker, subscribe_and_sync, while_connected
 from controller.rollout.driver import ControllerContext, Outcome
 from controller.state import store
@@ -159,6 +159,9 @@ class Watcher:
 
     def _on_desired(self, host: str, d: Desired) -> None:
         if d.rollout_id != self.rollout_id:
+            v = self.views.get(host)
+            if v is not None and fold_superseded(v, d.deployment_id, d.generation):
+                self._changed.add(host)
             return
         if self.from_log and host not in self.views:
             return

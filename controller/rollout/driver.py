@@ -466,7 +466,8 @@ class RolloutDriver:
         elif isinstance(body, HostState):
             if not fold_state(view, body):
                 return
-            if not was_done and view.done and view.result != "rejected":
+            if not was_done and view.done and view.result != "rejected" \
+                    and body.deployment_id == view.deployment_id:
                 self._unheard.add(msg.host)  # its Result (and last lines) may follow
         else:
             return

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from controller.follow.view import HostView
+from controller.follow.view import HostView, superseded_note
 
 
 @dataclass(frozen=True)
@@ -40,8 +40,7 @@ def reconcile(inflight: Iterable[HostView], held: Mapping[str, tuple[str, int]],
         if cur == (v.deployment_id, v.generation) or v.acked is not None:
             continue
         if cur is not None and cur[1] > v.generation:
-            superseded.append((v.host, f"superseded by deployment {cur[0]} "
-                                       f"(generation {cur[1]})"))
+            superseded.append((v.host, superseded_note(*cur)))
         elif not aborted:
             republish.append(v.host)
     return Reconciled(tuple(republish), tuple(superseded))
