@@ -16,7 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from controller.state import store
-from controller.state.eventlog import DOC_TYPE, PATCH_ERRORS, EventLog, apply_patch
+from controller.state.eventlog import PATCH_ERRORS, EventLog, apply_patch
+from controller.state.shape import DOC_TYPE
 from protocol.errors import StateError
 
 
@@ -94,9 +95,25 @@ def test_torn_last_line_is_ignored_reported_and_cut(tmp_path: Path,
     assert log.doc == again
 
 
+SHAPE_BREAKING = [  # parse, and (but for the first four) apply: yet break the document
+    b'{"index": 3, "patch": "x"}', b'{"index": 3, "patch": [1]}', b'[3]',
+    b'{"index": 3, "patch": [{"op": "add"}]}',
+    b'{"index": 3, "patch": [{"op": "replace", "path": "/rollouts", "value": []}]}',
+    b'{"index": 3, "patch": [{"op": "replace", "path": "/hosts/web0", "value": "x"}]}',
+    b'{"index": 3, "patch": [{"op": "replace", "path": "/rollouts/r1/hosts", "value": 5}]}',
+    b'{"index": 3, "patch": [{"op": "replace", "path": "/rollouts/r1/created", "value": "x"}]}',
+    b'{"index": 3, "patch": [{"op": "replace", "path": "/rollouts/r1/hosts/web1/batch", '
+    b'"value": "1"}]}',
+    b'{"index": 3, "patch": [{"op": "remove", "path": "/rollouts/r1/id"}]}',
+    b'{"index": 3, "patch": [{"op": "remove", "path": "/hosts"}]}',
+    b'{"index": 3, "patch": [{"op": "add", "path": "/rollouts/r2", "value": {"id": "r1", '
+    b'"status": "running", "hosts": {}}}]}',
+]
+
+
 @pytest.mark.parametrize("garbage", [b"not json at all", b'{"index": 7, "patch": []}',
                                      b'{"index": 3, "patch": [{"op": "remove", '
-                                     b'"path": "/nope"}]}'])
+                                     b'"path": "/nope"}]}', *SHAPE_BREAKING])
 def test_corrupt_middle_line_is_a_clear_state_error(tmp_path: Path, garbage: bytes) -> None:
     log = EventLog(tmp_path)
     populate(log)
@@ -108,6 +125,19 @@ def test_corrupt_middle_line_is_a_clear_state_error(tmp_path: Path, garbage: byt
     message = str(exc.value)
     assert "corrupt" in message and str(log.path) in message and "\n" not in message
     assert "after index 2" in message
+
+
+@pytest.mark.parametrize("garbage", SHAPE_BREAKING)
+def test_an_entry_that_breaks_the_document_is_refused_on_append(tmp_path: Path,
+                                                                garbage: bytes) -> None:
+    log = EventLog(tmp_path)
+    populate(log)
+    size, entry = log.path.stat().st_size, json.loads(garbage)
+    patch = entry["patch"] if isinstance(entry, dict) else entry
+    with pytest.raises(StateError, match="invalid patch"):
+        log.append("bad", patch)
+    assert log.path.stat().st_size == size
+    assert EventLog(tmp_path).load() == log.load()  # the log is as good as before
 
 
 def test_index_zero_must_set_the_type(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ SHARED_BY_COMMANDS = {"controller.commands.cliutil", "controller.commands.drive"
                       "controller.commands.demo_fleet"}
 PURE = ["client.receive.decide", "client.run.machine", "client.run.reboot", "client.steps.plan",
         "client.ask.deadline", "controller.rollout.planner", "controller.rollout.prediction",
-        "controller.rollout.reconcile", "protocol.outcomes"]
+        "controller.rollout.reconcile", "controller.state.shape", "protocol.outcomes"]
 IO_MODULES = {"asyncio", "subprocess", "socket", "aiomqtt", "paho", "aiohttp", "shutil",
               "threading", "multiprocessing"}
 

@@ -11,6 +11,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import Fleet
 from tests.stepsys import make_db, make_system
 
@@ -419,6 +421,39 @@ def test_state_repair_recovers_a_log_with_a_corrupt_middle_line(capsys, tmp_path
     log.append("rollout-created", store.create_rollout(
         EventLog(tmp_path).load(), "r9", "@web", "/nix/store/x", "switch", {}, [["w1"]]))
     assert "r9" in EventLog(tmp_path).load()["rollouts"]
+
+
+@pytest.mark.parametrize("bad", [
+    '{"index": 2, "meta": {}, "patch": "x"}',  # used to be an AttributeError traceback
+    '{"index": 2, "meta": {}, "patch": [1]}',
+    # applies, but every reader of the rollouts then failed ('list' has no .items())
+    '{"index": 2, "meta": {}, "patch": [{"op": "replace", "path": "/rollouts", "value": []}]}',
+])
+def test_an_entry_that_breaks_the_document_is_named_and_repair_keeps_what_follows(  # type: ignore[no-untyped-def]
+        capsys, tmp_path: Path, bad: str) -> None:
+    log = _four_rollouts(tmp_path)
+    lines = log.path.read_text().splitlines()
+    renumbered = [json.dumps({**json.loads(ln), "index": json.loads(ln)["index"] + 1})
+                  for ln in lines[2:]]  # the bad entry goes in as index 2, the rest follow
+    log.path.write_text("\n".join([*lines[:2], bad, *renumbered]) + "\n")
+    for argv in (["rollouts"], ["state", "show"], ["rollout", "show", "r0"], ["logs", "r0"]):
+        code, out, err = fleetctl_main(capsys, *argv, "--state-dir", str(tmp_path))
+        assert code == 2 and "after index 1 is corrupt" in err and "fleetctl state repair" \
+            in err and len(err.strip().splitlines()) == 1, (argv, out, err)
+    code, out, err = fleetctl_main(capsys, "state", "repair", "--state-dir", str(tmp_path))
+    assert code == 0 and "skipped 1" in out, out + err
+    code, out, err = fleetctl_main(capsys, "rollouts", "--json", "--state-dir", str(tmp_path))
+    assert code == 0 and [r["id"] for r in json.loads(out)] == ["r0", "r1", "r2", "r3"], err
+
+
+def test_state_repair_rebuilds_a_log_whose_first_line_is_lost(capsys, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Only the init line gone: repair used to find `no readable entry` and give up."""
+    log = _four_rollouts(tmp_path)
+    log.path.write_text("\n".join(log.path.read_text().splitlines()[1:]) + "\n")
+    code, out, err = fleetctl_main(capsys, "state", "repair", "--state-dir", str(tmp_path))
+    assert code == 0 and "rebuilt" in out, out + err
+    code, out, err = fleetctl_main(capsys, "rollouts", "--json", "--state-dir", str(tmp_path))
+    assert code == 0 and [r["id"] for r in json.loads(out)] == ["r0", "r1", "r2", "r3"], err
 
 
 def _four_rollouts(tmp_path: Path):  # type: ignore[no-untyped-def]

@@ -29,10 +29,10 @@ from typing import Any
 
 import jsonpatch
 
+from controller.state.shape import DOC_TYPE, check_entry, check_touched
 from protocol.errors import StateError
 
 log = logging.getLogger(__name__)
-DOC_TYPE = "flotilla-controller-state"
 Patch = list[dict[str, Any]]
 PATCH_ERRORS = (ValueError, KeyError, TypeError, IndexError, jsonpatch.JsonPatchException,
                 jsonpatch.JsonPointerException)
@@ -73,6 +73,17 @@ def apply_patch(doc: Any, patch: Patch) -> Any:
         value = op["value"]
         obj[last] = copy.deepcopy(value) if isinstance(value, (dict, list)) else value
     return doc
+
+
+def initial_document_patch() -> Patch:
+    return [{"op": "replace", "path": "", "value": initial_document()}]
+
+
+def _replay(patches: list[Patch]) -> dict[str, Any]:
+    doc: Any = {}
+    for patch in patches:
+        doc = apply_patch(doc, patch)
+    return doc  # type: ignore[no-any-return]
 
 
 class _Replaced(Exception):
@@ -180,14 +191,15 @@ class EventLog:
                          "an interrupted write); it is cut off at the next append")
             log.warning("%s", self.torn)
 
-    def _apply(self, entry: dict[str, Any]) -> None:
+    def _apply(self, entry: Any) -> None:
+        """Check the entry whole, apply it, check the records it touched (shape.py)."""
+        check_entry(entry)
         index = entry["index"]
         if index != self.index + 1:
             raise ValueError(f"index {index} follows {self.index}")
         doc = {} if index == 0 else self.doc
         self.doc = apply_patch(doc, entry["patch"])
-        if index == 0 and (not isinstance(self.doc, dict) or self.doc.get("_type") != DOC_TYPE):
-            raise ValueError(f"index 0 must set _type to {DOC_TYPE!r}")
+        check_touched(self.doc, entry["patch"])
         self.index = index
 
     # -- writing -----------------------------------------------------------------------
@@ -210,8 +222,7 @@ class EventLog:
         with self._locked():
             self._catch_up()
             if self.index < 0:
-                self._write([(0, "init", [{"op": "replace", "path": "",
-                                           "value": initial_document()}])])
+                self._write([(0, "init", initial_document_patch())])
             txn = Transaction(self.doc)
             yield txn
             if txn.entries:
@@ -270,22 +281,7 @@ class EventLog:
                 raise StateError(f"no event log at {self.path}") from None
             except OSError as exc:
                 raise StateError(f"cannot read {self.path}: {exc.strerror}") from None
-            doc: Any = None
-            kept, skipped = 0, []
-            for number, line in enumerate(raw.split(b"\n"), 1):
-                if not line.strip():
-                    continue
-                try:
-                    entry = json.loads(line)
-                    patch = jsonpatch.JsonPatch(entry["patch"])
-                    fresh = patch.apply({} if doc is None or entry.get("index") == 0
-                                        else doc, in_place=False)
-                    if not isinstance(fresh, dict) or fresh.get("_type") != DOC_TYPE:
-                        raise ValueError("not a controller document")
-                    doc = fresh
-                    kept += 1
-                except PATCH_ERRORS as exc:
-                    skipped.append(f"line {number}: {exc}"[:200])
+            doc, kept, skipped = self._salvage(raw)
             if doc is None:
                 raise StateError(f"{self.path}: no readable entry to rebuild from; restore "
                                  "it from a backup")
@@ -301,6 +297,40 @@ class EventLog:
             self._reset()
             self._catch_up()
             return RepairReport(kept, skipped, aside)
+
+    @staticmethod
+    def _salvage(raw: bytes) -> tuple[dict[str, Any] | None, int, list[str]]:
+        """Replay every entry that is readable and leaves the document whole, in file
+        order (index 0 starts over; a log whose index 0 is lost starts from an empty
+        document). Returns (document or None if nothing was kept, kept, skipped)."""
+        doc: Any = None
+        kept: list[Patch] = []  # since the last index 0: to rebuild after a failed entry
+        count, skipped = 0, []
+        for number, line in enumerate(raw.split(b"\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+                check_entry(entry)
+                patch, prev = entry["patch"], doc
+                base = {} if entry["index"] == 0 else initial_document() if doc is None \
+                    else doc
+                try:
+                    doc = apply_patch(base, patch)
+                    check_touched(doc, patch)
+                except PATCH_ERRORS:  # undo what the entry half-applied
+                    doc = prev if entry["index"] == 0 or not kept else _replay(kept)
+                    raise
+                if entry["index"] == 0:
+                    kept = [patch]
+                elif not kept:
+                    kept = [initial_document_patch(), patch]
+                else:
+                    kept.append(patch)
+                count += 1
+            except PATCH_ERRORS as exc:
+                skipped.append(f"line {number}: {exc}"[:200])
+        return doc, count, skipped
 
     def _replays(self) -> bool:
         """Whether the log as it is on disk loads whole (every index in order, no torn

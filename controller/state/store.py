@@ -12,7 +12,8 @@ Document shape (JSON):
 `rollouts[ID].status` is running, succeeded, failed, aborted or timed_out; a host's
 `status` is pending, published or its result. `hosts[HOST].generation` is the last
 generation this controller gave the host (the next one is +1).
-Functions here are pure: they take the current document and return RFC 6902 ops.
+Functions here are pure: they take the current document and return RFC 6902 ops;
+`shape.py` checks every entry against this shape as the log applies it.
 """
 
 from __future__ import annotations
