@@ -21,7 +21,7 @@ from client.steps.dumps import check_age_keys
 from protocol import cliargs
 from protocol.broker import BrokerCluster, read_password_file
 from protocol.cliargs import DefaultsHelpFormatter
-from protocol.errors import BrokerRefused, FlotillaError, UsageError
+from protocol.errors import BrokerRefused, FlotillaError, InputError, UsageError
 from protocol.mqtt import DEFAULT_MQTT_VERSION
 from protocol.prompts import DEFAULT_TONIGHT, parse_hhmm
 from protocol.signing import load_public_keys
@@ -186,6 +186,27 @@ def make_backend(args: argparse.Namespace, host: str, state_dir: Path, backend: 
     return SimulatedBackend(state_dir, host, settings)
 
 
+def parse_hosts(text: str) -> list[str]:
+    """`simulate --hosts a,b`: host names by the protocol's rule, checked before any agent
+    starts. None may be empty, none twice: two agents of one name share an MQTT client id,
+    and the broker drops one whenever the other connects, for ever."""
+    names = [h.strip() for h in text.split(",")]
+    if not any(names):
+        raise UsageError("--hosts needs at least one host name")
+    if not all(names):
+        raise UsageError("invalid --hosts: an empty entry between commas")
+    seen: set[str] = set()
+    for name in names:
+        try:
+            validate_host(name)
+        except InputError as exc:
+            raise UsageError(f"--hosts: {exc}") from None
+        if name in seen:
+            raise UsageError(f"duplicate host {name!r} in --hosts")
+        seen.add(name)
+    return names
+
+
 def make_agent(args: argparse.Namespace, host: str, state_dir: Path) -> Agent:
     validate_host(host)
     try:
@@ -258,10 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             agents = [make_agent(args, args.host, args.state_dir)]
         else:
-            hosts = [h for h in args.hosts.split(",") if h]
-            if not hosts:
-                raise UsageError("--hosts needs at least one host name")
-            agents = [make_agent(args, h, args.state_dir / h) for h in hosts]
+            agents = [make_agent(args, h, args.state_dir / h) for h in parse_hosts(args.hosts)]
         asyncio.run(_serve(agents))
     except BrokerRefused as exc:  # retrying cannot help: stop (systemd shows the line)
         print(f"fleet-agent: error: {exc}", file=sys.stderr)

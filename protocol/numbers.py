@@ -1,5 +1,5 @@
 """Checked numbers: a duration is a finite number of seconds, a count a whole number with
-a lower bound, a share of hosts a number from 0 to 1.
+a lower bound (and an upper one where needed), a share of hosts a number from 0 to 1.
 
 `float()` takes `nan`, `inf` and negatives, and an infinite timeout is an endless wait,
 so every number a person gives (an option, the environment, a file) goes through one of
@@ -29,14 +29,16 @@ def seconds(text: str | float, *, zero: bool = False) -> float:
     return value
 
 
-def whole(text: str | int, *, minimum: int = 0) -> int:
-    """A count: a whole number of at least `minimum`."""
+def whole(text: str | int, *, minimum: int = 0, maximum: int | None = None) -> int:
+    """A count: a whole number of at least `minimum` (and at most `maximum`, where a
+    bigger one cannot be used, such as a date it would put past the calendar's end)."""
+    bound = f">= {minimum}" if maximum is None else f"from {minimum} to {maximum}"
     try:
         value = int(text)
     except (TypeError, ValueError):
-        raise UsageError(f"must be a whole number >= {minimum}, not {text!r}") from None
-    if value < minimum:
-        raise UsageError(f"must be a whole number >= {minimum}, not {text!r}")
+        raise UsageError(f"must be a whole number {bound}, not {text!r}") from None
+    if value < minimum or (maximum is not None and value > maximum):
+        raise UsageError(f"must be a whole number {bound}, not {text!r}")
     return value
 
 

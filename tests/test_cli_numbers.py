@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from client.agent import Agent
 from client.cli import main as agent_main
 from controller.cli import main as fleetctl_main
 from controller.state.keys import init_keys
@@ -25,6 +26,8 @@ SECONDS = ("nan", "inf", "-inf", "-1", "0", "ten")
 PAUSE = ("nan", "inf", "-1", "x")  # 0 is a valid pause
 COUNTS = ("-1", "1.5", "x")
 POSITIVE = ("0", "-3")
+# a validity is added to today's date: past the year 9999 it overflowed with a traceback
+DAYS = ("3000000", "99999999999", "36501", "1e3", "ten", *POSITIVE)
 
 FLEETCTL_CASES = [
     (DEPLOY, "--timeout", SECONDS),
@@ -51,7 +54,8 @@ FLEETCTL_CASES = [
     (("demo",), "--fail-rate", ("nan", "2", "-0.1")),
     (("demo",), "--delay", PAUSE),
     (("demo",), "--prompt-deadline", SECONDS),
-    (("certs", "init"), "--days", POSITIVE),
+    (("certs", "init"), "--days", DAYS),
+    (("certs", "host", "web1"), "--days", DAYS),
 ]
 
 
@@ -148,6 +152,54 @@ def test_agent_refuses_a_bad_option_value_in_one_line(
     assert not (tmp_path / "agents").exists()
 
 
+@pytest.mark.parametrize(("hosts", "line"), [
+    ("a,a", "duplicate host 'a' in --hosts"),
+    ("web1,web2,web1", "duplicate host 'web1' in --hosts"),
+    ("a,,b", "invalid --hosts: an empty entry between commas"),
+    ("a,", "invalid --hosts: an empty entry between commas"),
+    (",", "--hosts needs at least one host name"),
+    ("a,Web_1", "--hosts: invalid host name 'Web_1'"),
+    ("a,-b", "--hosts: invalid host name '-b'"),
+    ("a," + "x" * 64, "--hosts: invalid host name"),
+])
+def test_simulate_refuses_a_bad_hosts_list_before_any_agent_starts(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        hosts: str, line: str) -> None:
+    """Two agents of one name share an MQTT client id and knock each other off the
+    broker for ever; an empty or invalid name is refused like --broker's."""
+    _, pub = init_keys(tmp_path)
+    served = serve_nothing(monkeypatch)
+    code = agent_main(["simulate", "--hosts", hosts, "--state-dir", str(tmp_path / "agents"),
+                       "--trust-key", str(pub), "--broker", "mqtt://127.0.0.1:9"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"fleet-agent: error: {line}"), lines
+    assert served == [] and not (tmp_path / "agents").exists()
+
+
+def test_simulate_runs_the_hosts_it_is_given(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                             ) -> None:
+    _, pub = init_keys(tmp_path)
+    served = serve_nothing(monkeypatch)
+    assert agent_main(["simulate", "--hosts", "web1, web2,db1", "--state-dir",
+                       str(tmp_path / "agents"), "--trust-key", str(pub)]) == 0
+    assert served == ["web1", "web2", "db1"]
+
+
+def serve_nothing(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The agents `fleet-agent simulate` would run, without connecting them."""
+    import client.cli
+    served: list[str] = []
+
+    async def serve(agents: list[Agent]) -> None:
+        for agent in agents:
+            served.append(agent.host)
+            agent.journal.close()
+
+    monkeypatch.setattr(client.cli, "_serve", serve)
+    return served
+
+
 @pytest.mark.parametrize("argv", [["launch"], ["run"], ["run", "--host", "web1"], []])
 def test_agent_usage_errors_are_one_line(capsys: pytest.CaptureFixture[str],
                                          argv: list[str]) -> None:
@@ -165,7 +217,9 @@ def test_the_checks_at_their_bounds() -> None:
     from protocol.numbers import seconds, share, whole
     assert seconds("1.5") == 1.5 and seconds("0", zero=True) == 0.0
     assert whole("3", minimum=1) == 3 and share("0.25") == 0.25
+    assert whole("3", minimum=1, maximum=3) == 3
     for call in (lambda: seconds("0"), lambda: seconds("1e400"), lambda: whole("0", minimum=1),
+                 lambda: whole("4", minimum=1, maximum=3),
                  lambda: share("1.01"), lambda: seconds("-0.0", zero=False)):
         with pytest.raises(UsageError):
             call()

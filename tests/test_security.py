@@ -690,10 +690,49 @@ def test_certs_init_and_host_make_a_verifiable_chain_with_private_keys_0600(
                            (["certs", "host", "web1"], "exists already"),
                            (["certs", "host", "Bad_Name"], "invalid host name"),
                            (["certs", "host", "x", "--server", "--san", "not a name"], "--san"),
+                           (["certs", "host", f"{'b' * 40}.{'c' * 40}", "--server"],
+                            "CN holds at most 64 characters"),
                            (["certs", "host", "ca"], "reserved")]:
         assert fleetctl_main([*args, *sd]) == 2, args
         err = capsys.readouterr().err
         assert fragment in err and len(err.strip().splitlines()) == 1, (args, err)
+
+
+def test_certs_days_a_certificate_cannot_hold_are_refused_and_keep_the_ca(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A validity is added to today's date; one past the year 9999 (the last X.509 and
+    Python's datetime can hold) crashed with an OverflowError traceback."""
+    from protocol.errors import UsageError
+    state = tmp_path / "state"
+    sd = ["--state-dir", str(state)]
+    assert fleetctl_main(["certs", "init", *sd]) == 0
+    pki = state / "pki"
+    ca = (pki / "ca.crt").read_bytes()
+    capsys.readouterr()
+    for args in (["certs", "init", "--force", "--days", "3000000"],
+                 ["certs", "host", "web1", "--days", "99999999999"],
+                 ["certs", "host", "broker.example", "--server", "--days", "36501"]):
+        with pytest.raises(SystemExit) as exc:  # refused while parsing, before anything runs
+            fleetctl_main([*args, *sd])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert exc.value.code == 2 and len(lines) == 1, (args, lines)
+        assert f"--days: must be a whole number from 1 to {certs.MAX_DAYS}" in lines[0], lines
+    assert (pki / "ca.crt").read_bytes() == ca and sorted(p.name for p in pki.iterdir()) == [
+        "ca.crt", "ca.key"]
+    for call in (lambda: certs.init_ca(state, days=3000000, force=True),
+                 lambda: certs.issue(state, "web1", days=99999999999)):
+        with pytest.raises(UsageError, match=r"^--days must be a whole number from 1 to"):
+            call()
+    assert (pki / "ca.crt").read_bytes() == ca
+    # the longest validity accepted makes certificates that load and chain
+    longest = ["--days", str(certs.MAX_DAYS)]
+    assert fleetctl_main(["certs", "init", "--force", *longest, *sd]) == 0
+    assert fleetctl_main(["certs", "host", "web1", *longest, *sd]) == 0
+    ca_cert = x509.load_pem_x509_certificate((pki / "ca.crt").read_bytes())
+    host = x509.load_pem_x509_certificate((pki / "web1.crt").read_bytes())
+    host.verify_directly_issued_by(ca_cert)
+    assert host.not_valid_after_utc == ca_cert.not_valid_after_utc  # never outlives its CA
+    assert ca_cert.not_valid_after_utc.year >= 2100
 
 
 # -- flags and messages -------------------------------------------------------------------

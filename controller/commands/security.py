@@ -32,6 +32,7 @@ from protocol.topics import validate_host
 # Broker users named in the shipped mosquitto.acl: a host of that name would get their rights.
 RESERVED_USERS = (cliutil.DEFAULT_CONTROLLER_USER, "homeassistant")
 AGENT_ETC = Path("/etc/flotilla")
+DAYS = cliargs.option(certs.valid_days)
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -71,7 +72,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     c_sub = c.add_subparsers(dest="certs_command", required=True, parser_class=type(c))
     init = c_sub.add_parser("init", parents=[common],
                             help="create the CA (STATE_DIR/pki/ca.key, ca.crt)")
-    init.add_argument("--days", type=cliargs.AT_LEAST_ONE,
+    init.add_argument("--days", type=DAYS,
                       default=3650, help="validity of the CA certificate")
     init.add_argument("--force", action="store_true", help="replace an existing CA")
     init.set_defaults(func=cmd_certs_init)
@@ -82,7 +83,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
                       help="a broker certificate: SAN NAME, localhost and 127.0.0.1")
     host.add_argument("--san", action="append", default=[], metavar="DNS-OR-IP",
                       help="extra subjectAltName (repeatable)")
-    host.add_argument("--days", type=cliargs.AT_LEAST_ONE,
+    host.add_argument("--days", type=DAYS,
                       default=825, help="validity of the certificate")
     host.add_argument("--force", action="store_true", help="replace existing files")
     host.set_defaults(func=cmd_certs_host)

@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from protocol.errors import InputError, StateError, UsageError
+from protocol.numbers import whole
 from protocol.topics import validate_host
 
 PKI_DIR = "pki"
@@ -33,6 +34,10 @@ CA_NAME = "ca"
 DNS_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 DNS_RE = re.compile(rf"^(?=.{{1,253}}$){DNS_LABEL}(\.{DNS_LABEL})*$")
 KEY_MODE = 0o600
+CN_MAX = 64  # X.509's upper bound for a commonName (RFC 5280 ub-common-name)
+# 100 years. A validity is added to today's date, and X.509 (and Python's datetime) end
+# with the year 9999: a bigger --days made the date computation overflow.
+MAX_DAYS = 36500
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,18 @@ class Issued:
 
 def pki_dir(state_dir: Path) -> Path:
     return state_dir / PKI_DIR
+
+
+def valid_days(value: int | str) -> int:
+    """A certificate's validity in days: a whole number from 1 to MAX_DAYS."""
+    return whole(value, minimum=1, maximum=MAX_DAYS)
+
+
+def _days(value: int | str) -> int:
+    try:
+        return valid_days(value)
+    except UsageError as exc:
+        raise UsageError(f"--days {exc}") from None
 
 
 def _now() -> dt.datetime:
@@ -81,8 +98,7 @@ def _ensure_dir(d: Path) -> None:
 def init_ca(state_dir: Path, *, days: int = 3650, force: bool = False,
             name: str = "Flotilla fleet CA") -> Issued:
     """Create the CA key (0600) and self-signed certificate in STATE_DIR/pki."""
-    if days < 1:
-        raise UsageError("--days must be at least 1")
+    days = _days(days)
     d = pki_dir(state_dir)
     key_path, cert_path = d / f"{CA_NAME}.key", d / f"{CA_NAME}.crt"
     if key_path.exists() and not force:
@@ -142,11 +158,14 @@ def _san_entry(value: str) -> x509.GeneralName:
 def issue(state_dir: Path, name: str, *, server: bool = False, extra_sans: list[str] | None = None,
           days: int = 825, force: bool = False) -> Issued:
     """Key (0600) and certificate for host NAME (client) or the broker (server)."""
-    if days < 1:
-        raise UsageError("--days must be at least 1")
+    days = _days(days)
     if server:
         if not DNS_RE.fullmatch(name):
             raise UsageError(f"invalid broker name {name!r}: use its DNS name")
+        if len(name) > CN_MAX:  # a longer DNS name can still be a --san
+            raise UsageError(f"invalid broker name {name!r}: a certificate's CN holds at "
+                             f"most {CN_MAX} characters (give a shorter name, and this one "
+                             "as --san)")
     else:
         validate_host(name)
     if name == CA_NAME:
