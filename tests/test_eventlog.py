@@ -15,10 +15,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from controller.follow.view import seen_generation
 from controller.state import store
 from controller.state.eventlog import PATCH_ERRORS, EventLog, apply_patch
 from controller.state.shape import DOC_TYPE
 from protocol.errors import StateError
+from protocol.models import Desired, HostState
 
 
 def lines(path: Path) -> list[dict[str, Any]]:
@@ -249,6 +251,45 @@ def test_generations_are_unique_across_processes(tmp_path: Path) -> None:
                    if op["path"] == "/hosts/h1"]
     generations = [g["generation"] for g in generations]
     assert sorted(generations) == list(range(1, 81))
+
+
+def _state(generation: int, desired_generation: int) -> HostState:
+    return HostState(host="h", generation=generation, desired_generation=desired_generation,
+                     updated_at=1.0)
+
+
+def _desired(generation: int) -> Desired:
+    return Desired(host="h", deployment_id=f"r{generation}", generation=generation,
+                   system="/nix/store/x-sys", issued_at=1.0)
+
+
+# (case, the log's generation for h, its retained state, its retained desired, the next)
+GENERATION_CASES: list[tuple[str, int, HostState | None, Desired | None, int]] = [
+    ("a new host the broker knows nothing of", 0, None, None, 1),
+    ("the broker holds nothing (never seen, cleared): the log's next", 4, None, None, 5),
+    ("log and broker agree", 2, _state(2, 2), _desired(2), 3),
+    ("a restored older log: above what the host took", 1, _state(2, 2), _desired(2), 3),
+    ("a finished check: its state names the deploy before, its desired the check",
+     1, _state(2, 2), _desired(3), 4),
+    ("a rollback: the installed generation went back, the desired one did not",
+     1, _state(1, 4), None, 5),
+    ("the host never reported: its retained desired still counts", 1, None, _desired(3), 4),
+    ("the log is ahead of an offline host's old state", 6, _state(3, 3), None, 7),
+]
+
+
+@pytest.mark.parametrize(("case", "logged", "state", "desired", "expected"), GENERATION_CASES,
+                         ids=[c[0] for c in GENERATION_CASES])
+def test_a_host_is_given_a_generation_above_the_log_and_the_broker(
+        case: str, logged: int, state: HostState | None, desired: Desired | None,
+        expected: int) -> None:
+    seen = max((seen_generation(m) for m in (state, desired) if m is not None), default=0)
+    doc: dict[str, Any] = {"hosts": {"h": {"generation": logged}} if logged else {},
+                           "rollouts": {"r9": {"policy": {}, "hosts": {"h": {}}}}}
+    _, generation, patch = store.start_host(doc, "r9", "h", 1, now=1.0, seen=seen)
+    assert generation == expected
+    # recorded as the host's and as its rollout's generation
+    assert [op["value"]["generation"] for op in patch] == [expected, expected]
 
 
 def _start_many(state_dir: str, rid: str, n: int) -> None:

@@ -339,6 +339,38 @@ def test_watch_ends_a_host_a_newer_rollout_took(  # type: ignore[no-untyped-def]
     assert code == 0, w
 
 
+def test_deploy_check_and_rollback_after_restoring_an_older_state_backup(  # type: ignore[no-untyped-def]
+        make_fleet, monkeypatch, capsys) -> None:
+    """Restoring an older backup of state.jsonl (the documented recovery step) left the
+    log's generations behind what the hosts had already taken: every deploy, check and
+    rollback to them ended `stale_generation`. Now a host's generation is above what its
+    retained state and desired state say it has seen, and the log records the one used."""
+    import shutil
+    fleet = make_fleet({"w1": ["web"], "w2": ["web"]})
+    fleet.start_simulated(["w1", "w2"])
+    ctl = InProcess(fleet, monkeypatch, capsys)
+    log, backup = fleet.controller_dir / "state.jsonl", fleet.root / "state.jsonl.bak"
+    assert ctl.json("deploy", "@web", "--system", "/nix/store/a-sys")[0] == 0  # generation 1
+    shutil.copy(log, backup)
+    assert ctl.json("deploy", "@web", "--system", "/nix/store/b-sys")[0] == 0  # generation 2
+    # (what runs after the backup is restored, the generation each host must get)
+    for argv, generation in ((("deploy", "@web", "--system", "/nix/store/c-sys"), 3),
+                             (("deploy", "@web", "--system", "/nix/store/d-sys", "--check"), 4),
+                             # only the retained desired states name the check's generation
+                             (("rollback", "@web"), 5)):
+        shutil.copy(backup, log)
+        code, out = ctl.json(*argv)
+        _, rows = ctl.json("rollouts")
+        _, shown = ctl.json("rollout", "show", rows[-1]["id"])
+        hosts = shown["hosts"]
+        assert code == 0 and rows[-1]["status"] == "succeeded", (argv, out, hosts)
+        assert {h: (hr["result"], hr["generation"]) for h, hr in hosts.items()} == {
+            h: ("succeeded", generation) for h in ("w1", "w2")}, argv
+        _, doc = ctl.json("state", "show")
+        assert {h: doc["hosts"][h]["generation"] for h in hosts} == dict.fromkeys(
+            hosts, generation), argv
+
+
 def wait_for_rollout(fleet: Fleet, other: str) -> str:
     from tests.helpers import wait_for
 

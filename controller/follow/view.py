@@ -18,6 +18,7 @@ from controller.state.logs import rollout_of
 from protocol.models import (
     Ack,
     CheckReport,
+    Desired,
     Event,
     HostState,
     Progress,
@@ -140,6 +141,16 @@ def fold_superseded(view: HostView, deployment_id: str | None, generation: int,
     view.prompt_id = view.prompt_kind = None
     view.finished = at if at is not None else time.time()
     return True
+
+
+def seen_generation(body: HostState | Desired) -> int:
+    """The highest generation a host's retained message says the host has seen: a
+    Desired's own; a HostState's installed and desired ones (a check that finished
+    reports the desired generation of the deploy before it again, so only the retained
+    Desired tells the check's)."""
+    if isinstance(body, Desired):
+        return body.generation
+    return max(body.generation, body.desired_generation)
 
 
 def fold_state(view: HostView, st: HostState, received: float | None = None) -> bool:

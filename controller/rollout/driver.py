@@ -6,6 +6,10 @@ records every change in the event log (group commits: one fsync per planning rou
 plus one write-ahead fsync per group of hosts it starts), and survives broker restarts
 with a persistent session plus a catch-up read of retained host states.
 
+A host's generation is the next one after both what the event log gave it and what its
+retained state and desired state (read when the session connects) say it has seen: a
+log restored from an older backup must not hand out generations the agent refuses.
+
 A driver also resumes a rollout whose controller died (`RolloutDriver.from_log`): the
 event log says which hosts were given which generation; retained host states and the
 persistent session's queued events say what happened meanwhile. Hosts that were given
@@ -34,7 +38,7 @@ import aiomqtt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from controller.follow.reader import MessageReader
-from controller.follow.view import HostView, fold_event, fold_state
+from controller.follow.view import HostView, fold_event, fold_state, seen_generation
 from controller.mqtt.connection import (
     SYNC_TIMEOUT,
     close_client,
@@ -255,6 +259,8 @@ class RolloutDriver:
         self.log = ctx.eventlog
         self.logs = LogStore(ctx.state_dir)
         self.views: dict[str, HostView] = {h: HostView(h) for h in req.hosts}
+        self.seen: dict[str, int] = {}
+        """The highest generation each host's retained state or desired state named."""
         self.on_change = on_change
         self.on_host: Callable[[HostView], None] | None = None  # each host's view changed
         self.started = time.time()
@@ -385,8 +391,9 @@ class RolloutDriver:
         assigned: list[tuple[str, str, int]] = []
         with self.log.transaction() as txn:
             for a in starts:
-                dep, generation, patch = store.start_host(txn.doc, self.rollout_id, a.host,
-                                                          a.attempt, now)
+                dep, generation, patch = store.start_host(
+                    txn.doc, self.rollout_id, a.host, a.attempt, now,
+                    seen=self.seen.get(a.host, 0))
                 txn.add("host-started", patch)
                 assigned.append((a.host, dep, generation))
         for host, dep, generation in assigned:
@@ -463,7 +470,11 @@ class RolloutDriver:
                 self._heard.set()
             if not fold_event(view, body):
                 return
+        elif isinstance(body, Desired):
+            self._saw(msg.host, body)
+            return
         elif isinstance(body, HostState):
+            self._saw(msg.host, body)
             if not fold_state(view, body):
                 return
             if not was_done and view.done and view.result != "rejected" \
@@ -479,6 +490,9 @@ class RolloutDriver:
         self._changed.set()
         if self.on_change is not None:
             self.on_change(self)
+
+    def _saw(self, host: str, body: HostState | Desired) -> None:
+        self.seen[host] = max(self.seen.get(host, 0), seen_generation(body))
 
     def _store_log(self, ev: Event) -> None:
         """Output lines of our hosts (in Log, Progress and Result events) go to
@@ -549,9 +563,12 @@ class RolloutDriver:
         # come back before publish() returns. The retained states of every host are
         # handled inline as they arrive.
         self._marker = new_marker(self.ctx.topics)
-        await subscribe_and_sync(client, self._subscriptions(), self._marker)
+        desired = self.ctx.topics.all_hosts("desired")
+        await subscribe_and_sync(client, [*self._subscriptions(), desired], self._marker)
         async with asyncio.timeout(SYNC_TIMEOUT):
             await self._synced.wait()
+        # The retained desired states are read once, for the generations they name.
+        await client.unsubscribe(desired)
         if not self.ctx.share_group:
             # Caught up; without a share group every event reaches us, so the
             # live retained states (one per phase per host) are redundant.

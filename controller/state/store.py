@@ -11,7 +11,8 @@ Document shape (JSON):
 
 `rollouts[ID].status` is running, succeeded, failed, aborted or timed_out; a host's
 `status` is pending, published or its result. `hosts[HOST].generation` is the last
-generation this controller gave the host (the next one is +1).
+generation this controller gave the host (the next one is above it and above what the
+broker says the host has seen: `next_generation`).
 Functions here are pure: they take the current document and return RFC 6902 ops;
 `shape.py` checks every entry against this shape as the log applies it.
 """
@@ -40,6 +41,15 @@ def deployment_id(rollout_id: str, attempt: int) -> str:
 
 def host_generation(doc: dict[str, Any], host: str) -> int:
     return int(doc.get("hosts", {}).get(host, {}).get("generation", 0))
+
+
+def next_generation(logged: int, seen: int = 0) -> int:
+    """The generation a host is given next: above the last this log gave it (`logged`)
+    and above the highest the broker says the host has seen (`seen`: its retained state
+    and desired state, 0 when the broker holds neither). A log restored from an older
+    backup is behind the host, whose agent refuses a generation not above the last it
+    took (`stale_generation`)."""
+    return max(logged, seen) + 1
 
 
 def _r(rollout_id: str) -> str:
@@ -73,11 +83,12 @@ def rollout_kind(policy: dict[str, Any]) -> str:
 
 
 def start_host(doc: dict[str, Any], rollout_id: str, host: str, attempt: int,
-               now: float | None = None) -> tuple[str, int, Patch]:
+               now: float | None = None, seen: int = 0) -> tuple[str, int, Patch]:
     """Assign the host its next generation for this rollout attempt (write-ahead: the
-    driver appends this before it publishes). Returns (deployment id, generation, ops)."""
+    driver appends this before it publishes); `seen` is the highest generation the
+    broker says the host has seen. Returns (deployment id, generation, ops)."""
     dep = deployment_id(rollout_id, attempt)
-    generation = host_generation(doc, host) + 1
+    generation = next_generation(host_generation(doc, host), seen)
     r = _rh(rollout_id, host)
     before = doc.get("hosts", {}).get(host, {})
     if rollout_kind(doc["rollouts"][rollout_id].get("policy", {})) == "check":
