@@ -32,6 +32,10 @@ WAITING_PHASES: frozenset[str] = frozenset({"awaiting_choice", "awaiting_approva
 PromptKind = Literal["choice", "step_failure", "approval", "reboot"]
 Host = Annotated[str, Field(pattern=HOST_NAME_RE.pattern)]
 Id = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:@-]+$")]
+MAX_GENERATION = 2**53 - 1
+"""The largest generation (and event sequence number) on the wire: above it a JSON
+reader (the web page, Home Assistant) loses precision, and msgpack ends at 2**64."""
+Generation = Annotated[int, Field(ge=0, le=MAX_GENERATION)]
 HHMM = r"([01]\d|2[0-3]):[0-5]\d"
 REBOOT_POLICY_RE = re.compile(rf"^(never|ask|now|window {HHMM}-{HHMM})$")
 
@@ -91,7 +95,7 @@ class Desired(Model):
     host: Host
     deployment_id: Id
     rollout_id: Id | None = None
-    generation: int = Field(ge=1)
+    generation: int = Field(ge=1, le=MAX_GENERATION)
     system: str = Field(min_length=1, max_length=4096)
     action: Action = "switch"
     issued_at: float
@@ -152,8 +156,8 @@ class LogLine(Model):
 class Event(Model):
     host: Host
     deployment_id: Id | None = None
-    generation: int = 0
-    seq: int = Field(default=0, ge=0)
+    generation: Generation = 0
+    seq: int = Field(default=0, ge=0, le=MAX_GENERATION)
     time: float
 
 
@@ -250,7 +254,7 @@ class Prompt(Model):
     host: Host
     prompt_id: Id
     deployment_id: Id
-    generation: int
+    generation: Generation
     kind: PromptKind = "choice"
     items: list[ReportItem] = Field(default_factory=list)
     created_at: float
@@ -262,7 +266,7 @@ class RejectNote(Model):
     controller that missed the event (shared subscription, overflowed queue) learns it."""
 
     deployment_id: Id
-    generation: int
+    generation: Generation
     reason: str
     message: str = ""
 
@@ -273,11 +277,11 @@ class HostState(Model):
     TYPE: ClassVar[str] = "host_state"
     host: Host
     system: str | None = None
-    generation: int = 0
+    generation: Generation = 0
     phase: HostPhase = "idle"
     deployment_id: Id | None = None
     rollout_id: Id | None = None
-    desired_generation: int = 0
+    desired_generation: Generation = 0
     last_result: ResultStatus | None = None
     message: str = ""
     needs_reboot: bool = False
@@ -295,7 +299,7 @@ class Confirm(Model):
 
     TYPE: ClassVar[str] = "confirm"
     host: Host
-    generation: int
+    generation: Generation
     nonce: str
     source: Literal["agent", "controller"] = "agent"
     key_id: str = ""

@@ -20,7 +20,7 @@ from controller.state import store
 from controller.state.eventlog import PATCH_ERRORS, EventLog, apply_patch
 from controller.state.shape import DOC_TYPE
 from protocol.errors import StateError
-from protocol.models import Desired, HostState
+from protocol.models import MAX_GENERATION, Desired, HostState
 
 
 def lines(path: Path) -> list[dict[str, Any]]:
@@ -290,6 +290,13 @@ def test_a_host_is_given_a_generation_above_the_log_and_the_broker(
     assert generation == expected
     # recorded as the host's and as its rollout's generation
     assert [op["value"]["generation"] for op in patch] == [expected, expected]
+
+
+def test_a_host_whose_broker_state_claims_the_last_generation_is_refused_by_name() -> None:
+    doc: dict[str, Any] = {"hosts": {}, "rollouts": {"r9": {"policy": {}, "hosts": {"h": {}}}}}
+    last = _state(MAX_GENERATION, MAX_GENERATION)  # the largest the codec lets through
+    with pytest.raises(StateError, match=r"host 'h'.*retained state"):
+        store.start_host(doc, "r9", "h", 1, now=1.0, seen=seen_generation(last))
 
 
 def _start_many(state_dir: str, rid: str, n: int) -> None:

@@ -79,6 +79,14 @@ def env(**over) -> bytes:  # type: ignore[no-untyped-def]
     (env(type="desired", body={"host": "web1", "deployment_id": "r1", "generation": 1,
                                "system": "/nix/store/abc-system", "issued_at": NOW,
                                "policy": {"confirm_timeout_s": float("inf")}}), InvalidBody),
+    # a generation past what JSON readers keep exactly; one past msgpack's end made the
+    # controller's next desired state (this + 1) fail to encode, mid-rollout
+    (env(type="host_state", body={"host": "web1", "generation": 2**64 - 1, "updated_at": NOW}),
+     InvalidBody),
+    (env(type="host_state", body={"host": "web1", "desired_generation": 2**53,
+                                  "updated_at": NOW}), InvalidBody),
+    (env(body={"host": "web1", "time": NOW, "generation": -1}), InvalidBody),
+    (env(body={"host": "web1", "time": NOW, "seq": 2**63}), InvalidBody),
 ])
 def test_malformed_payloads_are_typed_rejections(payload: bytes, error: type) -> None:
     with pytest.raises(error):

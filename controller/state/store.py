@@ -25,7 +25,8 @@ import time
 from typing import Any
 
 from controller.state.eventlog import Patch, escape
-from protocol.errors import InputError
+from protocol.errors import InputError, StateError
+from protocol.models import MAX_GENERATION
 from protocol.outcomes import COUNT_KEYS, count_key, is_finished
 
 
@@ -89,6 +90,10 @@ def start_host(doc: dict[str, Any], rollout_id: str, host: str, attempt: int,
     broker says the host has seen. Returns (deployment id, generation, ops)."""
     dep = deployment_id(rollout_id, attempt)
     generation = next_generation(host_generation(doc, host), seen)
+    if generation > MAX_GENERATION:
+        raise StateError(f"host {host!r} has no generation left: its retained state on the "
+                         f"broker claims {seen:,}, the largest there is; find out who "
+                         "published it (the ACL lets only the host), then clear it")
     r = _rh(rollout_id, host)
     before = doc.get("hosts", {}).get(host, {})
     if rollout_kind(doc["rollouts"][rollout_id].get("policy", {})) == "check":
