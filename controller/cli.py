@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -165,6 +167,45 @@ def cmd_keys_init(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+EXIT_TERMINATED = 128 + signal.SIGTERM
+
+
+class Terminated(Exception):
+    """SIGTERM arrived (systemd, `timeout`, a CI runner stopping a job)."""
+
+
+async def cancel_on_sigterm(coro: Any) -> Any:
+    """Run a command so that SIGTERM cancels it as Ctrl-C does: its clean-up runs (a
+    demo stops its broker and agents, a deploy says how to resume its rollout) instead
+    of the process dying where it stands."""
+    loop, task = asyncio.get_running_loop(), asyncio.current_task()
+    assert task is not None
+    terminated = False
+
+    def on_sigterm() -> None:
+        nonlocal terminated
+        terminated = True
+        task.cancel()
+
+    def on_callback_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        # aiomqtt's disconnect callback asks a cancelled connect future for its
+        # exception: a command cancelled while it connects is no error to report
+        if not isinstance(context.get("exception"), asyncio.CancelledError):
+            loop.default_exception_handler(context)
+
+    loop.set_exception_handler(on_callback_error)
+    loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+    try:
+        return await coro
+    except asyncio.CancelledError:
+        if terminated:
+            raise Terminated from None
+        raise
+    finally:
+        with contextlib.suppress(ValueError, RuntimeError):
+            loop.remove_signal_handler(signal.SIGTERM)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = default_hosts_list(list(sys.argv[1:] if argv is None else argv))
     args = with_defaults(build_parser().parse_args(argv))
@@ -177,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = args.func(args)
         if asyncio.iscoroutine(result):
-            result = asyncio.run(result)
+            result = asyncio.run(cancel_on_sigterm(result))
         return int(result)
     except BrokerUnavailable as exc:
         print(f"fleetctl: error: {exc}", file=sys.stderr)
@@ -188,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fleetctl: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("fleetctl: terminated", file=sys.stderr)
+        return EXIT_TERMINATED
     except BrokenPipeError:  # `fleetctl logs … | head`: the reader left; not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK

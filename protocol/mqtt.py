@@ -18,6 +18,7 @@ they are given, and `ManualAck` is the one reach into aiomqtt's paho client.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import random
 import re
@@ -307,3 +308,21 @@ class ManualAck:
 
     def ack(self, message: aiomqtt.Message) -> None:
         self._paho.ack(message.mid, message.qos)
+
+
+RECANCEL_S = 0.5
+
+
+async def cancel_and_wait(task: asyncio.Task[Any],
+                          *expected: type[BaseException]) -> None:
+    """Cancel `task` and wait until it has ended; its CancelledError and the `expected`
+    exceptions are swallowed, others raised. Python 3.11's asyncio.wait_for, which
+    aiomqtt's subscribe and unsubscribe wait in, drops a cancellation that arrives just
+    as the SUBACK does (CPython gh-86296), and the task would read messages for ever
+    (a `fleetctl demo` stopped by SIGTERM hung so): until it ends, it is cancelled again
+    every RECANCEL_S."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait([task], timeout=RECANCEL_S)
+    with contextlib.suppress(asyncio.CancelledError, *expected):
+        task.result()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import Fleet
+from tests.helpers import Fleet, wait_for
 from tests.stepsys import make_db, make_system
 
 
@@ -70,6 +70,57 @@ def test_piped_deploy_prints_host_changes_and_the_command_that_answers(  # type:
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+
+
+def test_sigterm_is_an_interrupt_a_deploy_can_resume_from_and_a_demo_cleans_up_after(  # type: ignore[no-untyped-def]
+        make_fleet, tmp_path: Path) -> None:
+    """SIGTERM (systemd, `timeout`, a CI runner) killed fleetctl outright: a demo left its
+    Mosquitto and simulated agents running, a deploy printed nothing about its rollout."""
+    import signal
+    fleet = make_fleet({"pg1": ["db"]})
+    db = tmp_path / "db"
+    make_db(db)
+    top = make_system(tmp_path / "systems", "sys-a", db, tmp_path / "runs.log", sleep=0.05)
+    fleet.start_simulated(["pg1"])
+    proc, lines = popen_lines(fleet, "deploy", "pg1", "--system", str(top), "--timeout", "60")
+    try:
+        next_line(lines, lambda ln: "fleetctl answer" in ln, [])  # waiting for a person
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 143
+        err = proc.stderr.read()  # type: ignore[union-attr]
+        assert "fleetctl rollout resume" in err and "Traceback" not in err, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    rollouts = json.loads(fleet.fleetctl("rollouts", "--json").stdout)
+    assert [r["status"] for r in rollouts] == ["running"]  # left to be resumed, not failed
+
+    demo = subprocess.Popen([sys.executable, "-m", "controller", "demo", "--hosts", "2",
+                             "--delay", "0.5", "--seed", "1"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert demo.stdout is not None
+        for line in demo.stdout:
+            if "agents online" in line:
+                break
+        children = [int(c) for c in Path(f"/proc/{demo.pid}/task/{demo.pid}/children")
+                    .read_text().split()]
+        assert len(children) == 2 and all(_alive(c) for c in children)  # broker, agents
+        demo.send_signal(signal.SIGTERM)
+        assert demo.wait(timeout=30) == 143
+        assert "Traceback" not in demo.stderr.read()  # type: ignore[union-attr]
+        wait_for(lambda: not any(_alive(c) for c in children), timeout=15,
+                 what="the demo's broker and agents to stop")
+    finally:
+        if demo.poll() is None:
+            demo.kill()
 
 
 def test_deploy_json_stream_has_watch_lines_then_the_summary(make_fleet) -> None:  # type: ignore[no-untyped-def]

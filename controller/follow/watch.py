@@ -14,7 +14,6 @@ a log, or for a `--no-wait` rollout nobody drives) every host has a result.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import time
 from collections.abc import Callable
@@ -31,7 +30,7 @@ from controller.rollout.driver import ControllerContext, Outcome
 from controller.state import store
 from protocol.errors import InputError, UsageError
 from protocol.models import Desired, Event, HostState
-from protocol.mqtt import random_client_id
+from protocol.mqtt import cancel_and_wait, random_client_id
 from protocol.outcomes import ROLLOUT_FINAL, rollout_result
 
 REFRESH_INTERVAL = 0.5
@@ -227,9 +226,7 @@ class Watcher:
             await self._follow(reader, deadline)
             return True
         finally:
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
-                await reader
+            await cancel_and_wait(reader, aiomqtt.MqttError)
 
     async def _read(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:

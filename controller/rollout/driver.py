@@ -81,7 +81,7 @@ from protocol.models import (
     Result,
     carried_lines,
 )
-from protocol.mqtt import Backoff, Failover, client_id, publish_until_lost
+from protocol.mqtt import Backoff, Failover, cancel_and_wait, client_id, publish_until_lost
 from protocol.signing import sign
 from protocol.topics import Topics
 
@@ -652,9 +652,7 @@ class RolloutDriver:
                 self._ask_task.cancel()
             with contextlib.suppress(Exception):
                 self.flush()
-            session.cancel()
-            with contextlib.suppress(asyncio.CancelledError, BrokerUnavailable):
-                await session
+            await cancel_and_wait(session, BrokerUnavailable)
             finished = status not in ("running", "published")
             if finished:
                 await self._end_session()

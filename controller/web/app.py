@@ -36,6 +36,7 @@ from controller.web import pages
 from controller.web.auth import SESSION_COOKIE, Guard, Identity, is_loopback
 from controller.web.feed import Feed, HostLive
 from protocol.errors import FlotillaError, InputError, UsageError
+from protocol.mqtt import cancel_and_wait
 
 log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
@@ -589,9 +590,7 @@ async def running(ctx: ControllerContext, inventory: Inventory, guard: Guard, ho
         shown = f"[{host}]" if ":" in host else host
         yield f"http://{shown}:{bound[1]}/", follower
     finally:
-        follower.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await follower
+        await cancel_and_wait(follower)
         await runner.cleanup()
 
 

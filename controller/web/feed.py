@@ -14,7 +14,6 @@ the retained messages; the pages show that the broker is unreachable meanwhile.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import uuid
 from dataclasses import dataclass, field
@@ -31,7 +30,7 @@ from controller.state.inventory import Inventory
 from protocol.errors import BrokerRefused, BrokerUnavailable, FlotillaError
 from protocol.messages import HostMessage
 from protocol.models import Desired, Event, HostState, Prompt
-from protocol.mqtt import Backoff, Failover
+from protocol.mqtt import Backoff, Failover, cancel_and_wait
 
 log = logging.getLogger(__name__)
 LOG_POLL_S = 0.25
@@ -166,9 +165,7 @@ class Feed:
         try:
             await self._follow_broker(ready)
         finally:
-            poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await poller
+            await cancel_and_wait(poller)
 
     async def _poll_log(self) -> None:
         while True:
@@ -206,9 +203,7 @@ class Feed:
                         ready.set()
                         await reader
                     finally:
-                        reader.cancel()
-                        with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
-                            await reader
+                        await cancel_and_wait(reader, aiomqtt.MqttError)
                 finally:
                     await close_client(client)
             except BrokerRefused:
