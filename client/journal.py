@@ -322,6 +322,11 @@ class Journal:
             raw = self.path.read_bytes() if self.path.exists() else b""
         except OSError as exc:
             raise StateError(f"cannot read journal {self.path}: {exc.strerror}") from None
+        # A 0-byte journal is a fresh host, like a missing one, and that loses nothing:
+        # the agent's first record (`start`) is fdatasynced before it goes on, and
+        # fdatasync makes the file's size durable with its data, so 0 bytes (a crash
+        # before that first sync, or a lone torn record cut off) means no record was
+        # ever committed.
         found = scan(raw)
         if found.corrupt:
             raise corruption_error(self.path, found)

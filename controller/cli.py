@@ -24,7 +24,7 @@ from controller.state.keys import init_keys
 from protocol import cliargs
 from protocol.broker import DEFAULT_CONNECT_TIMEOUT_S
 from protocol.cliargs import DefaultsHelpFormatter
-from protocol.errors import BrokerUnavailable, FlotillaError
+from protocol.errors import BrokerUnavailable, FlotillaError, InputError
 from protocol.mqtt import DEFAULT_MQTT_VERSION
 from protocol.topics import DEFAULT_PREFIX
 
@@ -91,15 +91,16 @@ def _common() -> Parser:
         help="TLS: client certificate, when the broker requires one (env FLEET_CERT_FILE)")
     opt("--key-file", type=Path, default=_env_path("FLEET_KEY_FILE"),
         help="TLS: the client certificate's private key (env FLEET_KEY_FILE)")
-    opt("--inventory", type=Path, default=Path(os.environ.get("FLEET_INVENTORY", "fleet.toml")),
+    # --inventory and --state-dir stay text until `checked_paths` (Path("") is ".")
+    opt("--inventory", default=os.environ.get("FLEET_INVENTORY", "fleet.toml"),
         help="the fleet.toml naming hosts, tags, groups and [rollout] defaults "
              "(env FLEET_INVENTORY)")
     opt("--flake", default=os.environ.get("FLEET_FLAKE"), metavar="REF",
         help="the fleet's flake (env FLEET_FLAKE): hosts are its nixosConfigurations, tags "
              "their services.flotilla-agent.tags, when there is no inventory file (which "
              "wins); `build` and `deploy` build each host's toplevel from it")
-    opt("--state-dir", type=Path, default=Path(os.environ.get(
-        "FLEET_STATE_DIR", Path.home() / ".local/state/flotilla")),
+    opt("--state-dir", default=os.environ.get(
+        "FLEET_STATE_DIR", str(Path.home() / ".local/state/flotilla")),
         help="the controller's keys, event log (state.jsonl), logs and locks "
              "(env FLEET_STATE_DIR)")
     opt("--topic-prefix", default=os.environ.get("FLEET_TOPIC_PREFIX", DEFAULT_PREFIX),
@@ -142,6 +143,21 @@ def with_defaults(args: argparse.Namespace) -> argparse.Namespace:
         if not hasattr(args, key):
             setattr(args, key, value)
     return args
+
+
+def checked_paths(args: argparse.Namespace) -> None:
+    """--inventory and --state-dir (or their variables) as paths, checked before any
+    command reads or writes there: an empty one is an error (not the current directory),
+    and a state dir that exists must be a directory."""
+    for dest, env in (("inventory", "FLEET_INVENTORY"), ("state_dir", "FLEET_STATE_DIR")):
+        where = f"--{dest.replace('_', '-')} (env {env})"
+        text = str(getattr(args, dest))
+        if not text:
+            raise InputError(f"{where} is empty: give a path")
+        setattr(args, dest, Path(text))
+    if args.state_dir.exists() and not args.state_dir.is_dir():
+        raise InputError(f"--state-dir (env FLEET_STATE_DIR): {args.state_dir} is not a "
+                         "directory")
 
 
 HOSTS_COMMANDS = ("add", "list")
@@ -216,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("aiomqtt", "mqtt"):
         logging.getLogger(name).setLevel(logging.DEBUG if args.verbose else logging.CRITICAL)
     try:
+        checked_paths(args)
         result = args.func(args)
         if asyncio.iscoroutine(result):
             result = asyncio.run(cancel_on_sigterm(result))

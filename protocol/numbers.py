@@ -1,16 +1,19 @@
-"""Checked numbers: a duration is a finite number of seconds, a count a whole number with
-a lower bound (and an upper one where needed), a share of hosts a number from 0 to 1.
+"""Checked numbers: a duration is a number of seconds up to MAX_SECONDS (30 days), a
+count a whole number with a lower bound (and an upper one where needed), a share of
+hosts a number from 0 to 1.
 
 `float()` takes `nan`, `inf` and negatives, and an infinite timeout is an endless wait,
 so every number a person gives (an option, the environment, a file) goes through one of
 these. They raise UsageError; `protocol.cliargs` turns them into argparse types.
+`--timeout 1e20` is as endless a wait as `inf`, hence the cap.
 """
 
 from __future__ import annotations
 
-import math
-
 from protocol.errors import UsageError
+
+MAX_DAYS = 30
+MAX_SECONDS = MAX_DAYS * 86400.0
 
 
 def _number(text: str | float) -> float:
@@ -21,11 +24,12 @@ def _number(text: str | float) -> float:
 
 
 def seconds(text: str | float, *, zero: bool = False) -> float:
-    """A duration: finite, more than 0 (or at least 0 with `zero`)."""
+    """A duration: more than 0 (or at least 0 with `zero`), at most MAX_SECONDS."""
     value = _number(text)
-    if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+    if not 0 <= value <= MAX_SECONDS or (value == 0 and not zero):  # also refuses nan
         bound = ">= 0" if zero else "> 0"
-        raise UsageError(f"must be a finite number of seconds {bound}, not {text!r}")
+        raise UsageError(f"must be a number of seconds {bound} and at most {MAX_SECONDS:.0f} "
+                         f"({MAX_DAYS} days), not {text!r}")
     return value
 
 

@@ -22,8 +22,9 @@ from controller.state.keys import init_keys
 
 STORE = "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-nixos-system"
 DEPLOY = ("deploy", "web1", "--system", STORE)
-SECONDS = ("nan", "inf", "-inf", "-1", "0", "ten")
-PAUSE = ("nan", "inf", "-1", "x")  # 0 is a valid pause
+# 1e20 s is as endless a wait as inf: a duration is at most 30 days (2592000 s)
+SECONDS = ("nan", "inf", "-inf", "-1", "0", "ten", "1e20", "2592001")
+PAUSE = ("nan", "inf", "-1", "x", "1e20")  # 0 is a valid pause
 COUNTS = ("-1", "1.5", "x")
 POSITIVE = ("0", "-3")
 # a validity is added to today's date: past the year 9999 it overflowed with a traceback
@@ -118,6 +119,17 @@ def test_connect_timeout_from_the_environment_is_checked_the_same_way(
     code = fleetctl_main(["status"])
     err = capsys.readouterr().err
     assert_one_line_naming(code, err, "FLEET_CONNECT_TIMEOUT")
+
+
+@pytest.mark.parametrize("key", ["host_timeout", "pause_between_batches"])
+def test_a_duration_from_the_inventory_has_the_options_bounds(
+        controller_dir: Path, capsys: pytest.CaptureFixture[str], key: str) -> None:
+    """[rollout] host_timeout = 1e20 was taken (only nan, inf and negatives were not)."""
+    (controller_dir.parent / "fleet.toml").write_text(
+        f'[hosts.web1]\ntags = ["web"]\n[rollout]\n{key} = 1e20\n')
+    code, err = run_fleetctl(capsys, *DEPLOY)
+    assert_one_line_naming(code, err, f"[rollout] {key}")
+    assert "30 days" in err, err
 
 
 def test_a_deploy_policy_error_names_its_option(controller_dir: Path,
@@ -216,11 +228,13 @@ def test_the_checks_at_their_bounds() -> None:
     from protocol.errors import UsageError
     from protocol.numbers import seconds, share, whole
     assert seconds("1.5") == 1.5 and seconds("0", zero=True) == 0.0
+    assert seconds("2592000") == 30 * 86400  # 30 days, the longest duration
     assert whole("3", minimum=1) == 3 and share("0.25") == 0.25
     assert whole("3", minimum=1, maximum=3) == 3
     for call in (lambda: seconds("0"), lambda: seconds("1e400"), lambda: whole("0", minimum=1),
                  lambda: whole("4", minimum=1, maximum=3),
-                 lambda: share("1.01"), lambda: seconds("-0.0", zero=False)):
+                 lambda: share("1.01"), lambda: seconds("-0.0", zero=False),
+                 lambda: seconds("2592000.5"), lambda: seconds(1e20, zero=True)):
         with pytest.raises(UsageError):
             call()
 

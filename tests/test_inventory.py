@@ -51,6 +51,10 @@ def test_unknown_names_list_close_matches(selector: str, fragment: str) -> None:
     ("[hosts.web1\n", "invalid TOML"),
     ("[hosts.Web1]\n", "invalid host name"),
     ('[hosts.web1]\ntags = "web"\n', "tags must be a list"),
+    # a number is no tag, not an "empty tag"; the message names the host
+    ('[hosts.web1]\ntags = [1, 2]\n', "hosts.web1.tags: tags must be strings"),
+    ('[hosts.web1]\ntags = ["web", true]\n', "hosts.web1.tags: tags must be strings"),
+    ('[hosts.web1]\n[groups]\ng = ["web1", 3]\n', "groups.g: selectors must be strings"),
     ("[hosts]\nweb1 = 3\n", "must be a table"),
     ('[groups]\ng = ["nope"]\n', "group g"),
     ('[groups]\na = ["b"]\nb = ["a"]\n', "includes itself"),

@@ -82,6 +82,26 @@ def test_open_cuts_a_torn_last_record(tmp_path: Path) -> None:
     assert journal.read_bytes() == START + ACCEPT
 
 
+def test_a_zero_byte_journal_is_a_fresh_host_and_takes_the_next_record(tmp_path: Path) -> None:
+    """0 bytes is what a crash before the first fdatasync leaves (the agent's first record,
+    `start`, is synced before it goes on): nothing was committed, the host starts fresh
+    and its records land at the start of the file."""
+    journal = tmp_path / "journal.jsonl"
+    journal.write_bytes(b"")
+    j = Journal(tmp_path)
+    state = j.open()
+    assert (state.starts, state.generation, state.active, state.torn_lines) == (0, 0, None, 0)
+    j.append("start")
+    j.append("accept", deployment_id="d1", generation=1, desired=base64.b64encode(b"x").decode())
+    j.close()
+    assert [json.loads(ln)["kind"] for ln in journal.read_bytes().splitlines()] == \
+        ["start", "accept"]
+    again = Journal(tmp_path)
+    state = again.open()
+    again.close()
+    assert state.starts == 1 and state.active is not None and state.active.generation == 1
+
+
 def test_repair_never_turns_a_lost_record_into_done() -> None:
     """The lost record was `begin step:a` of the running deployment: after repair every
     step not recorded as done counts as begun (interrupted), none as done."""

@@ -199,6 +199,62 @@ def test_global_options_before_and_after_the_command(capsys, tmp_path: Path) -> 
         assert code == 0 and json.loads(out) == [], (argv, out, err)
 
 
+def test_an_empty_or_non_directory_state_dir_is_refused(capsys, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                        monkeypatch) -> None:
+    """`FLEET_STATE_DIR=` and `--state-dir ''` were the current directory; a regular
+    file listed "no rollouts recorded yet" (exit 0). Each is one line, exit 2, and
+    nothing is written anywhere."""
+    a_file = tmp_path / "state"
+    a_file.write_text("not a directory\n")
+    (tmp_path / "fleet.toml").write_text('[hosts.w1]\ntags = ["web"]\n')
+    monkeypatch.chdir(tmp_path)  # where an empty state dir would have been
+    monkeypatch.setenv("FLEET_INVENTORY", str(tmp_path / "fleet.toml"))
+    deploy = ("deploy", "w1", "--system", "/nix/store/x-sys", "--broker", "mqtt://127.0.0.1:9")
+    cases = [
+        ({"FLEET_STATE_DIR": ""}, ("rollouts",), "--state-dir (env FLEET_STATE_DIR) is empty"),
+        ({}, ("rollouts", "--state-dir", ""), "--state-dir (env FLEET_STATE_DIR) is empty"),
+        ({"FLEET_STATE_DIR": ""}, deploy, "--state-dir (env FLEET_STATE_DIR) is empty"),
+        ({}, ("rollouts", "--state-dir", str(a_file)), f"{a_file} is not a directory"),
+        ({"FLEET_STATE_DIR": str(a_file)}, deploy, f"{a_file} is not a directory"),
+        ({"FLEET_STATE_DIR": str(a_file)}, ("keys", "init"), f"{a_file} is not a directory"),
+        ({"FLEET_INVENTORY": ""}, (*deploy, "--state-dir", str(tmp_path / "s")),
+         "--inventory (env FLEET_INVENTORY) is empty"),
+    ]
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    for env, argv, message in cases:
+        with monkeypatch.context() as m:
+            for k, v in env.items():
+                m.setenv(k, v)
+            code, out, err = fleetctl_main(capsys, *argv)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and message in lines[0], (argv, env, err)
+        assert out == "" and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+    assert a_file.read_text() == "not a directory\n"
+
+
+def test_a_zero_byte_event_log_is_a_fresh_one_and_takes_the_next_append(  # type: ignore[no-untyped-def]
+        capsys, tmp_path: Path) -> None:
+    """What a crash between creating state.jsonl and its first fsync leaves: the first
+    append always writes index 0 with that fsync, so nothing was committed and nothing
+    is lost by reading it as a fresh log; the next append must start it properly."""
+    from controller.state import store
+    from controller.state.eventlog import DOC_TYPE, EventLog
+    (tmp_path / "state.jsonl").write_bytes(b"")
+    code, out, err = fleetctl_main(capsys, "rollouts", "--state-dir", str(tmp_path))
+    assert code == 0 and out == "no rollouts recorded yet\n", out + err
+    log = EventLog(tmp_path)
+    log.load()
+    log.append("rollout-created", store.create_rollout(
+        log.doc, "r1", "@web", "/nix/store/x", "switch", {}, [["w1"]]))
+    entries = [json.loads(ln) for ln in log.path.read_text().splitlines()]
+    assert [e["index"] for e in entries] == [0, 1]
+    doc = EventLog(tmp_path).load()
+    assert doc["_type"] == DOC_TYPE and list(doc["rollouts"]) == ["r1"]
+    code, out, _ = fleetctl_main(capsys, "rollouts", "--json", "--state-dir", str(tmp_path))
+    assert code == 0 and [r["id"] for r in json.loads(out)] == ["r1"]
+
+
 def test_inventory_typos_and_bad_tags_are_errors_naming_the_key() -> None:
     import pytest
 

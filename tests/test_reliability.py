@@ -48,6 +48,38 @@ def test_broker_sigkill_mid_rollout_loses_no_result(make_fleet, broker) -> None:
         assert len(accepts) == 1
 
 
+def test_deploy_whose_broker_stays_away_exits_3_and_stays_resumable(make_fleet, broker) -> None:  # type: ignore[no-untyped-def]
+    """It waited until --timeout and ended `timed_out` (exit 1), recording the hosts as
+    timed out although they were still deploying. Now, once reconnecting has failed for
+    --connect-timeout, it says so in one line naming `fleetctl rollout resume`, exits 3
+    and leaves the rollout running in the log; the resume, with the broker back, ends it."""
+    fleet = make_fleet({"w1": ["web"]})
+    fleet.start_simulated(["w1"], "--sim-fetch-delay", "2")
+    wait_online(fleet, ["w1"])
+    proc = deploy_bg(fleet, "w1", "--system", "/nix/store/x-sys", "--timeout", "300",
+                     "--connect-timeout", "2")
+    wait_for(lambda: any(r["kind"] == "accept" for r in fleet.journal("w1")),
+             what="w1 to accept its desired state")
+    broker.kill()
+    lost = time.monotonic()
+    try:
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 3, err
+    assert time.monotonic() - lost < 30  # the connect timeout, not the deploy's 300 s
+    errors = [ln for ln in err.splitlines() if ln.startswith("fleetctl: error:")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    _, rows = fleet.fleetctl_json("rollouts")  # the event log only: no broker needed
+    rid = rows[-1]["id"]
+    assert f"`fleetctl rollout resume {rid}`" in errors[0] and "broker" in errors[0], errors
+    assert rows[-1]["status"] == "running" and rows[-1]["counts"]["timed_out"] == 0, rows
+    broker.start()  # same port, same persistence directory
+    rc, out = fleet.fleetctl_json("rollout", "resume", rid, "--timeout", "60")
+    assert rc == 0 and out["hosts"] == {"w1": "succeeded"}, out
+
+
 def test_stuck_agent_does_not_hold_up_the_others(make_fleet) -> None:  # type: ignore[no-untyped-def]
     fleet = make_fleet({"slow": ["all"], **{f"fast{i}": ["all"] for i in range(5)}})
     fleet.start_simulated([f"fast{i}" for i in range(5)])

@@ -26,7 +26,6 @@ import asyncio
 import contextlib
 import fcntl
 import logging
-import math
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -523,14 +522,16 @@ class RolloutDriver:
     async def _session(self, ready: asyncio.Event) -> None:
         """Keep one persistent session up, on any node of the cluster (failing over when
         ours goes away); on every (re)connect resubscribe and catch up. `ready` is set
-        once the retained states and online flags have all arrived."""
+        once the retained states and online flags have all arrived. A connection lost
+        is taken up again within the broker's connect_timeout, as at start, or the
+        session ends with BrokerUnavailable (`run` then stops, the rollout resumable)."""
         broker = self.ctx.broker
         failover = Failover(len(broker.addresses), backoff=Backoff(cap=5.0))
-        first_deadline = time.monotonic() + broker.connect_timeout
+        deadline = time.monotonic() + broker.connect_timeout
         while True:
             try:
                 client = await open_client(
-                    broker, failover, deadline=math.inf if ready.is_set() else first_deadline,
+                    broker, failover, deadline=deadline,
                     client_id=client_id("fleetctl", self.rollout_id), persistent=True,
                     queue_type=DispatchQueue.to(lambda: self._dispatch),
                     **self.ctx.client_kwargs)
@@ -543,7 +544,16 @@ class RolloutDriver:
                     raise BrokerUnavailable(
                         f"cannot reach the MQTT broker at {broker}: {exc}") from None
                 log.warning("broker connection lost (%s); reconnecting", exc)
-                await asyncio.sleep(failover.delay())
+                deadline = time.monotonic() + broker.connect_timeout
+                await asyncio.sleep(min(failover.delay(), broker.connect_timeout))
+            except BrokerUnavailable as exc:
+                if not ready.is_set():
+                    raise
+                raise type(exc)(
+                    f"lost the MQTT broker mid-rollout and reconnecting failed for "
+                    f"{broker.connect_timeout:g}s ({exc}); rollout {self.rollout_id} is left "
+                    f"running (its hosts may still finish): continue it with `fleetctl "
+                    f"rollout resume {self.rollout_id}` once the broker is back") from None
             finally:
                 self._client = None
                 if self._lost is not None and not self._lost.done():
@@ -644,7 +654,8 @@ class RolloutDriver:
                 await self._reconcile_desired()
             if self.resumed:
                 self.started = time.time()  # a resumed rollout gets a fresh deadline
-            status = await self._drive(self.started + self.req.timeout, wait)
+            status = await self._unless_broker_lost(
+                session, self._drive(self.started + self.req.timeout, wait))
             if status not in ("running", "published"):
                 await self._drain()
         finally:
@@ -658,6 +669,22 @@ class RolloutDriver:
                 await self._end_session()
             self.lock.release(remove=finished or not self.created)
         return Outcome(self.rollout_id, status, self.views, self.started, time.time())
+
+    @staticmethod
+    async def _unless_broker_lost(session: asyncio.Task[None], work: Awaitable[str]) -> str:
+        """`work`, stopped when the session ends (it ends only with BrokerUnavailable:
+        the broker stayed away for its connect_timeout), which is then raised. Nothing
+        is recorded for the stop: the rollout stays `running`, for `rollout resume`."""
+        task = asyncio.ensure_future(work)
+        try:
+            await asyncio.wait([session, task], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not task.done():
+                await cancel_and_wait(task)
+        if not task.cancelled() or not session.done():
+            return task.result()
+        session.result()
+        raise BrokerUnavailable("the broker connection ended")  # the session never returns
 
     async def _drain(self, limit: float = LATE_LINES_S) -> None:
         """Before the session ends (and with it what the broker queued for us): a host

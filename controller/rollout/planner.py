@@ -45,6 +45,7 @@ from typing import Any, Literal
 
 from controller.follow.view import HostView
 from protocol.errors import UsageError
+from protocol.numbers import seconds
 from protocol.outcomes import NOT_EXECUTED, RETRYABLE, RolloutStatus, rollout_result_of_counts
 
 COUNT_RE = re.compile(r"^(\d+)(%?)$")
@@ -74,10 +75,16 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: object) -> bool:
-    """A finite int or float (TOML has `inf` and `nan`)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) \
-        and math.isfinite(value)
+def _check_seconds(name: str, value: object, zero: bool = False) -> None:
+    """A duration as every duration option takes it (`protocol.numbers.seconds`), and a
+    number, not a string a TOML file quoted."""
+    option = f"--{name.replace('_', '-')}"
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise UsageError(f"{option} must be a number of seconds, not {value!r}")
+    try:
+        seconds(value, zero=zero)
+    except UsageError as exc:
+        raise UsageError(f"{option} {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -107,13 +114,9 @@ class RolloutPolicy:
                                               or self.max_parallel < 1):
             raise UsageError(f"--max-parallel must be a whole number >= 1, "
                              f"not {self.max_parallel!r}")
-        if self.host_timeout is not None and (not _is_number(self.host_timeout)
-                                              or self.host_timeout <= 0):
-            raise UsageError(f"--host-timeout must be a positive number of seconds, "
-                             f"not {self.host_timeout!r}")
-        if not _is_number(self.pause_between_batches) or self.pause_between_batches < 0:
-            raise UsageError(f"--pause-between-batches must be seconds >= 0, "
-                             f"not {self.pause_between_batches!r}")
+        if self.host_timeout is not None:
+            _check_seconds("host_timeout", self.host_timeout)
+        _check_seconds("pause_between_batches", self.pause_between_batches, zero=True)
         if not isinstance(self.confirm_batches, bool):
             raise UsageError("confirm_batches must be true or false")
         if self.offline not in ("wait", "skip"):

@@ -221,6 +221,11 @@ class EventLog:
         """Exclusive section: catch up with other writers, then append under the lock."""
         with self._locked():
             self._catch_up()
+            # A 0-byte log reads as a fresh one (index -1) and gets its index 0 here. That
+            # loses nothing: the first append ever writes this index-0 line and fsyncs it
+            # before any other entry, and a fsync makes the file's size durable with its
+            # data, so a 0-byte file is only what a crash between creating the file and
+            # that first fsync leaves: nothing was ever committed to it.
             if self.index < 0:
                 self._write([(0, "init", initial_document_patch())])
             txn = Transaction(self.doc)

@@ -35,7 +35,9 @@ ROLLOUT_KEYS = ("canary", "batch", "max_parallel", "max_failures", "min_executed
 
 def check_tag(tag: object, where: str) -> str:
     """A tag as the inventory and `hosts add` accept it; InputError naming `where`."""
-    if not isinstance(tag, str) or not tag:
+    if not isinstance(tag, str):
+        raise InputError(f"{where}: tags must be strings (quoted tag names), not {tag!r}")
+    if not tag:
         raise InputError(f"{where}: empty tag (remove it)")
     if not TAG_RE.fullmatch(tag):
         raise InputError(f"{where}: invalid tag {tag!r}: tags are like host names "
@@ -137,8 +139,12 @@ def parse_inventory(text: str, source: str = "inventory") -> Inventory:
             raise InputError(f"{source}: invalid group name {name!r}")
         if name in hosts:
             raise InputError(f"{source}: group {name!r} has the name of a host")
-        if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
+        if not isinstance(members, list):
             raise InputError(f"{source}: groups.{name} must be a list of selectors")
+        for m in members:
+            if not isinstance(m, str):
+                raise InputError(f"{source}: groups.{name}: selectors must be strings "
+                                 f"(host, group or @tag names), not {m!r}")
         groups[name] = tuple(members)
     rollout = data.get("rollout", {})
     if not isinstance(rollout, dict):
