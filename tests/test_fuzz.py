@@ -152,25 +152,26 @@ ITEMS = st.builds(ReportItem, step=TEXT, id=TEXT, severity=_literal(models.Sever
                   default=st.none() | TEXT)
 EVENT_FIELDS: dict[str, Any] = {
     "host": HOSTS, "deployment_id": st.none() | IDS,
-    "generation": st.integers(-(2**63), 2**63 - 1), "seq": st.integers(0, 2**63 - 1),
+    "generation": st.integers(0, models.MAX_GENERATION),
+    "seq": st.integers(0, models.MAX_GENERATION),
     "time": FINITE,
 }
 MODELS: st.SearchStrategy[Model] = st.one_of(
     st.builds(Desired, host=HOSTS, deployment_id=IDS, rollout_id=st.none() | IDS,
-              generation=st.integers(1, 2**62), system=st.text(min_size=1, max_size=60),
+              generation=st.integers(1, models.MAX_GENERATION), system=st.text(min_size=1, max_size=60),
               action=_literal(models.Action), issued_at=FINITE, expires_at=st.none() | FINITE,
               check_only=st.booleans(), choices=CHOICE_MAP),
     st.builds(Answer, host=HOSTS, prompt_id=IDS, choices=CHOICE_MAP, approve=st.booleans(),
               answered_by=TEXT, issued_at=FINITE),
     st.builds(Prompt, host=HOSTS, prompt_id=IDS, deployment_id=IDS,
-              generation=st.integers(0, 2**62), kind=st.sampled_from(
+              generation=st.integers(0, models.MAX_GENERATION), kind=st.sampled_from(
                   ["choice", "step_failure", "approval", "reboot"]),
               items=st.lists(ITEMS, max_size=2), created_at=FINITE, deadline=st.none() | FINITE),
-    st.builds(HostState, host=HOSTS, system=st.none() | TEXT, generation=st.integers(0, 2**62),
+    st.builds(HostState, host=HOSTS, system=st.none() | TEXT, generation=st.integers(0, models.MAX_GENERATION),
               phase=_literal(models.HostPhase), deployment_id=st.none() | IDS,
               last_result=st.none() | _literal(models.ResultStatus), message=TEXT,
               needs_reboot=st.booleans(), updated_at=FINITE),
-    st.builds(Confirm, host=HOSTS, generation=st.integers(0, 2**62), nonce=TEXT,
+    st.builds(Confirm, host=HOSTS, generation=st.integers(0, models.MAX_GENERATION), nonce=TEXT,
               source=st.sampled_from(["agent", "controller"])),
     st.builds(Ack, **EVENT_FIELDS),
     st.builds(Rejected, **EVENT_FIELDS, reason=TEXT, message=TEXT),
