@@ -106,13 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=cliargs.Parser)
     run = sub.add_parser("run", help="run the agent for this host", formatter_class=fmt)
     run.add_argument("--host", required=True, help="this host's name (as in the inventory)")
-    run.add_argument("--state-dir", type=Path, default=Path("/var/lib/flotilla"),
+    run.add_argument("--state-dir", type=cliargs.path, default=Path("/var/lib/flotilla"),
                      help="journal, dumps, deployment logs and the control socket")
     _common(run)
     sim = sub.add_parser("simulate", help="run many simulated agents in one process",
                          formatter_class=fmt)
     sim.add_argument("--hosts", required=True, help="comma-separated host names")
-    sim.add_argument("--state-dir", type=Path, required=True,
+    sim.add_argument("--state-dir", type=cliargs.path, required=True,
                      help="parent dir; each host gets STATE_DIR/HOST")
     _common(sim)
     prompt = sub.add_parser("prompt", help="answer this host's open prompts (local socket)",
@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
                         " deployment not recorded as done count as interrupted",
                         formatter_class=fmt)
     jr.add_argument("action", choices=["check", "repair"], help="check or repair")
-    jr.add_argument("--state-dir", type=Path, default=Path("/var/lib/flotilla"),
+    jr.add_argument("--state-dir", type=cliargs.path, default=Path("/var/lib/flotilla"),
                     help="the agent's state directory (holds journal.jsonl)")
     return parser
 

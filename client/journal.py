@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from protocol.durable import fsync_dir
 from protocol.errors import StateError
 
 log = logging.getLogger(__name__)
@@ -349,6 +350,8 @@ class Journal:
                 with open(self.reserve, "wb") as fh:
                     fh.write(b"\0" * RESERVE_BYTES)
                     os.fsync(fh.fileno())
+            if not raw:  # the journal may be new: its name must be durable before the
+                fsync_dir(self.path.parent)  # first record's fdatasync counts for anything
         except OSError as exc:
             raise StateError(f"cannot open journal {self.path}: {exc.strerror}") from None
         return self.state
@@ -445,6 +448,7 @@ def repair_file(path: Path, steps_of: Callable[[str], list[str]]) -> list[str]:
                          + b"\n")
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except OSError as exc:
         raise StateError(f"cannot repair journal {path}: {exc.strerror}") from None
     return [*said, f"the damaged journal is kept as {aside}"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 from protocol.broker import shown_urls
@@ -66,6 +67,13 @@ def option(parse: Callable[..., T], **bounds: Any) -> Callable[[str], T]:
 
     convert.__name__ = parse.__name__
     return convert
+
+
+def path(text: str) -> Path:
+    """A path option: an empty one is refused (Path("") would be the current directory)."""
+    if not text:
+        raise argparse.ArgumentTypeError("is empty: give a path")
+    return Path(text)
 
 
 SECONDS = option(seconds)

@@ -266,3 +266,22 @@ def test_a_bad_mqtt_version_from_the_environment_names_the_variable(
                     "--trust-key", str(controller_dir / "controller.pub")])
     assert_one_line_naming(int(exc.value.code or 0), capsys.readouterr().err,
                            "FLEET_MQTT_VERSION")
+
+
+@pytest.mark.parametrize("argv", [
+    ["run", "--host", "web1", "--trust-key", "/nonexistent.pub"],
+    ["simulate", "--hosts", "web1", "--trust-key", "/nonexistent.pub"],
+    ["journal", "check"], ["journal", "repair"], ["prompt"],
+])
+def test_an_empty_agent_state_dir_is_refused_not_the_current_directory(
+        argv: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--state-dir ''` was Path(''), the current directory: a journal repair there, or an
+    agent writing its journal and dumps into wherever it was started."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        agent_main([*argv, "--state-dir", ""])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(err) == 1 and "--state-dir" in err[0] \
+        and "empty" in err[0], err
+    assert list(tmp_path.iterdir()) == []

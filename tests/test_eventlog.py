@@ -337,3 +337,22 @@ def test_apply_patch_is_rfc6902_like_jsonpatch(doc: dict[str, Any], patch: list[
     for op in patch:  # never shares a mutable value with the patch
         if isinstance(op["value"], (dict, list)) and isinstance(got, dict):
             assert all(v is not op["value"] for v in got.values())
+
+
+def test_a_new_log_s_name_is_durable_with_its_first_entry(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An fsync makes the file's data durable, not its directory entry: a crash after the
+    first append could lose state.jsonl, every rollout in it included."""
+    synced: list[str] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+    monkeypatch.setattr(os, "fsync", fsync)
+    log = EventLog(tmp_path)
+    log.append("first", [{"op": "add", "path": "/x", "value": 1}])
+    assert synced[:2] == [str(log.path), str(tmp_path)], synced  # the init entry, its name
+    synced.clear()
+    log.append("second", [{"op": "add", "path": "/y", "value": 2}])
+    assert synced == [str(log.path)]  # the name is durable already: one fsync per append

@@ -219,3 +219,43 @@ def test_a_quick_deploy_syncs_four_times_and_every_record_is_written_at_once(
     j.append("result", deployment_id="d1", generation=1, status="succeeded")
     assert len(syncs) == 4  # accept, switch begun, switch ended, result
     j.close()
+
+
+def _record_syncs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The path of every fsync / fdatasync, in order (what a crash would keep)."""
+    synced: list[str] = []
+    for name in ("fsync", "fdatasync"):
+        real = getattr(os, name)
+
+        def wrapped(fd: int, real: Any = real) -> None:
+            synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+            real(fd)
+        monkeypatch.setattr(os, name, wrapped)
+    return synced
+
+
+def test_a_new_journal_s_name_is_durable_before_its_first_record_counts(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An fsync makes a file's data durable, not its directory entry: a crash after the
+    first record's fdatasync could lose the new journal, records and all, and the host
+    would start afresh (run a deployment again)."""
+    synced = _record_syncs(monkeypatch)
+    j = Journal(tmp_path)
+    j.open()
+    j.append("start")
+    j.close()
+    journal = str(tmp_path / "journal.jsonl")
+    assert str(tmp_path) in synced and journal in synced
+    assert synced.index(str(tmp_path)) < synced.index(journal), synced
+    synced.clear()
+    Journal(tmp_path).open()  # an existing journal: nothing new to make durable
+    assert str(tmp_path) not in synced
+
+
+def test_a_repaired_journal_s_rename_is_durable(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from client.journal import repair_file
+    (tmp_path / "journal.jsonl").write_bytes(START + b"#garbage\n" + START)
+    synced = _record_syncs(monkeypatch)
+    repair_file(tmp_path / "journal.jsonl", lambda _d: [])
+    assert synced and synced[-1] == str(tmp_path), synced

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TextIO
 
 from client.ask.control import ControlClient, ControlError, socket_path
+from protocol import cliargs
 from protocol.models import Prompt, ReportItem
 from protocol.prompts import DEFERRALS
 
@@ -45,7 +46,7 @@ def outcome_line(ok: bool, message: str) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR,
+    p.add_argument("--state-dir", type=cliargs.path, default=DEFAULT_STATE_DIR,
                    help="the agent's state directory (holds control.sock)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--answer", nargs="+", metavar="ARG",

@@ -30,6 +30,7 @@ from typing import Any
 import jsonpatch
 
 from controller.state.shape import DOC_TYPE, check_entry, check_touched
+from protocol.durable import fsync_dir
 from protocol.errors import StateError
 
 log = logging.getLogger(__name__)
@@ -269,6 +270,8 @@ class EventLog:
                 fh.flush()
                 os.fsync(fh.fileno())
                 self._inode = os.fstat(fh.fileno()).st_ino
+            if self._offset == 0:  # the file is new (or was empty): make its name durable
+                fsync_dir(self.dir)
         except OSError as exc:
             self._reset()
             raise StateError(f"cannot append to {self.path}: {exc.strerror}") from None
@@ -362,11 +365,7 @@ class EventLog:
             if keep_aside is not None:
                 os.link(self.path, keep_aside)
             os.replace(tmp, self.path)
-            dfd = os.open(self.dir, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            fsync_dir(self.dir)
         except OSError as exc:
             raise StateError(f"cannot rewrite {self.path}: {exc.strerror}") from None
 
