@@ -44,7 +44,6 @@ from controller.mqtt.connection import (
     connect,
     new_marker,
     open_client,
-    read_retained,
     shared_subscription_works,
     subscribe_and_sync,
 )
@@ -260,6 +259,8 @@ class RolloutDriver:
         self.views: dict[str, HostView] = {h: HostView(h) for h in req.hosts}
         self.seen: dict[str, int] = {}
         """The highest generation each host's retained state or desired state named."""
+        self.retained_desired: dict[str, Desired] = {}
+        """Each host's retained desired state, as the session's last sync read it."""
         self.on_change = on_change
         self.on_host: Callable[[HostView], None] | None = None  # each host's view changed
         self.started = time.time()
@@ -471,6 +472,7 @@ class RolloutDriver:
                 return
         elif isinstance(body, Desired):
             self._saw(msg.host, body)
+            self.retained_desired[msg.host] = body
             return
         elif isinstance(body, HostState):
             self._saw(msg.host, body)
@@ -611,14 +613,9 @@ class RolloutDriver:
         if not inflight:
             return
         t = self.ctx.topics
-        async with connect(self.ctx.broker, **self.ctx.client_kwargs) as client:
-            messages = await read_retained(client, t, [t.all_hosts("desired")])
-        current: dict[str, tuple[str, int]] = {}
-        for m in messages:
-            payload = m.payload if isinstance(m.payload, bytes) else b""
-            msg = self._reader.read(str(m.topic), payload, inflight.__contains__)
-            if msg is not None and isinstance(msg.body, Desired):
-                current[msg.host] = (msg.body.deployment_id, msg.body.generation)
+        # the session's sync read the retained desired states (run waits for it)
+        current = {h: (d.deployment_id, d.generation)
+                   for h, d in self.retained_desired.items() if h in inflight}
         verdict = reconcile(inflight.values(), current, self.progress.aborted is not None)
         for h, why in verdict.superseded:
             v = inflight[h]
