@@ -336,6 +336,26 @@ class InProcess:
         return code, json.loads(out.splitlines()[-1])
 
 
+def test_a_deploy_names_the_running_rollout_it_takes_hosts_from(  # type: ignore[no-untyped-def]
+        make_fleet, monkeypatch, capsys) -> None:
+    """Two operators' rollouts crossed unseen: the second took the first's hosts, which
+    ended cancelled there, and only `rollout show` of the first said so, afterwards."""
+    fleet = make_fleet({"w1": ["web"], "w2": ["web"], "w3": ["db"]})
+    fleet.start_simulated(["w1", "w2", "w3"])
+    ctl = InProcess(fleet, monkeypatch, capsys)
+    _, first = ctl.json("deploy", "w1,w2", "--system", "/nix/store/a-sys", "--no-wait")
+    rid = first["rollout"]
+    code, out, err = fleetctl_main(capsys, "deploy", "w3", "--system", "/nix/store/b-sys",
+                                   "--dry-run", "--json")
+    assert code == 0 and json.loads(out)["supersedes"] == {} and "note" not in err, err
+    code, out, err = fleetctl_main(capsys, "deploy", "@web", "--system", "/nix/store/b-sys",
+                                   "--dry-run", "--json")
+    assert code == 0 and json.loads(out)["supersedes"] == {rid: ["w1", "w2"]}, out
+    code, out, err = fleetctl_main(capsys, "deploy", "w2", "--system", "/nix/store/b-sys")
+    assert code == 0, out + err
+    assert f"1 host of running rollout {rid} (w2)" in err and "supersedes" in err, err
+
+
 def test_check_is_recorded_as_a_check_and_leaves_host_status(  # type: ignore[no-untyped-def]
         make_fleet, monkeypatch, capsys) -> None:
     fleet = make_fleet({"w1": ["web"], "w2": ["web"]})

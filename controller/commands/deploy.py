@@ -19,6 +19,8 @@ from controller.follow.monitor import (
 )
 from controller.rollout.driver import DeployRequest, RolloutDriver
 from controller.rollout.planner import RolloutPolicy
+from controller.state import store
+from controller.state.eventlog import EventLog
 from protocol import cliargs
 from protocol.errors import InputError, UsageError
 from protocol.models import DeployPolicy
@@ -198,19 +200,36 @@ async def build_on_controller(args: argparse.Namespace, req: DeployRequest) -> b
 async def cmd_deploy(args: argparse.Namespace) -> int:
     req = build_request(args)
     if args.dry_run:
-        return dry_run(args, req)
+        return dry_run(args, req, EventLog(args.state_dir))
     if system_source(args) == "--flake" and args.build_on == "controller" and \
             not await build_on_controller(args, req):
         return cliutil.EXIT_FAILED
     ctx = cliutil.context(args, need_key=True)
+    if not args.json:
+        for line in supersede_notes(superseded(ctx.eventlog, req.hosts)):
+            print(line, file=sys.stderr)
     driver = RolloutDriver(ctx, req)
     outcome = await run_with_view(args, driver, wait=not args.no_wait)
     return report(args, outcome, check=req.check_only, batches=len(driver.batches))
 
 
-def dry_run(args: argparse.Namespace, req: DeployRequest) -> int:
+def superseded(log: EventLog, hosts: list[str]) -> dict[str, list[str]]:
+    return store.superseded_by(log.load() if log.exists() else {}, hosts)
+
+
+def supersede_notes(taken: dict[str, list[str]]) -> list[str]:
+    """A note per running rollout this deploy takes hosts from (they end cancelled
+    there, superseded), so two operators' rollouts do not cross unseen."""
+    return [f"note: {plural(len(hosts), 'host')} of running rollout {rid} "
+            f"({', '.join(hosts[:5])}{', ...' if len(hosts) > 5 else ''}) not finished "
+            f"there: this deploy supersedes it on them (they end cancelled in {rid})"
+            for rid, hosts in taken.items()]
+
+
+def dry_run(args: argparse.Namespace, req: DeployRequest, log: EventLog) -> int:
     """What `deploy` would do, resolved: contacts nothing, records nothing."""
     batches = req.rollout.batches(req.hosts)
+    taken = superseded(log, req.hosts)
     canary = bool(req.rollout.canary)
     listed: list[dict[str, Any]] = [{"batch": i + 1, "canary": i == 0 and canary, "hosts": b}
                                     for i, b in enumerate(batches)]
@@ -221,11 +240,14 @@ def dry_run(args: argparse.Namespace, req: DeployRequest) -> int:
             "policy": {"rollout": req.rollout.as_dict(),
                        "agent": req.agent_policy.model_dump(), "timeout": req.timeout,
                        "choices": req.choices, "expires_in": req.expires_in},
-            "failure_threshold": req.rollout.describe_threshold()}
+            "failure_threshold": req.rollout.describe_threshold(),
+            "supersedes": taken}
     if args.json:
         cliutil.emit_json(plan)
         return cliutil.EXIT_OK
     what = "check" if req.check_only else req.action
+    for line in supersede_notes(taken):
+        print(line, file=sys.stderr)
     print(f"dry run: {what} {req.system} on {plural(len(req.hosts), 'host')} matching "
           f"{req.selector!r}; nothing is contacted or recorded")
     for b in listed:

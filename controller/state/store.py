@@ -237,6 +237,22 @@ def latest_rollout(doc: dict[str, Any], running_only: bool = False) -> dict[str,
     return max(rollouts, key=lambda r: r.get("created", 0), default=None)
 
 
+def superseded_by(doc: dict[str, Any], hosts: list[str]) -> dict[str, list[str]]:
+    """The running rollouts a deploy to `hosts` takes hosts from: rollout id -> its hosts
+    among `hosts` that have not finished there (a newer deployment supersedes them: they
+    end cancelled in it)."""
+    wanted = set(hosts)
+    out: dict[str, list[str]] = {}
+    for r in rollouts_by_age(doc):
+        if r.get("status") != "running":
+            continue
+        taken = sorted(h for h, hr in r.get("hosts", {}).items()
+                       if h in wanted and hr.get("result") is None)
+        if taken:
+            out[str(r["id"])] = taken
+    return out
+
+
 def next_batch_to_continue(r: dict[str, Any]) -> int | None:
     """The batch `fleetctl rollout continue` releases: the one the driver waits for,
     else the first later batch that has not started and is not released yet."""
