@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
+import ipaddress
 import json
 import os
 import re
@@ -28,12 +30,16 @@ from pathlib import Path
 import aiomqtt
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.x509.oid import NameOID
 
 from controller.cli import main as fleetctl_main
 from controller.commands.security import set_broker_password
 from controller.mqtt import certs
 from controller.mqtt.broker import Mosquitto, free_port
+from controller.mqtt.certs import CAKey
 from protocol.broker import BrokerAddress, BrokerCluster, parse_broker_url
 from protocol.codec import decode, encode
 from protocol.models import EVENT_TYPES, Ack, Desired, Event, Rejected, Result
@@ -733,6 +739,234 @@ def test_certs_days_a_certificate_cannot_hold_are_refused_and_keep_the_ca(
     host.verify_directly_issued_by(ca_cert)
     assert host.not_valid_after_utc == ca_cert.not_valid_after_utc  # never outlives its CA
     assert ca_cert.not_valid_after_utc.year >= 2100
+
+
+# -- an operator's own CA, and CA files that cannot be used -------------------------------
+def _hand_made_ca(pki: Path, key: CAKey, *, ski: bool = False, ca: bool = True,
+                  days: int = 365, cert_key: CAKey | None = None) -> None:
+    """ca.key and ca.crt as an operator makes them by hand (`openssl req -x509`, any
+    tool): no SubjectKeyIdentifier unless asked; `cert_key` signs a certificate for
+    another key (a pair that does not match)."""
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Ops Root CA")])
+    public = (cert_key or key).public_key()
+    now = dt.datetime.now(dt.UTC)
+    builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+               .public_key(public).serial_number(x509.random_serial_number())
+               .not_valid_before(now - dt.timedelta(days=400))
+               .not_valid_after(now + dt.timedelta(days=days))
+               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    if ski:
+        builder = builder.add_extension(x509.SubjectKeyIdentifier.from_public_key(public),
+                                        critical=False)
+    pki.mkdir(parents=True, exist_ok=True)
+    (pki / "ca.key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    (pki / "ca.crt").write_bytes(builder.sign(cert_key or key, hashes.SHA256())
+                                 .public_bytes(serialization.Encoding.PEM))
+
+
+def _tls_handshake(pki: Path, server: str, client: str) -> None:
+    """A TLS handshake in memory between `server` and `client`, each trusting only
+    ca.crt and checking the other's certificate, as Mosquitto and the agents do."""
+    s_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    s_ctx.load_cert_chain(pki / f"{server}.crt", pki / f"{server}.key")
+    s_ctx.load_verify_locations(pki / "ca.crt")
+    s_ctx.verify_mode = ssl.CERT_REQUIRED
+    c_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    c_ctx.load_cert_chain(pki / f"{client}.crt", pki / f"{client}.key")
+    c_ctx.load_verify_locations(pki / "ca.crt")
+    to_server, to_client = ssl.MemoryBIO(), ssl.MemoryBIO()
+    s = s_ctx.wrap_bio(to_server, out_s := ssl.MemoryBIO(), server_side=True)
+    c = c_ctx.wrap_bio(to_client, out_c := ssl.MemoryBIO(), server_hostname=server)
+    done: set[str] = set()
+    for _ in range(10):
+        for name, end in (("client", c), ("server", s)):
+            if name not in done:
+                with contextlib.suppress(ssl.SSLWantReadError):
+                    end.do_handshake()
+                    done.add(name)
+        to_server.write(out_c.read())
+        to_client.write(out_s.read())
+        if done == {"client", "server"}:
+            with contextlib.suppress(ssl.SSLWantReadError):
+                s.read()  # TLS 1.3: the server checks the client's certificate here
+            return
+    raise AssertionError(f"handshake did not finish: {done}")
+
+
+@pytest.mark.parametrize("key", [ec.generate_private_key(ec.SECP384R1()),
+                                 rsa.generate_private_key(65537, 2048)],
+                         ids=["ecdsa-p384", "rsa-2048"])
+def test_certs_host_signs_with_an_operators_own_ca_without_a_key_identifier(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], key: CAKey) -> None:
+    """A CA certificate without a SubjectKeyIdentifier (optional for a self-signed
+    one, RFC 5280 4.2.1.2) crashed `certs host` with a traceback."""
+    state = tmp_path / "state"
+    pki = state / "pki"
+    _hand_made_ca(pki, key)
+    ca_before = (pki / "ca.crt").read_bytes(), (pki / "ca.key").read_bytes()
+    sd = ["--state-dir", str(state)]
+    assert fleetctl_main(["certs", "host", "localhost", "--server", *sd]) == 0
+    assert fleetctl_main(["certs", "host", "web1", *sd]) == 0, capsys.readouterr().err
+    ca = x509.load_pem_x509_certificate((pki / "ca.crt").read_bytes())
+    for name in ("localhost", "web1"):
+        x509.load_pem_x509_certificate((pki / f"{name}.crt").read_bytes()
+                                       ).verify_directly_issued_by(ca)
+    _tls_handshake(pki, "localhost", "web1")  # OpenSSL accepts both sides' chains
+    assert ((pki / "ca.crt").read_bytes(), (pki / "ca.key").read_bytes()) == ca_before
+
+
+def test_tls_handshake_helper_fails_for_a_certificate_of_another_ca(tmp_path: Path) -> None:
+    """The handshake above can fail: a client certificate from another CA is refused."""
+    here, other = tmp_path / "here", tmp_path / "other"
+    for state in (here, other):
+        certs.init_ca(state)
+    certs.issue(here, "localhost", server=True)
+    certs.issue(other, "web1")
+    for suffix in ("crt", "key"):
+        (certs.pki_dir(here) / f"web1.{suffix}").write_bytes(
+            (certs.pki_dir(other) / f"web1.{suffix}").read_bytes())
+    with pytest.raises(ssl.SSLError):
+        _tls_handshake(certs.pki_dir(here), "localhost", "web1")
+
+
+def _other_key_pair(pki: Path) -> None:
+    _hand_made_ca(pki, ec.generate_private_key(ec.SECP256R1()), ski=True,
+                  cert_key=ec.generate_private_key(ec.SECP256R1()))
+
+
+def _rsa_key_for_an_ec_ca(pki: Path) -> None:
+    _hand_made_ca(pki, rsa.generate_private_key(65537, 2048),
+                  cert_key=ec.generate_private_key(ec.SECP256R1()))
+
+
+def _garbage(name: str, data: bytes) -> Callable[[Path], None]:
+    def make(pki: Path) -> None:
+        certs.init_ca(pki.parent)
+        (pki / name).write_bytes(data)
+    return make
+
+
+def _ed25519_ca(pki: Path) -> None:
+    key = Ed25519PrivateKey.generate()
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Ed CA")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+            .public_key(key.public_key()).serial_number(1).not_valid_before(now)
+            .not_valid_after(now + dt.timedelta(days=9)).sign(key, None))
+    pki.mkdir(parents=True)
+    (pki / "ca.key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    (pki / "ca.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+
+def _encrypted_key(pki: Path) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    _hand_made_ca(pki, key, ski=True)
+    (pki / "ca.key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"hunter2")))
+
+
+def _leaf_as_ca(pki: Path) -> None:
+    _hand_made_ca(pki, ec.generate_private_key(ec.SECP256R1()), ski=True, ca=False)
+
+
+def _expired_ca(pki: Path) -> None:
+    _hand_made_ca(pki, ec.generate_private_key(ec.SECP256R1()), ski=True, days=-1)
+
+
+BAD_CA: list[tuple[str, Callable[[Path], None], list[str]]] = [
+    ("key of another pair", _other_key_pair, ["ca.key does not match", "ca.crt"]),
+    ("rsa key, ecdsa cert", _rsa_key_for_an_ec_ca, ["ca.key does not match", "ca.crt"]),
+    ("crt not PEM", _garbage("ca.crt", b"hello\n"), ["cannot load", "ca.crt"]),
+    ("crt empty", _garbage("ca.crt", b""), ["cannot load", "ca.crt"]),
+    ("crt is a key", _garbage("ca.crt", b"-----BEGIN PRIVATE KEY-----\nAAAA\n"
+                              b"-----END PRIVATE KEY-----\n"), ["cannot load", "ca.crt"]),
+    ("key not PEM", _garbage("ca.key", b"\x00\xff garbage"), ["cannot load", "ca.key"]),
+    ("key broken PEM", _garbage("ca.key", b"-----BEGIN PRIVATE KEY-----\nAAAA\n"
+                                b"-----END PRIVATE KEY-----\n"), ["cannot load", "ca.key"]),
+    ("ed25519 key", _ed25519_ca, ["ca.key", "ECDSA or RSA"]),
+    ("encrypted key", _encrypted_key, ["cannot load", "ca.key", "encrypted"]),
+    ("leaf certificate", _leaf_as_ca, ["ca.crt", "not a CA certificate"]),
+    ("expired CA", _expired_ca, ["ca.crt", "expired"]),
+]
+
+
+@pytest.mark.parametrize(("make", "fragments"), [c[1:] for c in BAD_CA],
+                         ids=[c[0] for c in BAD_CA])
+def test_certs_host_refuses_ca_files_it_cannot_sign_with_in_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], make: Callable[[Path], None],
+        fragments: list[str]) -> None:
+    """A ca.key that is not ca.crt's issued certificates that verify against nothing,
+    silently; garbage, a key type it cannot sign with, a non-CA or expired certificate
+    must be one line and exit 2, with nothing written and the CA files kept."""
+    state = tmp_path / "state"
+    pki = state / "pki"
+    make(pki)
+    before = {p.name: p.read_bytes() for p in pki.iterdir()}
+    capsys.readouterr()
+    for args in (["web1"], ["broker.example", "--server"]):
+        assert fleetctl_main(["certs", "host", *args, "--state-dir", str(state)]) == 2, args
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and all(f in lines[0] for f in fragments), lines
+    assert {p.name: p.read_bytes() for p in pki.iterdir()} == before
+
+
+SANS: list[tuple[str, str | x509.GeneralName]] = [
+    ("10.1.2.3", x509.IPAddress(ipaddress.ip_address("10.1.2.3"))),
+    ("::1", x509.IPAddress(ipaddress.ip_address("::1"))),
+    ("fe80::1", x509.IPAddress(ipaddress.ip_address("fe80::1"))),
+    ("Broker.Example", x509.DNSName("broker.example")),
+    ("10.broker.example", x509.DNSName("10.broker.example")),
+    ("web1.eu1", x509.DNSName("web1.eu1")),
+    ("1a", x509.DNSName("1a")),
+    # looks like an IPv4 address and is none; a top-level label is never all digits
+    ("999.1.1.1", "last label"),
+    ("1.2.3.256", "last label"),
+    ("10.0.0", "last label"),
+    ("010.1.2.3", "last label"),
+    ("example.123", "last label"),
+    ("8", "last label"),
+    # the certificate's IP address has no room for a zone: it would be fe80::1 only
+    ("fe80::1%eth0", "zone"),
+    ("fe80::1%1", "zone"),
+    ("not a name", "--san"),
+    ("-x.example", "--san"),
+]
+
+
+@pytest.mark.parametrize(("value", "expected"), SANS, ids=[v for v, _ in SANS])
+def test_san_entry(value: str, expected: str | x509.GeneralName) -> None:
+    from protocol.errors import UsageError
+    if isinstance(expected, str):
+        with pytest.raises(UsageError) as exc:
+            certs.san_entry(value)
+        message = str(exc.value)
+        assert expected in message and repr(value) in message and "\n" not in message
+    else:
+        assert certs.san_entry(value) == expected
+
+
+def test_certs_host_refuses_an_ip_like_broker_name_or_san_in_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--san 999.1.1.1` went into the certificate as a DNS name, and `--san
+    fe80::1%eth0` was shown with its zone, which the certificate does not hold."""
+    state = tmp_path / "state"
+    sd = ["--state-dir", str(state)]
+    certs.init_ca(state)
+    for args, fragment in [(["--san", "999.1.1.1"], "invalid --san '999.1.1.1'"),
+                           (["--san", "fe80::1%eth0"], "zone"),
+                           (["--san", "10.1.2.3", "--san", "10.1.2"], "invalid --san"),
+                           ([], "invalid broker name '999.1.1.1'")]:
+        name = "999.1.1.1" if not args else "broker.example"
+        assert fleetctl_main(["certs", "host", name, "--server", *args, *sd]) == 2, args
+        err = capsys.readouterr().err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and fragment in lines[0] and "Traceback" not in err, err
+    assert sorted(p.name for p in certs.pki_dir(state).iterdir()) == ["ca.crt", "ca.key"]
 
 
 # -- flags and messages -------------------------------------------------------------------
