@@ -72,6 +72,31 @@ def test_piped_deploy_prints_host_changes_and_the_command_that_answers(  # type:
             proc.kill()
 
 
+def test_answer_without_a_prompt_id_answers_the_host_s_open_prompt(  # type: ignore[no-untyped-def]
+        make_fleet, tmp_path: Path) -> None:
+    """`fleetctl answer db1 postgresql.major=pg_upgrade` took the answer for the prompt
+    id and said "give at least one STEP.ITEM=CHOICE"; a host has one open prompt at a
+    time, as `approve` knows."""
+    fleet = make_fleet({"pg1": ["db"]})
+    db = tmp_path / "db"
+    make_db(db)
+    top = make_system(tmp_path / "systems", "sys-a", db, tmp_path / "runs.log", sleep=0.05)
+    fleet.start_simulated(["pg1"])
+    r = fleet.fleetctl("answer", "pg1", "db.major=upgrade")
+    assert r.returncode == 2 and "pg1 has no open prompt" in r.stderr, r.stdout + r.stderr
+    proc, lines = popen_lines(fleet, "deploy", "pg1", "--system", str(top), "--timeout", "60")
+    seen: list[str] = []
+    try:
+        next_line(lines, lambda ln: "fleetctl answer" in ln, seen)
+        r = fleet.fleetctl("answer", "pg1", "db.major=upgrade")
+        assert r.returncode == 0 and "accepted" in r.stdout, r.stdout + r.stderr
+        next_line(lines, lambda ln: "pg1 succeeded" in ln, seen)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 def _alive(pid: int) -> bool:
     try:
         return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()

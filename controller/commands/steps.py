@@ -24,7 +24,9 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_prompts)
     a = sub.add_parser("answer", parents=[common], help="answer a host's prompt (signed)")
     a.add_argument("host")
-    a.add_argument("prompt_id")
+    a.add_argument("prompt_id", nargs="?", metavar="PROMPT_ID",
+                   help="the prompt answered (`fleetctl prompts` lists them); left out: the "
+                        "host's open prompt")
     a.add_argument("choices", nargs="*", metavar="STEP.ITEM=CHOICE")
     a.add_argument("--approve", action="store_true", help="approve a deploy waiting for it")
     a.set_defaults(func=cmd_answer)
@@ -104,11 +106,20 @@ async def cmd_answer(args: argparse.Namespace) -> int:
     validate_host(args.host)
     if args.host not in cliutil.inventory(args).hosts:
         raise InputError(f"unknown host {args.host!r} (not in the inventory)")
+    if args.prompt_id is not None and "=" in args.prompt_id:  # an answer: no prompt id given
+        args.choices, args.prompt_id = [args.prompt_id, *args.choices], None
     choices = parse_choices(args.choices, "an answer")
     if not choices and not args.approve:
         raise UsageError("give at least one STEP.ITEM=CHOICE (or --approve)")
-    ok, message = await send_answer(cliutil.context(args, need_key=True), args.host,
-                                    args.prompt_id, choices, args.approve, _answered_by())
+    ctx = cliutil.context(args, need_key=True)
+    if args.prompt_id is None:
+        prompt = (await open_prompts(ctx, [args.host])).get(args.host)
+        if prompt is None:
+            raise InputError(f"{args.host} has no open prompt to answer (`fleetctl prompts` "
+                             "lists the open ones)")
+        args.prompt_id = prompt.prompt_id
+    ok, message = await send_answer(ctx, args.host, args.prompt_id, choices, args.approve,
+                                    _answered_by())
     if args.json:
         cliutil.emit_json({"host": args.host, "prompt_id": args.prompt_id, "accepted": ok,
                            "message": message})
