@@ -214,3 +214,51 @@ async def test_malformed_payloads_on_agent_topics_never_crash_it(make_fleet) -> 
     rc, out = await asyncio.to_thread(finish, proc)
     assert rc == 0 and out["hosts"] == {"tough": "succeeded"}, out
     assert agent.poll() is None  # still running
+
+
+def test_a_controller_that_cannot_write_its_log_mid_rollout_stops_it_resumable(  # type: ignore[no-untyped-def]
+        make_fleet, tmp_path: Path) -> None:
+    """The controller's log stops taking writes (a full or failing disk; here the file
+    size limit, EFBIG, which is exact where a full tmpfs still has the file's last page)
+    while a host waits for an answer, so its result cannot be recorded. The deploy stops
+    with one line naming the cause and the resume command; what the log holds stays
+    whole, and once writes work again `rollout resume` records the host's result."""
+    import resource
+
+    from tests.stepsys import make_db, make_system
+    fleet = make_fleet({"pg1": ["db"]})
+    state = fleet.controller_dir
+    env = fleet.env()
+    db = tmp_path / "db"
+    make_db(db)
+    top = make_system(tmp_path / "systems", "sys-a", db, tmp_path / "runs.log", sleep=0.05)
+    fleet.start_simulated(["pg1"])
+    proc = subprocess.Popen([sys.executable, "-m", "controller", "deploy", "pg1", "--system",
+                             str(top), "--timeout", "60", "--json"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        def waiting() -> bool:
+            r = subprocess.run([sys.executable, "-m", "controller", "prompts", "--json"],
+                               env=env, capture_output=True, text=True)
+            return r.returncode == 0 and bool(json.loads(r.stdout))
+        wait_for(waiting, timeout=30, what="pg1 to wait for its answer")
+        log_before = (state / "state.jsonl").read_bytes()
+        limit = len(log_before) + 16  # no room for the next entry
+        resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (limit, limit))
+        r = subprocess.run([sys.executable, "-m", "controller", "answer", "pg1",
+                            "db.major=upgrade"], env=env, capture_output=True, text=True)
+        assert r.returncode == 0, r.stdout + r.stderr
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    lines = err.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "File too large" in lines[0] \
+        and "fleetctl rollout resume" in lines[0], err
+    assert (state / "state.jsonl").read_bytes() == log_before  # whole, nothing half-written
+    rid = json.loads(subprocess.run([sys.executable, "-m", "controller", "rollouts", "--json"],
+                                    env=env, capture_output=True, text=True).stdout)[0]["id"]
+    r = subprocess.run([sys.executable, "-m", "controller", "rollout", "resume", rid,
+                        "--timeout", "30", "--json"], env=env, capture_output=True, text=True)
+    assert r.returncode == 0 and json.loads(r.stdout.splitlines()[-1])["hosts"]["pg1"] \
+        == "succeeded", r.stdout + r.stderr

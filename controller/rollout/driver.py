@@ -68,7 +68,7 @@ from controller.state.logs import LATE_LINES_S, LogStore, rollout_of
 from protocol import outcomes
 from protocol.broker import BrokerCluster
 from protocol.codec import encode
-from protocol.errors import BrokerUnavailable, InputError, UsageError
+from protocol.errors import BrokerUnavailable, InputError, StateError, UsageError
 from protocol.models import (
     BinaryCache,
     Confirm,
@@ -655,6 +655,12 @@ class RolloutDriver:
                 session, self._drive(self.started + self.req.timeout, wait))
             if status not in ("running", "published"):
                 await self._drain()
+        except StateError as exc:
+            if not self.created or status != "running":
+                raise
+            raise StateError(f"{exc}; rollout {self.rollout_id} is left running: once "
+                             f"{self.log.path} takes writes again, continue it with "
+                             f"`fleetctl rollout resume {self.rollout_id}`") from None
         finally:
             if self._ask_task is not None:
                 self._ask_task.cancel()

@@ -273,6 +273,9 @@ class EventLog:
             if self._offset == 0:  # the file is new (or was empty): make its name durable
                 fsync_dir(self.dir)
         except OSError as exc:
+            with contextlib.suppress(OSError):  # a partial write (full disk): cut it off
+                if self.path.exists() and self.path.stat().st_size > self._offset:
+                    os.truncate(self.path, self._offset)
             self._reset()
             raise StateError(f"cannot append to {self.path}: {exc.strerror}") from None
         self._offset += len(data)
