@@ -118,10 +118,13 @@ def _check_record(doc: Any, target: tuple[str, ...]) -> None:
             _fields(doc["hosts"][target[1]], HOST, f"host {target[1]!r}")
     elif target[1] in doc["rollouts"]:
         rid, r = target[1], doc["rollouts"][target[1]]
-        _check_rollout(rid, r, deep=len(target) == 2 or target[2:] == ("hosts",))
-        if len(target) == 4 and target[3] in r["hosts"]:
-            _fields(r["hosts"][target[3]], ROLLOUT_HOST, f"rollout {rid!r} host {target[3]!r}",
-                    REQUIRED_ROLLOUT_HOST)
+        if len(target) < 4:
+            _check_rollout(rid, r, deep=len(target) == 2 or target[2:] == ("hosts",))
+        elif not isinstance(r, dict) or not isinstance(r.get("hosts"), dict):
+            raise ValueError(f"rollout {rid!r} must be an object with hosts"[:160])
+        elif target[3] in r["hosts"]:  # one host's record: the rollout's fields are as
+            _fields(r["hosts"][target[3]], ROLLOUT_HOST,  # they were
+                    f"rollout {rid!r} host {target[3]!r}", REQUIRED_ROLLOUT_HOST)
 
 
 def _check_top(doc: Any) -> None:
