@@ -12,6 +12,7 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from protocol.numbers import MAX_SECONDS
 from protocol.outcomes import ResultStatus as ResultStatus  # the vocabulary lives there
 from protocol.topics import HOST_NAME_RE
 
@@ -59,12 +60,12 @@ class Choice(Model):
 class DeployPolicy(Model):
     """How the agent decides on its own when nobody answers or something fails."""
 
-    prompt_deadline_s: float | None = Field(default=None, gt=0)
+    prompt_deadline_s: float | None = Field(default=None, gt=0, le=MAX_SECONDS)
     take_default_on_deadline: bool = False
     on_step_failure: Literal["ask", "retry", "skip", "rollback"] = "ask"
     reboot: str = "never"
     confirm: Literal["broker", "controller", "none"] = "broker"
-    confirm_timeout_s: float = Field(default=60.0, gt=0)
+    confirm_timeout_s: float = Field(default=60.0, gt=0, le=MAX_SECONDS)
     approval: Literal["none", "ask"] = "none"
     max_parallel_steps: int = Field(default=4, ge=1, le=64)
 

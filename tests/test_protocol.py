@@ -79,6 +79,14 @@ def env(**over) -> bytes:  # type: ignore[no-untyped-def]
     (env(type="desired", body={"host": "web1", "deployment_id": "r1", "generation": 1,
                                "system": "/nix/store/abc-system", "issued_at": NOW,
                                "policy": {"confirm_timeout_s": float("inf")}}), InvalidBody),
+    # the durations fleetctl caps (30 days), capped on the wire too: an agent given
+    # confirm_timeout_s 1e20 would never roll back an unconfirmed switch
+    (env(type="desired", body={"host": "web1", "deployment_id": "r1", "generation": 1,
+                               "system": "/nix/store/abc-system", "issued_at": NOW,
+                               "policy": {"confirm_timeout_s": 1e20}}), InvalidBody),
+    (env(type="desired", body={"host": "web1", "deployment_id": "r1", "generation": 1,
+                               "system": "/nix/store/abc-system", "issued_at": NOW,
+                               "policy": {"prompt_deadline_s": 2592001}}), InvalidBody),
     # a generation past what JSON readers keep exactly; one past msgpack's end made the
     # controller's next desired state (this + 1) fail to encode, mid-rollout
     (env(type="host_state", body={"host": "web1", "generation": 2**64 - 1, "updated_at": NOW}),
