@@ -106,6 +106,36 @@ let
     message = "${where name}.after: there is no step ${dep}";
   }) s.after) cfg.steps);
 
+  # What `fleet-agent run` refuses at start (protocol/broker.py parse_broker_urls), so a
+  # host whose unit would only exit and restart fails evaluation instead. Messages never
+  # quote the broker (it may hold a password); a URL's port and path are left to the agent.
+  brokerEntries = map lib.trim (lib.splitString "," cfg.broker);
+  brokerUrl = u: builtins.match "(mqtts?|wss?)://([^@/?#]*@)?[^@/?#:].*" (lib.toLower u) != null;
+  brokerAssertions = let opt = "services.flotilla-agent.broker"; in
+    if lib.all (u: u == "") brokerEntries then [ {
+      assertion = false;
+      message = "${opt}: no broker URL given (example: mqtt://127.0.0.1:1883)";
+    } ] else [
+      {
+        assertion = lib.all (u: u != "") brokerEntries;
+        message = "${opt}: invalid broker list: an empty entry between commas";
+      }
+      {
+        assertion = lib.all (u: u == "" || brokerUrl u) brokerEntries;
+        message = "${opt}: not a broker URL (use mqtt://, mqtts://, ws:// or wss:// and a host; example: mqtts://broker.example:8883)";
+      }
+      {
+        assertion = lib.allUnique (map lib.toLower (lib.filter (u: u != "") brokerEntries));
+        message = "${opt}: invalid broker list: an address is listed twice";
+      }
+    ];
+
+  pemMarker = "-----BEGIN PUBLIC KEY-----";
+  keyAssertions = map (k: {
+    assertion = !builtins.isString k || lib.hasPrefix "/" k || lib.hasInfix pemMarker k;
+    message = "services.flotilla-agent.trustedKeys: \"${k}\" is neither an absolute path nor PEM text (${pemMarker}); give a relative file as a path: ./${k}";
+  }) cfg.trustedKeys;
+
   # A key is a file (path, or a string that is an absolute path) or PEM text.
   keyFile = k:
     if builtins.isString k && !(lib.hasPrefix "/" k)
@@ -250,7 +280,11 @@ in
           assertion = cfg.credentialsFile == null || lib.hasPrefix "/" cfg.credentialsFile;
           message = "services.flotilla-agent.credentialsFile must be an absolute path";
         }
-      ];
+        {
+          assertion = lib.hasPrefix "/" cfg.stateDir;
+          message = "services.flotilla-agent.stateDir must be an absolute path";
+        }
+      ] ++ brokerAssertions ++ keyAssertions;
 
       systemd.tmpfiles.rules = [ "d ${cfg.stateDir} 0700 root root - -" ];
 

@@ -405,6 +405,8 @@ def _cmd(**fields: Any) -> bytes:
     ("prompt/answer", _cmd(prompt_id="p-1", key="pg.x", choice="a", by="me", token=TOKEN),
      None),
     ("prompt/answer", b"{" * 5000, None),
+    ("prompt/answer", b"[" * 4000, None),                       # small, but nested too deep
+    ("update/install", b'{"action":"install","token":"\\ud800"}', None),  # lone surrogate
     ("prompt", _cmd(action="install", token=TOKEN), None),  # our own state topic
 ])
 def test_parse_command(topics: Topics, leaf: str, payload: bytes, expected: Any,

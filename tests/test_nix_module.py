@@ -307,7 +307,8 @@ def test_steps_are_rendered_without_the_service_and_nothing_without_steps() -> N
     assert out["options"]["enable"] is False
 
 
-BASE = 'enable = true; broker = "mqtt://b"; trustedKeys = [ "/k.pem" ];'
+KEY = 'enable = true; trustedKeys = [ "/k.pem" ];'
+BASE = f'{KEY} broker = "mqtt://b";'
 
 
 @pytest.mark.parametrize(("settings", "host_name", "message"), [
@@ -329,6 +330,30 @@ BASE = 'enable = true; broker = "mqtt://b"; trustedKeys = [ "/k.pem" ];'
      "services.flotilla-agent.trustedKeys: give at least one controller public key"),
     (f'{{ {BASE} credentialsFile = "secrets/pw"; }}', "web1",
      "services.flotilla-agent.credentialsFile must be an absolute path"),
+    # what the agent would refuse at start (exit 2, restarted every 5 s for ever);
+    # a broker URL is never quoted (it may hold a password), as the agent does
+    (f'{{ {KEY} broker = " "; }}', "web1",
+     "services.flotilla-agent.broker: no broker URL given (example: mqtt://127.0.0.1:1883)"),
+    (f'{{ {KEY} broker = "mqtt://a:1883,,mqtt://b:1883"; }}', "web1",
+     "services.flotilla-agent.broker: invalid broker list: an empty entry between commas"),
+    (f'{{ {KEY} broker = "mqtt://a:1883,"; }}', "web1",
+     "services.flotilla-agent.broker: invalid broker list: an empty entry between commas"),
+    (f'{{ {KEY} broker = "mqtt://a, mqtt://a"; }}', "web1",
+     "services.flotilla-agent.broker: invalid broker list: an address is listed twice"),
+    (f'{{ {KEY} broker = "broker.example.org:1883"; }}', "web1",
+     "services.flotilla-agent.broker: not a broker URL (use mqtt://, mqtts://, ws:// or"
+     " wss:// and a host; example: mqtts://broker.example:8883)"),
+    (f'{{ {KEY} broker = "mqtts://:8883"; }}', "web1",
+     "services.flotilla-agent.broker: not a broker URL (use mqtt://, mqtts://, ws:// or"
+     " wss:// and a host; example: mqtts://broker.example:8883)"),
+    ('{ enable = true; broker = "mqtt://b"; trustedKeys = [ "keys/controller.pub" ]; }', "web1",
+     'services.flotilla-agent.trustedKeys: "keys/controller.pub" is neither an absolute path'
+     " nor PEM text (-----BEGIN PUBLIC KEY-----); give a relative file as a path:"
+     " ./keys/controller.pub"),
+    (f'{{ {BASE} stateDir = ""; }}', "web1",
+     "services.flotilla-agent.stateDir must be an absolute path"),
+    (f'{{ {BASE} stateDir = "var/lib/flotilla"; }}', "web1",
+     "services.flotilla-agent.stateDir must be an absolute path"),
 ])
 def test_module_assertions(settings: str, host_name: str, message: str) -> None:
     assert eval_module(settings, host_name)["failedAssertions"] == [message]

@@ -562,6 +562,9 @@ def _json_object(payload: bytes, what: str) -> dict[str, Any] | None:
     except (ValueError, UnicodeDecodeError) as exc:
         log.warning("ignoring %s from Home Assistant: not JSON (%s)", what, exc)
         return None
+    except RecursionError:  # a few KB of '[' nest deeper than the decoder goes
+        log.warning("ignoring %s from Home Assistant: JSON nested too deep", what)
+        return None
     if not isinstance(data, dict):
         log.warning("ignoring %s from Home Assistant: expected a JSON object", what)
         return None
@@ -570,7 +573,9 @@ def _json_object(payload: bytes, what: str) -> dict[str, Any] | None:
 
 def _token_ok(data: dict[str, Any], token: str, what: str) -> bool:
     given = data.get("token")
-    if isinstance(given, str) and hmac.compare_digest(given.encode(), token.encode()):
+    # only a token's own characters (ASCII) are compared: a lone surrogate cannot encode
+    if (isinstance(given, str) and TOKEN_RE.fullmatch(given)
+            and hmac.compare_digest(given.encode(), token.encode())):
         return True
     log.warning("ignoring %s from Home Assistant: missing or wrong token (not from this"
                 " host's own discovery)", what)
