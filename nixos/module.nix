@@ -125,6 +125,11 @@ let
         message = "${opt}: not a broker URL (use mqtt://, mqtts://, ws:// or wss:// and a host; example: mqtts://broker.example:8883)";
       }
       {
+        assertion = lib.all (u: builtins.match "[a-zA-Z]+://[^@/?#]*:[^@/?#]*@.*" u == null)
+          brokerEntries;
+        message = "${opt}: a broker URL holds a password, which would end up in the world-readable Nix store: give it in credentialsFile";
+      }
+      {
         assertion = lib.allUnique (map lib.toLower (lib.filter (u: u != "") brokerEntries));
         message = "${opt}: invalid broker list: an address is listed twice";
       }

@@ -340,6 +340,10 @@ BASE = f'{KEY} broker = "mqtt://b";'
      "services.flotilla-agent.broker: invalid broker list: an empty entry between commas"),
     (f'{{ {KEY} broker = "mqtt://a, mqtt://a"; }}', "web1",
      "services.flotilla-agent.broker: invalid broker list: an address is listed twice"),
+    # a password in the URL would be in the world-readable Nix store and the unit's argv
+    (f'{{ {KEY} broker = "mqtts://web1:s3cret@broker:8883"; }}', "web1",
+     "services.flotilla-agent.broker: a broker URL holds a password, which would end up in "
+     "the world-readable Nix store: give it in credentialsFile"),
     (f'{{ {KEY} broker = "broker.example.org:1883"; }}', "web1",
      "services.flotilla-agent.broker: not a broker URL (use mqtt://, mqtts://, ws:// or"
      " wss:// and a host; example: mqtts://broker.example:8883)"),
