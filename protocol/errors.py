@@ -3,7 +3,8 @@
 FlotillaError                   root; every expected failure is one of these
 ├── UsageError                  bad flags or arguments            (fleetctl exit 2)
 ├── InputError                  bad inventory, selector, file     (fleetctl exit 2)
-│   └── UnknownHostError        a selector names nothing known
+│   ├── UnknownHostError        a selector names nothing known
+│   └── UnknownRolloutError     a rollout id names no recorded rollout
 ├── BrokerUnavailable           cannot reach or stay connected    (fleetctl exit 3)
 │   └── BrokerRefused           refused for good: MQTT version, credentials, ACL
 ├── ProtocolError               a payload we refuse to act on
@@ -34,6 +35,10 @@ class InputError(FlotillaError):
 
 
 class UnknownHostError(InputError):
+    pass
+
+
+class UnknownRolloutError(InputError):
     pass
 
 

@@ -85,6 +85,10 @@ def test_torn_last_line_is_ignored_reported_and_cut(tmp_path: Path,
         assert reader.load() == good
     assert reader.torn is not None and "torn last line" in reader.torn
     assert any("torn last line" in r.message for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # a follower (the dashboard polls) is told once
+        assert reader.refresh() == good and reader.refresh() == good
+    assert reader.torn is not None and caplog.records == []
     # The next append cuts the torn tail and stays line-aligned.
     reader.append("after-crash", store.set_rollout_field("r1", "note", "hello"))
     assert reader.torn is None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import urllib.error
@@ -401,3 +402,137 @@ def test_the_dashboard_reconnects_after_the_broker_restarts(make_fleet, broker, 
     wait_for(lambda: api(server, "/api/hosts")[0]["online"] is True, timeout=30,
              what="the dashboard to show h1 online after the broker restart")
     assert server.proc is not None and server.proc.poll() is None
+
+
+def _csrf(server: Server) -> str:
+    page = http(server.url + "/")[2].decode()
+    found = re.search(r'name="csrf-token" content="([0-9a-f]+)"', page)
+    assert found, page[:300]
+    return found.group(1)
+
+
+def _one_line_error(status: int, headers: dict[str, str], body: bytes) -> str:
+    assert headers["Content-Type"].startswith("application/json"), (status, headers, body[:300])
+    error = json.loads(body)["error"]
+    assert isinstance(error, str) and error and "\n" not in error, body
+    return error
+
+
+FORM = "application/x-www-form-urlencoded"
+JSON_ACCEPT = {"Accept": "application/json"}
+BAD_REQUESTS = [
+    # what, method, path, headers, body -> status, words in the error
+    ("multipart form without a boundary", "POST", "/hosts/h1/answer",
+     {"Content-Type": "multipart/form-data", **JSON_ACCEPT}, b"csrf=x", 400,
+     "malformed request body"),
+    ("multipart form with a broken part", "POST", "/rollouts/r1/abort",
+     {"Content-Type": "multipart/form-data; boundary=zz", **JSON_ACCEPT},
+     b"--zz\r\nbroken\r\n\r\n", 400, "malformed request body"),
+    ("a body over 1 MiB", "POST", "/hosts/h1/answer", {"Content-Type": FORM, **JSON_ACCEPT},
+     b"csrf=" + b"x" * (2 << 20), 413, "body"),
+    ("an unknown API route", "GET", "/api/nope", {}, None, 404, "not found"),
+    ("GET on an action", "GET", "/hosts/h1/answer", JSON_ACCEPT, None, 405, "not allowed"),
+    ("DELETE on the API", "DELETE", "/api/hosts", {}, None, 405, "not allowed"),
+    ("an unknown host's stream", "GET", "/stream/hosts/nope", {}, None, 404, "unknown host"),
+    ("an unknown host in an action", "POST", "/hosts/..%2Fetc/cancel", JSON_ACCEPT, b"", 404,
+     "unknown host '../etc'"),
+    ("an unknown rollout", "GET", "/api/rollouts/nope", {}, None, 404, "unknown rollout"),
+    ("an unknown rollout's action", "POST", "/rollouts/nope/abort", JSON_ACCEPT, b"", 404,
+     "unknown rollout"),
+]
+
+
+@pytest.mark.parametrize(("what", "method", "path", "headers", "body", "status", "words"),
+                         BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS])
+def test_bad_requests_get_a_one_line_json_error(make_fleet, serve, what: str, method: str,  # type: ignore[no-untyped-def]
+                                                path: str, headers: dict[str, str],
+                                                body: bytes | None, status: int,
+                                                words: str) -> None:
+    fleet = make_fleet({"h1": ["web"]})
+    server = serve(fleet)
+    if body == b"":  # an action with our page's CSRF token: only the request is wrong
+        body, headers = f"csrf={_csrf(server)}".encode(), {"Content-Type": FORM, **headers}
+    code, got_headers, got = http(server.url + path, method=method, data=body, headers=headers)
+    assert code == status, (code, got[:300])
+    assert words in _one_line_error(code, got_headers, got).lower()
+    assert http(server.url + "/api/hosts")[0] == 200  # and it keeps serving
+    assert "Traceback" not in server.log.read_text()
+
+
+def test_an_unknown_host_page_is_the_dashboards_error_page(make_fleet, serve) -> None:  # type: ignore[no-untyped-def]
+    server = serve(make_fleet({"h1": ["web"]}))
+    code, headers, body = http(server.url + "/hosts/nope")
+    assert code == 404 and headers["Content-Type"].startswith("text/html")
+    assert "unknown host &#39;nope&#39;" in body.decode() and 'href="/"' in body.decode()
+
+
+def test_a_broken_token_file_refuses_access_in_one_line(make_fleet, serve) -> None:  # type: ignore[no-untyped-def]
+    """A token file that stops parsing while the server runs: every request is refused
+    (503, it says why), nothing is let in, and it serves again once the file is fixed."""
+    fleet = make_fleet({"h1": ["web"]})
+    r = fleet.fleetctl("serve", "--new-token", "alice")
+    token = r.stdout.strip()
+    bearer = {"Authorization": f"Bearer {token}"}
+    server = serve(fleet)
+    tokens = fleet.controller_dir / "web-tokens.json"
+    good = tokens.read_text()
+    tokens.write_text("{not json")
+    for path, headers in (("/api/hosts", bearer), ("/api/hosts", {}), ("/", JSON_ACCEPT)):
+        code, got_headers, body = http(server.url + path, headers=headers)
+        assert code == 503, (path, code, body[:300])
+        assert "token file" in _one_line_error(code, got_headers, body)
+    tokens.write_text(good)
+    assert http(server.url + "/api/hosts", headers=bearer)[0] == 200
+    # a bearer request with a broken form body is a 400, not a crash in the handler
+    code, got_headers, body = http(
+        server.url + "/hosts/h1/answer", method="POST", data=b"x",
+        headers={**bearer, **JSON_ACCEPT, "Content-Type": "multipart/form-data"})
+    assert code == 400 and "malformed" in _one_line_error(code, got_headers, body)
+    assert "Traceback" not in server.log.read_text()
+
+
+def test_a_corrupt_event_log_is_shown_not_crashed_on(make_fleet, serve) -> None:  # type: ignore[no-untyped-def]
+    """The state dir's event log is corrupt when the dashboard starts: it starts anyway,
+    its pages say what is wrong and how to repair it, the rollout API answers 503 with
+    that line; once the log is repaired everything is back."""
+    fleet = make_fleet({"h1": ["web"]})
+    fleet.start_simulated(["h1"])
+    rc, out = finish(deploy_bg(fleet, "h1", "--system", SYSTEM, "--timeout", "60"), timeout=60)
+    assert rc == 0, out
+    state = fleet.controller_dir / "state.jsonl"
+    good = state.read_bytes()
+    state.write_bytes(good + b'{"index": 99, "garbage\n')
+    server = serve(fleet)
+    for page in ("/", "/rollouts"):
+        code, _, body = http(server.url + page)
+        assert code == 200 and "is corrupt" in body.decode(), page
+        assert "fleetctl state repair" in body.decode()
+    for path in ("/api/rollouts", f"/api/rollouts/{out['rollout']}"):
+        code, headers, body = http(server.url + path)
+        assert code == 503, (path, code, body[:300])
+        assert "fleetctl state repair" in _one_line_error(code, headers, body)
+    state.write_bytes(good)
+    wait_for(lambda: "is corrupt" not in http(server.url + "/")[2].decode(),
+             what="the banner to go once the log is repaired")
+    assert api(server, "/api/rollouts")[0]["id"] == out["rollout"]
+    log = server.log.read_text()
+    assert "Traceback" not in log
+    assert log.count("cannot read the event log") == 1, log  # said once, not every poll
+
+
+def test_an_action_while_the_broker_is_down_says_so(make_fleet, broker, serve) -> None:  # type: ignore[no-untyped-def]
+    fleet = make_fleet({"h1": ["web"]})
+    server = serve(fleet)
+    csrf = _csrf(server)
+    broker.kill()
+    wait_for(lambda: "unreachable" in http(server.url + "/")[2].decode(),
+             what="the page to say the broker is unreachable")
+    code, headers, body = http(server.url + "/hosts/h1/cancel", method="POST",
+                               data=f"csrf={csrf}".encode(),
+                               headers={"Content-Type": FORM, **JSON_ACCEPT})
+    assert code == 503, (code, body[:300])
+    assert "cannot reach the MQTT broker" in _one_line_error(code, headers, body)
+    assert "Traceback" not in server.log.read_text()
+    broker.start()
+    wait_for(lambda: "unreachable" not in http(server.url + "/")[2].decode(),
+             what="the banner to go after the broker is back")

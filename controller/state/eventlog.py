@@ -186,11 +186,11 @@ class EventLog:
                         "restore a backup") from None
                 resumed = False
             self._offset += len(line) + 1
-        self.torn = None
-        if tail:
-            self.torn = (f"{self.path}: ignored a torn last line ({len(tail)} bytes, "
-                         "an interrupted write); it is cut off at the next append")
-            log.warning("%s", self.torn)
+        torn = (f"{self.path}: ignored a torn last line ({len(tail)} bytes, an "
+                "interrupted write); it is cut off at the next append") if tail else None
+        if torn is not None and torn != self.torn:  # once, not on every refresh
+            log.warning("%s", torn)
+        self.torn = torn
 
     def _apply(self, entry: Any) -> None:
         """Check the entry whole, apply it, check the records it touched (shape.py)."""

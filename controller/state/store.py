@@ -25,7 +25,7 @@ import time
 from typing import Any
 
 from controller.state.eventlog import Patch, escape
-from protocol.errors import InputError, StateError
+from protocol.errors import InputError, StateError, UnknownRolloutError
 from protocol.models import MAX_GENERATION
 from protocol.outcomes import COUNT_KEYS, count_key, is_finished
 
@@ -215,7 +215,8 @@ def host_batches(r: dict[str, Any]) -> list[list[str]]:
 
 
 def find_rollout(doc: dict[str, Any], ident: str) -> dict[str, Any]:
-    """A rollout by id or unique id prefix; InputError listing close matches."""
+    """A rollout by id or unique id prefix; UnknownRolloutError listing close matches
+    (InputError if the prefix is ambiguous)."""
     rollouts: dict[str, Any] = doc.get("rollouts", {})
     if ident in rollouts:
         return dict(rollouts[ident])
@@ -228,7 +229,7 @@ def find_rollout(doc: dict[str, Any], ident: str) -> dict[str, Any]:
     close = difflib.get_close_matches(ident, list(rollouts), n=3)
     hint = f"; did you mean {', '.join(close)}?" if close else \
         ("; `fleetctl rollouts` lists them" if rollouts else "; no rollouts recorded yet")
-    raise InputError(f"unknown rollout {ident!r}{hint}")
+    raise UnknownRolloutError(f"unknown rollout {ident!r}{hint}")
 
 
 def latest_rollout(doc: dict[str, Any], running_only: bool = False) -> dict[str, Any] | None:

@@ -26,6 +26,7 @@ from urllib.parse import quote, urlsplit
 
 import jinja2
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from controller.rollout import steer as rollout_ops
 from controller.rollout.answers import check_choices, destructive_choices, send_answer, send_cancel
@@ -35,7 +36,14 @@ from controller.state.inventory import Inventory
 from controller.web import pages
 from controller.web.auth import SESSION_COOKIE, Guard, Identity, is_loopback
 from controller.web.feed import Feed, HostLive
-from protocol.errors import FlotillaError, InputError, UsageError
+from protocol.errors import (
+    BrokerUnavailable,
+    FlotillaError,
+    InputError,
+    StateError,
+    UnknownRolloutError,
+    UsageError,
+)
 from protocol.mqtt import cancel_and_wait
 
 log = logging.getLogger(__name__)
@@ -46,6 +54,9 @@ FLASH_TTL_S = 120.0
 IDENTITY = web.RequestKey("identity", Identity)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Fragments = tuple[dict[str, str], dict[str, list[str]]]
+# errors that are no bad request (400): naming nothing there is, or the server's trouble
+ERROR_STATUS: tuple[tuple[type[FlotillaError], int], ...] = (
+    (UnknownRolloutError, 404), (BrokerUnavailable, 503), (StateError, 503))
 
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
        "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
@@ -100,7 +111,7 @@ class Dashboard:
 
     # -- the application -----------------------------------------------------------
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._security, self._errors])
+        app = web.Application(middlewares=[self._headers, self._errors, self._security])
         r = app.router
         r.add_get("/", self.fleet_page)
         r.add_get("/hosts/{host}", self.host_page)
@@ -127,15 +138,28 @@ class Dashboard:
         r.add_static("/static", HERE / "static", show_index=False)
         return app
 
-    # -- middleware: who, CSRF, headers, errors ------------------------------------
+    # -- middleware: headers, errors, who, CSRF ------------------------------------
+    @web.middleware
+    async def _headers(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        response = await handler(request)
+        if not response.prepared:  # streams send theirs when they start
+            for k, v in SECURITY_HEADERS.items():
+                response.headers.setdefault(k, v)
+        return response
+
     @web.middleware
     async def _security(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if not self._host_allowed(request):
+        try:
+            allowed = self._host_allowed(request)
+            ident = self.guard.identify(request.headers.get("Authorization"),
+                                        request.cookies.get(SESSION_COOKIE))
+        except FlotillaError as exc:  # the token file: let nobody in, say why
+            log.error("refused %s %s: %s", request.method, request.path, exc)
+            return self._refuse(request, 503, str(exc))
+        if not allowed:
             return self._refuse(request, 421, "this dashboard answers only to its own "
                                 "address (Host header refused)")
         public = request.path.startswith("/static/") or request.path == "/login"
-        ident = self.guard.identify(request.headers.get("Authorization"),
-                                    request.cookies.get(SESSION_COOKIE))
         if ident is None and not public:
             if request.headers.get("Authorization"):
                 return self._refuse(request, 401, "invalid token")
@@ -145,16 +169,15 @@ class Dashboard:
             raise web.HTTPSeeOther(f"/login?next={quote(request.path_qs, safe='')}")
         if ident is not None:
             request[IDENTITY] = ident
+        unrouted = request.match_info.http_exception  # no such page, or a wrong method
+        if unrouted is not None:
+            return self._http_error(request, unrouted)
         if request.method not in ("GET", "HEAD", "OPTIONS"):
             problem = await self._csrf_problem(request, ident)
             if problem:
                 log.warning("refused %s %s: %s", request.method, request.path, problem)
                 return self._refuse(request, 403, problem)
-        response = await handler(request)
-        if not response.prepared:  # streams send theirs when they start
-            for k, v in SECURITY_HEADERS.items():
-                response.headers.setdefault(k, v)
-        return response
+        return await handler(request)
 
     def _host_allowed(self, request: web.Request) -> bool:
         """Without tokens (loopback only) the Host must be a loopback name: a page on
@@ -170,7 +193,7 @@ class Dashboard:
             return f"cross-site request refused (Origin {origin})"
         if ident is not None and ident.bearer:
             return None
-        form = await request.post()
+        form = await _form(request)
         given = form.get("csrf")
         session = ident.session if ident is not None else "login"
         if not isinstance(given, str) or not self.guard.csrf_ok(session, given):
@@ -187,12 +210,13 @@ class Dashboard:
         return request.path.startswith(("/api/", "/stream/")) or \
             "application/json" in request.headers.get("Accept", "")
 
-    def _refuse(self, request: web.Request, status: int, message: str) -> web.Response:
+    def _refuse(self, request: web.Request, status: int, message: str,
+                title: str | None = None, back: str | None = None) -> web.Response:
         if self._wants_json(request):
             resp = web.json_response({"error": message}, status=status)
         else:
-            resp = self._html(request, "error.html", status=status, title=f"{status} refused",
-                              message=message)
+            resp = self._html(request, "error.html", status=status,
+                              title=title or f"{status} refused", message=message, back=back)
         if status == 401:
             resp.headers["WWW-Authenticate"] = 'Bearer realm="flotilla"'
         return resp
@@ -201,11 +225,30 @@ class Dashboard:
     async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
             return await handler(request)
+        except web.HTTPException as exc:
+            if exc.status < 400:  # a redirect
+                raise
+            return self._http_error(request, exc)
         except FlotillaError as exc:
-            if self._wants_json(request):
-                return web.json_response({"error": str(exc)}, status=400)
-            return self._html(request, "error.html", status=400, title="Not done",
-                              message=str(exc), back=request.headers.get("Referer"))
+            status = next((code for kind, code in ERROR_STATUS if isinstance(exc, kind)), 400)
+            log.log(logging.WARNING if status >= 500 else logging.INFO,
+                    "refused %s %s: %d %s", request.method, request.path, status, exc)
+            return self._refuse(request, status, str(exc), title="Not done",
+                                back=request.headers.get("Referer"))
+
+    def _http_error(self, request: web.Request, exc: web.HTTPException) -> web.Response:
+        """aiohttp's own errors (no such route, wrong method, body too large, an
+        unknown host) in the dashboard's form: JSON for the API, else the error page."""
+        if isinstance(exc, web.HTTPMethodNotAllowed):
+            message = (f"{request.method} is not allowed on {request.path} (allowed: "
+                       f"{', '.join(sorted(exc.allowed_methods))})")
+        else:
+            message = " ".join((exc.text or exc.reason).split())
+        log.info("refused %s %s: %d %s", request.method, request.path, exc.status, message)
+        resp = self._refuse(request, exc.status, message)
+        if "Allow" in exc.headers:
+            resp.headers["Allow"] = exc.headers["Allow"]
+        return resp
 
     # -- rendering -------------------------------------------------------------------
     def _csrf(self, request: web.Request) -> str:
@@ -218,14 +261,14 @@ class Dashboard:
         flash = self._pop_flash(request.query.get("flash"))
         base = {"csrf": self._csrf(request), "identity": ident.name if ident else None,
                 "logout": ident is not None and ident.session.startswith("session:"),
-                "broker_error": self._broker_error(), "stream": None, "notice": flash}
+                "problems": self._problems(), "stream": None, "notice": flash}
         body = self.env.get_template(template).render(**{**base, **context})
         return web.Response(text=body, status=status, content_type="text/html")
 
-    def _broker_error(self) -> str | None:
-        if self.feed.connected:
-            return None
-        return self.feed.error or "connecting to the broker…"
+    def _problems(self) -> list[str]:
+        """What the banner says: the broker unreachable, the event log unreadable."""
+        broker = None if self.feed.connected else self.feed.error or "connecting to the broker…"
+        return [p for p in (broker, self.feed.log_error) if p]
 
     def _flash_url(self, path: str, kind: str, text: str) -> str:
         now = time.time()
@@ -274,7 +317,7 @@ class Dashboard:
         rows, _, sort = self._fleet_rows(request)
         frags = {f"host-{r['host']}": self._row(self.feed.hosts[r["host"]])[1] for r in rows}
         frags["counts"] = str(self.m.counts(pages.phase_counts(rows), len(rows)))
-        frags["banner"] = str(self.m.banner(self._broker_error()))
+        frags["banner"] = str(self.m.banner(self._problems()))
         order = {"hosts": [f"host-{r['host']}" for r in rows]} if sort != "host" else {}
         return frags, order
 
@@ -310,7 +353,7 @@ class Dashboard:
                     "hostlog": str(self.m.host_log(c["row"], c["log"])),
                     "hostactions": str(self.m.host_actions(c["row"], self._csrf(request),
                                                            c["can_sign"])),
-                    "banner": str(self.m.banner(self._broker_error()))}, {}
+                    "banner": str(self.m.banner(self._problems()))}, {}
         return await self._stream(request, build)
 
     def _open_prompt(self, host: str, prompt_id: object) -> Any:
@@ -322,7 +365,7 @@ class Dashboard:
 
     async def answer(self, request: web.Request) -> web.StreamResponse:
         host = self._host(request)
-        form = await request.post()
+        form = await _form(request)
         prompt = self._open_prompt(host, form.get("prompt_id"))
         choices = {k[len("choice:"):]: str(v) for k, v in form.items()
                    if k.startswith("choice:")}
@@ -337,7 +380,7 @@ class Dashboard:
 
     async def approve(self, request: web.Request) -> web.StreamResponse:
         host = self._host(request)
-        form = await request.post()
+        form = await _form(request)
         prompt = self._open_prompt(host, form.get("prompt_id"))
         if prompt.kind != "approval":
             raise UsageError(f"the open prompt of {host} is a {prompt.kind}, not an approval")
@@ -377,7 +420,7 @@ class Dashboard:
     async def rollouts_stream(self, request: web.Request) -> web.StreamResponse:
         return await self._stream(request, lambda: (
             {"rollouts": str(self.m.rollouts_table(pages.rollout_list(self.feed))),
-             "banner": str(self.m.banner(self._broker_error()))}, {}))
+             "banner": str(self.m.banner(self._problems()))}, {}))
 
     async def rollout_page(self, request: web.Request) -> web.Response:
         r = pages.rollout_page(self.feed, self._rollout(request))
@@ -393,7 +436,7 @@ class Dashboard:
             frags.update(summary=str(self.m.rollout_summary(r, self._csrf(request))),
                          batches=str(self.m.batches(r["batch_bars"])),
                          failures=str(self.m.failures(r["failures"])),
-                         banner=str(self.m.banner(self._broker_error())))
+                         banner=str(self.m.banner(self._problems())))
             return frags, {}
         return await self._stream(request, build)
 
@@ -437,7 +480,7 @@ class Dashboard:
         return self._html(request, "login.html", title="Sign in", next=_local_path(nxt))
 
     async def login(self, request: web.Request) -> web.StreamResponse:
-        form = await request.post()
+        form = await _form(request)
         token = form.get("token")
         result = self.guard.login(token) if isinstance(token, str) else None
         if result is None:
@@ -553,6 +596,15 @@ class Dashboard:
             self.feed.unlisten(lst)
 
 
+async def _form(request: web.Request) -> Any:
+    """The request's form fields; a body that is no form at all is a UsageError (400)."""
+    try:
+        return await request.post()
+    except (ValueError, HttpProcessingError) as exc:
+        detail = exc.message if isinstance(exc, HttpProcessingError) else str(exc)
+        raise UsageError(f"malformed request body: {' '.join(str(detail).split())}") from None
+
+
 def _local_path(target: str) -> str:
     """Only redirect within this site (no `//evil.example` or `https://…`)."""
     parts = urlsplit(target)
@@ -575,7 +627,8 @@ async def running(ctx: ControllerContext, inventory: Inventory, guard: Guard, ho
     if follower.done():
         waiter.cancel()
         follower.result()  # raises BrokerUnavailable
-    feed.refresh_log()
+    with contextlib.suppress(FlotillaError):  # a broken event log: the pages say so
+        feed.refresh_log()
     dash = Dashboard(ctx, inventory, feed, guard)
     runner = web.AppRunner(dash.app(), handle_signals=False, shutdown_timeout=1.0,
                            access_log_format='%a "%r" %s %b %Tfs')

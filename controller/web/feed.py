@@ -14,6 +14,7 @@ the retained messages; the pages show that the broker is unreachable meanwhile.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from dataclasses import dataclass, field
@@ -66,7 +67,8 @@ class Feed:
         self.doc: dict[str, Any] = {}
         self.connected = False
         self.synced = asyncio.Event()
-        self.error: str | None = None
+        self.error: str | None = None       # the broker's, while it is unreachable
+        self.log_error: str | None = None   # the event log's, while it cannot be read
         self._listeners: set[Listener] = set()
         self._marker: str | None = None
         self._reader = MessageReader(ctx.topics)
@@ -86,15 +88,33 @@ class Feed:
 
     # -- the event log ---------------------------------------------------------------
     def refresh_log(self) -> bool:
-        """Catch up with the controller's event log; True if it changed."""
+        """Catch up with the controller's event log; True if it changed. A log that
+        cannot be read (StateError) keeps what was read before and sets `log_error`
+        (said once in the server's log, shown on the pages) until it reads again."""
         if not self.log.exists():
-            return False
+            return self._log_readable()
         before = self.log.index
-        self.doc = self.log.refresh()
+        try:
+            self.doc = self.log.refresh()
+        except FlotillaError as exc:
+            if str(exc) != self.log_error:
+                log.warning("cannot read the event log: %s", exc)
+                self.log_error = str(exc)
+                self._notify()
+            raise
+        changed = self._log_readable()
         if self.log.index != before:
             self._notify()
             return True
-        return False
+        return changed
+
+    def _log_readable(self) -> bool:
+        if self.log_error is None:
+            return False
+        log.info("the event log %s is readable again", self.log.path)
+        self.log_error = None
+        self._notify()
+        return True
 
     def rollouts(self) -> dict[str, dict[str, Any]]:
         r: dict[str, dict[str, Any]] = self.doc.get("rollouts", {})
@@ -169,10 +189,8 @@ class Feed:
 
     async def _poll_log(self) -> None:
         while True:
-            try:
+            with contextlib.suppress(FlotillaError):  # refresh_log said so, once
                 self.refresh_log()
-            except FlotillaError as exc:
-                log.warning("cannot read the event log: %s", exc)
             await asyncio.sleep(LOG_POLL_S)
 
     async def _follow_broker(self, ready: asyncio.Event) -> None:
