@@ -536,3 +536,31 @@ def test_an_action_while_the_broker_is_down_says_so(make_fleet, broker, serve) -
     broker.start()
     wait_for(lambda: "unreachable" not in http(server.url + "/")[2].decode(),
              what="the banner to go after the broker is back")
+
+
+def test_a_rollout_page_whose_rollout_leaves_the_log_says_so(make_fleet, serve) -> None:  # type: ignore[no-untyped-def]
+    """An operator restores an older backup of the event log while a rollout's page is
+    open: its live stream looked the rollout up by id and failed with a KeyError."""
+    fleet = make_fleet({"h1": ["web"]})
+    fleet.start_simulated(["h1"])
+    state = fleet.controller_dir / "state.jsonl"
+    rc, _ = finish(deploy_bg(fleet, "h1", "--system", SYSTEM, "--timeout", "60"), timeout=60)
+    assert rc == 0
+    backup = state.read_bytes()
+    rc, out = finish(deploy_bg(fleet, "h1", "--system", SYSTEM + "-b", "--timeout", "60"),
+                     timeout=60)
+    assert rc == 0, out
+    server = serve(fleet)
+    stream = urllib.request.urlopen(f"{server.url}/stream/rollouts/{out['rollout']}",
+                                    timeout=15)
+    try:
+        wait_for(lambda: stream.readline().startswith(b"data:"), interval=0,
+                 what="the page's first fragments")
+        state.write_bytes(backup)  # the restore: this rollout is not in it
+        seen: list[bytes] = []
+        wait_for(lambda: seen.append(stream.readline()) or b"is no longer in" in seen[-1],
+                 timeout=15, interval=0, what="the stream to say the rollout is gone")
+    finally:
+        stream.close()
+    assert http(server.url + "/")[0] == 200  # still serving
+    assert "Traceback" not in server.log.read_text()

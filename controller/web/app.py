@@ -431,7 +431,12 @@ class Dashboard:
         rid = self._rollout(request)["id"]
 
         def build() -> Fragments:
-            r = pages.rollout_page(self.feed, self.feed.rollouts()[rid])
+            record = self.feed.rollouts().get(rid)
+            if record is None:  # the event log was replaced (an older backup restored)
+                return {"banner": str(self.m.banner([
+                    *self._problems(), f"rollout {rid} is no longer in the event log "
+                    "(was it replaced by an older backup?)"]))}, {}
+            r = pages.rollout_page(self.feed, record)
             frags = {f"rh-{h['host']}": str(self.m.rollout_host(h)) for h in r["live"]}
             frags.update(summary=str(self.m.rollout_summary(r, self._csrf(request))),
                          batches=str(self.m.batches(r["batch_bars"])),
