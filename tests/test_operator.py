@@ -148,6 +148,30 @@ def test_sigterm_is_an_interrupt_a_deploy_can_resume_from_and_a_demo_cleans_up_a
             demo.kill()
 
 
+def test_a_killed_demo_leaves_nothing_running() -> None:
+    """SIGKILL (OOM killer, `timeout -s KILL`) leaves no clean-up to run: the demo's
+    broker and agents kept running, each demo adding two processes for good."""
+    import signal
+    demo = subprocess.Popen([sys.executable, "-m", "controller", "demo", "--hosts", "2",
+                             "--delay", "0.5", "--seed", "1"], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert demo.stdout is not None
+        for line in demo.stdout:
+            if "agents online" in line:
+                break
+        children = [int(c) for c in Path(f"/proc/{demo.pid}/task/{demo.pid}/children")
+                    .read_text().split()]
+        assert len(children) == 2 and all(_alive(c) for c in children)
+        demo.send_signal(signal.SIGKILL)
+        demo.wait(timeout=10)
+        wait_for(lambda: not any(_alive(c) for c in children), timeout=15,
+                 what="the killed demo's broker and agents to stop")
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+
+
 def test_deploy_json_stream_has_watch_lines_then_the_summary(make_fleet) -> None:  # type: ignore[no-untyped-def]
     fleet = make_fleet({"w1": ["web"], "w2": ["web"]})
     fleet.start_simulated(["w1", "w2"])

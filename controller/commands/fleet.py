@@ -20,7 +20,7 @@ from rich.console import Console
 from controller.commands import cliutil
 from controller.follow.reader import MessageReader
 from controller.follow.status import fetch_states
-from controller.mqtt.broker import running_mosquitto
+from controller.mqtt.broker import die_with_parent, running_mosquitto
 from controller.rollout.driver import DeployRequest, RolloutDriver
 from controller.state.inventory import render_inventory
 from controller.state.keys import init_keys
@@ -101,11 +101,11 @@ async def cmd_demo(args: argparse.Namespace) -> int:
     with running_mosquitto(work / "broker") as broker:
         console.print(f"[dim]mosquitto from mosquitto.conf on {broker.url}; "
                       f"state in {work}[/]")
-        agents = subprocess.Popen(
+        agents = subprocess.Popen(die_with_parent(
             [sys.executable, "-m", "client", "simulate", "--hosts", ",".join(plan.hosts),
              "--state-dir", str(work / "agents"), "--trust-key", str(pub),
              "--broker", broker.url, "--sim-fetch-delay", str(args.delay),
-             "--sim-switch-delay", str(args.delay), "--sim-system", str(previous)],
+             "--sim-switch-delay", str(args.delay), "--sim-system", str(previous)]),
             stdout=subprocess.DEVNULL, stderr=open(work / "agents.log", "wb"),  # noqa: SIM115
             env={**os.environ, "PYTHONUNBUFFERED": "1"})
         try:

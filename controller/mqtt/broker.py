@@ -103,6 +103,15 @@ def mosquitto_binary() -> str | None:
     return None
 
 
+def die_with_parent(argv: list[str]) -> list[str]:
+    """`argv` run so that it gets SIGTERM when the process starting it dies, even by
+    SIGKILL when nothing can clean up (Linux's parent-death signal, set by util-linux's
+    setpriv, which is essential on Debian; without it `argv` as it is). Start it from
+    the main thread: the signal follows the thread that forked."""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "TERM", *argv] if setpriv else argv
+
+
 class OwnedProcess:
     """A broker process we own: kill -9 (no clean shutdown, no final persistence save), or
     stop (SIGTERM, then SIGKILL after STOP_TIMEOUT seconds)."""
@@ -133,6 +142,8 @@ class Mosquitto(OwnedProcess):
     port: int = field(default_factory=free_port)
     extra: str = ""
     proc: subprocess.Popen[bytes] | None = None
+    owned_for_life: bool = False
+    """Dies with the process that started it (`die_with_parent`), as the demo's does."""
 
     @property
     def url(self) -> str:
@@ -148,8 +159,9 @@ class Mosquitto(OwnedProcess):
         conf = self.workdir / "mosquitto.conf"
         conf.write_text(render_config(find_config().read_text(), self.port, data, self.extra))
         log = open(self.workdir / "mosquitto.log", "ab")  # noqa: SIM115 - lives with proc
-        self.proc = subprocess.Popen([binary, "-c", str(conf)], stdout=log, stderr=log,
-                                     start_new_session=True)
+        argv = [binary, "-c", str(conf)]
+        self.proc = subprocess.Popen(die_with_parent(argv) if self.owned_for_life else argv,
+                                     stdout=log, stderr=log, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -166,7 +178,9 @@ class Mosquitto(OwnedProcess):
 
 @contextlib.contextmanager
 def running_mosquitto(workdir: Path, extra: str = "") -> Iterator[Mosquitto]:
-    broker = Mosquitto(workdir, extra=extra)
+    """A Mosquitto for the life of this process (the demo's): stopped on the way out,
+    and by the kernel if we are killed."""
+    broker = Mosquitto(workdir, extra=extra, owned_for_life=True)
     broker.start()
     try:
         yield broker
