@@ -104,6 +104,22 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _demo_with_agents_online() -> tuple[subprocess.Popen[str], list[int]]:
+    """A `fleetctl demo` of two hosts, once its agents are online; its two children (the
+    broker and the agents' process)."""
+    demo = subprocess.Popen([sys.executable, "-m", "controller", "demo", "--hosts", "2",
+                             "--delay", "0.5", "--seed", "1"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert demo.stdout is not None
+    for line in demo.stdout:
+        if "agents online" in line:
+            break
+    children = [int(c) for c in Path(f"/proc/{demo.pid}/task/{demo.pid}/children")
+                .read_text().split()]
+    assert len(children) == 2 and all(_alive(c) for c in children), children
+    return demo, children
+
+
 def test_sigterm_is_an_interrupt_a_deploy_can_resume_from_and_a_demo_cleans_up_after(  # type: ignore[no-untyped-def]
         make_fleet, tmp_path: Path) -> None:
     """SIGTERM (systemd, `timeout`, a CI runner) killed fleetctl outright: a demo left its
@@ -127,17 +143,8 @@ def test_sigterm_is_an_interrupt_a_deploy_can_resume_from_and_a_demo_cleans_up_a
     rollouts = json.loads(fleet.fleetctl("rollouts", "--json").stdout)
     assert [r["status"] for r in rollouts] == ["running"]  # left to be resumed, not failed
 
-    demo = subprocess.Popen([sys.executable, "-m", "controller", "demo", "--hosts", "2",
-                             "--delay", "0.5", "--seed", "1"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    demo, children = _demo_with_agents_online()
     try:
-        assert demo.stdout is not None
-        for line in demo.stdout:
-            if "agents online" in line:
-                break
-        children = [int(c) for c in Path(f"/proc/{demo.pid}/task/{demo.pid}/children")
-                    .read_text().split()]
-        assert len(children) == 2 and all(_alive(c) for c in children)  # broker, agents
         demo.send_signal(signal.SIGTERM)
         assert demo.wait(timeout=30) == 143
         assert "Traceback" not in demo.stderr.read()  # type: ignore[union-attr]
@@ -152,17 +159,8 @@ def test_a_killed_demo_leaves_nothing_running() -> None:
     """SIGKILL (OOM killer, `timeout -s KILL`) leaves no clean-up to run: the demo's
     broker and agents kept running, each demo adding two processes for good."""
     import signal
-    demo = subprocess.Popen([sys.executable, "-m", "controller", "demo", "--hosts", "2",
-                             "--delay", "0.5", "--seed", "1"], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
+    demo, children = _demo_with_agents_online()
     try:
-        assert demo.stdout is not None
-        for line in demo.stdout:
-            if "agents online" in line:
-                break
-        children = [int(c) for c in Path(f"/proc/{demo.pid}/task/{demo.pid}/children")
-                    .read_text().split()]
-        assert len(children) == 2 and all(_alive(c) for c in children)
         demo.send_signal(signal.SIGKILL)
         demo.wait(timeout=10)
         wait_for(lambda: not any(_alive(c) for c in children), timeout=15,
