@@ -100,3 +100,11 @@ def make_db(db: Path) -> bytes:
     (db / "sub").mkdir(exist_ok=True)
     (db / "sub" / "table").write_bytes(b"rows\n" * 100)
     return data
+
+
+def asking_system(tmp: Path) -> Path:
+    """A system (under `tmp`) whose db step asks db.major=upgrade|dump-restore, so that a
+    deploy of it waits for an answer; its database and run log live beside it."""
+    db = tmp / "db"
+    make_db(db)
+    return make_system(tmp / "systems", "sys-a", db, tmp / "runs.log", sleep=0.05)

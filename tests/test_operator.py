@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import Fleet, wait_for
-from tests.stepsys import make_db, make_system
+from tests.stepsys import asking_system
 
 
 def popen_lines(fleet: Fleet, *args: str) -> tuple[subprocess.Popen[str], queue.Queue[str]]:
@@ -47,9 +47,7 @@ def next_line(lines: queue.Queue[str], pred, seen: list[str], timeout: float = 4
 def test_piped_deploy_prints_host_changes_and_the_command_that_answers(  # type: ignore[no-untyped-def]
         make_fleet, tmp_path: Path) -> None:
     fleet = make_fleet({"pg1": ["db"]})
-    db = tmp_path / "db"
-    make_db(db)
-    top = make_system(tmp_path / "systems", "sys-a", db, tmp_path / "runs.log", sleep=0.05)
+    top = asking_system(tmp_path)
     fleet.start_simulated(["pg1"])
     proc, lines = popen_lines(fleet, "deploy", "pg1", "--system", str(top), "--timeout", "60")
     seen: list[str] = []
@@ -78,9 +76,7 @@ def test_answer_without_a_prompt_id_answers_the_host_s_open_prompt(  # type: ign
     id and said "give at least one STEP.ITEM=CHOICE"; a host has one open prompt at a
     time, as `approve` knows."""
     fleet = make_fleet({"pg1": ["db"]})
-    db = tmp_path / "db"
-    make_db(db)
-    top = make_system(tmp_path / "systems", "sys-a", db, tmp_path / "runs.log", sleep=0.05)
+    top = asking_system(tmp_path)
     fleet.start_simulated(["pg1"])
     r = fleet.fleetctl("answer", "pg1", "db.major=upgrade")
     assert r.returncode == 2 and "pg1 has no open prompt" in r.stderr, r.stdout + r.stderr
@@ -126,9 +122,7 @@ def test_sigterm_is_an_interrupt_a_deploy_can_resume_from_and_a_demo_cleans_up_a
     Mosquitto and simulated agents running, a deploy printed nothing about its rollout."""
     import signal
     fleet = make_fleet({"pg1": ["db"]})
-    db = tmp_path / "db"
-    make_db(db)
-    top = make_system(tmp_path / "systems", "sys-a", db, tmp_path / "runs.log", sleep=0.05)
+    top = asking_system(tmp_path)
     fleet.start_simulated(["pg1"])
     proc, lines = popen_lines(fleet, "deploy", "pg1", "--system", str(top), "--timeout", "60")
     try:

@@ -225,13 +225,11 @@ def test_a_controller_that_cannot_write_its_log_mid_rollout_stops_it_resumable( 
     whole, and once writes work again `rollout resume` records the host's result."""
     import resource
 
-    from tests.stepsys import make_db, make_system
+    from tests.stepsys import asking_system
     fleet = make_fleet({"pg1": ["db"]})
     state = fleet.controller_dir
     env = fleet.env()
-    db = tmp_path / "db"
-    make_db(db)
-    top = make_system(tmp_path / "systems", "sys-a", db, tmp_path / "runs.log", sleep=0.05)
+    top = asking_system(tmp_path)
     fleet.start_simulated(["pg1"])
     proc = subprocess.Popen([sys.executable, "-m", "controller", "deploy", "pg1", "--system",
                              str(top), "--timeout", "60", "--json"], env=env,
