@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import logging
 import os
 import time
@@ -131,8 +132,10 @@ class ControllerContext:
     def __post_init__(self) -> None:
         self.broker = BrokerCluster.of(self.broker)  # a BrokerAddress is a one-node cluster
 
-    @property
+    @functools.cached_property
     def eventlog(self) -> EventLog:
+        """One reader of the state dir's log per command: whoever reads it first (deploy's
+        supersede note, resume's lookup) leaves the driver only what was appended since."""
         return EventLog(self.state_dir)
 
     def events_filter(self) -> str:
